@@ -1,0 +1,3 @@
+from gpt2dist.cli import main
+
+main()

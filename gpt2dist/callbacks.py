@@ -1,0 +1,87 @@
+"""Callbacks: export a Hugging Face folder at the end of fit, and write predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from gpt2dist.export import save_hf_folder
+
+
+class HFExport(Callback):
+    """At the end of a completed `fit`, write `<default_root_dir>/<dirname>` as a Hugging Face
+    folder (safetensors, config, tokenizer) and print a greedy sample from `sample_prompt`."""
+
+    def __init__(self, enabled: bool = True, dirname: str = "hf_model", sample_prompt: str | None = "def ",
+                 sample_tokens: int = 48):
+        """
+        Args:
+            enabled: Export at the end of fit.
+            dirname: Folder name under trainer.default_root_dir.
+            sample_prompt: Prompt for the sample printed after export (None: no sample).
+            sample_tokens: Tokens to generate for the sample.
+        """
+        self.enabled, self.dirname = enabled, dirname
+        self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or trainer.interrupted:
+            return
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        self.path = Path(trainer.default_root_dir) / self.dirname
+        if trainer.is_global_zero:
+            save_hf_folder(pl_module.model, tokenizer, self.path)
+            rank_zero_info(f"exported Hugging Face model to {self.path}")
+            if self.sample_prompt and tokenizer is not None:
+                was_training = pl_module.training
+                pl_module.eval()
+                text = pl_module.generate_text(tokenizer, self.sample_prompt, self.sample_tokens)
+                pl_module.train(was_training)
+                rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
+        trainer.strategy.barrier("hf_export")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes `predict` outputs to `<default_root_dir>/predictions-rank<R>.jsonl` and prints them."""
+
+    def __init__(self, filename: str = "predictions"):
+        """
+        Args:
+            filename: File stem under trainer.default_root_dir.
+        """
+        super().__init__(write_interval="batch")
+        self.filename = filename
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        path = Path(trainer.default_root_dir) / f"{self.filename}-rank{trainer.global_rank}.jsonl"
+        os.makedirs(path.parent, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(prediction) + "\n")
+        print(f"--- {prediction['prompt']!r}\n{prediction['text']}", flush=True)
+
+
+class ValidationReport(Callback):
+    """One plain line per validation (step, losses, ppl), readable in logs without a TTY."""
+
+    def __init__(self, enabled: bool = True):
+        """
+        Args:
+            enabled: Print the line.
+        """
+        self.enabled = enabled
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        parts = [f"step {trainer.global_step:>6}" + (" (sanity check, before training)" if trainer.sanity_checking else "")]
+        for key in ("train/loss", "val/loss", "val/ppl"):
+            if key in m:
+                parts.append(f"{key} {float(m[key]):.4f}")
+        print("  ".join(parts), flush=True)

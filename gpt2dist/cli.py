@@ -1,0 +1,65 @@
+"""The `gpt2dist` command: LightningCLI with fit / validate / test / predict.
+
+    gpt2dist fit --config configs/quickstart.yaml
+    gpt2dist fit --config configs/gpt2-large.yaml --config configs/strategy/fsdp.yaml
+
+Later `--config` files override earlier ones; `--print_config` shows the merged result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from gpt2dist.callbacks import HFExport, PredictionWriter, ValidationReport
+from gpt2dist.data import TokenBlockDataModule
+from gpt2dist.errors import GPT2DistError
+from gpt2dist.model import GPT2Module
+
+
+def _checkpoint_dir(root: str | None) -> str:
+    # One predictable place, so `--ckpt_path last` and SLURM requeues find it.
+    return os.path.join(root or os.getcwd(), "checkpoints")
+
+
+class GPT2CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(ValidationReport, "report")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+
+def main(args: list[str] | None = None) -> None:
+    # Workers never tokenize, so the Rust pool may stay on after fork (and not warn about it).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # Known-noisy deprecations from torchdata / Lightning internals, not actionable by users.
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gpt2dist").setLevel(logging.INFO)
+    try:
+        GPT2CLI(
+            GPT2Module,
+            TokenBlockDataModule,
+            # The DataModule shards data itself (same global batch whatever the world size);
+            # Lightning's auto DistributedSampler would reshuffle it.
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except GPT2DistError as e:
+        print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

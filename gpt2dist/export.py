@@ -1,0 +1,90 @@
+"""Write Hugging Face model folders (safetensors + config + tokenizer), atomically.
+
+Used at the end of `fit` (callbacks.HFExport) and by `tools/export_hf.py` for saved checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpt2dist.errors import CheckpointError
+
+
+def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is replaced only now.
+
+    `rename` cannot replace a non-empty folder, so the old one is moved aside first. At every
+    moment `out_dir` is either the old complete folder, absent, or the new complete folder.
+    """
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Save `model` (a GPT2LMHeadModel) and `tokenizer` as a Hugging Face folder, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():  # durable before it becomes visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        atomic_replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """Load a single-file Lightning checkpoint safely (`weights_only=True`), with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or use --ckpt_path last)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "use an earlier checkpoint"
+        ) from None
+
+
+def model_from_lightning_state(checkpoint: dict, source: str = "checkpoint"):
+    """A GPT2LMHeadModel rebuilt from a GPT2Module checkpoint dict (`gpt2_config` + `model.*`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if "gpt2_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{source} is not a gpt2dist checkpoint (no gpt2_config/state_dict)")
+    model = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["gpt2_config"]))
+    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
+
+
+def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None) -> Path:
+    """Turn a gpt2dist checkpoint into a Hugging Face folder. The tokenizer defaults to the
+    one recorded in the checkpoint at training time."""
+    from gpt2dist.tokenizer import load_tokenizer
+
+    checkpoint = load_checkpoint_file(ckpt_path)
+    model = model_from_lightning_state(checkpoint, str(ckpt_path))
+    tok_name = tokenizer or checkpoint.get("tokenizer_name_or_path")
+    tok = load_tokenizer(tok_name) if tok_name else None
+    return save_hf_folder(model, tok, out_dir)

@@ -1,0 +1,273 @@
+"""`GPT2Module`: Hugging Face's GPT2LMHeadModel as a LightningModule.
+
+The model is built in `configure_model` (not `__init__`), so sharding strategies can build or
+wrap it where they need to. The loss is next-token cross-entropy over every position of each
+packed block, identical to `GPT2LMHeadModel(input_ids, labels=input_ids).loss`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from gpt2dist.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Shapes of the released GPT-2 checkpoints, so `from_scratch` works offline for these ids.
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),  # 355M
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),  # 1.5B
+}
+# Config fields that must agree between a checkpoint and the model it is loaded into.
+SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+
+
+def build_config(model_name_or_path: str, overrides: dict | None = None, dropout: float | None = None, **kwargs):
+    """A GPT2Config: a released size or a local folder's config, then `overrides`."""
+    from transformers import GPT2Config
+
+    if model_name_or_path in GPT2_SIZES:
+        config = GPT2Config(**GPT2_SIZES[model_name_or_path])
+    elif os.path.isdir(model_name_or_path):
+        config = GPT2Config.from_pretrained(model_name_or_path)
+    else:
+        try:
+            config = GPT2Config.from_pretrained(model_name_or_path)
+        except Exception as e:
+            raise ConfigError(
+                f"cannot load the config of model.model_name_or_path={model_name_or_path!r} ({type(e).__name__}); "
+                f"use a local folder or one of {', '.join(GPT2_SIZES)}"
+            ) from None
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.config_overrides: GPT2Config has no field {key!r}")
+        setattr(config, key, value)
+    if dropout is not None:
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    return config
+
+
+class GPT2Module(pl.LightningModule):
+    """Fine-tunes (or pre-trains) GPT-2 with AdamW and a warmup + cosine schedule."""
+
+    def __init__(
+        self,
+        model_name_or_path: str = "gpt2",
+        from_scratch: bool = False,
+        config_overrides: dict[str, Any] | None = None,
+        attn_implementation: str = "sdpa",
+        dropout: float | None = None,
+        lr: float = 1e-4,
+        min_lr: float = 1e-5,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        max_new_tokens: int = 64,
+    ):
+        """
+        Args:
+            model_name_or_path: Hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local folder of a GPT-2 model.
+            from_scratch: Randomly initialise instead of loading pretrained weights (shape from the id/folder + overrides).
+            config_overrides: GPT2Config fields to override (n_layer, n_embd, n_head, n_positions, vocab_size, ...).
+            attn_implementation: Attention kernel: sdpa (flash/mem-efficient when available) or eager.
+            dropout: If set, overrides resid/embd/attn dropout (0 for exact parity tests).
+            lr: Peak learning rate after warmup.
+            min_lr: Learning rate at the end of the cosine decay.
+            warmup_steps: Optimizer steps of linear warmup from 0 to lr.
+            decay_steps: Optimizer steps until min_lr (default: the run's total steps).
+            weight_decay: AdamW decay, applied only to weights with dim >= 2 (not biases or LayerNorm).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            max_new_tokens: Tokens generated per prompt by `predict`.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = None  # built in configure_model
+
+    # --- building ------------------------------------------------------------
+
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def resolve_config(self):
+        """The GPT2Config this run trains, checked against the data (vocab and block size)."""
+        hp = self.hparams
+        overrides = dict(hp.config_overrides or {})
+        dm = self._datamodule()
+        tokenizer = getattr(dm, "tokenizer", None)
+        if hp.from_scratch and tokenizer is not None:
+            overrides.setdefault("vocab_size", len(tokenizer))
+            # generate() stops at EOS: use the data's EOS id, not GPT-2's 50256.
+            overrides.setdefault("bos_token_id", tokenizer.eos_token_id)
+            overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+        config = build_config(hp.model_name_or_path, overrides, hp.dropout, attn_implementation=hp.attn_implementation)
+        if tokenizer is not None and len(tokenizer) > config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
+                "use the model's own tokenizer or set model.config_overrides.vocab_size"
+            )
+        block_size = getattr(dm, "block_size", None)
+        if block_size is not None and block_size > config.n_positions:
+            raise ConfigError(
+                f"data.block_size={block_size} exceeds the model's n_positions={config.n_positions}; "
+                f"lower data.block_size to at most {config.n_positions}"
+            )
+        return config
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import GPT2LMHeadModel
+
+        config = self.resolve_config()
+        if self.hparams.from_scratch:
+            self.model = GPT2LMHeadModel(config)
+        else:
+            try:
+                self.model = GPT2LMHeadModel.from_pretrained(
+                    self.hparams.model_name_or_path, config=config, attn_implementation=self.hparams.attn_implementation
+                )
+            except Exception as e:
+                raise ConfigError(
+                    f"cannot load pretrained weights from {self.hparams.model_name_or_path!r} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); give a local folder, or set "
+                    "model.from_scratch=true"
+                ) from None
+
+    # --- steps ---------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def token_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token next-token loss, shape (batch, block_size - 1), computed in fp32."""
+        logits = self(input_ids)[:, :-1]
+        targets = input_ids[:, 1:]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        return loss.view_as(targets)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.token_losses(batch["input_ids"]).mean()
+        # Mean over the accumulation window, logged once per optimizer step (not the last micro-batch).
+        self._loss_sum = getattr(self, "_loss_sum", 0.0) + loss.detach()
+        self._loss_n = getattr(self, "_loss_n", 0) + 1
+        if not self.trainer.fit_loop.epoch_loop._should_accumulate():
+            self.log("train/loss", self._loss_sum / self._loss_n, prog_bar=True, sync_dist=True)
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+            self._loss_sum, self._loss_n = 0.0, 0
+        return loss
+
+    def _eval_step(self, batch: dict) -> None:
+        losses = self.token_losses(batch["input_ids"])
+        weight = batch["loss_weight"].to(losses.dtype)  # 0 for padding blocks of uneven shards
+        self._eval_sum += (losses.sum(dim=1) * weight).sum().detach()
+        self._eval_tokens += weight.sum() * losses.shape[1]
+
+    def _eval_start(self) -> None:
+        self._eval_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._eval_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def _eval_end(self, prefix: str) -> None:
+        total = self.trainer.strategy.reduce(self._eval_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._eval_tokens, reduce_op="sum")
+        if tokens.item() == 0:
+            return
+        loss = (total / tokens).float()
+        # Token-weighted mean over the whole split, then exp: not a mean of per-batch ppl.
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/ppl", torch.exp(loss), prog_bar=prefix == "val", sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    @torch.no_grad()
+    def generate_text(self, tokenizer, prompt: str, max_new_tokens: int | None = None) -> str:
+        """Greedy continuation of `prompt` (deterministic)."""
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        limit = self.model.config.n_positions - ids.shape[1]
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max(1, min(max_new_tokens or self.hparams.max_new_tokens, limit)),
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
+    def predict_step(self, prompt: str, batch_idx: int) -> dict:
+        return {"prompt": prompt, "text": self.generate_text(self._datamodule().tokenizer, prompt)}
+
+    # --- optimisation --------------------------------------------------------
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Linear warmup to lr, then cosine decay to min_lr at `total` steps (flat after)."""
+        hp = self.hparams
+        if step < hp.warmup_steps:
+            return hp.lr * (step + 1) / hp.warmup_steps
+        progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+        return hp.min_lr + 0.5 * (hp.lr - hp.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, LayerNorm
+        ]
+        fused = self.device.type == "cuda"  # one kernel for all params instead of a loop
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ---------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["gpt2_config"] = self.model.config.to_dict()
+        tokenizer = getattr(self._datamodule(), "tokenizer", None)
+        if tokenizer is not None:  # lets tools/export_hf.py find the tokenizer again
+            checkpoint["tokenizer_name_or_path"] = str(tokenizer.name_or_path)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("gpt2_config")
+        if saved is None:
+            return
+        if self.model is None:  # GPT2Module.load_from_checkpoint(...) outside a Trainer
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            self.model = GPT2LMHeadModel(GPT2Config.from_dict(saved))
+            return
+        ours = self.model.config.to_dict()
+        diff = {k: (saved.get(k), ours.get(k)) for k in SHAPE_KEYS if saved.get(k) != ours.get(k)}
+        if diff:
+            desc = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"the checkpoint is for a different model ({desc}); use the matching model config")

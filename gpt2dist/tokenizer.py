@@ -1,0 +1,71 @@
+"""Load a Hugging Face tokenizer, or train a GPT-2-style byte-level BPE on the corpus.
+
+Training is for corpora (or machines) without the GPT-2 tokenizer: the quickstart trains a
+small vocabulary on its own text, which also makes a tiny model learn faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from gpt2dist.errors import DataError
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(name_or_path: str):
+    """A `transformers` fast tokenizer from a hub id or a local folder, with an EOS token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)  # never trust_remote_code
+    except Exception as e:  # OSError offline, ValueError for a bad folder
+        raise DataError(
+            f"cannot load tokenizer {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "set data.tokenizer to a local tokenizer folder, or set data.train_tokenizer_vocab_size "
+            "to train one on the corpus"
+        ) from None
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {name_or_path!r} has no eos_token; packing needs one between documents")
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A content hash of the tokenizer (vocab, merges, normalisation), for cache keys."""
+    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> None:
+    """Train a byte-level BPE (GPT-2's scheme) and save it as a Hugging Face tokenizer folder.
+
+    The folder is written under a temporary name and renamed, so a crash leaves none half-written.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257:
+        raise DataError(f"data.train_tokenizer_vocab_size={vocab_size} is too small: use at least 257 (256 bytes + EOS)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no UNK
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        fast.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

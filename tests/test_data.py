@@ -1,0 +1,220 @@
+"""gpt2dist/data.py: sources, packing token counts, the cache, samplers and loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2dist import data as data_mod
+from gpt2dist.data import BlockSampler, TokenBlockDataModule, encode_documents
+from gpt2dist.errors import DataError
+
+from conftest import corpus_texts
+
+
+def make_dm(tmp_path, tokenizer_dir, **kw) -> TokenBlockDataModule:
+    kw.setdefault("block_size", 64)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return TokenBlockDataModule(tokenizer=str(tokenizer_dir), **kw)
+
+
+def prepared(dm) -> TokenBlockDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_packing_keeps_every_token_but_the_final_remainder(tmp_path, corpus_dir, tokenizer_dir, tokenizer):
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0))
+    docs = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    lengths = [len(tokenizer(d, add_special_tokens=False).input_ids) for d in docs]
+    expected = sum(lengths) + len(docs)  # + one EOS after every document
+    st = dm.stats["train"]
+    assert st["documents"] == len(docs)
+    assert st["tokens"] == expected
+    assert st["dropped_tokens"] == expected % 64 < 64
+    assert st["blocks"] * 64 == expected - expected % 64
+    flat = np.asarray(dm.train_set.blocks).reshape(-1)
+    # Exactly one EOS per document (the last document's EOS may sit in the dropped remainder).
+    eos = int((flat == tokenizer.eos_token_id).sum())
+    assert eos in (len(docs), len(docs) - 1)
+    # The stream is the documents in order, each followed by EOS.
+    stream = np.concatenate([np.append(tokenizer(d, add_special_tokens=False).input_ids, tokenizer.eos_token_id)
+                             for d in docs])
+    np.testing.assert_array_equal(flat, stream[: len(flat)])
+    assert dm.train_set.blocks.dtype == np.uint16  # compact: 2 bytes per token
+
+
+def test_run_clm_group_texts_would_drop_more(tokenizer):
+    """The reference packing drops a remainder per 1000-row batch; ours only once."""
+    docs = [t for t in corpus_texts() for _ in range(200)]  # 2400 rows -> 3 map batches
+    ours = encode_documents(docs, tokenizer, np.dtype(np.uint16))
+    block = 64
+    ref_kept = 0
+    for i in range(0, len(docs), 1000):  # run_clm.group_texts per map batch, no separator
+        total = sum(len(tokenizer(d, add_special_tokens=False).input_ids) for d in docs[i:i + 1000])
+        ref_kept += total // block * block
+    assert len(ours) // block * block > ref_kept
+    assert len(ours) - len(ours) // block * block < block
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "paragraph"])
+def test_formats(tmp_path, tokenizer_dir, tokenizer, fmt):
+    docs = ["first document, with a comma", "second one\nhas two lines", "third: \"quoted\""] * 40
+    path = tmp_path / f"docs.{'txt' if fmt == 'paragraph' else fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
+    elif fmt == "json":
+        path.write_text(json.dumps([{"body": d} for d in docs]))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path)
+    elif fmt == "csv":
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(pa.table({"text": docs}), path)
+    else:
+        path.write_text("\n\n".join(docs))
+    kw = {"text_field": "body"} if fmt == "json" else {}
+    if fmt == "paragraph":
+        kw["text_unit"] = "paragraph"
+    got = [d for d in data_mod.read_documents(path, kw.get("text_field", "text"), kw.get("text_unit", "file"))]
+    assert got == docs
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(path)], val_fraction=0.0, block_size=16, **kw))
+    expected = sum(len(tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in docs)
+    assert dm.stats["train"]["tokens"] == expected
+
+
+def test_val_fraction_holds_out_whole_documents_deterministically(tmp_path, tokenizer_dir):
+    files = []
+    for i in range(40):
+        f = tmp_path / f"doc{i:02d}.txt"
+        f.write_text(f"document number {i} " * 30)
+        files.append(f)
+    a = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "doc*.txt")], val_fraction=0.25,
+                         block_size=16, cache_dir=str(tmp_path / "c1")))
+    b = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "doc*.txt")], val_fraction=0.25,
+                         block_size=16, cache_dir=str(tmp_path / "c2")))
+    assert a.stats == b.stats
+    n_val = a.stats["val"]["documents"]
+    assert 0 < n_val < 40 and a.stats["train"]["documents"] + n_val == 40
+    # Whole documents: ~25% of the text, all of equal size here.
+    assert n_val == 10
+
+
+def test_second_prepare_uses_cache_without_tokenizing(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
+    dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")])
+    dm.prepare_data()
+    calls = []
+    monkeypatch.setattr(data_mod, "encode_documents", lambda *a, **k: calls.append(1))
+    dm2 = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")])
+    dm2.prepare_data()
+    dm2.setup("fit")
+    assert calls == [] and len(dm2.train_set) > 0
+    # A changed block size is a different cache entry.
+    dm3 = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], block_size=32)
+    dm3.tokenizer = dm2.tokenizer
+    assert dm3._blocks_dir() != dm2._blocks_dir()
+
+
+def test_trained_tokenizer_is_cached_and_encodes_losslessly(tmp_path, corpus_dir):
+    dm = TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300,
+                              block_size=32, cache_dir=str(tmp_path / "cache"), num_workers=0)
+    prepared(dm)
+    assert len(dm.tokenizer) == 300
+    text = (corpus_dir / "textwrap.txt").read_text()[:2000]
+    ids = dm.tokenizer(text, add_special_tokens=False).input_ids
+    assert dm.tokenizer.decode(ids) == text  # byte-level: no UNK, exact round trip
+    tok_dir = dm._tokenizer_dir()
+    mtime = (tok_dir / "tokenizer.json").stat().st_mtime_ns
+    prepared(TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300,
+                                  block_size=32, cache_dir=str(tmp_path / "cache"), num_workers=0))
+    assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == mtime
+
+
+def test_sampler_global_batch_is_the_same_for_any_world_size():
+    n, batch = 50, 4
+    single = list(BlockSampler(n, True, 7, 1, 0))
+    shards = [list(BlockSampler(n, True, 7, 2, r)) for r in range(2)]
+    for step in range(n // (2 * batch // 2) // 2):
+        g = set(single[step * batch:(step + 1) * batch])
+        per_rank = batch // 2
+        d = set(shards[0][step * per_rank:(step + 1) * per_rank]) | set(shards[1][step * per_rank:(step + 1) * per_rank])
+        assert g == d
+    s = BlockSampler(n, True, 7)
+    s.set_epoch(1)
+    assert list(s) != single and sorted(s) == sorted(single)  # reshuffled per epoch, same set
+
+
+def test_eval_sampler_pads_evenly_and_marks_padding(tmp_path, corpus_dir, tokenizer_dir):
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0))
+    n = len(dm.train_set)
+    shards = [list(BlockSampler(n, False, 0, 3, r, pad=True)) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    items = [dm.train_set[i] for s in shards for i in s]
+    assert sum(float(it["loss_weight"]) for it in items) == n  # every block counted exactly once
+
+
+def test_loaders_are_stateful_and_resume_mid_epoch(tmp_path, corpus_dir, tokenizer_dir):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0))
+    loader = dm.train_dataloader()
+    assert isinstance(loader, StatefulDataLoader)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    rest = [b["input_ids"] for b in it]
+    loader2 = dm.train_dataloader()
+    loader2.load_state_dict(state)
+    rest2 = [b["input_ids"] for b in loader2]
+    assert len(rest) == len(rest2) > 0
+    assert all(torch.equal(a, b) for a, b in zip(rest, rest2))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_glob", "empty", "too_small", "binary", "latin1", "no_field"])
+def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
+    p = tmp_path / "bad.txt"
+    if case == "missing":
+        files, needle = [str(tmp_path / "nope.txt")], "nope.txt"
+    elif case == "empty_glob":
+        files, needle = [str(tmp_path / "none" / "*.txt")], "matches no file"
+    elif case == "empty":
+        p.write_text("  \n\n ")
+        files, needle = [str(p)], "empty corpus"
+    elif case == "too_small":
+        p.write_text("tiny")
+        files, needle = [str(p)], "corpus too small"
+    elif case == "binary":
+        p.write_bytes(b"\x00\x01\x02binary" * 10)
+        files, needle = [str(p)], "bad.txt: looks binary"
+    elif case == "latin1":
+        p.write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 50)
+        files, needle = [str(p)], "bad.txt: not UTF-8"
+    else:
+        p = tmp_path / "bad.jsonl"
+        p.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+        files, needle = [str(p)], "bad.jsonl:2: record has no field 'text'"
+    with pytest.raises(DataError, match=None) as err:
+        prepared(make_dm(tmp_path, tokenizer_dir, train_files=files, val_fraction=0.0))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not list((tmp_path / "cache").glob("blocks/*/meta.json"))  # nothing half-written left as a cache
+
+
+def test_on_bad_file_skip_warns_and_continues(tmp_path, corpus_dir, tokenizer_dir, caplog):
+    (tmp_path / "good.txt").write_text((corpus_dir / "textwrap.txt").read_text())
+    (tmp_path / "bad.txt").write_bytes("caf\xe9".encode("latin-1") * 100)
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.txt")], val_fraction=0.0,
+                          on_bad_file="skip"))
+    assert dm.stats["train"]["documents"] == 1
+    assert "bad.txt" in caplog.text

@@ -1,0 +1,103 @@
+"""gpt2dist/model.py: loss, optimizer groups, schedule, eval metrics, config checks."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2dist.errors import ConfigError
+from gpt2dist.model import GPT2Module, build_config
+
+from conftest import TINY
+
+
+def tiny_module(**kw) -> GPT2Module:
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 300}, dropout=0.0, **kw)
+    m.configure_model()
+    return m
+
+
+def test_loss_equals_hf_labels_loss():
+    torch.manual_seed(0)
+    m = tiny_module()
+    ids = torch.randint(0, 300, (3, 32))
+    ours = m.token_losses(ids).mean()
+    ref = m.model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_weight_decay_only_on_matrices():
+    m = tiny_module(weight_decay=0.05)
+    m.trainer = SimpleNamespace(max_steps=100, estimated_stepping_batches=100)  # what configure_optimizers reads
+    opt = m.configure_optimizers()["optimizer"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_params = len(list(m.parameters()))
+    assert len(decay["params"]) + len(no_decay["params"]) == n_params
+    assert any(p.dim() == 1 for p in no_decay["params"])  # biases and LayerNorm weights exist
+    assert not opt.defaults.get("fused")  # fused kernel only on CUDA
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    m = tiny_module(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    total = 110
+    lrs = [m.lr_at(s, total) for s in range(total + 5)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[10:total], lrs[11:total + 1]))  # monotone decay
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cosine midpoint
+    assert lrs[total] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_eval_loss_is_token_weighted_and_ignores_padding():
+    torch.manual_seed(0)
+    m = tiny_module()
+    m.trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    logged = {}
+    m.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
+    a, b = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (1, 16))
+    m._eval_start()
+    m._eval_step({"input_ids": a, "loss_weight": torch.ones(2)})
+    m._eval_step({"input_ids": torch.cat([b, a[:1]]), "loss_weight": torch.tensor([1.0, 0.0])})  # 2nd is padding
+    m._eval_end("val")
+    all_tokens = m.token_losses(torch.cat([a, b]))
+    expected = all_tokens.mean().item()
+    assert logged["val/loss"] == pytest.approx(expected, rel=1e-6)
+    assert logged["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_config_checks_block_size_and_vocab():
+    dm = SimpleNamespace(tokenizer=None, block_size=128)
+    m = GPT2Module(from_scratch=True, config_overrides=TINY)
+    m._trainer = SimpleNamespace(datamodule=dm)
+    with pytest.raises(ConfigError, match="data.block_size=128 exceeds the model's n_positions=64"):
+        m.configure_model()
+    dm = SimpleNamespace(tokenizer=[0] * 600, block_size=32)  # len() is all that is read
+    m = GPT2Module(from_scratch=False, model_name_or_path="gpt2", config_overrides={**TINY, "vocab_size": 500})
+    m._trainer = SimpleNamespace(datamodule=dm)
+    with pytest.raises(ConfigError, match="tokenizer has 600 tokens but the model's vocab_size is 500"):
+        m.resolve_config()
+    with pytest.raises(ConfigError, match="has no field 'n_layers'"):
+        build_config("gpt2", {"n_layers": 3})
+
+
+def test_released_sizes_build_offline():
+    cfg = build_config("gpt2-large")
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size) == (36, 1280, 20, 50257)
+
+
+def test_pretrained_local_folder_loads_weights(tmp_path):
+    ref = GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=300))
+    ref.save_pretrained(tmp_path / "m")
+    m = GPT2Module(model_name_or_path=str(tmp_path / "m"))
+    m.configure_model()
+    for (k, a), (_, b) in zip(ref.state_dict().items(), m.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    bad = GPT2Module(model_name_or_path=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="missing"):
+        bad.configure_model()
