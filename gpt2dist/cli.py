@@ -54,6 +54,7 @@ def main(args: list[str] | None = None) -> None:
             # Lightning's auto DistributedSampler would reshuffle it.
             trainer_defaults={"use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # GPT2Module owns its AdamW groups and schedule
             args=args,
         )
     except GPT2DistError as e:

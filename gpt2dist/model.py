@@ -261,7 +261,9 @@ class GPT2Module(pl.LightningModule):
         saved = checkpoint.get("gpt2_config")
         if saved is None:
             return
-        if self.model is None:  # GPT2Module.load_from_checkpoint(...) outside a Trainer
+        if self.model is None or self._trainer is None:
+            # GPT2Module.load_from_checkpoint(...) outside a Trainer: the saved config is the truth
+            # (its vocab came from the training data's tokenizer, which is not at hand here).
             from transformers import GPT2Config, GPT2LMHeadModel
 
             self.model = GPT2LMHeadModel(GPT2Config.from_dict(saved))

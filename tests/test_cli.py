@@ -1,0 +1,160 @@
+"""gpt2dist/cli.py end to end: the real `gpt2dist` command in subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY, run_cli
+
+
+def write_config(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
+    cfg = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 30, "val_check_interval": 15,
+            "check_val_every_n_epoch": None, "log_every_n_steps": 5, "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path / "run"), "name": "logs"}},
+            **trainer,
+        },
+        "model": {"from_scratch": True, "config_overrides": TINY, "dropout": 0.0, "lr": 3e-3, "warmup_steps": 5},
+        "data": {"train_files": [str(corpus_dir / "*.txt")], "tokenizer": str(tokenizer_dir), "block_size": 64,
+                 "batch_size": 8, "num_workers": 0, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
+                 "predict_prompts": ["def main(", "import "]},
+        "export": {"sample_prompt": "def ", "sample_tokens": 8},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = []
+    for f in sorted(run.glob("logs/version_*/metrics.csv")):
+        rows += list(csv.DictReader(f.open()))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, corpus_dir, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(tmp, corpus_dir, tokenizer_dir)
+    r = run_cli("fit", "--config", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp, cfg, r
+
+
+def test_fit_learns_checkpoints_and_exports(fitted):
+    tmp, _, r = fitted
+    run = tmp / "run"
+    rows = metrics(run)
+    val = [float(x["val/ppl"]) for x in rows if x.get("val/ppl")]
+    train = [float(x["train/loss"]) for x in rows if x.get("train/loss")]
+    assert len(val) == 2 and len(train) >= 5
+    # A fresh model predicts ~uniformly over the 512-token vocabulary (ppl ~512).
+    assert val[-1] < 0.6 * 512 and train[-1] < train[0] - 0.5
+    assert all(x.get("lr") for x in rows if x.get("train/loss"))
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    hf = run / "hf_model"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf.iterdir()}
+    assert not list(run.glob(".hf_model.tmp-*"))  # no temporary left behind
+    assert "sample ('def ', greedy)" in r.stderr + r.stdout
+    assert "val/ppl" in r.stdout  # the one-line validation report
+
+
+def test_export_loads_offline_and_matches_checkpoint(fitted, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from gpt2dist.export import export_checkpoint
+    from gpt2dist.model import GPT2Module
+
+    run = fitted[0] / "run"
+    model = AutoModelForCausalLM.from_pretrained(run / "hf_model", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(run / "hf_model", local_files_only=True)
+    out = pipeline("text-generation", model=model, tokenizer=tok)("def ", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("def ")
+    # The export equals the final checkpoint's weights: same logits on a fixed batch.
+    module = GPT2Module.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ids = torch.arange(40).view(2, 20) % len(tok)
+    model.eval()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, module(ids), rtol=0, atol=0)
+    # tools/export_hf.py's code path (single-file checkpoint) gives the same weights.
+    again = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "again")
+    m2 = AutoModelForCausalLM.from_pretrained(again)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, module(ids), rtol=0, atol=0)
+
+
+def test_validate_test_predict_from_checkpoint(fitted):
+    tmp, cfg, _ = fitted
+    ckpt = str(tmp / "run" / "checkpoints" / "last.ckpt")
+    rows_before = metrics(tmp / "run")
+    final_val = [float(x["val/loss"]) for x in rows_before if x.get("val/loss")][-1]
+    for sub in ("validate", "test"):
+        r = run_cli(sub, "--config", str(cfg), "--ckpt_path", ckpt)
+        assert r.returncode == 0, r.stderr[-3000:]
+        key = "val/loss" if sub == "validate" else "test/loss"
+        newest = max((tmp / "run").glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+        value = [float(x[key]) for x in csv.DictReader(newest.open()) if x.get(key)]
+        # Same weights and the same validation blocks: the same loss as at the end of fit.
+        assert value == [pytest.approx(final_val, rel=1e-5)]
+    r = run_cli("predict", "--config", str(cfg), "--ckpt_path", ckpt)
+    assert r.returncode == 0, r.stderr[-3000:]
+    preds = [json.loads(line) for line in (tmp / "run" / "predictions-rank0.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in preds] == ["def main(", "import "]
+    assert all(p["text"].startswith(p["prompt"]) and len(p["text"]) > len(p["prompt"]) for p in preds)
+
+
+def test_print_config_and_overlay_merge(tmp_path, corpus_dir, tokenizer_dir):
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  lr: 0.123\ndata:\n  block_size: 32\n")
+    r = run_cli("fit", "--config", str(cfg), "--config", str(overlay), "--print_config")
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["model"]["lr"] == 0.123 and printed["data"]["block_size"] == 32
+    assert printed["model"]["config_overrides"]["n_layer"] == 2  # kept from the first file
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--model.no_such_key", "1"], "no_such_key"),
+        (["--data.block_size", "128"], "data.block_size=128 exceeds the model's n_positions=64"),
+        (["--data.train_files", "[/nonexistent/*.txt]"], "/nonexistent/*.txt' matches no file"),
+    ],
+)
+def test_bad_cli_input_is_one_clear_line(tmp_path, corpus_dir, tokenizer_dir, extra, needle):
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, max_steps=2)
+    r = run_cli("fit", "--config", str(cfg), *extra)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "hf_model").exists()
+
+
+def test_quickstart_config_is_valid():
+    r = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--print_config")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["data"]["train_files"] == ["{stdlib}/*.py"] and cfg["trainer"]["accelerator"] == "cpu"
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_model_configs_parse_and_compose_with_local_jsonl(name):
+    r = run_cli("fit", "--config", str(REPO / "configs" / f"{name}.yaml"),
+                "--config", str(REPO / "configs" / "data" / "local-jsonl.yaml"), "--print_config")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["data"]["dataset_name"] is None and cfg["data"]["train_files"] == ["data/train/*.jsonl"]
+    assert cfg["model"]["model_name_or_path"] == name.replace("gpt2-small", "gpt2")
