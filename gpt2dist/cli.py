@@ -20,6 +20,8 @@ from gpt2dist.callbacks import HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.model import GPT2Module
+from gpt2dist.monitor import SampleLogger, TrainMonitor
+from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -36,6 +38,13 @@ class GPT2CLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(ValidationReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(TrainMonitor, "monitor")
+        parser.add_lightning_class_args(SampleLogger, "samples")
+
+    def before_fit(self) -> None:
+        # Before the logger creates its W&B run: pick the run id a resume must continue.
+        config = self.config.get(str(self.subcommand), self.config)
+        prepare_wandb(self.trainer, config.get("ckpt_path"))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -53,6 +62,7 @@ def main(args: list[str] | None = None) -> None:
             # The DataModule shards data itself (same global batch whatever the world size);
             # Lightning's auto DistributedSampler would reshuffle it.
             trainer_defaults={"use_distributed_sampler": False},
+            save_config_callback=RunConfig,  # also logs the resolved config to W&B / hparams.yaml
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # GPT2Module owns its AdamW groups and schedule
             args=args,

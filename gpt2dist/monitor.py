@@ -1,0 +1,313 @@
+"""Training telemetry callbacks, logged under the same names whatever the logger (W&B, CSV, TB).
+
+`TrainMonitor`: `throughput/tokens_per_sec_per_device`, `throughput/tokens_per_sec` (job),
+`throughput/mfu`, `train/grad_norm` (before clipping, sharding-aware), and on CUDA
+`memory/peak_allocated_gib` / `memory/peak_reserved_gib` (max over devices).
+`SampleLogger`: greedy samples from fixed prompts every `sample_every_n_steps`, as a W&B table
+`samples` (step, prompt, text) and always as `samples.txt` next to the checkpoints.
+
+Why not Lightning's `ThroughputMonitor`: its peak table lists H200/H100 NVL at their sparse
+FLOP/s (MFU halved) and does not know the name "NVIDIA H200"; it measures FLOPs by tracing
+rather than the 6N + 12·L·d·T convention used to compare MFU across codebases; and its metric
+names (`train/device/items_per_sec`) differ from ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops, throughput
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- grad norm
+
+
+def total_grad_norm(parameters, strategy=None) -> torch.Tensor | None:
+    """L2 norm of all gradients of the full (unsharded) model, on every rank.
+
+    - FSDP2 (DTensor grads): `get_total_norm` returns a partial DTensor; `full_tensor()`
+      all-reduces it, as `torch.nn.utils.clip_grad_norm_` does.
+    - FSDP1 (Lightning `FSDPStrategy`, use_orig_params): each rank holds a disjoint shard of
+      every gradient, so sum the local squares, all-reduce (sum), then sqrt. Collective:
+      every rank must call it.
+    - single device / DDP: gradients are already the full, averaged ones.
+    Returns None when no parameter has a gradient (DeepSpeed keeps them inside its engine).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        device = strategy.root_device
+        local = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros((), device=device))
+        return strategy.reduce(local, reduce_op="sum").sqrt()
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm
+
+
+def _deepspeed_engine(trainer):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return trainer.strategy.deepspeed_engine if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+
+
+# ----------------------------------------------------------------------------- TrainMonitor
+
+
+class TrainMonitor(Callback):
+    """Logs tokens/s (per device and job), MFU, grad norm and peak GPU memory every optimizer step."""
+
+    def __init__(self, enabled: bool = True, window: int | None = None, peak_tflops: float | None = None,
+                 grad_norm: bool = True, skip_first_steps: int = 1):
+        """
+        Args:
+            enabled: Log throughput, MFU, grad norm and memory.
+            window: Optimizer steps averaged for tokens/s and MFU (default: trainer.log_every_n_steps).
+            peak_tflops: This GPU's dense bf16 peak in TFLOP/s, for GPUs missing from gpt2dist.metrics.PEAK_BF16_FLOPS.
+            grad_norm: Log train/grad_norm (the norm before clipping).
+            skip_first_steps: Optimizer steps left out of tokens/s (warm-up: allocator, kernels, lazy init).
+        """
+        self.enabled, self.window, self.peak_tflops = enabled, window, peak_tflops
+        self.grad_norm, self.skip_first_steps = grad_norm, skip_first_steps
+        self.flops_per_token: int | None = None
+        self.peak_flops: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._t_ref: float | None = None  # start of the open timing segment; None while paused
+        self._pending = 0.0  # seconds of the current optimizer step already closed by pause()
+        self._tokens = 0  # tokens this rank processed in the current optimizer step
+        self._steps_seen = 0
+        self._last_step: int | None = None
+        self._hist: deque = deque()
+
+    def _now(self, pl_module) -> float:
+        # CUDA kernels run asynchronously: without a sync the clock would time the launches.
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def pause(self, pl_module) -> None:
+        """Stop the clock (validation, checkpointing, sampling are not training throughput)."""
+        if self._t_ref is not None:
+            self._pending += self._now(pl_module) - self._t_ref
+            self._t_ref = None
+
+    # --- setup ---------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+        self._last_step = trainer.global_step
+        if not self.enabled:
+            return
+        device = pl_module.device
+        if self.peak_tflops:
+            self.peak_flops, label = self.peak_tflops * 1e12, f"peak_tflops={self.peak_tflops}"
+        elif device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            found = peak_bf16_flops(name)
+            if found is None:
+                self.peak_flops = None
+                rank_zero_warn(f"no MFU: GPU {name!r} is not in gpt2dist.metrics.PEAK_BF16_FLOPS; "
+                               "set monitor.peak_tflops to its dense bf16 TFLOP/s. tokens/s is still logged.")
+            else:
+                label, self.peak_flops = found
+        else:
+            self.peak_flops = None
+            rank_zero_warn(f"no MFU on {device.type}: peak FLOP/s is only known for GPUs; tokens/s is still logged.")
+        if self.peak_flops:
+            rank_zero_info(f"MFU against {label}: {self.peak_flops / 1e12:.1f} TFLOP/s dense bf16 per device")
+
+    # --- timing --------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.enabled and self._t_ref is None:
+            self._t_ref = self._now(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.enabled and not trainer.sanity_checking:
+            self.pause(pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.enabled:
+            self.pause(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # After AMP unscaling and before Lightning clips: the raw norm.
+        if self.enabled and self.grad_norm:
+            norm = total_grad_norm(pl_module.parameters(), trainer.strategy)
+            if norm is not None:
+                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
+        self._tokens += int(batch["input_ids"].numel())  # every micro-batch of the window counts
+        if trainer.global_step == self._last_step:
+            return  # accumulating: no optimizer step yet
+        self._last_step = trainer.global_step
+        now = self._now(pl_module)
+        seconds = self._pending + (now - self._t_ref if self._t_ref is not None else 0.0)
+        tokens, self._tokens, self._pending, self._t_ref = self._tokens, 0, 0.0, now
+        self._steps_seen += 1
+
+        engine = _deepspeed_engine(trainer)
+        if engine is not None and self.grad_norm:
+            norm = engine.get_global_grad_norm()  # DeepSpeed's own pre-clipping norm of the last step
+            if norm is not None:
+                pl_module.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
+        if pl_module.device.type == "cuda":
+            gib = 2**30
+            mem = torch.tensor([torch.cuda.max_memory_allocated(pl_module.device) / gib,
+                                torch.cuda.max_memory_reserved(pl_module.device) / gib], device=pl_module.device)
+            pl_module.log("memory/peak_allocated_gib", mem[0], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
+            pl_module.log("memory/peak_reserved_gib", mem[1], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
+
+        if self._steps_seen <= self.skip_first_steps or seconds <= 0:
+            return
+        window = self.window or max(1, trainer.log_every_n_steps)
+        self._hist.append((tokens, seconds))
+        while len(self._hist) > window:
+            self._hist.popleft()
+        if self.flops_per_token is None and getattr(pl_module, "model", None) is not None:
+            self.flops_per_token = gpt2_flops_per_token(pl_module.model.config, int(batch["input_ids"].shape[1]))
+        rates = throughput(sum(t for t, _ in self._hist), sum(s for _, s in self._hist), trainer.world_size,
+                           self.flops_per_token, self.peak_flops)
+        for key, value in rates.items():
+            pl_module.log(f"throughput/{key}", value, on_step=True, on_epoch=False)
+        pl_module.log("tok/s", rates["tokens_per_sec"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def generation_mode(trainer) -> str:
+    """Who runs `generate`: "rank0" (replicated weights), "all" (sharded weights: every rank
+    must take part in the gathers), or "skip" (FSDP1: its root's flat parameters are only
+    gathered by the wrapped root's forward, which `generate` bypasses)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        return "skip"
+    if isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
+        return "all"
+    return "rank0"
+
+
+@torch.no_grad()
+def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    """Greedy continuations of `prompts` with a fixed seed, without disturbing training's RNG.
+
+    Under FSDP2 (`fully_shard` applied to the LightningModule root and to each block), the
+    root's parameters (embeddings, ln_f, tied head) are unsharded explicitly here because
+    `generate` calls `pl_module.model`, not the root's forward; the blocks gather their own.
+    Every rank must call it then (the gathers are collective).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    root_fsdp = isinstance(pl_module, FSDPModule)
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if root_fsdp:
+                pl_module.unshard()
+            try:
+                return [pl_module.generate_text(tokenizer, p, max_new_tokens) for p in prompts]
+            finally:
+                if root_fsdp:
+                    pl_module.reshard()
+    finally:
+        pl_module.train(was_training)
+
+
+class SampleLogger(Callback):
+    """Every `sample_every_n_steps`, greedy samples from `prompts`: a W&B table `samples`
+    (step, prompt, text) when a WandbLogger is active, and always `samples.txt` next to the checkpoints."""
+
+    def __init__(self, sample_every_n_steps: int = 500, prompts: list[str] | None = None, max_new_tokens: int = 32,
+                 seed: int = 1234, filename: str = "samples.txt"):
+        """
+        Args:
+            sample_every_n_steps: Optimizer steps between samples (0: never).
+            prompts: Prompts to continue (default: a prose and a code prompt).
+            max_new_tokens: Tokens generated per prompt.
+            seed: Seed set (in a forked RNG) before generating.
+            filename: Text file in the checkpoint folder that collects every sample.
+        """
+        self.every, self.max_new_tokens, self.seed, self.filename = sample_every_n_steps, max_new_tokens, seed, filename
+        self.prompts = list(prompts) if prompts is not None else ["The", "def "]
+        self.rows: list[list] = []  # every sample so far: the W&B table is re-logged whole each time
+        self._warned = False
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}  # a resumed run's table keeps the earlier samples
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = [list(r) for r in state_dict.get("rows", [])]
+
+    def path(self, trainer) -> Path:
+        ckpt = trainer.checkpoint_callback
+        folder = getattr(ckpt, "dirpath", None) or trainer.default_root_dir
+        return Path(folder) / self.filename
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == getattr(self, "_last_step", None):
+            return  # accumulating: no optimizer step since the last call (or since a resume)
+        self._last_step = step
+        if not self.every or not self.prompts or step % self.every:
+            return
+        mode = generation_mode(trainer)
+        if mode == "skip":
+            if not self._warned:
+                rank_zero_warn(f"samples skipped under {type(trainer.strategy).__name__}: generation with FSDP1 "
+                               "flat parameters is not supported; use FSDP2 (ModelParallelStrategy) or the exported model")
+                self._warned = True
+            return
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            return
+        for cb in trainer.callbacks:
+            if isinstance(cb, TrainMonitor):
+                cb.pause(pl_module)
+        if mode == "rank0" and not trainer.is_global_zero:
+            return
+        texts = generate_samples(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed)
+        if not trainer.is_global_zero:
+            return
+        new = [[step, p, t] for p, t in zip(self.prompts, texts)]
+        self.rows.extend(new)
+        path = self.path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for s, p, t in new:
+                f.write(f"=== step {s} | prompt {p!r}\n{t}\n\n")
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                # No explicit step: W&B's step_sync puts it at the latest trainer/global_step,
+                # consistent with Lightning's metrics (the table's own `step` column is exact).
+                logger.log_table("samples", columns=["step", "prompt", "text"], data=self.rows)

@@ -1,0 +1,172 @@
+"""Experiment tracking: the run's config, a stable W&B run id across resumes, and no secrets.
+
+- `RunConfig` (LightningCLI's SaveConfigCallback): besides `config.yaml`, logs the full resolved
+  CLI config plus run facts (git commit/dirty, world size, nodes, strategy, precision, global
+  batch in tokens) to every logger: the W&B config tab, or CSV/TensorBoard `hparams.yaml`.
+  It also stores the W&B run id in each checkpoint.
+- `prepare_wandb` (called before `fit`) picks the run id so that a resumed or requeued job
+  continues the same W&B run (Lightning's WandbLogger already passes resume="allow"; the step
+  axis `trainer/global_step` continues because it comes from the restored trainer).
+- `scrub` redacts secrets (API keys, tokens) from anything we log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def _secret_values(env=None) -> list[str]:
+    env = os.environ if env is None else env
+    return [v for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= 8]
+
+
+def scrub(obj, secrets: list[str] | None = None):
+    """A copy of `obj` with secret-named keys and any value holding a secret env var's value redacted."""
+    secrets = _secret_values() if secrets is None else secrets
+    if isinstance(obj, dict):
+        return {k: REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and obj[k] else scrub(v, secrets)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(scrub(v, secrets) for v in obj)
+    if isinstance(obj, str) and any(s in obj for s in secrets):
+        return REDACTED
+    return obj
+
+
+def git_state(path: str | Path | None = None) -> dict:
+    """Commit and dirty flag of the code that runs (the gpt2dist checkout, not the cwd)."""
+    path = Path(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return {"git_commit": commit, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": None}  # installed from a wheel, or no git
+
+
+def run_facts(trainer) -> dict:
+    """World size, nodes, strategy, precision and the global batch (sequences and tokens)."""
+    dm = getattr(trainer, "datamodule", None)
+    micro, block = getattr(dm, "batch_size", None), getattr(dm, "block_size", None)
+    accum = trainer.accumulate_grad_batches
+    facts = {**git_state(), "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
+             "devices_per_node": trainer.num_devices, "strategy": type(trainer.strategy).__name__,
+             "precision": str(trainer.precision), "accumulate_grad_batches": accum}
+    if micro and block:
+        seqs = micro * accum * trainer.world_size
+        facts.update(micro_batch_size=micro, block_size=block, global_batch_sequences=seqs,
+                     global_batch_tokens=seqs * block)  # e.g. 16 x 4 accum x 8 GPUs x 1024 = 524,288
+    return facts
+
+
+def _wandb_loggers(trainer) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes config.yaml, logs the resolved CLI config + run facts to every logger, and stores
+    the W&B run id in checkpoints."""
+
+    run_id: str | None = None
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank 0 only
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        params = scrub({**config, "run": run_facts(trainer)})
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # SaveConfigCallback.setup, except that a logger without a folder (WandbLogger with
+        # save_dir=null) writes config.yaml to default_root_dir instead of failing.
+        if not self.already_saved:
+            log_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks call it
+            path = os.path.join(log_dir, self.config_filename)
+            if trainer.is_global_zero:
+                if os.path.isfile(path) and not self.overwrite:
+                    raise RuntimeError(f"{path} exists; set save_config_kwargs overwrite=True or use another folder")
+                os.makedirs(log_dir, exist_ok=True)
+                self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+                self.save_config(trainer, pl_module, stage)
+            self.already_saved = trainer.strategy.broadcast(True)
+        run_id = None
+        if trainer.is_global_zero:
+            for logger in _wandb_loggers(trainer):
+                run_id = logger.experiment.id
+        self.run_id = trainer.strategy.broadcast(run_id)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.run_id:
+            checkpoint["wandb_run_id"] = self.run_id
+
+
+def _checkpoint_run_id(path: str | None) -> str | None:
+    """The W&B run id stored in a checkpoint file (or an FSDP2/distcp folder's meta.pt)."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "meta.pt"
+    if not p.is_file():
+        return None
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a checkpoint we cannot read is reported by Lightning itself
+        log.warning("could not read the W&B run id from %s (%s)", p, type(e).__name__)
+        return None
+    return ckpt.get("wandb_run_id") if isinstance(ckpt, dict) else None
+
+
+def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None) -> tuple[str | None, str]:
+    """(run id, where it came from). Order: WANDB_RUN_ID, the checkpoint resumed from, the SLURM
+    job (a requeued job keeps its id), else None (W&B draws a new id, which checkpoints then keep)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_RUN_ID"):
+        return env["WANDB_RUN_ID"], "WANDB_RUN_ID"
+    if ckpt_path in ("last", "hpc") and checkpoint_dir:
+        ckpt_path = os.path.join(checkpoint_dir, "last.ckpt") if ckpt_path == "last" else None
+    run_id = _checkpoint_run_id(ckpt_path)
+    if run_id:
+        return run_id, f"checkpoint {ckpt_path}"
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}", "SLURM array job"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}", "SLURM job"
+    return None, "new"
+
+
+def prepare_wandb(trainer, ckpt_path: str | None) -> None:
+    """Before `fit`: choose the W&B run id and folder through W&B's own environment variables
+    (WANDB_RUN_ID, WANDB_DIR), which `wandb.init` reads; a logger given an explicit
+    `id`/`version` keeps it."""
+    loggers = _wandb_loggers(trainer)
+    if not loggers:
+        return
+    logger = loggers[0]
+    if logger.save_dir is None and not os.environ.get("WANDB_DIR"):
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        os.environ["WANDB_DIR"] = os.path.abspath(trainer.default_root_dir)
+    if logger.version:
+        return
+    ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+    run_id, source = resolve_run_id(ckpt_path, ckpt_dir)
+    if run_id:
+        os.environ["WANDB_RUN_ID"] = run_id
+        log.info("W&B run id %s (from %s)", run_id, source)

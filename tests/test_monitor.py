@@ -1,0 +1,133 @@
+"""gpt2dist/monitor.py: throughput timing under accumulation and pauses, grad norm (also FSDP2),
+and greedy samples under FSDP2 sharding (real 2-process gloo)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpt2dist import monitor as mon
+from gpt2dist.metrics import gpt2_flops_per_token
+from gpt2dist.model import GPT2Module
+
+from conftest import TINY
+
+
+def tiny_module(vocab=512) -> GPT2Module:
+    torch.manual_seed(0)
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": vocab}, dropout=0.0)
+    m.configure_model()
+    return m
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_throughput_counts_every_micro_batch_and_excludes_validation(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(mon.time, "perf_counter", clock)
+    module = tiny_module()
+    logged = {}
+    module.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
+    trainer = SimpleNamespace(global_step=0, world_size=4, log_every_n_steps=10, sanity_checking=False,
+                              strategy=None)
+    cb = mon.TrainMonitor(peak_tflops=1e-6)  # 1 MFLOP/s peak: MFU is checkable on CPU
+    cb.on_train_start(trainer, module)
+    batch = {"input_ids": torch.zeros(2, 16, dtype=torch.long)}  # 32 tokens per micro-batch
+
+    def optimizer_step(micro_seconds, accum=4, validation_seconds=0.0):
+        for i in range(accum):
+            cb.on_train_batch_start(trainer, module, batch, i)
+            clock.t += micro_seconds
+            if i == accum - 1:
+                trainer.global_step += 1
+            cb.on_train_batch_end(trainer, module, None, batch, i)
+        if validation_seconds:
+            cb.on_validation_start(trainer, module)
+            clock.t += validation_seconds  # must not count
+
+    optimizer_step(5.0)  # warm-up step: skipped
+    assert "throughput/tokens_per_sec" not in logged
+    optimizer_step(0.25, validation_seconds=30.0)  # 128 tokens in 1.0 s
+    optimizer_step(0.5)  # 128 tokens in 2.0 s
+    # window: 256 tokens / 3.0 s per device; job = x4 ranks
+    assert logged["throughput/tokens_per_sec_per_device"] == pytest.approx(256 / 3.0)
+    assert logged["throughput/tokens_per_sec"] == pytest.approx(4 * 256 / 3.0)
+    fpt = gpt2_flops_per_token(module.model.config, 16)
+    assert logged["throughput/mfu"] == pytest.approx(256 / 3.0 * fpt / 1e6)
+
+
+def test_cpu_warns_and_logs_no_mfu():
+    module = tiny_module()
+    trainer = SimpleNamespace(global_step=0)
+    cb = mon.TrainMonitor()
+    with pytest.warns(UserWarning, match="no MFU on cpu"):
+        cb.on_train_start(trainer, module)
+    assert cb.peak_flops is None
+
+
+def test_grad_norm_single_process_equals_torch():
+    module = tiny_module()
+    ids = torch.randint(0, 512, (2, 16))
+    module.token_losses(ids).mean().backward()
+    expected = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm=1e9)
+    assert mon.total_grad_norm(module.parameters()).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _fsdp2_worker(rank, world, init_file, tokenizer_dir, out_q):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    from gpt2dist.tokenizer import load_tokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok = load_tokenizer(tokenizer_dir)
+        ref = tiny_module(len(tok))
+        sharded = tiny_module(len(tok))  # same seed: same weights
+        ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(1))
+        # Reference: the unsharded model on the same (identical on both ranks) batch.
+        ref.token_losses(ids).mean().backward()
+        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
+        ref_texts = mon.generate_samples(ref, tok, ["def ", "import"], 8, seed=3)
+        # FSDP2 as gpt2dist's strategy applies it: each block, then the LightningModule root.
+        mesh = init_device_mesh("cpu", (world,))
+        for block in [m for m in sharded.model.modules() if isinstance(m, GPT2Block)]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        sharded.token_losses(ids).mean().backward()
+        norm = mon.total_grad_norm(sharded.parameters()).item()
+        local_only = torch.nn.utils.get_total_norm([p.grad.to_local() for p in sharded.parameters()]).item()
+        texts = mon.generate_samples(sharded, tok, ["def ", "import"], 8, seed=3)
+        out_q.put((rank, ref_norm, norm, local_only, ref_texts, texts))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grad_norm_and_samples_under_fsdp2(tmp_path, tokenizer_dir):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_fsdp2_worker, args=(r, 2, str(tmp_path / "init"), str(tokenizer_dir), q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, ref_norm, norm, local_only, ref_texts, texts in results:
+        assert norm == pytest.approx(ref_norm, rel=1e-5)  # the full norm on every rank
+        assert local_only < ref_norm * 0.99  # a rank's shard alone would under-report
+        assert texts == ref_texts and all(len(t) > len(p) for t, p in zip(texts, ["def ", "import"]))

@@ -1,0 +1,95 @@
+"""gpt2dist/tracking.py + the W&B overlay: a real offline run read back with W&B's own reader,
+resume into the same run, the same metric names without wandb, and no secret in any file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+import torch
+
+from gpt2dist.tracking import REDACTED, resolve_run_id, scrub
+
+from run_fixtures import SECRET, csv_run, inspect, wandb_resumed, wandb_run  # noqa: F401 (fixtures)
+
+METRICS = ["train/loss", "val/loss", "val/ppl", "lr", "train/grad_norm",
+           "throughput/tokens_per_sec", "throughput/tokens_per_sec_per_device"]
+
+
+def test_scrub_redacts_secret_keys_and_env_values():
+    cfg = {"model": {"max_new_tokens": 8, "lr": 1e-3}, "api_key": "abc", "hf_token": "x",
+           "logger": {"init_args": {"notes": f"key={SECRET}", "tags": ["a", SECRET]}}, "tokenizer": "gpt2"}
+    out = scrub(cfg, secrets=[SECRET])
+    assert out["api_key"] == REDACTED and out["hf_token"] == REDACTED
+    assert out["logger"]["init_args"] == {"notes": REDACTED, "tags": ["a", REDACTED]}
+    assert out["model"] == cfg["model"] and out["tokenizer"] == "gpt2"  # *_tokens / tokenizer are not secrets
+
+
+def test_run_id_precedence(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"wandb_run_id": "fromckpt"}, ckpt)
+    assert resolve_run_id(None, None, env={}) == (None, "new")
+    assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77"})[0] == "slurm-77"
+    assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70",
+                                           "SLURM_ARRAY_TASK_ID": "3"})[0] == "slurm-70_3"
+    assert resolve_run_id("last", str(tmp_path), env={"SLURM_JOB_ID": "77"})[0] == "fromckpt"
+    assert resolve_run_id(str(ckpt), None, env={"WANDB_RUN_ID": "mine"})[0] == "mine"
+
+
+def test_offline_run_has_metrics_config_and_samples(wandb_run):
+    s = inspect(wandb_run.run_dir)
+    assert s["state"] == "finished" and s["project"] == "gpt2dist"
+    summary = s["summary"]
+    for key in METRICS:
+        assert isinstance(summary.get(key), (int, float)), (key, sorted(summary))
+    assert "throughput/mfu" not in summary  # CPU: no peak FLOP/s, so no MFU (and a warning)
+    assert "no MFU on cpu" in wandb_run.proc.stderr
+    assert summary["trainer/global_step"] == 5  # Lightning logs step index 5 for the 6th optimizer step
+    cfg = s["config"]
+    # The resolved LightningCLI config, every section, with the values this run used.
+    assert {"trainer", "model", "data", "checkpoint", "monitor", "samples", "seed_everything"} <= set(cfg)
+    assert cfg["data"]["block_size"] == 32 and cfg["trainer"]["accumulate_grad_batches"] == 2
+    assert cfg["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+    run = cfg["run"]
+    assert re.fullmatch(r"[0-9a-f]{40}", run["git_commit"]) and isinstance(run["git_dirty"], bool)
+    assert (run["world_size"], run["num_nodes"], run["strategy"], run["precision"]) == (1, 1, "SingleDeviceStrategy", "32-true")
+    assert run["global_batch_tokens"] == 4 * 32 * 2 * 1  # micro-batch x block x accumulation x world
+    # Samples: a W&B table (step, prompt, text) with every sample so far.
+    assert summary["samples"]["_type"] == "table-file"
+    table = json.loads((wandb_run.run_dir / "files" / summary["samples"]["path"]).read_text())
+    assert table["columns"] == ["step", "prompt", "text"]
+    assert [(r[0], r[1]) for r in table["data"]] == [(3, "def "), (3, "import"), (6, "def "), (6, "import")]
+    assert all(r[2].startswith(r[1]) and len(r[2]) > len(r[1]) for r in table["data"])
+
+
+def test_resume_continues_the_same_run_and_step_axis(wandb_run, wandb_resumed):
+    first_id = inspect(wandb_run.run_dir)["run_id"]
+    assert inspect(wandb_resumed.run_dir)["run_id"] == first_id
+    assert wandb_resumed.run_dir.name.endswith(first_id)
+    steps = [r["history"]["item"]["trainer/global_step"] for r in inspect(wandb_resumed.run_dir, summary=False)
+             if r.get("type") == "history" and "train/loss" in r["history"]["item"]]
+    assert steps and min(steps) >= 6 and max(steps) == 8  # continues after step 6, not from 0
+    table = inspect(wandb_resumed.run_dir)["summary"]["samples"]
+    assert table["nrows"] == 6  # steps 3 and 6 restored from the checkpoint, step 9 added
+
+
+def test_no_secret_in_any_file_or_log(wandb_run, wandb_resumed):
+    assert SECRET not in wandb_run.proc.stdout + wandb_run.proc.stderr + wandb_resumed.proc.stderr
+    files = [p for p in wandb_run.root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.suffix == ".wandb" for p in files)
+    assert any(p.name == "config.yaml" for p in files)
+    leaked = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked
+
+
+def test_without_wandb_the_same_metric_names_reach_csv(csv_run):
+    assert "wandb is not installed" not in csv_run.proc.stderr  # nothing tried to import it
+    rows = list(csv.DictReader(open(next(csv_run.root.glob("logs/version_*/metrics.csv")))))
+    names = {k for r in rows for k, v in r.items() if v not in ("", None)}
+    assert set(METRICS) <= names
+    hparams = (next(csv_run.root.glob("logs/version_*/hparams.yaml"))).read_text()
+    assert "global_batch_tokens: 256" in hparams  # run facts reach non-W&B loggers too
+    samples = (csv_run.root / "checkpoints" / "samples.txt").read_text()
+    assert samples.count("=== step 3 |") == 2 and samples.count("=== step 6 |") == 2

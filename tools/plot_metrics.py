@@ -1,0 +1,124 @@
+"""Plot a run's loss (train, val), lr and tokens/s against step into a PNG, without W&B's UI.
+
+    python tools/plot_metrics.py runs/quickstart            # CSVLogger folder(s): **/metrics.csv
+    python tools/plot_metrics.py runs/mine/wandb            # W&B offline run(s): **/*.wandb
+    python tools/plot_metrics.py RUN_DIR --out loss.png
+
+Several CSV versions or W&B offline runs under RUN_DIR (a resumed run writes a new one) are
+merged in time order; a later value for the same step wins. W&B runs are read with W&B's own
+reader (`wandb leet inspect --json`), so no private file format is parsed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SERIES = {  # panel -> metric names (the names gpt2dist logs whatever the logger)
+    "loss": ["train/loss", "val/loss"],
+    "lr": ["lr"],
+    "tokens/s": ["throughput/tokens_per_sec"],
+}
+
+
+def _merge(into: dict, step, row: dict) -> None:
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            into.setdefault(key, {})[int(step)] = float(value)
+
+
+def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
+    series: dict = {}
+    for path in sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if not row.get("step"):
+                    continue
+                values = {}
+                for k, v in row.items():
+                    try:
+                        values[k] = float(v)
+                    except (TypeError, ValueError):
+                        pass
+                _merge(series, float(row["step"]), values)
+    return series
+
+
+def _wandb_exe() -> str:
+    exe = Path(sys.executable).with_name("wandb")
+    return str(exe) if exe.exists() else (shutil.which("wandb") or "wandb")
+
+
+def read_wandb_runs(root: Path) -> dict[str, dict[int, float]]:
+    series: dict = {}
+    for path in sorted(root.rglob("*.wandb"), key=lambda p: p.stat().st_mtime):
+        out = subprocess.run([_wandb_exe(), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+        for line in out.splitlines():
+            rec = json.loads(line)
+            if rec.get("type") != "history":
+                continue
+            item = rec["history"]["item"]
+            if "trainer/global_step" in item:
+                _merge(series, item["trainer/global_step"], item)
+    return series
+
+
+def read_run(root: Path) -> dict[str, dict[int, float]]:
+    root = Path(root)
+    if not root.exists():
+        raise SystemExit(f"plot_metrics: error: {root} does not exist; give a run folder (CSVLogger or W&B offline)")
+    series = read_csv_runs(root) if any(root.rglob("metrics.csv")) else {}
+    if not series and any(root.rglob("*.wandb")):
+        series = read_wandb_runs(root)
+    if not series:
+        raise SystemExit(f"plot_metrics: error: no metrics.csv or W&B *.wandb run under {root}; "
+                         "point it at the logger's save_dir")
+    return series
+
+
+def plot(series: dict, out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: clusters and CI have no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(SERIES), 1, figsize=(8, 8), sharex=True)
+    for ax, (panel, names) in zip(axes, SERIES.items()):
+        for name in names:
+            points = sorted(series.get(name, {}).items())
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if name.startswith("val") else None, markersize=3, label=name)
+        ax.set_ylabel(panel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best")
+        else:
+            ax.text(0.5, 0.5, f"no {', '.join(names)} logged", transform=ax.transAxes, ha="center")
+    axes[0].set_title(title)
+    axes[-1].set_xlabel("step (optimizer steps)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, help="CSVLogger folder or W&B offline run/wandb folder")
+    ap.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/metrics.png)")
+    args = ap.parse_args(argv)
+    series = read_run(args.run_dir)
+    out = plot(series, args.out or args.run_dir / "metrics.png", str(args.run_dir))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
