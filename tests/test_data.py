@@ -98,7 +98,7 @@ def test_val_fraction_holds_out_whole_documents_deterministically(tmp_path, toke
     files = []
     for i in range(40):
         f = tmp_path / f"doc{i:02d}.txt"
-        f.write_text(f"document number {i} " * 30)
+        f.write_text(f"document number {i:02d} " * 30)  # equal sizes: 25% is exactly 10 documents
         files.append(f)
     a = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "doc*.txt")], val_fraction=0.25,
                          block_size=16, cache_dir=str(tmp_path / "c1")))
