@@ -17,7 +17,6 @@ The strategy is chosen by one overlay in `configs/strategy/` (DDP, FSDP2, FSDP1,
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -239,14 +238,25 @@ def full_state_dict(trainer, pl_module) -> dict:
 
     strategy = trainer.strategy
     if isinstance(strategy, DeepSpeedStrategy):
-        import deepspeed
+        # DeepSpeed trains bf16/fp16 copies of the weights; export its fp32 master weights.
+        # safe_get_full_fp32_param is collective under ZeRO-3 (every rank must call it).
+        from deepspeed.utils import safe_get_full_fp32_param
 
         model = pl_module.model
-        ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if strategy.zero_stage_3 else nullcontext()
-        with ctx:
-            if not trainer.is_global_zero:
-                return {}
-            return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        keys = set(model.state_dict().keys())
+        out = {}
+        for name, p in model.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:  # no optimizer mapping (e.g. frozen): the parameter itself
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    full = p.detach().clone()
+            if trainer.is_global_zero:
+                out[name] = full.detach().float().cpu().clone()
+        if trainer.is_global_zero:
+            out.update({n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in keys})
+        return out
     if is_sharded(trainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
