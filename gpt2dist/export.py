@@ -102,10 +102,11 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 def load_distcp_folder(path: Path) -> dict:
     """A FSDP2 / FSDP1 sharded checkpoint folder consolidated in CPU memory (no process group)."""
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
         checkpoint = _load_distributed_checkpoint(Path(path))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise CheckpointError(
             f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             "a shard may be missing or truncated: use an earlier checkpoint"
