@@ -153,7 +153,7 @@ def test_two_node_emulation(overlay, tmp_path, corpus_dir, tokenizer_dir):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert [p.returncode for p in procs] == [0, 0], f"rcs {[p.returncode for p in procs]}\n" + outs[0][-2000:] + outs[1][-2000:]
     assert "Starting with 2 processes" in outs[0]  # one world of 2 ranks across the two "nodes"
     losses = train_losses(tmp_path / overlay)
     assert sorted(losses) == [0, 1, 2]
