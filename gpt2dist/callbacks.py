@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from gpt2dist.export import save_hf_folder
+from gpt2dist.export import model_from_lightning_state, save_hf_folder
+from gpt2dist.strategies import full_state_dict, needs_gather
 
 
 class HFExport(Callback):
@@ -35,7 +36,16 @@ class HFExport(Callback):
             return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         self.path = Path(trainer.default_root_dir) / self.dirname
-        if trainer.is_global_zero:
+        if needs_gather(trainer):
+            # Every rank joins the gather; rank 0 rebuilds a plain fp32 GPT2LMHeadModel from it.
+            state = full_state_dict(trainer, pl_module)
+            if trainer.is_global_zero:
+                ckpt = {"gpt2_config": pl_module.model.config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}
+                save_hf_folder(model_from_lightning_state(ckpt, "the trained model"), tokenizer, self.path)
+                rank_zero_info(f"exported Hugging Face model to {self.path} (gathered from shards)")
+                if self.sample_prompt:
+                    rank_zero_info("sample generation skipped: the model is sharded or DeepSpeed-wrapped (generate from the exported folder)")
+        elif trainer.is_global_zero:
             save_hf_folder(pl_module.model, tokenizer, self.path)
             rank_zero_info(f"exported Hugging Face model to {self.path}")
             if self.sample_prompt and tokenizer is not None:

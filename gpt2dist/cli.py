@@ -70,6 +70,13 @@ def main(args: list[str] | None = None) -> None:
     except GPT2DistError as e:
         print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        # Tear the process group down before interpreter exit: a gloo group left to the atexit
+        # handlers sometimes aborts the rank whose peer exited first (seen ~1 in 8 two-node runs).
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

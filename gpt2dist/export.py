@@ -1,5 +1,8 @@
 """Write Hugging Face model folders (safetensors + config + tokenizer), atomically.
 
+Checkpoints of every strategy are read: single files, FSDP2/FSDP1 sharded folders (torch
+distributed checkpoint) and DeepSpeed ZeRO folders.
+
 Used at the end of `fit` (callbacks.HFExport) and by `tools/export_hf.py` for saved checkpoints.
 """
 
@@ -78,12 +81,76 @@ def model_from_lightning_state(checkpoint: dict, source: str = "checkpoint"):
     return model
 
 
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """`file` (single-file Lightning checkpoint), `distcp` (FSDP2 / FSDP1 sharded folder) or
+    `deepspeed` (a ZeRO-1/2/3 folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or use --ckpt_path last)")
+    if path.is_file():
+        return "file"
+    if (path / ".metadata").is_file():
+        return "distcp"
+    if (path / "latest").is_file() or (path / "checkpoint").is_dir():
+        return "deepspeed"
+    raise CheckpointError(
+        f"{path} is a folder but neither a distributed checkpoint (.metadata) nor a DeepSpeed checkpoint "
+        "(latest, checkpoint/); give a .ckpt file or a folder that gpt2dist saved"
+    )
+
+
+def load_distcp_folder(path: Path) -> dict:
+    """A FSDP2 / FSDP1 sharded checkpoint folder consolidated in CPU memory (no process group)."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        checkpoint = _load_distributed_checkpoint(Path(path))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(
+            f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "a shard may be missing or truncated: use an earlier checkpoint"
+        ) from None
+    if "state_dict" not in checkpoint and "model" in checkpoint:  # Lightning stores weights under "model"
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    return checkpoint
+
+
+def load_deepspeed_folder(path: Path) -> dict:
+    """A DeepSpeed ZeRO-1/2/3 checkpoint folder as one fp32 Lightning checkpoint dict.
+
+    DeepSpeed pickles its client state (our `gpt2_config` too), so this is a full unpickle:
+    only export checkpoints you trust.
+    """
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return convert_zero_checkpoint_to_fp32_state_dict(path, os.path.join(tmp, "fp32.ckpt"))
+        except Exception as e:
+            raise CheckpointError(
+                f"DeepSpeed checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                "use an earlier checkpoint"
+            ) from None
+
+
+def load_any_checkpoint(path: str | os.PathLike) -> dict:
+    """Any checkpoint gpt2dist writes (single file, FSDP2/FSDP1 sharded, DeepSpeed ZeRO), as one dict
+    with the full `state_dict` (keys `model.*`) and `gpt2_config`."""
+    kind = checkpoint_kind(path)
+    if kind == "file":
+        return load_checkpoint_file(path)
+    if kind == "distcp":
+        return load_distcp_folder(Path(path))
+    return load_deepspeed_folder(Path(path))
+
+
 def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None) -> Path:
-    """Turn a gpt2dist checkpoint into a Hugging Face folder. The tokenizer defaults to the
-    one recorded in the checkpoint at training time."""
+    """Turn a gpt2dist checkpoint (single file, FSDP2/FSDP1 sharded folder or DeepSpeed ZeRO folder)
+    into a Hugging Face folder. The tokenizer defaults to the one recorded at training time."""
     from gpt2dist.tokenizer import load_tokenizer
 
-    checkpoint = load_checkpoint_file(ckpt_path)
+    checkpoint = load_any_checkpoint(ckpt_path)
     model = model_from_lightning_state(checkpoint, str(ckpt_path))
     tok_name = tokenizer or checkpoint.get("tokenizer_name_or_path")
     tok = load_tokenizer(tok_name) if tok_name else None

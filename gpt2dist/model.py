@@ -134,7 +134,13 @@ class GPT2Module(pl.LightningModule):
         from transformers import GPT2LMHeadModel
 
         config = self.resolve_config()
-        if self.hparams.from_scratch:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):
+            # Inside deepspeed.zero.Init: parameters are partitioned as they are created.
+            from gpt2dist.strategies import build_zero3_model
+
+            self.model = build_zero3_model(config, self.hparams)
+        elif self.hparams.from_scratch:
             self.model = GPT2LMHeadModel(config)
         else:
             try:
@@ -147,6 +153,10 @@ class GPT2Module(pl.LightningModule):
                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); give a local folder, or set "
                     "model.from_scratch=true"
                 ) from None
+        if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2 (see strategies.py)
+            from gpt2dist.strategies import shard_fsdp2
+
+            shard_fsdp2(self, self._device_mesh["data_parallel"], str(self._trainer.precision))
 
     # --- steps ---------------------------------------------------------------
 
@@ -243,7 +253,10 @@ class GPT2Module(pl.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, LayerNorm
         ]
-        fused = self.device.type == "cuda"  # one kernel for all params instead of a loop
+        from gpt2dist.strategies import deepspeed_offloads_optimizer
+
+        # One kernel for all params instead of a loop; not for DeepSpeed's CPU-offloaded partitions.
+        fused = self.device.type == "cuda" and not deepspeed_offloads_optimizer(self.trainer.strategy)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)

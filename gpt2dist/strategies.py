@@ -1,0 +1,296 @@
+"""Sharding strategies: FSDP2 for GPT-2, ZeRO-3-safe weight init, and full-state gathering.
+
+The strategy is chosen by one overlay in `configs/strategy/` (DDP, FSDP2, FSDP1, DeepSpeed ZeRO
+1/2/3). Three things need model-specific code, and live here:
+
+- `FSDP2Strategy`: Lightning's `ModelParallelStrategy` with typed FSDP2 knobs, data parallel only.
+  `GPT2Module.configure_model` calls `shard_fsdp2`, which applies `fully_shard` to each
+  `GPT2Block` and then to the root over `device_mesh["data_parallel"]`.
+- `init_partitioned`: under DeepSpeed ZeRO-3 the model is built inside `deepspeed.zero.Init`,
+  so each parameter is partitioned as soon as its module is built and Hugging Face's own
+  initialisation/`from_pretrained` would write into empty shards. We gather, write on rank 0
+  and let DeepSpeed re-partition.
+- `full_state_dict`: the model's full (unsharded, fp32, CPU) weights on rank 0, whatever the
+  strategy, for the end-of-fit Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+log = logging.getLogger(__name__)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) over every process: pure data parallelism
+    with parameters, gradients and optimizer state sharded across ranks. Runs on CPU (gloo) too."""
+
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+        mixed_precision: Literal["auto", "none"] = "auto",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ):
+        """
+        Args:
+            activation_checkpointing: Recompute each GPT2Block's activations in backward (less memory, ~30% more compute).
+            cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory (GPU memory for the largest models).
+            reshard_after_forward: Free gathered block weights after forward (ZeRO-3-like); False keeps them until backward (ZeRO-2-like, faster, more memory).
+            mixed_precision: auto: bf16 parameters with fp32 gradient reduction when trainer.precision is bf16; none: no FSDP2 casting.
+            save_distributed_checkpoint: Save one shard per rank (a folder); False gathers a single file on rank 0.
+            process_group_backend: nccl / gloo (default: from the accelerator).
+        """
+        # data_parallel_size is set in setup_environment: "auto" in Lightning means num_nodes
+        # (with tensor parallelism inside a node), but here every process is a data-parallel rank.
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend)
+        self.activation_checkpointing = activation_checkpointing
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+        self.mixed_precision = mixed_precision
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+class FSDP1Strategy(FSDPStrategy):
+    """FSDP1 (`FullyShardedDataParallel`, Lightning's FSDPStrategy) with each GPT2Block as one
+    unit. GPU only."""
+
+    def __init__(
+        self,
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
+        activation_checkpointing: bool = True,
+        cpu_offload: bool = False,
+        state_dict_type: Literal["full", "sharded"] = "sharded",
+        limit_all_gathers: bool = True,
+        process_group_backend: str | None = None,
+    ):
+        """
+        Args:
+            sharding_strategy: FULL_SHARD (params+grads+optimizer), SHARD_GRAD_OP (grads+optimizer), HYBRID_SHARD (full shard inside a node, replicate across nodes), NO_SHARD (DDP-like).
+            activation_checkpointing: Recompute each GPT2Block's activations in backward.
+            cpu_offload: Keep parameters and gradients in CPU memory between uses.
+            state_dict_type: sharded: one checkpoint shard per rank (a folder); full: one file gathered on rank 0.
+            limit_all_gathers: Rate-limit prefetching all-gathers (avoids memory spikes).
+            process_group_backend: nccl / gloo (default: from the accelerator).
+        """
+        block = _gpt2_block_class()
+        super().__init__(
+            auto_wrap_policy={block},
+            activation_checkpointing_policy={block} if activation_checkpointing else None,
+            sharding_strategy=sharding_strategy,
+            cpu_offload=cpu_offload,
+            state_dict_type=state_dict_type,
+            limit_all_gathers=limit_all_gathers,
+            process_group_backend=process_group_backend,
+        )
+
+
+def _gpt2_block_class():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    return GPT2Block
+
+
+def shard_fsdp2(module, mesh, precision: str = "32-true") -> None:
+    """Apply `fully_shard` to each GPT2Block of `module.model`, then to the root (`module`).
+
+    Per-block units overlap one block's all-gather with the previous block's compute; the root
+    unit holds the embeddings, final LayerNorm and the (tied) LM head.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    strategy = module.trainer.strategy if module._trainer is not None else None
+    ac = getattr(strategy, "activation_checkpointing", False)
+    offload = getattr(strategy, "cpu_offload", False)
+    reshard = getattr(strategy, "reshard_after_forward", True)
+    mp_mode = getattr(strategy, "mixed_precision", "auto")
+    kwargs = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    if mp_mode == "auto" and "bf16" in str(precision):
+        # bf16 compute and all-gathers (half the traffic), fp32 gradient reduce-scatter: summing
+        # bf16 gradients over many ranks loses precision (8 mantissa bits).
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if ac:
+        # Hugging Face's own checkpointing keeps parameter names unchanged (a checkpoint_wrapper
+        # would add `_checkpoint_wrapped_module.` to every key and break export/resume).
+        module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    block_cls = _gpt2_block_class()
+    blocks = [m for m in module.model.modules() if isinstance(m, block_cls)]
+    for i, block in enumerate(blocks):
+        # The last block is gathered again at once by the root's backward: keep it.
+        fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
+    fully_shard(module, reshard_after_forward=reshard, **kwargs)
+    log.info("FSDP2: %d GPT2Blocks + root sharded over %d ranks (activation checkpointing %s, CPU offload %s, %s)",
+             len(blocks), mesh.size(), ac, offload, "bf16 params / fp32 reduce" if "mp_policy" in kwargs else "fp32")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_offloads_optimizer(strategy) -> bool:
+    """True under DeepSpeed with `offload_optimizer`. Then our torch AdamW steps the fp32 CPU
+    partitions: DeepSpeed refuses a client optimizer there unless `zero_force_ds_cpu_optimizer`
+    is off, and its own DeepSpeedCPUAdam would need a C++ build at start-up on every node."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy.config, dict):
+        return False
+    offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer")
+    if not offload or offload.get("device", "none") == "none":
+        return False
+    strategy.config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return True
+
+
+
+def is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """True when `model`'s parameters were created inside `deepspeed.zero.Init` (ZeRO-3)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def init_partitioned(model, state_dict: dict | None) -> None:
+    """Write weights into a ZeRO-3 partitioned model: `state_dict` (pretrained), or Hugging Face's
+    GPT-2 initialisation when None.
+
+    All ranks gather the full parameters (`GatheredParameters`, modifier_rank=0), rank 0 writes
+    them, and DeepSpeed broadcasts and re-partitions on exit. The full model is briefly
+    materialised on every GPU (1.5B params x 4 bytes = 6 GB), never the optimizer state.
+    """
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if _rank() == 0:
+            with torch.no_grad():
+                if state_dict is None:
+                    for p in params:  # HF's init functions skip tensors marked initialised
+                        p._is_hf_initialized = False
+                    model.apply(model._init_weights)
+                else:
+                    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+                    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+                    if missing or unexpected:
+                        raise RuntimeError(f"pretrained weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def pretrained_state_dict(folder: str) -> dict:
+    """The weights of a local Hugging Face GPT-2 folder (safetensors or pytorch_model.bin), on CPU."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    state: dict = {}
+    if files:
+        for f in files:
+            state.update(load_file(f))
+    else:
+        bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+        if not bins:
+            raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {folder}")
+        for f in bins:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    # Old GPT-2 checkpoints store the base model without the `transformer.` prefix.
+    if not any(k.startswith("transformer.") for k in state):
+        state = {f"transformer.{k}": v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+
+
+# ----------------------------------------------------------------------------- gathering
+
+
+def is_sharded(trainer) -> bool:
+    """True when the model's parameters are split across ranks (FSDP1/FSDP2/ZeRO-3)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return True
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+def needs_gather(trainer) -> bool:
+    """True when `pl_module.model` cannot be saved as is: sharded, or DeepSpeed's bf16 copy."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return is_sharded(trainer) or isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def full_state_dict(trainer, pl_module) -> dict:
+    """`pl_module.model`'s full weights as fp32 CPU tensors on rank 0 ({} on the other ranks).
+    Every rank must call it (the gathers are collective)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        # DeepSpeed trains bf16/fp16 copies of the weights; export its fp32 master weights.
+        # safe_get_full_fp32_param is collective under ZeRO-3 (every rank must call it).
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        model = pl_module.model
+        keys = set(model.state_dict().keys())
+        out = {}
+        for name, p in model.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:  # no optimizer mapping (e.g. frozen): the parameter itself
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    full = p.detach().clone()
+            if trainer.is_global_zero:
+                out[name] = full.detach().float().cpu().clone()
+        if trainer.is_global_zero:
+            out.update({n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in keys})
+        return out
+    if is_sharded(trainer):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # FSDP1 and FSDP2 alike; cpu_offload=True leaves the full dict on rank 0 only.
+        state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        prefix = "model."
+        return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    if not trainer.is_global_zero:
+        return {}
+    return {k: v.detach().float().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def build_zero3_model(config, hparams):
+    """A GPT2LMHeadModel built inside DeepSpeed's `zero.Init` (ZeRO-3), with correct weights:
+    pretrained ones from a local folder (or the hub cache), else Hugging Face's initialisation."""
+    import os
+
+    from transformers import GPT2LMHeadModel
+
+    from gpt2dist.errors import ConfigError
+
+    model = GPT2LMHeadModel(config)
+    state = None
+    if not hparams.from_scratch:
+        path = hparams.model_name_or_path
+        if not os.path.isdir(path):
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+            except Exception as e:
+                raise ConfigError(f"cannot fetch pretrained weights for {path!r} under ZeRO-3 ({type(e).__name__}); "
+                                  "give a local folder, or set model.from_scratch=true") from None
+        state = pretrained_state_dict(path)
+    init_partitioned(model, state)
+    model.tie_weights()
+    return model

@@ -1,0 +1,171 @@
+"""Strategies on CPU with real processes (gloo): overlays parse, single vs DDP x2 vs FSDP2 x2
+loss parity, FSDP2 sharded resume + export, two-node emulation, and the GPU check's CPU smoke."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY, run_cli
+
+OVERLAYS = ["ddp", "fsdp", "fsdp1", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
+STEPS = 10
+GLOBAL_BATCH = 4  # sequences per optimizer step, whatever the number of processes
+
+
+def write_config(tmp: Path, corpus_dir: Path, tokenizer_dir: Path, name: str, devices: int, **trainer) -> Path:
+    root = tmp / name
+    cfg = {
+        "seed_everything": 7,
+        "trainer": {"accelerator": "cpu", "devices": devices, "precision": "32-true", "max_steps": STEPS,
+                    "val_check_interval": STEPS, "check_val_every_n_epoch": None, "limit_val_batches": 2,
+                    "num_sanity_val_steps": 0, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(root),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(root), "name": "logs", "version": 0}}, **trainer},
+        "model": {"model_name_or_path": "gpt2", "from_scratch": True, "config_overrides": TINY, "dropout": 0.0,
+                  "lr": 1e-3, "warmup_steps": 2},
+        "data": {"train_files": [str(corpus_dir / "*.txt")], "tokenizer": str(tokenizer_dir), "block_size": 32,
+                 # DDP/FSDP x2 get half the sequences per rank: the same global batch of 4.
+                 "batch_size": GLOBAL_BATCH // (devices * trainer.get("num_nodes", 1)), "num_workers": 0,
+                 "val_fraction": 0.1, "cache_dir": str(tmp / "cache")},
+        "export": {"sample_prompt": None},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_losses(root: Path, version: int = 0) -> dict[int, float]:
+    """Per-step train/loss from the CSV log (step = global step - 1, as Lightning logs it)."""
+    with open(root / "logs" / f"version_{version}" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def fit(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    p = run_cli("fit", "--config", str(config), *args, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_dir, tokenizer_dir):
+    """10 steps each: single process, DDP x2, FSDP2 x2 (the latter saving a checkpoint every 5 steps)."""
+    tmp = tmp_path_factory.mktemp("strategies")
+    single = write_config(tmp, corpus_dir, tokenizer_dir, "single", 1)
+    fit(single)  # also prepares the token cache the two-process runs share
+    fit(write_config(tmp, corpus_dir, tokenizer_dir, "ddp", 2), "--config", str(REPO / "configs/strategy/ddp.yaml"))
+    fit(write_config(tmp, corpus_dir, tokenizer_dir, "fsdp", 2), "--config", str(REPO / "configs/strategy/fsdp.yaml"),
+        "--checkpoint.every_n_train_steps", "5", "--checkpoint.save_top_k", "-1")
+    return tmp
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_parses(overlay):
+    p = run_cli("fit", "--print_config", "--config", "configs/quickstart.yaml", "--config", f"configs/strategy/{overlay}.yaml",
+                timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    # DeepSpeed's import logs "[date] [WARNING] ... accelerator to CPU" on stdout: not config.
+    printed = yaml.safe_load("\n".join(l for l in p.stdout.splitlines() if not l.startswith("[20")))
+    overlay_cfg = yaml.safe_load((REPO / "configs/strategy" / f"{overlay}.yaml").read_text())
+    assert printed["trainer"]["strategy"]["class_path"] == overlay_cfg["trainer"]["strategy"]["class_path"]
+    for key, value in overlay_cfg["trainer"]["strategy"]["init_args"].items():
+        assert printed["trainer"]["strategy"]["init_args"][key] == value, key
+    assert printed["model"]["config_overrides"] == {"n_layer": 4, "n_embd": 192, "n_head": 6, "n_positions": 128}
+
+
+def test_single_ddp_fsdp2_losses_agree(runs):
+    single, ddp, fsdp = (train_losses(runs / n) for n in ("single", "ddp", "fsdp"))
+    assert sorted(single) == list(range(STEPS)) and sorted(ddp) == sorted(fsdp) == sorted(single)
+    for other in (ddp, fsdp):
+        diff = max(abs(single[s] - other[s]) for s in single)
+        assert diff < 1e-5, (diff, single, other)
+    assert single[STEPS - 1] < single[0] - 0.05  # it trained: equal losses are not equal constants
+
+
+def test_fsdp2_sharded_checkpoint_resumes_exactly(runs):
+    ckpt = runs / "fsdp" / "checkpoints" / "step0000005.ckpt"
+    assert ckpt.is_dir() and (ckpt / ".metadata").is_file()
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
+    fit(runs / "fsdp" / "config.yaml", "--config", str(REPO / "configs/strategy/fsdp.yaml"),
+        "--trainer.logger.init_args.version", "1", "--ckpt_path", str(ckpt), "--export.enabled", "false")
+    full, resumed = train_losses(runs / "fsdp"), train_losses(runs / "fsdp", version=1)
+    assert sorted(resumed) == list(range(5, STEPS))  # steps 6..10 (logged 0-based)
+    for s in resumed:
+        assert abs(resumed[s] - full[s]) < 1e-6, (s, resumed[s], full[s])
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    x = torch.arange(2 * 32).view(2, 32) % model.config.vocab_size  # a fixed batch
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_fsdp2_checkpoint_exports_the_trained_model(runs, tmp_path):
+    out = tmp_path / "hf"
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(runs / "fsdp/checkpoints/step0000010.ckpt"),
+                        str(out)], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {f.name for f in out.iterdir()}
+    # The end-of-fit export gathered the live (sharded) module's weights after step 10.
+    trained = _logits(runs / "fsdp" / "hf_model")
+    assert torch.equal(_logits(out), trained)
+    assert (_logits(runs / "single" / "hf_model") - trained).abs().max() < 1e-4  # FSDP2 trained what 1 process trains
+    subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(runs / "fsdp/checkpoints/step0000005.ckpt"),
+                    str(tmp_path / "hf5")], check=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert not torch.allclose(_logits(tmp_path / "hf5"), trained)  # step 5 differs: the check can fail
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("overlay", ["ddp", "fsdp"])
+def test_two_node_emulation(overlay, tmp_path, corpus_dir, tokenizer_dir):
+    config = write_config(tmp_path, corpus_dir, tokenizer_dir, overlay, 1, num_nodes=2, max_steps=3, val_check_interval=3)
+    port = str(_free_port())
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "NODE_RANK": str(node), "WANDB_MODE": "offline"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "gpt2dist", "fit", "--config", str(config), "--config",
+                                       str(REPO / f"configs/strategy/{overlay}.yaml")], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], f"rcs {[p.returncode for p in procs]}\n" + outs[0][-2000:] + outs[1][-2000:]
+    assert "Starting with 2 processes" in outs[0]  # one world of 2 ranks across the two "nodes"
+    losses = train_losses(tmp_path / overlay)
+    assert sorted(losses) == [0, 1, 2]
+    assert (tmp_path / overlay / "hf_model" / "model.safetensors").exists()
+
+
+def test_gpu_check_script_cpu_smoke(tmp_path):
+    p = subprocess.run(["bash", str(REPO / "tools/gpu_check_strategies.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip() for r in rows[1:]] == ["ddp", "fsdp"]
+    for r in rows[1:]:
+        assert r[1].strip() == "ok" and float(r[2]) > 0 and float(r[3].replace(",", "")) > 0
+    assert "fsdp: resume from step 3: steps [4, 5]" in p.stdout and p.stdout.count("PASS") == 2

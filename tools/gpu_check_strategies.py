@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Strategy check: one GPT-2 run per strategy, then resume + export checks. Prints one table.
+
+    bash tools/gpu_check_strategies.sh              # one GPU: GPT-2 Medium shape (355M), seq 1024, bf16
+    bash tools/gpu_check_strategies.sh --cpu-smoke  # CPU: tiny model, DDP x2 + FSDP2 x2 (CI-sized)
+
+Each row is `gpt2dist fit` in its own subprocess under its own timeout, so one failure leaves
+the other rows; the table is printed even when rows fail. Results go under $OUT (or a temp dir).
+Data: this Python's standard library sources, with a BPE tokenizer trained on them (offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+REPO = Path(__file__).resolve().parents[1]
+
+GPU_ROWS = ["ddp", "fsdp", "fsdp1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
+CPU_ROWS = ["ddp", "fsdp"]
+
+
+class StepStats(pl.Callback):
+    """Per-step loss and wall time; tokens/s over the steps after `warmup`; peak GPU memory.
+    Rank 0 writes them as JSON to `out_file` at the end of training."""
+
+    def __init__(self, out_file: str, warmup: int = 5):
+        """
+        Args:
+            out_file: JSON file to write.
+            warmup: Steps left out of the tokens/s average (compilation, allocator warm-up).
+        """
+        self.out_file, self.warmup = out_file, warmup
+        self.losses: dict[int, float] = {}
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.losses[trainer.global_step] = float(loss)
+        self.tokens_per_step = batch["input_ids"].numel() * trainer.world_size
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+
+        if not trainer.is_global_zero:
+            return
+        t = self.times[self.warmup:]
+        tps = self.tokens_per_step * (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        Path(self.out_file).write_text(json.dumps({"losses": self.losses, "tokens_per_s": tps, "peak_gib": peak,
+                                                   "final_loss": self.losses[max(self.losses)] if self.losses else None}))
+
+
+def base_config(work: Path, cpu: bool, steps: int) -> dict:
+    model = ({"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64} if cpu
+             else {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024, "vocab_size": 50257})
+    return {
+        "seed_everything": 1234,
+        "trainer": {
+            "accelerator": "cpu" if cpu else "gpu", "devices": 2 if cpu else 1,
+            "precision": "32-true" if cpu else "bf16-mixed",
+            "max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
+            "limit_val_batches": 2, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+        },
+        "model": {"model_name_or_path": "gpt2-medium", "from_scratch": True, "config_overrides": model,
+                  "dropout": 0.0, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 5},
+        "data": {"train_files": ["{stdlib}/[a-c]*.py" if cpu else "{stdlib}/*.py"], "text_unit": "file",
+                 "val_fraction": 0.05, "train_tokenizer_vocab_size": 512 if cpu else 8192,
+                 "block_size": 32 if cpu else 1024, "batch_size": 2 if cpu else 8, "num_workers": 0 if cpu else 2,
+                 "cache_dir": str(work / "cache")},
+        "export": {"sample_prompt": None},
+        "checkpoint": {"every_n_train_steps": steps // 2, "save_top_k": -1},
+    }
+
+
+def run_fit(name: str, strategy: str, work: Path, cfg: dict, timeout: int, extra: list[str]) -> tuple[int, float, Path]:
+    import yaml
+
+    root = work / name
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(json.dumps(cfg))
+    cfg["trainer"]["default_root_dir"] = str(root)
+    cfg["trainer"]["callbacks"] = [{"class_path": "tools.gpu_check_strategies.StepStats",
+                                    "init_args": {"out_file": str(root / "stats.json"),
+                                                  "warmup": 1 if cfg["trainer"]["accelerator"] == "cpu" else 5}}]
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = ["timeout", "-k", "10", str(timeout), sys.executable, "-m", "gpt2dist", "fit",
+           "--config", str(root / "config.yaml"), "--config", str(REPO / "configs/strategy" / f"{strategy}.yaml"), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.time()
+    with open(root / "log.txt", "w") as log:
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return rc, time.time() - t0, root
+
+
+def stats(root: Path) -> dict | None:
+    f = root / "stats.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def logits_diff(a: Path, b: Path) -> float:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    ma, mb = (GPT2LMHeadModel.from_pretrained(str(p)).eval() for p in (a, b))
+    x = torch.arange(64).view(2, 32) % ma.config.vocab_size  # a fixed batch
+    with torch.no_grad():
+        return float((ma(x).logits - mb(x).logits).abs().max())
+
+
+def resume_and_export(name: str, strategy: str, work: Path, cfg: dict, steps: int, timeout: int) -> list[str]:
+    """Resume `name`'s mid-run checkpoint for 2 steps (losses vs the uninterrupted run), and export
+    its final checkpoint with tools/export_hf.py (logits vs the end-of-fit export of the live model)."""
+    lines = []
+    first = work / name
+    full = stats(first)
+    mid = steps // 2
+    ckpt = first / "checkpoints" / f"step{mid:07d}.ckpt"
+    if full is None or not ckpt.exists():
+        return [f"{name}: resume/export SKIPPED (the row did not finish or saved no checkpoint {ckpt.name})"]
+    c2 = json.loads(json.dumps(cfg))
+    c2["trainer"]["max_steps"] = mid + 2
+    c2["checkpoint"] = {"every_n_train_steps": 0, "save_last": False}
+    c2["export"]["enabled"] = False
+    rc, secs, root = run_fit(f"{name}_resume", strategy, work, c2, timeout, ["--ckpt_path", str(ckpt)])
+    res = stats(root)
+    if rc == 0 and res:
+        steps_cmp = sorted(int(k) for k in res["losses"])
+        diffs = [abs(res["losses"][str(k)] - full["losses"][str(k)]) for k in steps_cmp if str(k) in full["losses"]]
+        ok = steps_cmp and steps_cmp[0] == mid + 1 and diffs and max(diffs) < (1e-5 if "cpu" in str(cfg["trainer"]["accelerator"]) else 2e-2)
+        lines.append(f"{name}: resume from step {mid}: steps {steps_cmp}, max |loss - uninterrupted| = "
+                     f"{max(diffs) if diffs else float('nan'):.2e} -> {'PASS' if ok else 'FAIL'} ({secs:.0f}s)")
+    else:
+        lines.append(f"{name}: resume FAILED rc={rc} (see {root / 'log.txt'})")
+    last = first / "checkpoints" / f"step{steps:07d}.ckpt"
+    out = work / f"{name}_export"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(last), str(out)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if p.returncode == 0 and (first / "hf_model").exists():
+        d = logits_diff(out, first / "hf_model")
+        lines.append(f"{name}: tools/export_hf.py {last.name} ({'folder' if last.is_dir() else 'file'}): max |logits - end-of-fit export| = "
+                     f"{d:.2e} -> {'PASS' if d < 1e-4 else 'FAIL'} ({time.time() - t0:.0f}s)")
+    else:
+        lines.append(f"{name}: export FAILED rc={p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, DDP x2 and FSDP2 x2 on CPU")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--rows", default=None, help="comma-separated overlay names (default: all for the mode)")
+    ap.add_argument("--row-timeout", type=int, default=None, help="seconds per row")
+    args = ap.parse_args()
+    cpu = args.cpu_smoke
+    steps = args.steps or (6 if cpu else 20)
+    row_timeout = args.row_timeout or (240 if cpu else 75)
+    out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check_"))
+    work = out / "strategies"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = base_config(work, cpu, steps)
+    rows = args.rows.split(",") if args.rows else (CPU_ROWS if cpu else GPU_ROWS)
+    device = "cpu (2 processes)"
+    if not cpu:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU found"
+    results = []
+    for name in rows:
+        rc, secs, root = run_fit(name, name, work, cfg, row_timeout, [])
+        s = stats(root)
+        status = "ok" if rc == 0 and s else ("TIMEOUT" if rc in (124, 137) else f"FAIL rc={rc}")
+        if status != "ok":
+            tail = (root / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+            print(f"--- {name} {status}:\n" + "\n".join(tail), flush=True)
+        results.append((name, status, s, secs))
+        print(f"{name}: {status} in {secs:.0f}s", flush=True)
+    checks = []
+    for name, strategy in ([("fsdp", "fsdp")] if cpu else [("deepspeed_zero3", "deepspeed_zero3"), ("fsdp1", "fsdp1")]):
+        if name in rows:
+            checks += resume_and_export(name, strategy, work, cfg, steps, row_timeout)
+    model = "tiny 2x64" if cpu else "GPT-2 Medium shape (24x1024, 355M params, vocab 50257)"
+    seq, bs = cfg["data"]["block_size"], cfg["data"]["batch_size"]
+    print(f"\n## strategies on {device}: {model}, seq {seq}, batch {bs}/device, {cfg['trainer']['precision']}, {steps} steps\n")
+    print("| strategy | status | final loss | tokens/s | peak GPU mem (GiB) | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, status, s, secs in results:
+        if s:
+            print(f"| {name} | {status} | {s['final_loss']:.4f} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.2f} | {secs:.0f} |")
+        else:
+            print(f"| {name} | {status} | - | - | - | {secs:.0f} |")
+    print()
+    for line in checks:
+        print(line)
+    (out / "strategies_table.txt").write_text(json.dumps([(n, st, s, secs) for n, st, s, secs in results]) + "\n" + "\n".join(checks))
+    failed = [r for r in results if r[1] != "ok"] + [c for c in checks if "PASS" not in c]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One GPT-2 Medium-shaped run (random init, seq 1024, bf16, 20 steps) per strategy on one GPU:
+# DDP, FSDP2, FSDP1, DeepSpeed ZeRO-2, ZeRO-3, ZeRO-3 offload. One table row each (final loss,
+# tokens/s, peak GPU memory), then resume + export checks of a ZeRO-3 and an FSDP1 checkpoint.
+# Budget: ~5 min on one H100. Everything lands under $OUT (default: a temp dir).
+#   bash tools/gpu_check_strategies.sh               # GPU
+#   bash tools/gpu_check_strategies.sh --cpu-smoke   # CPU: tiny model, DDP x2 + FSDP2 x2
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# The GPU machine lacks deepspeed, torchdata, jsonargparse, datasets: the lead ships wheels in .whl/.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH="${PYTHONPATH:-}:$PWD"
+export TOKENIZERS_PARALLELISM=true
+exec python3 tools/gpu_check_strategies.py "$@"
