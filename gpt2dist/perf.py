@@ -110,7 +110,11 @@ def blocks(model) -> list[torch.nn.Module]:
 def apply_activation_checkpointing(model) -> None:
     """Recompute each GPT2Block in backward (non-reentrant, so it composes with compile and FSDP2)."""
     model.config.use_cache = False  # a KV cache during training would be kept alive by checkpointing
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def compile_blocks(model, mode: str | None = None) -> int:
