@@ -3,7 +3,8 @@
 #   1. GPT-2 Large (774M), b16 x 1024, bf16-mixed, compile: gpt2dist vs transformers.Trainer
 #   2. GPT-2 small (124M), b32 x 1024, same switches: gpt2dist vs transformers.Trainer
 #   3. memory planner estimate vs the peak memory measured in rows 1-2
-# Usage (repo root; the lead provides .whl/ with accelerate-*.whl for the hf-trainer rows):
+# Usage (repo root). The H100 machine already has accelerate 1.15.0 (checked), needed by the
+# hf-trainer rows; elsewhere carry accelerate-1.15.0-py3-none-any.whl in .whl/ (installed below).
 #   tools/gpu_check_perf.sh                 # results under $OUT (a temp dir when unset)
 #   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
