@@ -35,6 +35,9 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Save `model` (a GPT2LMHeadModel) and `tokenizer` as a Hugging Face folder, atomically."""
+    from gpt2dist.perf import unpad_vocab
+
+    model = unpad_vocab(model)  # a padded vocabulary goes back to the standard row count
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -76,6 +76,12 @@ class GPT2Module(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         max_new_tokens: int = 64,
+        pad_vocab_to_multiple_of: int = 1,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        activation_checkpointing: bool = False,
+        tf32: bool = True,
+        fused_cross_entropy: bool = False,
     ):
         """
         Args:
@@ -92,6 +98,12 @@ class GPT2Module(pl.LightningModule):
             betas: AdamW betas.
             eps: AdamW epsilon.
             max_new_tokens: Tokens generated per prompt by `predict`.
+            pad_vocab_to_multiple_of: Pad embedding/lm_head rows to a multiple of this (128 on GPUs: 50257 -> 50304); padded logits are never predicted and the export is unpadded. 1: no padding.
+            compile: torch.compile each GPT2Block ("regional": compile time of one block).
+            compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs" tunes matmuls, slower to compile).
+            activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
+            tf32: Allow TF32 for fp32 matmuls on Ampere+ GPUs.
+            fused_cross_entropy: Liger fused linear cross-entropy (CUDA + `pip install liger-kernel`): no vocab-wide logits in memory.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -133,9 +145,14 @@ class GPT2Module(pl.LightningModule):
             return
         from transformers import GPT2LMHeadModel
 
+        from gpt2dist.perf import apply_perf_options, pad_vocab
+
         config = self.resolve_config()
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "zero_stage_3", False):
+            if self.hparams.pad_vocab_to_multiple_of > 1:
+                raise ConfigError("model.pad_vocab_to_multiple_of > 1 cannot resize ZeRO-3 partitioned embeddings; "
+                                  "set it to 1 with DeepSpeed ZeRO-3")
             # Inside deepspeed.zero.Init: parameters are partitioned as they are created.
             from gpt2dist.strategies import build_zero3_model
 
@@ -153,18 +170,34 @@ class GPT2Module(pl.LightningModule):
                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); give a local folder, or set "
                     "model.from_scratch=true"
                 ) from None
+        # Padding after building: the real rows are initialised (or loaded) exactly as unpadded.
+        real_vocab = pad_vocab(self.model, self.hparams.pad_vocab_to_multiple_of)
+        if self.model.config.vocab_size != real_vocab:
+            self.model.config.unpadded_vocab_size = real_vocab  # read back by export (slices to it)
+        apply_perf_options(self)
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2 (see strategies.py)
             from gpt2dist.strategies import shard_fsdp2
 
             shard_fsdp2(self, self._device_mesh["data_parallel"], str(self._trainer.precision))
 
+    @property
+    def vocab_size(self) -> int:
+        """The real vocabulary (logit columns that can be predicted), without padding rows."""
+        return getattr(self.model.config, "unpadded_vocab_size", self.model.config.vocab_size)
+
     # --- steps ---------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+        logits = self.model(input_ids=input_ids).logits
+        # Padded vocabulary rows are sliced off: they can never be predicted or take loss mass.
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
 
     def token_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Per-token next-token loss, shape (batch, block_size - 1), computed in fp32."""
+        if self.hparams.get("fused_cross_entropy"):
+            from gpt2dist.perf import fused_linear_token_losses
+
+            return fused_linear_token_losses(self.model, input_ids, self.vocab_size)
         logits = self(input_ids)[:, :-1]
         targets = input_ids[:, 1:]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
@@ -230,6 +263,8 @@ class GPT2Module(pl.LightningModule):
             max_new_tokens=max(1, min(max_new_tokens or self.hparams.max_new_tokens, limit)),
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
+            # Padded vocabulary rows (zero logits) must never be generated.
+            suppress_tokens=list(range(self.vocab_size, self.model.config.vocab_size)) or None,
         )
         return tokenizer.decode(out[0], skip_special_tokens=True)
 

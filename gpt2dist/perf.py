@@ -1,0 +1,197 @@
+"""Speed and memory switches for GPT2Module, applied in `configure_model`.
+
+Each switch is a typed knob on GPT2Module (so a YAML line turns it on) and each is measured
+with `tools/bench.py`:
+
+- `pad_vocab_to_multiple_of`: 50257 -> 50304 rows (multiple of 128) so the logits matmul maps
+  onto whole tensor-core tiles. The padded rows are zero, never looked up by the data, sliced
+  off the logits before the loss and suppressed in generation, and sliced off again on export
+  so the Hugging Face folder keeps the standard 50257-row shape.
+- `compile`: `torch.compile` per GPT2Block ("regional"): the 12..48 blocks share one compiled
+  graph, so compile time is that of one block, not of the whole model.
+- `activation_checkpointing`: recompute each block in backward (keeps only block inputs).
+- `tf32`: TF32 for fp32 matmuls (the fp32 parts under bf16-mixed, and 32-true runs).
+- `fused_cross_entropy`: Liger's fused linear + cross-entropy (GPU only, optional import):
+  the (tokens x vocab) logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from gpt2dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak (no sparsity), from the vendors' data sheets, TFLOP/s.
+# Matched against torch.cuda.get_device_name() in this order (first hit wins).
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+]
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (1: unchanged). 50257, 128 -> 50304."""
+    if multiple < 1:
+        raise ConfigError(f"model.pad_vocab_to_multiple_of={multiple} must be >= 1 (1 disables padding)")
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def pad_vocab(model, multiple: int) -> int:
+    """Grow the (tied) embedding/lm_head to a multiple of `multiple` rows; returns the real vocab.
+
+    The new rows are zero: their logits are sliced off before the loss, so they get no gradient
+    (and weight decay keeps zero at zero). Real rows keep their values bit for bit, so a padded
+    model computes the same loss as the unpadded one.
+    """
+    real = model.config.vocab_size
+    padded = padded_vocab_size(real, multiple)
+    if padded != real:
+        model.resize_token_embeddings(padded, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[real:].zero_()
+            out = model.get_output_embeddings()
+            if out.weight is not model.get_input_embeddings().weight:  # untied heads (not GPT-2's default)
+                out.weight[real:].zero_()
+    return real
+
+
+def unpad_vocab(model, real_vocab: int | None = None):
+    """`model` with only its first `real_vocab` rows (default: `config.unpadded_vocab_size`, which
+    `GPT2Module` sets when it pads): a new GPT2LMHeadModel of the standard HF shape, for export.
+    An unpadded model is returned as is."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    real_vocab = real_vocab or getattr(model.config, "unpadded_vocab_size", None) or model.config.vocab_size
+    if model.config.vocab_size == real_vocab:
+        return model
+    cfg_dict = {k: v for k, v in model.config.to_dict().items() if k != "unpadded_vocab_size"}
+    cfg = GPT2Config.from_dict({**cfg_dict, "vocab_size": real_vocab})
+    with torch.device("meta"):  # no random init of 774M weights only to overwrite them
+        out = GPT2LMHeadModel(cfg)
+    vocab_rows = {"transformer.wte.weight", "lm_head.weight"}
+    state = {k: (v[:real_vocab] if k in vocab_rows else v).detach().clone() for k, v in model.state_dict().items()}
+    out.load_state_dict(state, strict=False, assign=True)
+    # Non-persistent buffers (not in state_dict) are taken from the source model by name.
+    src_buffers = dict(model.named_buffers())
+    for name, buf in list(out.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            out.get_submodule(owner).register_buffer(leaf, src_buffers[name].clone(), persistent=False)
+    out.tie_weights()
+    leftover = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"unpad_vocab: tensors left uninitialised: {leftover[:3]}")
+    return out.train(model.training)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convs (process-wide, like the flags it sets)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def blocks(model) -> list[torch.nn.Module]:
+    """The transformer blocks of a GPT2LMHeadModel (the unit for compile, checkpointing, sharding)."""
+    return list(model.transformer.h)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each GPT2Block in backward (non-reentrant, so it composes with compile and FSDP2)."""
+    model.config.use_cache = False  # a KV cache during training would be kept alive by checkpointing
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_blocks(model, mode: str | None = None) -> int:
+    """`torch.compile` each block in place ("regional"); returns how many were compiled.
+
+    All blocks have the same code and shapes, so Dynamo compiles one graph and reuses it; the
+    embeddings, final LayerNorm, lm_head and loss stay eager (cheap, and keeps `generate` eager).
+    """
+    n = 0
+    for block in blocks(model):
+        block.compile(mode=mode, dynamic=False)
+        n += 1
+    return n
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def fused_linear_token_losses(model, input_ids: torch.Tensor, real_vocab: int) -> torch.Tensor:
+    """Per-token losses (batch, T-1) via Liger's fused linear cross-entropy: hidden states go in,
+    the lm_head matmul and the loss happen in vocab chunks, so no (tokens x vocab) tensor exists."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1]
+    targets = input_ids[:, 1:]
+    weight = model.lm_head.weight[:real_vocab]  # padded rows are never candidates
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    losses = loss_fn(weight, hidden.flatten(0, 1), targets.flatten())
+    return losses.float().view_as(targets)
+
+
+def apply_perf_options(module) -> None:
+    """Apply GPT2Module's perf knobs to its freshly built `module.model` (called once)."""
+    hp = module.hparams
+    model = module.model
+    set_tf32(hp.tf32)
+    if hp.fused_cross_entropy and not liger_available():
+        raise ConfigError(
+            "model.fused_cross_entropy=true needs a CUDA GPU and the liger-kernel package; "
+            "`pip install liger-kernel` on the GPU machine, or set model.fused_cross_entropy=false"
+        )
+    if hp.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if hp.compile:
+        n = compile_blocks(model, hp.compile_mode)
+        log.info("torch.compile: %d GPT2Blocks compiled regionally (mode=%s)", n, hp.compile_mode)
+
+
+def model_flops_per_token(config, seq_len: int, vocab_size: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as in PaLM appendix B / llm.c:
+
+        6 * N  +  12 * n_layer * n_embd * seq_len
+
+    N counts every weight that does a matmul per token: 12 d^2 + 13 d per block (qkv, proj,
+    2 MLP, biases, 2 LayerNorms), the lm_head V x d (tied to wte, but the matmul is real work)
+    and the final LayerNorm. The position table is a lookup, not a matmul: excluded. The second
+    term is QK^T and AV (2 * 2 * T * d per layer forward, x3 with backward), full (non-causal)
+    count as in the PaLM/llm.c MFU. `vocab_size` defaults to the config's; pass the real (unpadded)
+    vocab so padding does not inflate MFU.
+    """
+    d, L = config.n_embd, config.n_layer
+    V = vocab_size or config.vocab_size
+    n = L * (12 * d * d + 13 * d) + V * d + 2 * d
+    return 6.0 * n + 12.0 * L * d * seq_len
+
+
+def peak_tflops(device: torch.device | str | None = None) -> float | None:
+    """Dense bf16 peak of this CUDA device from PEAK_BF16_TFLOPS, None on CPU/unknown cards."""
+    if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tf
+    return None

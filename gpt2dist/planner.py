@@ -1,0 +1,155 @@
+"""Per-GPU memory estimates for GPT-2 training under each distribution strategy.
+
+Used by `tools/plan.py`. Everything is bytes; N is the parameter count, G the number of
+data-parallel ranks (gpus per node x nodes), b the micro-batch, s the sequence length,
+d the width, L the layers, V the (padded) vocabulary. Mixed precision is bf16 compute with
+fp32 master weights and fp32 Adam moments, as each strategy does it in Lightning:
+
+    strategy         params        grads        optimizer (m, v, master)   other
+    single / DDP     4N (fp32)     4N (fp32)    8N                         2N autocast bf16 weight copies
+                                                                           + 4N DDP gradient buckets (G > 1)
+    FSDP2 / FSDP1    4N/G          4N/G         8N/G                       gathered bf16 blocks in flight
+    ZeRO-1           2N (bf16)     2N (bf16)    12N/G (m, v, fp32 master)  reduce + all-gather buckets
+    ZeRO-2           2N            2N/G         12N/G                      buckets
+    ZeRO-3           2N/G          2N/G         12N/G                      gathered bf16 blocks in flight
+    ZeRO-3 offload   0 (CPU)       0 (CPU)      0 (CPU: 16N/G)             gathered blocks + buckets
+
+Activations (bf16 autocast, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
+Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
+
+    ACT_PER_LAYER * s * b * d bytes, ACT_PER_LAYER = 36 with fused GELU (torch.compile):
+      LN inputs 2 x 4sbh (fp32 residual stream) + LN-output bf16 copies for QKV and MLP-in 2 x 2sbh
+      + Q, K, V 6sbh + attention output 2sbh + GELU input 8sbh + MLP-out input 8sbh = 36 sbh
+    eager GELU (tanh form) also keeps x^3, the tanh argument and tanh(.): +3 x 8sbh = 60.
+
+Logits: LOGIT_BYTES * b * s * V: bf16 logits (2) + fp32 copy for the loss (4) + fp32 grad (4).
+With activation checkpointing a layer keeps only its fp32 input (4 sbd); one layer's full
+activations are alive again while it is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GB = 1e9
+GiB = 2**30
+
+ACT_PER_LAYER_FUSED = 36  # bytes per (token x hidden) per layer, compiled blocks
+ACT_PER_LAYER_EAGER = 60  # eager tanh-GELU keeps three more 4h-wide bf16 tensors
+LOGIT_BYTES = 10  # per (token x vocab): bf16 logits 2 + fp32 copy 4 + fp32 grad 4
+CKPT_INPUT_BYTES = 4  # per (token x hidden) per layer kept under checkpointing: fp32 block input
+USABLE_FRACTION = 0.92  # of the card: CUDA context, cuBLAS workspaces, allocator fragmentation
+DEEPSPEED_BUCKET_ELEMS = 2e8  # Lightning's DeepSpeedStrategy default reduce/allgather bucket size
+
+STRATEGIES = ["DDP", "FSDP2", "FSDP1", "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3 offload"]
+# Preference when several fit: least communication and fewest moving parts first.
+PREFERENCE = ["DDP", "ZeRO-1", "ZeRO-2", "FSDP2", "ZeRO-3", "FSDP1", "ZeRO-3 offload"]
+
+
+@dataclass
+class Shape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab: int  # padded rows if the model pads
+    n_positions: int = 1024
+
+    @property
+    def block_params(self) -> int:
+        """One GPT2Block: qkv 3d^2+3d, proj d^2+d, MLP 8d^2+5d, two LayerNorms 4d = 12d^2 + 13d."""
+        d = self.n_embd
+        return 12 * d * d + 13 * d
+
+    @property
+    def root_params(self) -> int:
+        """Outside the blocks: wte V*d (tied lm_head), wpe P*d, final LayerNorm 2d."""
+        return self.vocab * self.n_embd + self.n_positions * self.n_embd + 2 * self.n_embd
+
+    @property
+    def params(self) -> int:
+        return self.n_layer * self.block_params + self.root_params
+
+
+@dataclass
+class Estimate:
+    strategy: str
+    params: float
+    grads: float
+    optimizer: float
+    other: float
+    act_per_sample: float  # activations + logits for one sequence, no checkpointing
+    act_per_sample_ckpt: float  # same with per-block checkpointing
+    act_fixed_ckpt: float  # one block's activations recomputed in backward (per sample: in act_per_sample_ckpt)
+    cpu: float = 0.0  # host memory per rank (offload)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer + self.other
+
+    def total(self, b: int, ckpt: bool) -> float:
+        return self.states + b * (self.act_per_sample_ckpt if ckpt else self.act_per_sample)
+
+    def max_micro_batch(self, budget: float, ckpt: bool) -> int:
+        per = self.act_per_sample_ckpt if ckpt else self.act_per_sample
+        return max(0, math.floor((budget - self.states) / per))
+
+
+def shape_from_config(config, pad_to: int = 1) -> Shape:
+    vocab = math.ceil(config.vocab_size / pad_to) * pad_to
+    return Shape(config.n_layer, config.n_embd, config.n_head, vocab, config.n_positions)
+
+
+def activation_bytes(shape: Shape, seq: int, fused_gelu: bool = True) -> tuple[float, float]:
+    """(no checkpointing, checkpointing) activation bytes for ONE sequence of `seq` tokens."""
+    sd = seq * shape.n_embd
+    per_layer = (ACT_PER_LAYER_FUSED if fused_gelu else ACT_PER_LAYER_EAGER) * sd
+    logits = LOGIT_BYTES * seq * shape.vocab
+    embed = 2 * 4 * sd  # wte + wpe outputs (fp32) before the first block
+    full = shape.n_layer * per_layer + logits + embed
+    ckpt = shape.n_layer * CKPT_INPUT_BYTES * sd + per_layer + logits + embed
+    return full, ckpt
+
+
+def estimate(strategy: str, shape: Shape, world: int, seq: int, fused_gelu: bool = True) -> Estimate:
+    """Per-GPU bytes for `strategy` on `world` data-parallel ranks (see the module docstring)."""
+    N, G = shape.params, world
+    act, act_ckpt = activation_bytes(shape, seq, fused_gelu)
+    one_block = (ACT_PER_LAYER_FUSED if fused_gelu else ACT_PER_LAYER_EAGER) * seq * shape.n_embd
+    # Sharded strategies gather bf16 weights of the block being computed + the one prefetched,
+    # plus the root (embeddings / tied lm_head), which stays gathered through forward and backward.
+    gathered = 2 * (2 * shape.block_params) + 2 * shape.root_params
+    buckets = 2 * DEEPSPEED_BUCKET_ELEMS * 2  # reduce + all-gather buckets of bf16 elements
+    if strategy == "DDP":
+        e = Estimate(strategy, 4 * N, 4 * N, 8 * N, 2 * N + (4 * N if G > 1 else 0), act, act_ckpt, one_block)
+    elif strategy in ("FSDP2", "FSDP1"):
+        # + fp32 unsharded gradients of one block before reduce-scatter (4 x block params).
+        e = Estimate(strategy, 4 * N / G, 4 * N / G, 8 * N / G, gathered + 4 * shape.block_params, act, act_ckpt, one_block)
+    elif strategy == "ZeRO-1":
+        e = Estimate(strategy, 2 * N, 2 * N, 12 * N / G, buckets, act, act_ckpt, one_block)
+    elif strategy == "ZeRO-2":
+        e = Estimate(strategy, 2 * N, 2 * N / G, 12 * N / G, buckets, act, act_ckpt, one_block)
+    elif strategy == "ZeRO-3":
+        e = Estimate(strategy, 2 * N / G, 2 * N / G, 12 * N / G, gathered + buckets, act, act_ckpt, one_block)
+    elif strategy == "ZeRO-3 offload":
+        e = Estimate(strategy, 0.0, 0.0, 0.0, gathered + buckets, act, act_ckpt, one_block, cpu=16 * N / G)
+        e.notes.append("optimizer step on CPU: expect several x slower steps")
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    return e
+
+
+def recommend(estimates: list[Estimate], budget: float, min_micro_batch: int) -> tuple[str, bool, int] | None:
+    """(strategy, checkpointing, micro-batch): the first strategy in PREFERENCE that reaches
+    `min_micro_batch` without checkpointing, else with it, else the largest micro-batch found."""
+    by_name = {e.strategy: e for e in estimates}
+    for ckpt in (False, True):
+        for name in PREFERENCE:
+            e = by_name.get(name)
+            if e and e.max_micro_batch(budget, ckpt) >= min_micro_batch:
+                return name, ckpt, e.max_micro_batch(budget, ckpt)
+    best = max(((e.max_micro_batch(budget, True), -PREFERENCE.index(e.strategy), e.strategy) for e in estimates))
+    if best[0] < 1:
+        return None
+    return best[2], True, best[0]

@@ -1,0 +1,147 @@
+"""gpt2dist/perf.py (+ its hooks in model.py/export.py): padded vocab, export, compile, checkpointing, FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import GPT2LMHeadModel
+
+from gpt2dist.errors import ConfigError
+from gpt2dist.export import export_checkpoint, save_hf_folder
+from gpt2dist.model import GPT2Module, build_config
+from gpt2dist.perf import model_flops_per_token, padded_vocab_size, unpad_vocab
+
+from conftest import TINY
+
+V = 300  # real vocabulary; padded to 384 with multiple 128
+
+
+def module(seed: int = 0, **kw) -> GPT2Module:
+    torch.manual_seed(seed)
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": V, "bos_token_id": 0, "eos_token_id": 0},
+                   dropout=0.0, **kw)
+    m.configure_model()
+    return m
+
+
+def test_padded_vocab_size_arithmetic():
+    assert padded_vocab_size(50257, 128) == 50304  # 393 * 128
+    assert padded_vocab_size(50304, 128) == 50304 and padded_vocab_size(50257, 1) == 50257
+    with pytest.raises(ConfigError, match="pad_vocab_to_multiple_of=0 must be >= 1"):
+        padded_vocab_size(50257, 0)
+
+
+def test_padded_model_has_equal_loss_and_never_predicts_padding():
+    plain, padded = module(), module(pad_vocab_to_multiple_of=128)
+    assert padded.model.config.vocab_size == 384 and padded.vocab_size == 300
+    assert padded.model.lm_head.weight is padded.model.transformer.wte.weight  # still tied
+    assert torch.count_nonzero(padded.model.lm_head.weight[V:]) == 0
+    ids = torch.randint(0, V, (3, 40))
+    assert padded(ids).shape[-1] == V  # padded logits sliced off before any loss or argmax
+    torch.testing.assert_close(padded.token_losses(ids), plain.token_losses(ids), rtol=0, atol=0)
+    # Same gradients on the real rows, none on the padded ones.
+    plain.token_losses(ids).mean().backward()
+    padded.token_losses(ids).mean().backward()
+    g_pad, g_plain = padded.model.transformer.wte.weight.grad, plain.model.transformer.wte.weight.grad
+    torch.testing.assert_close(g_pad[:V], g_plain, rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(g_pad[V:]) == 0
+
+
+def test_generation_suppresses_padded_rows(tokenizer):
+    torch.manual_seed(0)
+    real = len(tokenizer)  # 512 -> padded to 768
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": real}, dropout=0.0,
+                   pad_vocab_to_multiple_of=384)
+    m.configure_model()
+    m.eval()
+    model = m.model
+    with torch.no_grad():  # make padded row `real` the argmax everywhere: final hidden = e0, row real = 10 e0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[real, 0] = 10.0
+    ids = tokenizer("def ", return_tensors="pt").input_ids
+    raw = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    assert (raw[0, ids.shape[1]:] == real).all()  # without suppression the padded id would be generated
+    text = m.generate_text(tokenizer, "def ", max_new_tokens=3)
+    ref = unpad_vocab(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id)
+    assert text == tokenizer.decode(ref[0], skip_special_tokens=True)
+
+
+def _check_hf_folder(folder, ref: GPT2Module):
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["vocab_size"] == V and "unpadded_vocab_size" not in cfg
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.get_slice("transformer.wte.weight").get_shape() == [V, TINY["n_embd"]]
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.randint(0, V, (2, 24))
+    torch.testing.assert_close(hf(ids).logits, ref.eval()(ids), rtol=0, atol=1e-6)
+    torch.testing.assert_close(hf(input_ids=ids, labels=ids).loss, ref.token_losses(ids).mean(), rtol=0, atol=1e-6)
+
+
+def test_export_slices_padded_vocab_to_standard_hf_shape(tmp_path):
+    plain, padded = module(), module(pad_vocab_to_multiple_of=128)
+    save_hf_folder(padded.model, None, tmp_path / "padded")
+    _check_hf_folder(tmp_path / "padded", plain)  # equal to the unpadded model
+    assert padded.model.config.vocab_size == 384  # the training model itself is untouched
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.randint(0, V, (32,), generator=torch.Generator().manual_seed(i))}
+
+
+def test_padded_checkpoint_exports_to_standard_hf_folder(tmp_path):
+    m = module(pad_vocab_to_multiple_of=128, lr=1e-3, warmup_steps=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last")])
+    trainer.fit(m, torch.utils.data.DataLoader(_Blocks(), batch_size=4))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["gpt2_config"]["vocab_size"] == 384 and ckpt["gpt2_config"]["unpadded_vocab_size"] == V
+    export_checkpoint(tmp_path / "last.ckpt", tmp_path / "hf")
+    _check_hf_folder(tmp_path / "hf", m)  # trained weights, sliced back to 300 rows
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    a, b = module(), module(activation_checkpointing=True)
+    a.train(), b.train()
+    ids = torch.randint(0, V, (2, 32))
+    la, lb = a.token_losses(ids).mean(), b.token_losses(ids).mean()
+    la.backward(), lb.backward()
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_regional_compile_matches_eager():
+    eager, comp = module(), module(compile=True)
+    assert all(getattr(blk, "_compiled_call_impl", None) is not None for blk in comp.model.transformer.h)
+    ids = torch.randint(0, V, (2, 32))
+    le, lc = eager.token_losses(ids).mean(), comp.token_losses(ids).mean()
+    le.backward(), lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(eager.named_parameters(), comp.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_fused_cross_entropy_without_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="fused_cross_entropy=true needs a CUDA GPU and the liger-kernel"):
+        module(fused_cross_entropy=True)
+
+
+def test_model_flops_per_token_hand_computed():
+    cfg = build_config("gpt2")
+    # N without wpe: 124,439,808 - 1024*768 = 123,653,376; 6N = 741,920,256; attention 12*12*768*1024 = 113,246,208
+    assert model_flops_per_token(cfg, 1024) == 741_920_256 + 113_246_208
+    # padding the vocab does not count as useful work when the real vocab is given
+    assert model_flops_per_token(build_config("gpt2", {"vocab_size": 50304}), 1024, 50257) == 855_166_464

@@ -1,0 +1,101 @@
+"""gpt2dist/planner.py and tools/plan.py: the memory arithmetic against hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2dist.model import build_config
+from gpt2dist.planner import DEEPSPEED_BUCKET_ELEMS, GB, STRATEGIES, Shape, activation_bytes, estimate, recommend, shape_from_config
+
+from conftest import REPO, TINY
+
+sys.path.insert(0, str(REPO / "tools"))
+import plan as plan_tool  # noqa: E402
+
+# Hand shape: L=2, d=64, V=512, P=64.
+# block = 12*64^2 + 13*64 = 49,152 + 832 = 49,984; root = 512*64 + 64*64 + 2*64 = 36,992
+# N = 2*49,984 + 36,992 = 136,960
+HAND = Shape(n_layer=2, n_embd=64, n_head=2, vocab=512, n_positions=64)
+N = 136_960
+
+
+def test_param_count_matches_hf_models():
+    assert HAND.params == N
+    assert HAND.params == GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=512)).num_parameters()
+    assert shape_from_config(build_config("gpt2")).params == 124_439_808  # the released GPT-2 small
+    assert shape_from_config(build_config("gpt2"), pad_to=128).vocab == 50304
+
+
+def test_activation_bytes_hand_computed():
+    # seq 32: s*d = 2,048. Per layer 36 * 2,048 = 73,728 (x2 layers = 147,456);
+    # logits 10 * 32 * 512 = 163,840; embeddings 2 * 4 * 2,048 = 16,384.
+    full, ckpt = activation_bytes(HAND, 32)
+    assert full == 147_456 + 163_840 + 16_384 == 327_680
+    # checkpointing: 2 layers * 4 * 2,048 = 16,384 kept + one layer recomputed 73,728 + logits + embeddings
+    assert ckpt == 16_384 + 73_728 + 163_840 + 16_384 == 270_336
+    assert activation_bytes(HAND, 32, fused_gelu=False)[0] == 2 * 60 * 2_048 + 163_840 + 16_384
+
+
+def test_strategy_states_hand_computed():
+    ddp = estimate("DDP", HAND, 8, 32)
+    # 4N params + 4N grads + 8N Adam + (2N autocast copies + 4N DDP buckets) = 22N
+    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (4 * N, 4 * N, 8 * N, 6 * N)
+    assert estimate("DDP", HAND, 1, 32).other == 2 * N  # one GPU: no DDP buckets
+    z2 = estimate("ZeRO-2", HAND, 4, 32)
+    assert z2.states == pytest.approx(2 * N + 2 * N / 4 + 12 * N / 4 + 2 * DEEPSPEED_BUCKET_ELEMS * 2)
+    z1 = estimate("ZeRO-1", HAND, 4, 32)
+    assert z1.grads == 2 * N and z1.optimizer == 12 * N / 4
+    f2 = estimate("FSDP2", HAND, 4, 32)
+    # gathered: 2 blocks bf16 (2 * 2 * 49,984) + root bf16 (2 * 36,992); + one block's fp32 grads (4 * 49,984)
+    assert f2.other == 2 * 2 * 49_984 + 2 * 36_992 + 4 * 49_984
+    assert f2.params + f2.grads + f2.optimizer == pytest.approx(16 * N / 4)
+    off = estimate("ZeRO-3 offload", HAND, 4, 32)
+    assert off.params == off.optimizer == 0 and off.cpu == 16 * N / 4
+    with pytest.raises(ValueError, match="unknown strategy"):
+        estimate("ZeRO-4", HAND, 4, 32)
+
+
+def test_max_micro_batch_and_recommendation():
+    ddp = estimate("DDP", HAND, 8, 32)
+    per = ddp.act_per_sample  # 327,680
+    assert ddp.max_micro_batch(ddp.states + 3.5 * per, ckpt=False) == 3
+    assert ddp.max_micro_batch(ddp.states - 1, ckpt=False) == 0
+    assert ddp.total(2, ckpt=True) == ddp.states + 2 * 270_336
+    ests = [estimate(s, HAND, 8, 32) for s in STRATEGIES]
+    assert recommend(ests, 1e12, 4) == ("DDP", False, ddp.max_micro_batch(1e12, False))
+    # A budget where DDP (22N = 3.01 MB states) cannot hold 4 sequences but FSDP2 can (ZeRO-* carry 800 MB buckets).
+    budget = ddp.states + 2 * per
+    name, ckpt, b = recommend(ests, budget, 4)
+    assert (name, ckpt) == ("FSDP2", False) and b >= 4
+    assert recommend(ests, 1000, 1) is None  # nothing fits 1 kB
+
+
+def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
+    p = plan_tool.main(["--model", "gpt2-large", "--gpus", "8", "--gpu-mem-gb", "80", "--seq", "1024",
+                        "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    for s in STRATEGIES:
+        assert f"| {s} |" in out
+    assert "recommendation: DDP" in out
+    ddp = p["rows"][0]
+    assert ddp["states_gb"] == pytest.approx(22 * 774_030_080 / GB)  # gpt2-large N; 22N on 8 GPUs
+    assert json.loads((tmp_path / "p.json").read_text())["world"] == 8
+    p2 = plan_tool.main(["--model", "gpt2-xl", "--gpus", "4", "--nodes", "2", "--gpu-mem-gb", "16"])
+    assert p2["world"] == 8 and p2["recommendation"][0] != "DDP"  # 22N of 1.56B = 34 GB does not fit 16 GB
+
+
+def test_validate_against_bench_json(tmp_path, capsys):
+    bench = {"device": "NVIDIA H100 80GB HBM3", "seq": 1024, "micro_batch": 16,
+             "model": {"model_name_or_path": "gpt2-large", "pad_vocab_to_multiple_of": 128, "compile": True},
+             "rows": [{"run": "gpt2dist", "peak_alloc_gib": 40.0}]}
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    rows = plan_tool.main(["--validate", str(tmp_path / "b.json"), str(tmp_path / "missing.json")])["validation"]
+    est = estimate("DDP", shape_from_config(build_config("gpt2-large"), 128), 1, 1024).total(16, False) / GB
+    measured = 40.0 * 2**30 / GB
+    assert rows[0]["estimate_gb"] == pytest.approx(est)
+    assert rows[0]["error_pct"] == pytest.approx(100 * (est - measured) / measured)
+    assert "error" in rows[1] and "no bench result" in capsys.readouterr().out

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GPU check of issue 6 on one H100 80GB, within ~3.5 min wall time:
+#   1. GPT-2 Large (774M), b16 x 1024, bf16-mixed, compile: gpt2dist vs transformers.Trainer
+#   2. GPT-2 small (124M), b32 x 1024, same switches: gpt2dist vs transformers.Trainer
+#   3. memory planner estimate vs the peak memory measured in rows 1-2
+# Usage (repo root). The H100 machine already has accelerate 1.15.0 (checked), needed by the
+# hf-trainer rows; elsewhere carry accelerate-1.15.0-py3-none-any.whl in .whl/ (installed below).
+#   tools/gpu_check_perf.sh                 # results under $OUT (a temp dir when unset)
+#   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
+#   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
+# Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+set -u
+OUT=${OUT:-$(mktemp -d -t gpu_check_perf.XXXX)}
+mkdir -p "$OUT"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SMOKE=0; [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+T_LARGE=${T_LARGE:-120} T_SMALL=${T_SMALL:-70} T_EXTRA=${T_EXTRA:-90}
+STEPS=${STEPS:-10} WARMUP=${WARMUP:-3}
+
+if [ $SMOKE = 1 ]; then
+  TINY=(--cpu --config configs/perf/tiny-cpu.yaml -o model.compile=true)
+  LARGE=("${TINY[@]}") SMALL=("${TINY[@]}" -o data.batch_size=4) STEPS=3 WARMUP=1
+else
+  LARGE=(--config configs/perf/gpt2-large.yaml) SMALL=(--config configs/perf/gpt2-small.yaml)
+  $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
+fi
+$PY -c "import accelerate; print('accelerate', accelerate.__version__)" 2>/dev/null \
+  || echo "NOTE: accelerate is missing: the hf-trainer rows will fail (carry accelerate-1.15.0-py3-none-any.whl in .whl/)"
+
+row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log + JSON in $OUT
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (timeout ${secs}s) ==="
+  timeout -k 10 "$secs" $PY tools/bench.py "$@" --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/$name.json" \
+    >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 8 "$OUT/$name.log"
+  [ $rc = 0 ] || echo "row $name: exit $rc$([ $rc = 124 ] && echo ' (timed out)')"
+}
+
+START=$(date +%s)
+row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer
+row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer
+VALIDATE=("$OUT/large.json" "$OUT/small.json")
+if [ "${EXTRA:-0}" = 1 ]; then
+  row large-ckpt "$T_EXTRA" "${LARGE[@]}" -o model.activation_checkpointing=true --baseline none
+  VALIDATE+=("$OUT/large-ckpt.json")
+fi
+
+{
+  echo
+  echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
+  for name in large small large-ckpt; do
+    [ -f "$OUT/$name.log" ] || continue
+    echo; echo "### $name"
+    if [ -f "$OUT/$name.json" ]; then
+      sed -n '/^device:/p;/^| run/,$p' "$OUT/$name.log"
+    else
+      echo "(no result: timed out or failed; last lines of $OUT/$name.log)"; tail -n 3 "$OUT/$name.log"
+    fi
+  done
+  echo; echo "### memory planner vs measured (tools/plan.py --validate)"
+  $PY tools/plan.py --validate "${VALIDATE[@]}" --json "$OUT/plan_validation.json" 2>&1
+} | tee "$OUT/summary.md"
