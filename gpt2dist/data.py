@@ -161,8 +161,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def encode_documents(docs: list[str], tokenizer, dtype: np.dtype) -> np.ndarray:
     """Token ids of `docs` with EOS after each, as one flat array.
 
-    Uses the Rust tokenizer's parallel batch encode directly: ~4x faster than `datasets.map`
-    with per-row Python calls (see tools/bench_data.py).
+    Uses the Rust tokenizer's parallel batch encode directly: 3.4x the tokens/s of
+    `datasets.map` + `group_texts` on 2 cores (tools/bench_data.py).
     """
     if not docs:
         return np.zeros(0, dtype=dtype)

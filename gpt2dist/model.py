@@ -31,6 +31,16 @@ GPT2_SIZES = {
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without FSDP / checkpoint / compile wrapper prefixes."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def build_config(model_name_or_path: str, overrides: dict | None = None, dropout: float | None = None, **kwargs):
     """A GPT2Config: a released size or a local folder's config, then `overrides`."""
     from transformers import GPT2Config
@@ -175,6 +185,8 @@ class GPT2Module(pl.LightningModule):
         if self.model.config.vocab_size != real_vocab:
             self.model.config.unpadded_vocab_size = real_vocab  # read back by export (slices to it)
         apply_perf_options(self)
+        # Shapes before any sharding, for the weight-decay groups (see configure_optimizers).
+        self._param_ndim = {_unwrapped_name(n): len(getattr(p, "ds_shape", p.shape)) for n, p in self.named_parameters()}
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2 (see strategies.py)
             from gpt2dist.strategies import shard_fsdp2
 
@@ -283,11 +295,16 @@ class GPT2Module(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # By the shape each parameter had before sharding: ZeRO-3 partitions are empty 1-D tensors
+        # and FSDP1 flattens, so p.dim() there would put every weight in the no-decay group.
+        shapes = getattr(self, "_param_ndim", {})
+        ndim = {n: shapes.get(_unwrapped_name(n), len(getattr(p, "ds_shape", p.shape))) for n, p in named}
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, LayerNorm
+            {"params": [p for n, p in named if ndim[n] >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for n, p in named if ndim[n] < 2], "weight_decay": 0.0},  # biases, LayerNorm
         ]
+        groups = [g for g in groups if g["params"]]  # wrappers drop empty groups; keep lambdas in step
         from gpt2dist.strategies import deepspeed_offloads_optimizer
 
         # One kernel for all params instead of a loop; not for DeepSpeed's CPU-offloaded partitions.

@@ -101,3 +101,23 @@ def test_pretrained_local_folder_loads_weights(tmp_path):
     bad = GPT2Module(model_name_or_path=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="missing"):
         bad.configure_model()
+
+
+def test_decay_groups_survive_zero3_partitioning_and_fsdp1_names():
+    """ZeRO-3 replaces each parameter by an empty 1-D partition (shape kept in ds_shape); the
+    groups must still follow the original shapes (found on the H100: every weight went undecayed
+    and LambdaLR got more lambdas than the wrapped optimizer had groups)."""
+    m = tiny_module(weight_decay=0.05)
+    m.trainer = SimpleNamespace(max_steps=10, estimated_stepping_batches=10,
+                                strategy=SimpleNamespace())
+    expected = {n for n, p in m.named_parameters() if p.dim() >= 2}
+    m._param_ndim = {}  # as if built inside deepspeed.zero.Init: only ds_shape tells the truth
+    for p in m.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    opt = m.configure_optimizers()["optimizer"]
+    decayed = {n for n, p in m.named_parameters() if any(p is q for q in opt.param_groups[0]["params"])}
+    assert decayed == expected and len(opt.param_groups) == 2
+    from gpt2dist.model import _unwrapped_name
+    assert _unwrapped_name("model.transformer.h.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.c_attn.weight") \
+        == "model.transformer.h.0.attn.c_attn.weight"

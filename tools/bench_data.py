@@ -83,7 +83,7 @@ def run_reference(files: list[Path], tok_dir: str, block_size: int, num_proc: in
     def tokenize_function(examples):  # run_clm.py, minus its CaptureLogger
         return tokenizer(examples["text"])
 
-    def group_texts(examples):  # run_clm.py, verbatim
+    def group_texts(examples):  # run_clm.py's code, comments left out
         concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
         total_length = len(concatenated_examples[list(examples.keys())[0]])
         total_length = (total_length // block_size) * block_size
