@@ -144,6 +144,10 @@ class Preemption(Callback):
             # install_early_handler kept Lightning from installing its own: put Lightning's back.
             signal.signal(env.requeue_signal or signal.SIGUSR1, trainer._signal_connector._slurm_sigusr_handler_fn)
         self._last_step = trainer.global_step
+        if trainer.is_global_zero:
+            how = "at the next optimizer step" if self._active else "off"
+            log.info("cluster environment: %s (world size %d); requeue on preemption signal: %s",
+                     type(env).__name__, trainer.world_size, how)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Only at optimizer-step boundaries: a mid-accumulation checkpoint would lose the partial gradients.

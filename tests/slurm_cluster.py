@@ -141,8 +141,9 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
                     pass
 
     # --- client commands -------------------------------------------------------------------------
-    def run(self, *cmd: str, check: bool = True, env: dict | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True, text=True,
+    def run(self, *cmd: str, check: bool = True, env: dict | None = None, cwd: Path | None = None,
+            timeout: int = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout, check=check)
 
     def job(self, job_id: str) -> dict:
