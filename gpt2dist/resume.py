@@ -5,9 +5,9 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
 - `--ckpt_path auto` (what slurm/fit.sbatch passes): the newest *good* checkpoint among Lightning's
   requeue checkpoints `<default_root_dir>/hpc_ckpt_*.ckpt` and ours in `<default_root_dir>/checkpoints/`
   (`last.ckpt`, `step*.ckpt`); none: start fresh. "Newest" is the training progress stored inside
-  each file, (global_step, batches seen), never the file name or mtime; "good" means the file loads
-  (a checkpoint cut short by a kill is skipped with a warning). Equal progress: the requeue
-  checkpoint wins, then the name, so every rank picks the same file.
+  each file (global_step), never the file name or mtime; "good" means the file loads (a checkpoint
+  cut short by a kill is skipped with a warning). Same step: the requeue checkpoint wins, then
+  more batches seen, then the name, so every rank picks the same file.
 - `--ckpt_path last`: the same choice, but no checkpoint at all is an error. Lightning alone would
   take the newest `last.ckpt` by mtime and ignore a newer `hpc_ckpt_*`.
 - No `--ckpt_path` under SLURM: Lightning would silently resume from the highest-numbered
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from gpt2dist.errors import CheckpointError
@@ -85,7 +85,8 @@ def candidate_checkpoints(root_dir: str | Path, checkpoint_dir: str | Path | Non
 
 
 def newest_checkpoint(root_dir: str | Path, checkpoint_dir: str | Path | None) -> tuple[Path, tuple[int, int]] | None:
-    """The good checkpoint with the most progress (ties: hpc_ckpt first, then the name); None if none."""
+    """The good checkpoint with the highest global_step (ties: hpc_ckpt first, then batches seen, then
+    the name); None if none."""
     found = candidate_checkpoints(root_dir, checkpoint_dir)
     scored = [(prog, p) for p in found if (prog := checkpoint_progress(p)) is not None]
     if found and not scored:
@@ -93,7 +94,9 @@ def newest_checkpoint(root_dir: str | Path, checkpoint_dir: str | Path | None) -
                               f"start fresh, or pass --ckpt_path PATH")
     if not scored:
         return None
-    prog, path = max(scored, key=lambda t: (t[0], t[1].name.startswith("hpc_ckpt_"), t[1].name))
+    # At the same optimizer step the requeue checkpoint wins: it was taken at that step's boundary,
+    # while a ModelCheckpoint save at the same step may count one more batch (its hooks run later).
+    prog, path = max(scored, key=lambda t: (t[0][0], t[1].name.startswith("hpc_ckpt_"), t[0][1], t[1].name))
     return path, prog
 
 
@@ -163,7 +166,11 @@ class Preemption(Callback):
         # Lightning's own routine (finalize loggers, save hpc_ckpt_N, rank 0 runs `scontrol requeue`).
         trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
         self.requeued = True
-        for cb in trainer.callbacks:  # the job is not finished: no Hugging Face export this time
+        for cb in trainer.callbacks:
             if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
-                cb.enabled = False
+                cb.enabled = False  # the job is not finished: no Hugging Face export this time
+            if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_global_step_saved"):
+                # Stopping would make it save this same step again (train end): a second full write
+                # of a large model inside SLURM's 90 s warning, for nothing.
+                cb._last_global_step_saved = trainer.global_step
         trainer.should_stop = True

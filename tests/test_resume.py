@@ -37,8 +37,10 @@ def test_mid_accumulation_and_ties_are_deterministic(root):
     save(ck / "last.ckpt", 10, 20)
     save(root / "hpc_ckpt_1.ckpt", 10, 21)  # same optimizer step, one more micro-batch seen
     assert newest_checkpoint(root, ck)[0].name == "hpc_ckpt_1.ckpt"
-    save(root / "hpc_ckpt_1.ckpt", 10, 20)  # same progress: the requeue checkpoint wins
-    assert newest_checkpoint(root, ck) == (root / "hpc_ckpt_1.ckpt", (10, 20))
+    save(root / "hpc_ckpt_1.ckpt", 10, 19)  # same step, saved before the batch counter moved: still wins
+    assert newest_checkpoint(root, ck) == (root / "hpc_ckpt_1.ckpt", (10, 19))
+    save(ck / "step0000011.ckpt", 11, 22)  # a later step beats any requeue checkpoint
+    assert newest_checkpoint(root, ck)[0].name == "step0000011.ckpt"
 
 
 def test_truncated_checkpoint_is_skipped(root):
