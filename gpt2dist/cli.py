@@ -21,6 +21,7 @@ from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
+from gpt2dist.resume import Preemption, install_early_handler, resolve_ckpt_path
 from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
@@ -40,11 +41,16 @@ class GPT2CLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(TrainMonitor, "monitor")
         parser.add_lightning_class_args(SampleLogger, "samples")
+        parser.add_lightning_class_args(Preemption, "preemption")
 
     def before_fit(self) -> None:
         # Before the logger creates its W&B run: pick the run id a resume must continue.
         config = self.config.get(str(self.subcommand), self.config)
-        prepare_wandb(self.trainer, config.get("ckpt_path"))
+        # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).
+        ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.trainer.default_root_dir,
+                                      getattr(self.trainer.checkpoint_callback, "dirpath", None))
+        self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
+        prepare_wandb(self.trainer, ckpt_path)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -55,6 +61,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gpt2dist").setLevel(logging.INFO)
+    # Under SLURM a requeue signal (SIGUSR1) may come during start-up, whose default action kills us.
+    install_early_handler()
     try:
         GPT2CLI(
             GPT2Module,

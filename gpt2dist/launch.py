@@ -1,0 +1,114 @@
+"""Check a cluster submission before it queues (called by slurm/submit.sh):
+
+    python -m gpt2dist.launch --nodes 2 --tasks-per-node 8 -- --config configs/gpt2-large.yaml [overrides]
+
+Fails with one line naming the culprit when a config file is missing, or when the configs fix a
+world size (trainer.num_nodes / trainer.devices / a strategy's data_parallel_size x
+tensor_parallel_size) other than nodes x tasks per node. A config's world size changes only when
+the command line says so too (`--trainer.num_nodes 4`): the global batch scales with it. Otherwise prints the global batch
+arithmetic. Reads the YAML only (no torch import), so it answers in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from gpt2dist.errors import ConfigError
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_fit_args(args: list[str]) -> tuple[dict, dict[str, str], list[str]]:
+    """(merged --config files, dotted CLI overrides, config file names) from `gpt2dist fit` args."""
+    merged: dict = {}
+    overrides: dict[str, str] = {}
+    configs: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        key, value = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
+        if value is None and a.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        i += 1
+        if key == "--config":
+            path = Path(value or "")
+            if not path.is_file():
+                raise ConfigError(f"config file '{value}' does not exist: pass an existing --config PATH "
+                                  f"(relative to {Path.cwd()})")
+            configs.append(str(path))
+            merged = _merge(merged, yaml.safe_load(path.read_text()) or {})
+        elif key.startswith("--") and value is not None:
+            overrides[key[2:]] = value
+    return merged, overrides, configs
+
+
+def _get(cfg: dict, overrides: dict[str, str], dotted: str):
+    if dotted in overrides:
+        return yaml.safe_load(overrides[dotted])
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_submission(nodes: int, tasks_per_node: int, fit_args: list[str]) -> str:
+    """Raise ConfigError on a submission that cannot run; return the global-batch line."""
+    if nodes < 1 or tasks_per_node < 1:
+        raise ConfigError(f"--nodes {nodes} --tasks-per-node {tasks_per_node}: both must be >= 1")
+    cfg, overrides, configs = read_fit_args(fit_args)
+    if not configs:
+        raise ConfigError("no --config given: pass at least one, e.g. --config configs/gpt2-small.yaml")
+    world = nodes * tasks_per_node
+    where = " + ".join(configs)
+    num_nodes = _get(cfg, overrides, "trainer.num_nodes")
+    if isinstance(num_nodes, int) and num_nodes != nodes:
+        raise ConfigError(f"{where} sets trainer.num_nodes={num_nodes} but the job asks for --nodes {nodes}: "
+                          f"submit with --nodes {num_nodes}, or add --trainer.num_nodes {nodes} (the global batch scales with it)")
+    devices = _get(cfg, overrides, "trainer.devices")
+    n_dev = len(devices) if isinstance(devices, list) else devices
+    if isinstance(n_dev, int) and n_dev not in (-1, tasks_per_node):
+        raise ConfigError(f"{where} sets trainer.devices={devices} but the job runs {tasks_per_node} task(s) per node "
+                          f"(--gpus-per-node/--tasks-per-node): make them equal, or add --trainer.devices {tasks_per_node}")
+    strategy = _get(cfg, overrides, "trainer.strategy")
+    init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    dp, tp = init.get("data_parallel_size"), init.get("tensor_parallel_size", 1)
+    if isinstance(dp, int) and isinstance(tp, int) and dp * tp != world:
+        raise ConfigError(f"{where}: strategy data_parallel_size x tensor_parallel_size = {dp} x {tp} = {dp * tp}, "
+                          f"but the job has {nodes} node(s) x {tasks_per_node} = {world} processes: make them equal")
+    micro = _get(cfg, overrides, "data.batch_size")
+    block = _get(cfg, overrides, "data.block_size")
+    accum = _get(cfg, overrides, "trainer.accumulate_grad_batches") or 1
+    if not (isinstance(micro, int) and isinstance(block, int) and isinstance(accum, int)):
+        return f"world size {world} ({nodes} node(s) x {tasks_per_node})"
+    seqs = micro * accum * world
+    return (f"global batch: {micro} seqs x {accum} accum x {world} processes ({nodes} node(s) x {tasks_per_node}) "
+            f"= {seqs} seqs x {block} tokens = {seqs * block:,} tokens/step")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m gpt2dist.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--tasks-per-node", type=int, required=True)
+    p.add_argument("fit_args", nargs=argparse.REMAINDER, help="-- then the gpt2dist fit arguments")
+    a = p.parse_args(argv)
+    fit_args = a.fit_args[1:] if a.fit_args[:1] == ["--"] else a.fit_args
+    try:
+        print(check_submission(a.nodes, a.tasks_per_node, fit_args), flush=True)
+    except ConfigError as e:
+        print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Resume after preemption: which checkpoint to load, and a requeue checkpoint taken at a step boundary.
+
+Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
+
+- `--ckpt_path auto` (what slurm/fit.sbatch passes): the newest *good* checkpoint among Lightning's
+  requeue checkpoints `<default_root_dir>/hpc_ckpt_*.ckpt` and ours in `<default_root_dir>/checkpoints/`
+  (`last.ckpt`, `step*.ckpt`); none: start fresh. "Newest" is the training progress stored inside
+  each file (global_step), never the file name or mtime; "good" means the file loads (a checkpoint
+  cut short by a kill is skipped with a warning). Same step: the requeue checkpoint wins, then
+  more batches seen, then the name, so every rank picks the same file.
+- `--ckpt_path last`: the same choice, but no checkpoint at all is an error. Lightning alone would
+  take the newest `last.ckpt` by mtime and ignore a newer `hpc_ckpt_*`.
+- No `--ckpt_path` under SLURM: Lightning would silently resume from the highest-numbered
+  `hpc_ckpt_*` even when a `last.ckpt` saved after it holds more progress (its known "HPC
+  checkpoint takes priority over last" trap); we resolve that case like `auto`.
+- Any other value (a path, `hpc`, `best`) goes to Lightning unchanged.
+
+Preemption (`Preemption` callback + `install_early_handler`): SLURM sends SIGUSR1 90 s before the
+time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's own handler saves
+`hpc_ckpt_N.ckpt` and runs `scontrol requeue` from inside the signal handler, i.e. at whatever
+instruction each rank happens to be executing (between `optimizer.step()` and the step counter,
+in the middle of a gradient accumulation window, or before training has started, where the
+default action of SIGUSR1 kills the process). Here the handler only records the signal; at the
+next optimizer-step boundary the ranks agree (one all-reduce of a 0/1 flag) and then all call
+Lightning's requeue routine together, so the checkpoint is a consistent state from which the
+resumed losses equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from gpt2dist.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_received: list[int] = []  # signals recorded by the early handler, consumed by Preemption
+
+
+def _record(signum, frame) -> None:
+    _received.append(signum)
+
+
+def install_early_handler() -> bool:
+    """Under SLURM, record SIGUSR1 from process start instead of dying on it. Lightning then sees a
+    handler in place and does not install its own; `Preemption` does the requeue."""
+    if os.name == "nt" or not SLURMEnvironment.detect():
+        return False
+    signal.signal(signal.SIGUSR1, _record)
+    return True
+
+
+def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
+    """(global_step, training batches seen) stored in a checkpoint file or distributed-checkpoint
+    folder (its meta.pt); None when it cannot be read."""
+    p = Path(path)
+    meta = p / "meta.pt" if p.is_dir() else p
+    try:
+        ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
+        step = int(ckpt["global_step"])
+    except Exception as e:  # truncated by a kill, not a checkpoint, ...
+        log.warning("skipping unreadable checkpoint %s (%s: %s)", p, type(e).__name__, str(e)[:120])
+        return None
+    try:
+        batches = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
+    except (KeyError, TypeError):
+        batches = 0
+    return step, batches
+
+
+def candidate_checkpoints(root_dir: str | Path, checkpoint_dir: str | Path | None) -> list[Path]:
+    """Lightning's requeue checkpoints in root_dir and ModelCheckpoint's in checkpoint_dir."""
+    found = sorted(Path(root_dir).glob("hpc_ckpt_*.ckpt"))
+    if checkpoint_dir and Path(checkpoint_dir).is_dir():
+        found += sorted(p for p in Path(checkpoint_dir).glob("*.ckpt") if not p.name.startswith("."))
+    return found
+
+
+def newest_checkpoint(root_dir: str | Path, checkpoint_dir: str | Path | None) -> tuple[Path, tuple[int, int]] | None:
+    """The good checkpoint with the highest global_step (ties: hpc_ckpt first, then batches seen, then
+    the name); None if none."""
+    found = candidate_checkpoints(root_dir, checkpoint_dir)
+    scored = [(prog, p) for p in found if (prog := checkpoint_progress(p)) is not None]
+    if found and not scored:
+        raise CheckpointError(f"no readable checkpoint among {[str(p) for p in found]}: move them away to "
+                              f"start fresh, or pass --ckpt_path PATH")
+    if not scored:
+        return None
+    # At the same optimizer step the requeue checkpoint wins: it was taken at that step's boundary,
+    # while a ModelCheckpoint save at the same step may count one more batch (its hooks run later).
+    prog, path = max(scored, key=lambda t: (t[0][0], t[1].name.startswith("hpc_ckpt_"), t[0][1], t[1].name))
+    return path, prog
+
+
+def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_dir: str | Path | None,
+                      slurm: bool | None = None) -> str | None:
+    """The `fit` ckpt_path to hand to Lightning (see the module docstring)."""
+    slurm = SLURMEnvironment.detect() if slurm is None else slurm
+    if ckpt_path is None and not (slurm and list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))):
+        return None
+    if ckpt_path not in (None, "auto", "last"):
+        return ckpt_path
+    best = newest_checkpoint(root_dir, checkpoint_dir)
+    if best is None:
+        if ckpt_path == "last":
+            raise CheckpointError(f"--ckpt_path last: no checkpoint in {checkpoint_dir} or {root_dir}/hpc_ckpt_*.ckpt; "
+                                  f"check trainer.default_root_dir, or drop --ckpt_path to start fresh")
+        log.info("resume: no checkpoint in %s, starting fresh", root_dir)
+        return None
+    path, (step, batches) = best
+    log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches, ckpt_path)
+    return str(path)
+
+
+class Preemption(Callback):
+    """On SLURM's SIGUSR1: at the next optimizer step, all ranks save `hpc_ckpt_N.ckpt` and the job is
+    requeued (Lightning's routine), then training stops without exporting."""
+
+    def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
+        """
+        Args:
+            enabled: Take over SLURM's requeue signal (off: Lightning's handler, mid-step).
+            check_every_n_steps: Optimizer steps between the ranks' agreement on a received signal
+                (one all-reduce of one number each time; 90 s of warning covers many steps).
+        """
+        if check_every_n_steps < 1:
+            raise ValueError(f"preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
+        self.enabled, self.check_every_n_steps = enabled, check_every_n_steps
+        self.requeued = False
+        self._active = False
+        self._last_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        self._active = self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt"
+        if self._active:
+            signal.signal(env.requeue_signal or signal.SIGUSR1, _record)
+        elif not self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt":
+            # install_early_handler kept Lightning from installing its own: put Lightning's back.
+            signal.signal(env.requeue_signal or signal.SIGUSR1, trainer._signal_connector._slurm_sigusr_handler_fn)
+        self._last_step = trainer.global_step
+        if trainer.is_global_zero:
+            how = "at the next optimizer step" if self._active else "off"
+            log.info("cluster environment: %s (world size %d); requeue on preemption signal: %s",
+                     type(env).__name__, trainer.world_size, how)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Only at optimizer-step boundaries: a mid-accumulation checkpoint would lose the partial gradients.
+        if not self._active or self.requeued or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        if not trainer.strategy.reduce_boolean_decision(bool(_received), all=False):
+            return
+        signum = _received[0] if _received else signal.SIGUSR1
+        _received.clear()
+        # Lightning's own routine (finalize loggers, save hpc_ckpt_N, rank 0 runs `scontrol requeue`).
+        trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
+        self.requeued = True
+        for cb in trainer.callbacks:
+            if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
+                cb.enabled = False  # the job is not finished: no Hugging Face export this time
+            if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_global_step_saved"):
+                # Stopping would make it save this same step again (train end): a second full write
+                # of a large model inside SLURM's 90 s warning, for nothing.
+                cb._last_global_step_saved = trainer.global_step
+        trainer.should_stop = True

@@ -1,0 +1,44 @@
+#!/bin/bash
+# Check a gpt2dist submission, then sbatch slurm/fit.sbatch. Fails before queueing on a missing
+# config or a world size the config contradicts, and prints the global-batch arithmetic.
+#
+#   slurm/submit.sh --nodes 2 --gpus-per-node 8 --config configs/gpt2-large.yaml [--section.key value ...]
+#   slurm/submit.sh --nodes 2 --gpus-per-node 0 --tasks-per-node 2 --config x.yaml --trainer.accelerator cpu
+#
+# Options: --nodes N (1), --gpus-per-node G (8), --tasks-per-node T (G; needed when G is 0),
+# --cpus-per-task C (8), --time HH:MM:SS (24:00:00). Everything else goes to `gpt2dist fit`.
+# Partition, account, QOS: sbatch's own environment (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS).
+# Prints the job id on success.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python}
+die() { echo "submit.sh: error: $*" >&2; exit 2; }
+int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 '$2' is not a whole number"; }
+
+NODES=1 GPUS=8 TASKS="" CPUS=8 TIME=24:00:00
+ARGS=()
+while (($#)); do
+  case $1 in
+    --nodes|--gpus-per-node|--tasks-per-node|--cpus-per-task|--time)
+      (($# >= 2)) || die "$1 needs a value"
+      case $1 in
+        --nodes) int "$1" "$2"; NODES=$2 ;;
+        --gpus-per-node) int "$1" "$2"; GPUS=$2 ;;
+        --tasks-per-node) int "$1" "$2"; TASKS=$2 ;;
+        --cpus-per-task) int "$1" "$2"; CPUS=$2 ;;
+        --time) TIME=$2 ;;
+      esac
+      shift 2 ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+TASKS=${TASKS:-$GPUS}
+((TASKS >= 1)) || die "--gpus-per-node 0 (CPU) needs --tasks-per-node N"
+((GPUS == 0 || GPUS == TASKS)) || die "--tasks-per-node $TASKS != --gpus-per-node $GPUS: one process per GPU"
+command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
+
+# Config files exist, world size agrees with the configs; prints the global batch.
+"$PYTHON" -m gpt2dist.launch --nodes "$NODES" --tasks-per-node "$TASKS" -- "${ARGS[@]}" >&2
+
+exec sbatch --parsable --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" \
+    --cpus-per-task="$CPUS" --time="$TIME" "$HERE/fit.sbatch" "${ARGS[@]}"

@@ -1,0 +1,73 @@
+"""gpt2dist/resume.py: which checkpoint a (re)started job loads. Real checkpoint files on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2dist.errors import CheckpointError
+from gpt2dist.resume import Preemption, checkpoint_progress, newest_checkpoint, resolve_ckpt_path
+
+
+def save(path, step: int, batches: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loops = {"fit_loop": {"epoch_loop.batch_progress": {"total": {"completed": batches}}}}
+    torch.save({"global_step": step, "loops": loops, "state_dict": {"w": torch.zeros(3)}}, path)
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "run"
+
+
+def test_newest_by_stored_progress_not_name_or_mtime(root):
+    ck = root / "checkpoints"
+    save(ck / "last.ckpt", 30, 60)
+    save(root / "hpc_ckpt_2.ckpt", 20, 40)  # highest hpc number, written last, but less progress
+    assert resolve_ckpt_path("auto", root, ck, slurm=True) == str(ck / "last.ckpt")
+    assert resolve_ckpt_path("last", root, ck, slurm=False) == str(ck / "last.ckpt")
+    # Lightning alone would load hpc_ckpt_2 for ckpt_path=None under SLURM: we pick the newest too.
+    assert resolve_ckpt_path(None, root, ck, slurm=True) == str(ck / "last.ckpt")
+    save(root / "hpc_ckpt_3.ckpt", 35, 70)
+    assert resolve_ckpt_path("auto", root, ck, slurm=True) == str(root / "hpc_ckpt_3.ckpt")
+
+
+def test_mid_accumulation_and_ties_are_deterministic(root):
+    ck = root / "checkpoints"
+    save(ck / "last.ckpt", 10, 20)
+    save(root / "hpc_ckpt_1.ckpt", 10, 21)  # same optimizer step, one more micro-batch seen
+    assert newest_checkpoint(root, ck)[0].name == "hpc_ckpt_1.ckpt"
+    save(root / "hpc_ckpt_1.ckpt", 10, 19)  # same step, saved before the batch counter moved: still wins
+    assert newest_checkpoint(root, ck) == (root / "hpc_ckpt_1.ckpt", (10, 19))
+    save(ck / "step0000011.ckpt", 11, 22)  # a later step beats any requeue checkpoint
+    assert newest_checkpoint(root, ck)[0].name == "step0000011.ckpt"
+
+
+def test_truncated_checkpoint_is_skipped(root):
+    ck = root / "checkpoints"
+    save(ck / "step0000010.ckpt", 10, 20)
+    save(root / "hpc_ckpt_1.ckpt", 15, 30)
+    data = (root / "hpc_ckpt_1.ckpt").read_bytes()
+    (root / "hpc_ckpt_1.ckpt").write_bytes(data[: len(data) // 2])  # killed while writing
+    assert checkpoint_progress(root / "hpc_ckpt_1.ckpt") is None
+    assert resolve_ckpt_path("auto", root, ck, slurm=True) == str(ck / "step0000010.ckpt")
+    (ck / "step0000010.ckpt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no readable checkpoint among"):
+        resolve_ckpt_path("auto", root, ck, slurm=True)
+
+
+def test_fresh_start_and_passthrough(root):
+    ck = root / "checkpoints"
+    assert resolve_ckpt_path("auto", root, ck, slurm=True) is None  # first run of a job
+    assert resolve_ckpt_path(None, root, ck, slurm=True) is None
+    with pytest.raises(CheckpointError, match="--ckpt_path last: no checkpoint"):
+        resolve_ckpt_path("last", root, ck, slurm=False)
+    save(root / "hpc_ckpt_1.ckpt", 5, 10)
+    assert resolve_ckpt_path(None, root, ck, slurm=False) is None  # not under SLURM: fresh, as asked
+    assert resolve_ckpt_path("/some/file.ckpt", root, ck, slurm=True) == "/some/file.ckpt"
+    assert resolve_ckpt_path("hpc", root, ck, slurm=True) == "hpc"
+
+
+def test_preemption_knob_is_checked():
+    with pytest.raises(ValueError, match="check_every_n_steps=0"):
+        Preemption(check_every_n_steps=0)

@@ -1,0 +1,188 @@
+"""slurm/fit.sbatch and slurm/submit.sh on a real local SLURM cluster (tests/slurm_cluster.py): multi-node
+fits, preemption with exact resume, and bad submissions refused before queueing.
+
+Needs root and Debian's slurmctld/slurmd/slurm-client/munge (`.ci/run` installs them). Without them
+these tests skip, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY
+from slurm_cluster import SlurmCluster, missing_programs
+
+MAX_STEPS = 60
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    missing = missing_programs()
+    why = ("not root" if os.geteuid() != 0 else "") or (f"missing {', '.join(missing)}" if missing else "")
+    if why:
+        msg = f"no local SLURM cluster ({why}); apt-get install slurmctld slurmd slurm-client munge as root"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI=true: {msg}")
+        pytest.skip(msg)
+    # Not under pytest's tmp root: that is 0700 and munged (user munge) must reach its socket.
+    root = Path(tempfile.mkdtemp(prefix="gpt2dist-slurm-"))
+    cluster = SlurmCluster(root)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def write_config(d: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
+    """A tiny GPT-2 run, slow enough (60 steps) that a signal lands mid-training."""
+    cfg = {
+        "seed_everything": 3,
+        "trainer": {
+            "accelerator": "cpu", "max_steps": MAX_STEPS, "val_check_interval": 10, "check_val_every_n_epoch": None,
+            "limit_val_batches": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
+            "accumulate_grad_batches": 2, "default_root_dir": str(d / "run"),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(d / "run"), "name": "logs"}},
+            **trainer,
+        },
+        "model": {"from_scratch": True, "config_overrides": {**TINY, "vocab_size": 512}, "dropout": 0.0,
+                  "lr": 1e-3, "warmup_steps": 5},
+        "data": {"train_files": [str(corpus_dir / "*.txt")], "tokenizer": str(tokenizer_dir), "block_size": 32,
+                 "batch_size": 4, "num_workers": 0, "val_fraction": 0.2, "cache_dir": str(d.parent / "cache")},
+        "export": {"sample_prompt": None},
+        "samples": {"sample_every_n_steps": 0},
+    }
+    path = d / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def submit(slurm: SlurmCluster, cwd: Path, *args: str) -> "subprocess.CompletedProcess":  # noqa: F821
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+           "MASTER_ADDR": "127.0.0.1"}  # emulated node names do not resolve
+    return slurm.run(str(REPO / "slurm" / "submit.sh"), "--cpus-per-task", "1", *args, check=False, env=env, cwd=cwd,
+                     timeout=120)
+
+
+def job_log(cwd: Path, job_id: str) -> list[Path]:
+    return sorted(cwd.glob(f"*{job_id}*.out"))
+
+
+def train_losses(run: Path, version: int | None = None) -> dict[int, str]:
+    """step -> train/loss as written (a string: compared exactly) from one CSVLogger version folder."""
+    versions = sorted(run.glob("logs/version_*"), key=lambda p: int(p.name[8:]))
+    folder = versions[-1] if version is None else run / "logs" / f"version_{version}"
+    return {int(r["step"]): r["train/loss"] for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory, corpus_dir, tokenizer_dir):
+    """An uninterrupted 2 nodes x 1 task run: the test below and the preemption test's reference."""
+    d = tmp_path_factory.mktemp("slurm_ref") / "job"
+    d.mkdir()
+    cfg = write_config(d, corpus_dir, tokenizer_dir)
+    r = submit(slurm, d, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    j = slurm.wait_job(job_id, timeout=300)
+    logs = job_log(d, job_id)
+    text = logs[0].read_text() if logs else ""
+    assert j["JobState"] == "COMPLETED", text[-4000:]
+    return d, job_id, text, r.stderr
+
+
+@pytest.mark.parametrize("layout", ["2x1", "1x2"])
+def test_fit_sbatch_runs_multi_process(layout, reference, slurm, tmp_path, corpus_dir, tokenizer_dir):
+    if layout == "2x1":
+        d, job_id, text, submit_err = reference
+    else:
+        d = tmp_path
+        cfg = write_config(d, corpus_dir, tokenizer_dir, max_steps=6)
+        r = submit(slurm, d, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        job_id, submit_err = r.stdout.strip(), r.stderr
+        j = slurm.wait_job(job_id, timeout=300)
+        text = job_log(d, job_id)[0].read_text()
+        assert j["JobState"] == "COMPLETED", text[-4000:]
+    nodes, tasks = map(int, layout.split("x"))
+    # submit.sh printed the batch arithmetic: 4 seqs x 2 accum x 2 processes = 16 seqs x 32 tokens.
+    assert f"= 16 seqs x 32 tokens = 512 tokens/step" in submit_err
+    assert f"{nodes} node(s) x {tasks} task(s)" in text
+    assert "cluster environment: SLURMEnvironment" in text
+    # Both ranks joined one process group of 2 (Lightning prints one line per rank).
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text
+    assert (d / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (d / "run" / "hf_model" / "model.safetensors").is_file()
+    assert len(job_log(d, job_id)) == 1
+
+
+def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_factory, corpus_dir, tokenizer_dir):
+    ref_dir, _, _, _ = reference
+    d = tmp_path_factory.mktemp("slurm_preempt") / "job"
+    d.mkdir()
+    cfg = write_config(d, corpus_dir, tokenizer_dir)
+    r = submit(slurm, d, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+
+    # Wait until training runs (the first validation line, at step 10), then preempt like SLURM does.
+    end = time.monotonic() + 240
+    while not any(re.search(r"^step +10 ", p.read_text(), re.M) for p in job_log(d, job_id)):
+        assert slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), job_log(d, job_id)
+        assert time.monotonic() < end, "training did not start"
+        time.sleep(0.2)
+    slurm.run("scancel", "--signal=USR1", job_id)
+    # Requeued: pending again with a begin time ~2 min out; start it now.
+    slurm.wait_job(job_id, until=lambda j: j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= 1,
+                   timeout=120)
+    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    j = slurm.wait_job(job_id, timeout=300)
+    logs = job_log(d, job_id)
+    assert len(logs) == 1, logs  # --open-mode=append: both runs in one file
+    text = logs[0].read_text()
+    assert j["JobState"] == "COMPLETED", text[-4000:]
+    assert f"job {job_id} restart 0" in text and f"job {job_id} restart 1" in text
+
+    run = d / "run"
+    hpc = sorted(run.glob("hpc_ckpt_*.ckpt"))
+    assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"]
+    m = re.search(r"resume: (\S+) \(global_step (\d+),", text)
+    assert m and Path(m.group(1)) == hpc[0], text[-4000:]
+    resumed_at = int(m.group(2))
+    assert 10 <= resumed_at < MAX_STEPS
+    # The resumed run continued from that step to max_steps, with the uninterrupted run's losses.
+    ref = train_losses(ref_dir / "run")
+    after = train_losses(run)
+    assert sorted(after) == list(range(resumed_at, MAX_STEPS)), sorted(after)
+    assert {s: ref[s] for s in after} == after
+    assert (run / "hf_model" / "model.safetensors").is_file()
+
+
+def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, num_nodes=1, devices=1)
+    cases = [
+        (["--config", str(tmp_path / "missing.yaml")], f"config file '{tmp_path / 'missing.yaml'}' does not exist"),
+        (["--config", str(cfg)], "sets trainer.num_nodes=1 but the job asks for --nodes 2"),
+        (["--config", str(cfg), "--trainer.num_nodes", "2"], "sets trainer.devices=1 but the job runs 2 task(s) per node"),
+        (["--gpus-per-node", "0", "--config", str(cfg)], "--gpus-per-node 0 (CPU) needs --tasks-per-node N"),
+    ]
+    before = slurm.run("squeue", "-h", "-o", "%i").stdout.split()
+    for args, needle in cases:
+        r = submit(slurm, tmp_path, "--nodes", "2", "--gpus-per-node", "2", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert slurm.run("squeue", "-h", "-o", "%i").stdout.split() == before
+    assert not list(tmp_path.glob("*.out"))
