@@ -218,3 +218,24 @@ def test_on_bad_file_skip_warns_and_continues(tmp_path, corpus_dir, tokenizer_di
                           on_bad_file="skip"))
     assert dm.stats["train"]["documents"] == 1
     assert "bad.txt" in caplog.text
+
+
+def test_hf_dataset_source_offline_from_a_local_folder(tmp_path, tokenizer_dir, tokenizer):
+    """The `dataset_name` path (datasets.load_dataset) without the hub: a local data set folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "my_dataset" / "data"
+    folder.mkdir(parents=True)
+    train = [f"training document {i}: " + "words " * (i % 7 + 5) for i in range(60)]
+    val = [f"held-out document {i}: " + "more words " * 6 for i in range(20)]
+    pq.write_table(pa.table({"text": train}), folder / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": val}), folder / "validation-00000-of-00001.parquet")
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "my_dataset"), split="train",
+                          val_split="validation", block_size=16))
+    count = lambda docs: sum(len(tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in docs)
+    assert dm.stats["train"]["documents"] == 60 and dm.stats["train"]["tokens"] == count(train)
+    assert dm.stats["val"]["documents"] == 20 and dm.stats["val"]["tokens"] == count(val)
+    with pytest.raises(DataError, match="no column 'body'"):
+        prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "my_dataset"), text_field="body",
+                         cache_dir=str(tmp_path / "c2")))
