@@ -419,7 +419,13 @@ def main(argv: list[str] | None = None) -> dict:
 
                 traceback.print_exc()
                 results[name].append({"run": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
-            print(f"row done: {name} (repeat {rep + 1}/{args.repeats})", flush=True)
+            r = results[name][-1]
+            # Printed at once: a later row that times out (e.g. a slow baseline compile) must not
+            # take this row's numbers with it (seen on the H100: the whole table was lost).
+            summary = r.get("error") or (f"median step {r['median_step_s'] * 1e3:.1f} ms, "
+                                         f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r.get('mfu')}, "
+                                         f"peak alloc {r.get('peak_alloc_gib')} GiB")
+            print(f"row done: {name} (repeat {rep + 1}/{args.repeats}): {summary}", flush=True)
     rows = []
     for name, tries in results.items():
         good = [r for r in tries if "error" not in r]
