@@ -126,7 +126,9 @@ def test_single_process_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_
 
 
 def test_ddp_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir):
-    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")]
+    # static_graph=True (the overlay's default) fails with gradient accumulation (no_sync) on torch 2.13:
+    # "expect_autograd_hooks_ INTERNAL ASSERT FAILED" in the reducer; see docs/crash_safety.md.
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.strategy.init_args.static_graph", "false"]
     ref = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_ref", devices=2)
     ok(cli(ref, *ddp))
     config = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_kill", devices=2)
@@ -196,7 +198,10 @@ def test_nan_skip_counts_and_stop(tmp, corpus_dir, tokenizer_dir):
     assert p.returncode == 2, p.stderr[-3000:]
     line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error:")][0]
     assert "non-finite loss or gradient norm at step 3" in line and "2 consecutive" in line
-    assert "step0000001.ckpt (step 1)" in line  # step 2 was skipped: no update, but its checkpoint...
+    assert "step0000002.ckpt (step 2)" in line  # the newest checkpoint, finite (step 2's update was skipped)
+    ck2 = run_dir(config2) / "checkpoints"
+    s1, s2 = (torch.load(ck2 / f"step000000{i}.ckpt", weights_only=False)["state_dict"] for i in (1, 2))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)  # skipped: the weights did not move
     assert not (run_dir(config2) / "hf_model").exists()
 
 
