@@ -17,14 +17,16 @@ import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from gpt2dist.callbacks import HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
-from gpt2dist.faults import AtomicCheckpointIO, FaultTolerance, oom_message
+from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator, check_writable,
+                             oom_message)
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import Preemption, install_early_handler, resolve_ckpt_path
+from gpt2dist.resume import Preemption, check_explicit_checkpoint, install_early_handler, resolve_ckpt_path
 from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
@@ -55,11 +57,24 @@ class GPT2CLI(LightningCLI):
         parser.add_lightning_class_args(SampleLogger, "samples")
         parser.add_lightning_class_args(Preemption, "preemption")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning torch.loads an explicit --ckpt_path here, first of all: name a missing/corrupt one first.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("auto", "last"):
+            check_explicit_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        check_writable(config.get("trainer", {}).get("default_root_dir"))
+
     def before_fit(self) -> None:
         # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).
         if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         _RUN.update(_run_info(self.trainer, self.datamodule, self.model))
+        check_strategy_accelerator(self.trainer)
         # Before the logger creates its W&B run: pick the run id a resume must continue.
         config = self.config.get(str(self.subcommand), self.config)
         # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).
@@ -102,6 +117,10 @@ def main(args: list[str] | None = None) -> None:
         )
     except GPT2DistError as e:
         print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except MisconfigurationException as e:
+        # Lightning's own refusals (e.g. DeepSpeed or FSDP1 with accelerator=cpu) are config errors too.
+        print(f"gpt2dist: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
         sys.exit(2)
     except torch.OutOfMemoryError:
         print(f"gpt2dist: error: {oom_message(_RUN)}", file=sys.stderr, flush=True)

@@ -226,6 +226,32 @@ def last_good_checkpoint(trainer: pl.Trainer) -> str:
     return f"{found[0]} (step {found[1][0]})" if found else "none (no checkpoint saved yet)"
 
 
+def check_writable(root: str | None) -> None:
+    """trainer.default_root_dir must be a folder we can create files in: checked before any work."""
+    path = Path(root or os.getcwd())
+    probe = path / f".gpt2dist-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GPT2DistError(f"trainer.default_root_dir={str(path)!r} is not writable ({e.strerror or type(e).__name__}); "
+                            f"choose a folder you can write to") from None
+
+
+def check_strategy_accelerator(trainer: pl.Trainer) -> None:
+    """DeepSpeed and FSDP1 need CUDA; Lightning finds out only after launching (a RuntimeError)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)) and not isinstance(trainer.accelerator, CUDAAccelerator):
+        kind = "DeepSpeed" if isinstance(strategy, DeepSpeedStrategy) else "FSDP1"
+        raise GPT2DistError(f"trainer.strategy {type(strategy).__name__} ({kind}) needs CUDA GPUs, but the accelerator is "
+                            f"{type(trainer.accelerator).__name__.replace('Accelerator', '').lower()}; on CPU use "
+                            f"configs/strategy/fsdp.yaml (FSDP2) or configs/strategy/ddp.yaml")
+
+
 # ----------------------------------------------------------------------------- OOM
 
 

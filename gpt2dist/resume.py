@@ -6,14 +6,15 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   requeue checkpoints `<default_root_dir>/hpc_ckpt_*.ckpt` and ours in `<default_root_dir>/checkpoints/`
   (`last.ckpt`, `step*.ckpt`); none: start fresh. "Newest" is the training progress stored inside
   each file (global_step), never the file name or mtime; "good" means the file loads (a checkpoint
-  cut short by a kill is skipped with a warning). Same step: the requeue checkpoint wins, then
+  cut short by a kill is skipped with a warning naming it and the checkpoint used instead). Same step: the requeue checkpoint wins, then
   more batches seen, then the name, so every rank picks the same file.
 - `--ckpt_path last`: the same choice, but no checkpoint at all is an error. Lightning alone would
   take the newest `last.ckpt` by mtime and ignore a newer `hpc_ckpt_*`.
 - No `--ckpt_path` under SLURM: Lightning would silently resume from the highest-numbered
   `hpc_ckpt_*` even when a `last.ckpt` saved after it holds more progress (its known "HPC
   checkpoint takes priority over last" trap); we resolve that case like `auto`.
-- Any other value (a path, `hpc`, `best`) goes to Lightning unchanged.
+- Any other value (a path, `hpc`, `best`) goes to Lightning unchanged, after a local path is checked:
+  missing or incomplete stops with one line naming it (`check_explicit_checkpoint`).
 
 Preemption (`Preemption` callback + `install_early_handler`): SLURM sends SIGUSR1 90 s before the
 time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's own handler saves
