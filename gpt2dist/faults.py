@@ -141,11 +141,11 @@ def _set_rng_state(s: dict) -> None:
 class FaultTolerance(Callback):
     """Exact resume of RNG streams, and what to do about a non-finite loss or gradient."""
 
-    def __init__(self, nan_policy: Literal["skip", "stop"] = "stop", max_consecutive_nan: int = 3,
+    def __init__(self, nan_policy: Literal["skip", "stop", "off"] = "stop", max_consecutive_nan: int = 3,
                  save_rng_state: bool = True):
         """
         Args:
-            nan_policy: On a non-finite loss or gradient: skip (no update, count it) or stop (name the last good checkpoint).
+            nan_policy: On a non-finite loss or gradient: skip (no update, count it), stop (name the last good checkpoint), or off (no check).
             max_consecutive_nan: With skip: stop after this many non-finite steps in a row.
             save_rng_state: Store every rank's torch/numpy/python RNG state in checkpoints and restore it on resume.
         """
@@ -188,13 +188,15 @@ class FaultTolerance(Callback):
     # --- non-finite values ---------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        local = torch.zeros((), dtype=torch.float32)
-        for g in grads:
-            g = g.to_local() if hasattr(g, "to_local") else g  # FSDP2: this rank's shard
-            local = local + g.detach().float().pow(2).sum().cpu()
-        # A NaN/inf loss makes NaN gradients; one rank's shard is enough, so the ranks agree.
-        bad = trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(local)), all=False)
+        if self.nan_policy == "off":
+            return
+        # FSDP2: this rank's shard. DeepSpeed keeps its own gradients (none here) and has its own overflow check.
+        grads = [g.to_local() if hasattr(g, "to_local") else g for p in pl_module.parameters() if (g := p.grad) is not None]
+        # Norms stay on the device; one host sync per step (a NaN/inf loss makes NaN gradients).
+        local = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]).sum() if grads else None
+        finite = local is None or bool(torch.isfinite(local))
+        # A NaN in one rank's shard only: the ranks agree (one all-reduce of a flag) and skip or stop together.
+        bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
         if not bad:
             self.consecutive = 0
             return
