@@ -13,15 +13,20 @@ import os
 import sys
 import warnings
 
+import torch
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from gpt2dist.callbacks import HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
+from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator, check_writable,
+                             oom_message)
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import Preemption, install_early_handler, resolve_ckpt_path
+from gpt2dist.resume import Preemption, check_explicit_checkpoint, install_early_handler, resolve_ckpt_path
 from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
@@ -36,6 +41,15 @@ class GPT2CLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        # Keep the last k (by step) plus, in a second callback, the best by val/loss. Lightning deletes
+        # an old checkpoint only after the new one is written (_save_checkpoint, then _remove_checkpoint).
+        parser.set_defaults({"checkpoint.monitor": "step", "checkpoint.mode": "max", "checkpoint.save_top_k": 3})
+        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
+        parser.set_defaults({"best_checkpoint.monitor": "val/loss", "best_checkpoint.mode": "min",
+                             "best_checkpoint.save_top_k": 1, "best_checkpoint.filename": "best-step{step:07d}",
+                             "best_checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments("trainer.default_root_dir", "best_checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(ValidationReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -43,7 +57,24 @@ class GPT2CLI(LightningCLI):
         parser.add_lightning_class_args(SampleLogger, "samples")
         parser.add_lightning_class_args(Preemption, "preemption")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning torch.loads an explicit --ckpt_path here, first of all: name a missing/corrupt one first.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("auto", "last"):
+            check_explicit_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        check_writable(config.get("trainer", {}).get("default_root_dir"))
+
     def before_fit(self) -> None:
+        # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).
+        if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        _RUN.update(_run_info(self.trainer, self.datamodule, self.model))
+        check_strategy_accelerator(self.trainer)
         # Before the logger creates its W&B run: pick the run id a resume must continue.
         config = self.config.get(str(self.subcommand), self.config)
         # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).
@@ -51,6 +82,15 @@ class GPT2CLI(LightningCLI):
                                       getattr(self.trainer.checkpoint_callback, "dirpath", None))
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
         prepare_wandb(self.trainer, ckpt_path)
+
+
+_RUN: dict = {}  # what an out-of-memory message reports (filled before fit)
+
+
+def _run_info(trainer, datamodule, model) -> dict:
+    return {"batch_size": getattr(datamodule, "batch_size", None), "block_size": getattr(datamodule, "block_size", None),
+            "accumulate": trainer.accumulate_grad_batches, "strategy": type(trainer.strategy).__name__,
+            "world_size": trainer.world_size, "model": getattr(model.hparams, "model_name_or_path", "gpt2")}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -78,6 +118,13 @@ def main(args: list[str] | None = None) -> None:
     except GPT2DistError as e:
         print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except MisconfigurationException as e:
+        # Lightning's own refusals (e.g. DeepSpeed or FSDP1 with accelerator=cpu) are config errors too.
+        print(f"gpt2dist: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print(f"gpt2dist: error: {oom_message(_RUN)}", file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         # Tear the process group down before interpreter exit: a gloo group left to the atexit
         # handlers sometimes aborts the rank whose peer exited first (seen ~1 in 8 two-node runs).

@@ -275,7 +275,39 @@ class BlockSampler(Sampler[int]):
             order = list(range(self.n))
         total = len(self) * self.num_replicas
         order += list(range(self.n, self.n + total - self.n)) if total > self.n else []
-        return iter(order[self.rank : total : self.num_replicas])
+        return _BlockIterator(order[self.rank : total : self.num_replicas], self.num_replicas)
+
+
+class _BlockIterator:
+    """A rank's index stream whose resume position is the number of *global* samples consumed.
+
+    StatefulDataLoader saves it with the checkpoint (rank 0's copy). Every rank takes the same
+    number of indices per step, so global = local x world size; resuming under another world size
+    W' starts each rank at global // W' of its own stride, i.e. at the same place of the epoch's
+    permutation. Exact when the global batch (batch_size x W) is unchanged; see docs/crash_safety.md.
+    """
+
+    def __init__(self, indices: list[int], num_replicas: int):
+        self.indices, self.num_replicas, self.pos = indices, num_replicas, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.pos >= len(self.indices):
+            raise StopIteration
+        self.pos += 1
+        return self.indices[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"global_samples": self.pos * self.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        consumed = int(state["global_samples"])
+        if consumed % self.num_replicas:
+            log.warning("resume: %d global samples consumed do not divide by %d processes; starting at sample %d",
+                        consumed, self.num_replicas, consumed // self.num_replicas * self.num_replicas)
+        self.pos = consumed // self.num_replicas
 
 
 # ----------------------------------------------------------------------------- the DataModule

@@ -6,14 +6,15 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   requeue checkpoints `<default_root_dir>/hpc_ckpt_*.ckpt` and ours in `<default_root_dir>/checkpoints/`
   (`last.ckpt`, `step*.ckpt`); none: start fresh. "Newest" is the training progress stored inside
   each file (global_step), never the file name or mtime; "good" means the file loads (a checkpoint
-  cut short by a kill is skipped with a warning). Same step: the requeue checkpoint wins, then
+  cut short by a kill is skipped with a warning naming it and the checkpoint used instead). Same step: the requeue checkpoint wins, then
   more batches seen, then the name, so every rank picks the same file.
 - `--ckpt_path last`: the same choice, but no checkpoint at all is an error. Lightning alone would
   take the newest `last.ckpt` by mtime and ignore a newer `hpc_ckpt_*`.
 - No `--ckpt_path` under SLURM: Lightning would silently resume from the highest-numbered
   `hpc_ckpt_*` even when a `last.ckpt` saved after it holds more progress (its known "HPC
   checkpoint takes priority over last" trap); we resolve that case like `auto`.
-- Any other value (a path, `hpc`, `best`) goes to Lightning unchanged.
+- Any other value (a path, `hpc`, `best`) goes to Lightning unchanged, after a local path is checked:
+  missing or incomplete stops with one line naming it (`check_explicit_checkpoint`).
 
 Preemption (`Preemption` callback + `install_early_handler`): SLURM sends SIGUSR1 90 s before the
 time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's own handler saves
@@ -58,22 +59,32 @@ def install_early_handler() -> bool:
     return True
 
 
-def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
-    """(global_step, training batches seen) stored in a checkpoint file or distributed-checkpoint
-    folder (its meta.pt); None when it cannot be read."""
+def _progress(path: str | Path) -> tuple[tuple[int, int] | None, str]:
+    """((global_step, batches seen), "") or (None, why it cannot be read)."""
     p = Path(path)
+    if p.is_dir():
+        if not (p / ".metadata").is_file() or not any(p.glob("*.distcp")):
+            return None, "sharded checkpoint folder without .metadata or *.distcp shards (incomplete)"
     meta = p / "meta.pt" if p.is_dir() else p
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
         step = int(ckpt["global_step"])
     except Exception as e:  # truncated by a kill, not a checkpoint, ...
-        log.warning("skipping unreadable checkpoint %s (%s: %s)", p, type(e).__name__, str(e)[:120])
-        return None
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     try:
         batches = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
     except (KeyError, TypeError):
         batches = 0
-    return step, batches
+    return (step, batches), ""
+
+
+def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
+    """(global_step, training batches seen) stored in a checkpoint file or distributed-checkpoint
+    folder (its meta.pt); None when it cannot be read."""
+    prog, why = _progress(path)
+    if prog is None:
+        log.warning("skipping unreadable checkpoint %s (%s)", path, why)
+    return prog
 
 
 def candidate_checkpoints(root_dir: str | Path, checkpoint_dir: str | Path | None) -> list[Path]:
@@ -107,6 +118,7 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
     if ckpt_path is None and not (slurm and list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))):
         return None
     if ckpt_path not in (None, "auto", "last"):
+        check_explicit_checkpoint(ckpt_path)
         return ckpt_path
     best = newest_checkpoint(root_dir, checkpoint_dir)
     if best is None:
@@ -116,8 +128,27 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
         log.info("resume: no checkpoint in %s, starting fresh", root_dir)
         return None
     path, (step, batches) = best
+    # Say so when a newer-looking file was skipped (e.g. last.ckpt cut short by a non-atomic writer).
+    skipped = [p for p in candidate_checkpoints(root_dir, checkpoint_dir) if p != path and _progress(p)[0] is None]
+    for p in skipped:
+        log.warning("resume: %s is incomplete or corrupt (%s); falling back to %s (global_step %d), the newest "
+                    "complete checkpoint", p, _progress(p)[1], path, step)
     log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches, ckpt_path)
     return str(path)
+
+
+def check_explicit_checkpoint(ckpt_path: str) -> None:
+    """A local `--ckpt_path FILE|FOLDER` must exist and be complete: one line naming the file otherwise."""
+    if ckpt_path in ("hpc", "best", "registry") or "://" in ckpt_path:
+        return  # Lightning's own names and remote paths
+    p = Path(ckpt_path)
+    if not p.exists():
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file or folder; give an existing checkpoint, "
+                              f"or --ckpt_path last for the newest one in the run folder")
+    prog, why = _progress(p)
+    if prog is None:
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: not a complete checkpoint ({why}); it may have been cut "
+                              f"short: pass an older one, or --ckpt_path last to take the newest complete one")
 
 
 class Preemption(Callback):

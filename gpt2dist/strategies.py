@@ -61,6 +61,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        # Shards go to a temporary folder, renamed onto the name once complete (gpt2dist/faults.py).
+        from gpt2dist.faults import save_distributed_atomically
+
+        save_distributed_atomically(self, super().save_checkpoint, checkpoint, filepath)
+
 
 class FSDP1Strategy(FSDPStrategy):
     """FSDP1 (`FullyShardedDataParallel`, Lightning's FSDPStrategy) with each GPT2Block as one

@@ -125,21 +125,7 @@ def test_print_config_and_overlay_merge(tmp_path, corpus_dir, tokenizer_dir):
     assert printed["model"]["config_overrides"]["n_layer"] == 2  # kept from the first file
 
 
-@pytest.mark.parametrize(
-    "extra, needle",
-    [
-        (["--model.no_such_key", "1"], "no_such_key"),
-        (["--data.block_size", "128"], "data.block_size=128 exceeds the model's n_positions=64"),
-        (["--data.train_files", "[/nonexistent/*.txt]"], "/nonexistent/*.txt' matches no file"),
-    ],
-)
-def test_bad_cli_input_is_one_clear_line(tmp_path, corpus_dir, tokenizer_dir, extra, needle):
-    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, max_steps=2)
-    r = run_cli("fit", "--config", str(cfg), *extra)
-    assert r.returncode != 0
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "run" / "hf_model").exists()
+# Bad CLI input (unknown key, block_size > n_positions, empty glob, ...): tests/test_bad_input.py.
 
 
 def test_quickstart_config_is_valid():

@@ -52,6 +52,8 @@ def test_truncated_checkpoint_is_skipped(root):
     assert checkpoint_progress(root / "hpc_ckpt_1.ckpt") is None
     assert resolve_ckpt_path("auto", root, ck, slurm=True) == str(ck / "step0000010.ckpt")
     (ck / "step0000010.ckpt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="step0000010.ckpt: not a complete checkpoint"):
+        resolve_ckpt_path(str(ck / "step0000010.ckpt"), root, ck, slurm=True)
     with pytest.raises(CheckpointError, match="no readable checkpoint among"):
         resolve_ckpt_path("auto", root, ck, slurm=True)
 
@@ -64,7 +66,10 @@ def test_fresh_start_and_passthrough(root):
         resolve_ckpt_path("last", root, ck, slurm=False)
     save(root / "hpc_ckpt_1.ckpt", 5, 10)
     assert resolve_ckpt_path(None, root, ck, slurm=False) is None  # not under SLURM: fresh, as asked
-    assert resolve_ckpt_path("/some/file.ckpt", root, ck, slurm=True) == "/some/file.ckpt"
+    assert resolve_ckpt_path(str(root / "hpc_ckpt_1.ckpt"), root, ck, slurm=True) == str(root / "hpc_ckpt_1.ckpt")
+    # An explicit path must exist and load (gpt2dist/faults.py, the bad-input catalogue runs the CLI).
+    with pytest.raises(CheckpointError, match="/some/file.ckpt: no such file or folder"):
+        resolve_ckpt_path("/some/file.ckpt", root, ck, slurm=True)
     assert resolve_ckpt_path("hpc", root, ck, slurm=True) == "hpc"
 
 

@@ -1,0 +1,270 @@
+"""Crash safety: atomic checkpoints, exact-resume RNG state, NaN/inf policy, clear disk-full and OOM messages.
+
+- `AtomicCheckpointIO` (single-file checkpoints, every strategy that uses CheckpointIO): write
+  `.<name>.tmp-<pid>`, fsync, `os.replace` onto the name, fsync the folder. A SIGKILL at any
+  instant leaves either the old file or the new one under the name, never half of one.
+- `save_distributed_atomically` (FSDP2 sharded folders, called by `FSDP2Strategy.save_checkpoint`):
+  every rank writes its shard into `.<name>.tmp`, then rank 0 fsyncs and renames it onto the name.
+  Replacing an existing folder (`last.ckpt`) takes two renames (old away, new in): a kill between
+  them leaves no `last.ckpt` for an instant, and `--ckpt_path last` then takes the newest `step*`
+  checkpoint, which keep-last-k always holds (ModelCheckpoint deletes an old checkpoint only after
+  the new one is saved: `_save_checkpoint` then `_remove_checkpoint`, lightning 2.6).
+  DeepSpeed writes its own folders (GPU only here) and is not covered.
+- `FaultTolerance` callback: per-rank RNG states in every checkpoint, restored right before the
+  first batch after a resume (after the DataLoader iterator drew its base seed, as in an
+  uninterrupted run); a non-finite loss/gradient policy (skip the step, or stop and name the last
+  good checkpoint).
+- `oom_message`: what `cli.main` prints on a CUDA out-of-memory error.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from gpt2dist.errors import CheckpointError, GPT2DistError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Persist a rename: the folder entry itself must reach the disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_failed(path: Path, err: BaseException) -> CheckpointError:
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err)
+    what = f"disk full in {path.parent}" if full else f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    kept = [p.name for p in sorted(path.parent.glob("*.ckpt")) if not p.name.startswith(".")]
+    return CheckpointError(
+        f"could not save checkpoint {path} ({what}); nothing was replaced, the previous checkpoints are intact "
+        f"({', '.join(kept) or 'none yet'}). Free space (or fix the folder), then resume with --ckpt_path last")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary name, fsync, then rename: a checkpoint name is always complete."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing this name
+            stale.unlink(missing_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _save_failed(path, e) from None
+
+
+def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> None:
+    """`save(checkpoint, tmp)` on every rank (a sharded folder), then rank 0 renames tmp onto filepath."""
+    path = Path(strategy.broadcast(str(filepath)))
+    tmp = path.with_name(f".{path.name}.tmp")
+    if strategy.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
+    strategy.barrier("atomic_save_start")
+    error: BaseException | None = None
+    try:
+        save(checkpoint, tmp)
+    except BaseException as e:  # DCP raises CheckpointException, a BaseException
+        error = e
+    # Every rank must know whether every rank wrote its shard before anything is renamed.
+    if strategy.reduce_boolean_decision(error is not None, all=False):
+        if strategy.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(path, error or OSError("another rank failed to write its shard"))
+    if strategy.global_rank == 0:
+        try:
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            old = path.with_name(f".{path.name}.old")
+            if path.exists() or path.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old) if path.is_dir() else path.unlink()
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            raise _save_failed(path, e) from None
+    strategy.barrier("atomic_save_end")
+
+
+def is_complete_distributed_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "meta.pt").is_file() and any(path.glob("*.distcp"))
+
+
+# ----------------------------------------------------------------------------- the callback
+
+
+def _rng_state() -> dict:
+    # Tensors and plain Python values only: Lightning resumes with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class FaultTolerance(Callback):
+    """Exact resume of RNG streams, and what to do about a non-finite loss or gradient."""
+
+    def __init__(self, nan_policy: Literal["skip", "stop", "off"] = "stop", max_consecutive_nan: int = 3,
+                 save_rng_state: bool = True):
+        """
+        Args:
+            nan_policy: On a non-finite loss or gradient: skip (no update, count it), stop (name the last good checkpoint), or off (no check).
+            max_consecutive_nan: With skip: stop after this many non-finite steps in a row.
+            save_rng_state: Store every rank's torch/numpy/python RNG state in checkpoints and restore it on resume.
+        """
+        if max_consecutive_nan < 1:
+            raise GPT2DistError(f"faults.max_consecutive_nan={max_consecutive_nan} must be >= 1")
+        self.nan_policy, self.max_consecutive_nan, self.save_rng_state = nan_policy, max_consecutive_nan, save_rng_state
+        self.consecutive = 0
+        self.skipped = 0
+        self._pending_rng: dict | None = None
+
+    # --- state -------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state: dict[str, Any] = {"skipped": self.skipped, "consecutive": self.consecutive}
+        if self.save_rng_state:
+            own = _rng_state()
+            # Called on every rank by Trainer.save_checkpoint; rank 0's copy is what gets written.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                states: list = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(states, own)
+            else:
+                states = [own]
+            state["rng"] = states
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = state.get("skipped", 0), state.get("consecutive", 0)
+        self._pending_rng = state.get("rng") if self.save_rng_state else None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._pending_rng is None:
+            return
+        states, self._pending_rng = self._pending_rng, None
+        if len(states) == trainer.world_size:
+            _set_rng_state(states[trainer.global_rank])
+        elif trainer.is_global_zero:
+            log.warning("resume: checkpoint has RNG states for %d ranks, this run has %d: RNG streams (dropout) "
+                        "are not restored, so the run is not bitwise identical", len(states), trainer.world_size)
+
+    # --- non-finite values ---------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        if self.nan_policy == "off":
+            return
+        # FSDP2: this rank's shard. DeepSpeed keeps its own gradients (none here) and has its own overflow check.
+        grads = [g.to_local() if hasattr(g, "to_local") else g for p in pl_module.parameters() if (g := p.grad) is not None]
+        # Norms stay on the device; one host sync per step (a NaN/inf loss makes NaN gradients).
+        local = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]).sum() if grads else None
+        finite = local is None or bool(torch.isfinite(local))
+        # A NaN in one rank's shard only: the ranks agree (one all-reduce of a flag) and skip or stop together.
+        bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if not bad:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped += 1
+        step = trainer.global_step + 1
+        if self.nan_policy == "stop" or self.consecutive >= self.max_consecutive_nan:
+            why = ("faults.nan_policy=stop" if self.nan_policy == "stop"
+                   else f"{self.consecutive} consecutive non-finite steps (faults.max_consecutive_nan={self.max_consecutive_nan})")
+            raise GPT2DistError(f"non-finite loss or gradient norm at step {step}; stopped by {why}. "
+                                f"The last good checkpoint is {last_good_checkpoint(trainer)}: lower model.lr or "
+                                f"check the data near this step, then resume with --ckpt_path last")
+        # No gradient, no update: AdamW skips parameters whose .grad is None (moments and step count untouched).
+        for p in pl_module.parameters():
+            p.grad = None
+        if trainer.is_global_zero:
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
+                        step, self.consecutive, self.skipped)
+        pl_module.log("train/nan_skipped", float(self.skipped), rank_zero_only=True)
+
+
+def last_good_checkpoint(trainer: pl.Trainer) -> str:
+    from gpt2dist.resume import newest_checkpoint
+
+    try:
+        found = newest_checkpoint(trainer.default_root_dir, getattr(trainer.checkpoint_callback, "dirpath", None))
+    except CheckpointError:
+        found = None
+    return f"{found[0]} (step {found[1][0]})" if found else "none (no checkpoint saved yet)"
+
+
+def check_writable(root: str | None) -> None:
+    """trainer.default_root_dir must be a folder we can create files in: checked before any work."""
+    path = Path(root or os.getcwd())
+    probe = path / f".gpt2dist-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GPT2DistError(f"trainer.default_root_dir={str(path)!r} is not writable ({e.strerror or type(e).__name__}); "
+                            f"choose a folder you can write to") from None
+
+
+def check_strategy_accelerator(trainer: pl.Trainer) -> None:
+    """DeepSpeed and FSDP1 need CUDA; Lightning finds out only after launching (a RuntimeError)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)) and not isinstance(trainer.accelerator, CUDAAccelerator):
+        kind = "DeepSpeed" if isinstance(strategy, DeepSpeedStrategy) else "FSDP1"
+        raise GPT2DistError(f"trainer.strategy {type(strategy).__name__} ({kind}) needs CUDA GPUs, but the accelerator is "
+                            f"{type(trainer.accelerator).__name__.replace('Accelerator', '').lower()}; on CPU use "
+                            f"configs/strategy/fsdp.yaml (FSDP2) or configs/strategy/ddp.yaml")
+
+
+# ----------------------------------------------------------------------------- OOM
+
+
+def oom_message(info: dict) -> str:
+    """One paragraph for `cli.main` when CUDA runs out of memory."""
+    strategy = info.get("strategy", "?")
+    return (f"out of memory (micro-batch data.batch_size={info.get('batch_size')} x data.block_size={info.get('block_size')} "
+            f"tokens per process, trainer.accumulate_grad_batches={info.get('accumulate')}, strategy {strategy}, "
+            f"{info.get('world_size')} process(es)). Try: halve data.batch_size and double "
+            f"trainer.accumulate_grad_batches (same global batch); activation checkpointing "
+            f"(configs/perf, or the strategy's activation_checkpointing); a sharded strategy "
+            f"(configs/strategy/fsdp.yaml); bf16 precision. Estimate first with: "
+            f"python tools/plan.py --model {info.get('model', 'gpt2')} --gpus {info.get('world_size')} --seq {info.get('block_size')} "
+            f"--micro-batch {info.get('batch_size')}")

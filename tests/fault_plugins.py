@@ -1,0 +1,93 @@
+"""TEST-ONLY callbacks that inject faults into a real `gpt2dist fit` subprocess.
+
+Passed through a config overlay (`trainer.callbacks: [{class_path: fault_plugins.KillAt, ...}]`)
+with tests/ on PYTHONPATH. Never used by the package itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def _kill_group() -> None:
+    # The test starts the CLI in its own session: this kills it and every DDP/FSDP child at once,
+    # like a node failure (no handler, no cleanup, no flush).
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class KillAt(Callback):
+    """SIGKILL the run at optimizer step `step` (1-based): `mid_accumulation` after the first
+    micro-batch's backward of that step; `during_save` while that step's checkpoint `name` lies
+    complete under its temporary name, before the rename; `between_renames` after an existing
+    sharded `name` was moved away and before the new one is renamed in."""
+
+    def __init__(self, step: int, when: str = "mid_accumulation", name: str = "last.ckpt"):
+        self.step, self.when, self.name = step, when, name
+        self._real_replace = os.replace
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.when == "mid_accumulation" or trainer.global_rank != 0:
+            return
+        real, me = self._real_replace, self
+
+        def replace(src, dst, *a, **k):
+            src_s, dst_s = str(src), str(dst)
+            hit = trainer.global_step >= me.step and os.path.basename(dst_s).startswith((me.name, "." + me.name))
+            if hit and me.when == "during_save" and ".tmp" in os.path.basename(src_s):
+                _kill_group()
+            real(src, dst, *a, **k)
+            if hit and me.when == "between_renames" and dst_s.endswith(".old"):
+                _kill_group()
+
+        os.replace = replace
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.when == "mid_accumulation" and trainer.global_step + 1 == self.step:
+            _kill_group()
+
+
+class InjectNaN(Callback):
+    """Make step `steps[i]` (1-based) non-finite: NaN in one gradient (rank 0 only, to show the
+    ranks agree) or an inf loss."""
+
+    def __init__(self, steps: list[int], target: str = "grad"):
+        self.steps, self.target = set(steps), target
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.target == "loss" and trainer.global_step + 1 in self.steps:
+            real = type(pl_module).token_losses
+            pl_module.token_losses = lambda ids: real(pl_module, ids) * float("inf")
+        elif "token_losses" in pl_module.__dict__:
+            del pl_module.token_losses
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.target == "grad" and trainer.global_step + 1 in self.steps and trainer.global_rank == 0:
+            p = next(p for p in pl_module.parameters() if p.grad is not None)
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            g.view(-1)[0] = float("nan")
+
+
+class RaiseOOM(Callback):
+    """Raise the error CUDA raises when memory runs out (torch.OutOfMemoryError), at train start."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+
+class DiskFullAt(Callback):
+    """From optimizer step `step` (1-based) on, every fsync fails with ENOSPC, as on a full disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 >= self.step:
+            def full(fd):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            os.fsync = full
