@@ -19,16 +19,18 @@ class HFExport(Callback):
     folder (safetensors, config, tokenizer) and print a greedy sample from `sample_prompt`."""
 
     def __init__(self, enabled: bool = True, dirname: str = "hf_model", sample_prompt: str | None = "def ",
-                 sample_tokens: int = 48):
+                 sample_tokens: int = 48, sample_repetition_penalty: float = 1.3):
         """
         Args:
             enabled: Export at the end of fit.
             dirname: Folder name under trainer.default_root_dir.
             sample_prompt: Prompt for the sample printed after export (None: no sample).
             sample_tokens: Tokens to generate for the sample.
+            sample_repetition_penalty: Greedy decoding's repetition penalty (1.0: plain greedy).
         """
         self.enabled, self.dirname = enabled, dirname
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
+        self.sample_repetition_penalty = sample_repetition_penalty
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -51,7 +53,8 @@ class HFExport(Callback):
             if self.sample_prompt and tokenizer is not None:
                 was_training = pl_module.training
                 pl_module.eval()
-                text = pl_module.generate_text(tokenizer, self.sample_prompt, self.sample_tokens)
+                text = pl_module.generate_text(tokenizer, self.sample_prompt, self.sample_tokens,
+                                               self.sample_repetition_penalty)
                 pl_module.train(was_training)
                 rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
         trainer.strategy.barrier("hf_export")

@@ -265,8 +265,9 @@ class GPT2Module(pl.LightningModule):
         self._eval_end("test")
 
     @torch.no_grad()
-    def generate_text(self, tokenizer, prompt: str, max_new_tokens: int | None = None) -> str:
-        """Greedy continuation of `prompt` (deterministic)."""
+    def generate_text(self, tokenizer, prompt: str, max_new_tokens: int | None = None,
+                      repetition_penalty: float = 1.0) -> str:
+        """Greedy continuation of `prompt` (deterministic); a penalty > 1 keeps small models from looping."""
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
         limit = self.model.config.n_positions - ids.shape[1]
         out = self.model.generate(
@@ -274,6 +275,7 @@ class GPT2Module(pl.LightningModule):
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max(1, min(max_new_tokens or self.hparams.max_new_tokens, limit)),
             do_sample=False,
+            repetition_penalty=repetition_penalty,
             pad_token_id=tokenizer.eos_token_id,
             # Padded vocabulary rows (zero logits) must never be generated.
             suppress_tokens=list(range(self.vocab_size, self.model.config.vocab_size)) or None,
