@@ -87,20 +87,26 @@ def train_losses(run: Path, version: int | None = None) -> dict[int, str]:
     return {int(r["step"]): r["train/loss"] for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("train/loss")}
 
 
-@pytest.fixture(scope="module")
-def reference(slurm, tmp_path_factory, corpus_dir, tokenizer_dir):
-    """An uninterrupted 2 nodes x 1 task run: the test below and the preemption test's reference."""
-    d = tmp_path_factory.mktemp("slurm_ref") / "job"
-    d.mkdir()
-    cfg = write_config(d, corpus_dir, tokenizer_dir)
-    r = submit(slurm, d, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg))
+def submit_and_wait(slurm, d: Path, cfg: Path, *layout: str) -> tuple[str, str, str]:
+    """Submit on CPU (no GPUs) with `layout`, wait for COMPLETED: (job id, job log, submit.sh stderr)."""
+    r = submit(slurm, d, "--gpus-per-node", "0", *layout, "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip()
     j = slurm.wait_job(job_id, timeout=300)
     logs = job_log(d, job_id)
     text = logs[0].read_text() if logs else ""
     assert j["JobState"] == "COMPLETED", text[-4000:]
-    return d, job_id, text, r.stderr
+    return job_id, text, r.stderr
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory, corpus_dir, tokenizer_dir):
+    """An uninterrupted 2 nodes x 1 task run: the test below and the preemption test's reference."""
+    d = tmp_path_factory.mktemp("slurm_ref") / "job"
+    d.mkdir()
+    cfg = write_config(d, corpus_dir, tokenizer_dir)
+    job_id, text, submit_err = submit_and_wait(slurm, d, cfg, "--nodes", "2", "--tasks-per-node", "1")
+    return d, job_id, text, submit_err
 
 
 @pytest.mark.parametrize("layout", ["2x1", "1x2"])
@@ -110,12 +116,7 @@ def test_fit_sbatch_runs_multi_process(layout, reference, slurm, tmp_path, corpu
     else:
         d = tmp_path
         cfg = write_config(d, corpus_dir, tokenizer_dir, max_steps=6)
-        r = submit(slurm, d, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--config", str(cfg))
-        assert r.returncode == 0, r.stderr
-        job_id, submit_err = r.stdout.strip(), r.stderr
-        j = slurm.wait_job(job_id, timeout=300)
-        text = job_log(d, job_id)[0].read_text()
-        assert j["JobState"] == "COMPLETED", text[-4000:]
+        job_id, text, submit_err = submit_and_wait(slurm, d, cfg, "--nodes", "1", "--tasks-per-node", "2")
     nodes, tasks = map(int, layout.split("x"))
     # submit.sh printed the batch arithmetic: 4 seqs x 2 accum x 2 processes = 16 seqs x 32 tokens.
     assert f"= 16 seqs x 32 tokens = 512 tokens/step" in submit_err
