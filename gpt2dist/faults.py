@@ -99,10 +99,11 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
         raise _save_failed(path, error or OSError("another rank failed to write its shard"))
     if strategy.global_rank == 0:
         try:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            fsync_dir(tmp)
+            for folder, _, files in os.walk(tmp):  # DeepSpeed folders nest (<tag>/*.pt)
+                for name in files:
+                    with open(os.path.join(folder, name), "rb") as fh:
+                        os.fsync(fh.fileno())
+                fsync_dir(Path(folder))
             old = path.with_name(f".{path.name}.old")
             if path.exists() or path.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)

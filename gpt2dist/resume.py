@@ -62,10 +62,17 @@ def install_early_handler() -> bool:
 def _progress(path: str | Path) -> tuple[tuple[int, int] | None, str]:
     """((global_step, batches seen), "") or (None, why it cannot be read)."""
     p = Path(path)
-    if p.is_dir():
+    meta = p
+    if p.is_dir() and (p / "latest").is_file():
+        # A DeepSpeed folder: Lightning's progress is in the client state of <tag>/*model_states.pt.
+        states = sorted((p / (p / "latest").read_text().strip()).glob("*model_states.pt"))
+        if not states:
+            return None, "DeepSpeed checkpoint folder without <tag>/*model_states.pt (incomplete)"
+        meta = states[0]
+    elif p.is_dir():
         if not (p / ".metadata").is_file() or not any(p.glob("*.distcp")):
             return None, "sharded checkpoint folder without .metadata or *.distcp shards (incomplete)"
-    meta = p / "meta.pt" if p.is_dir() else p
+        meta = p / "meta.pt"
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
         step = int(ckpt["global_step"])

@@ -20,7 +20,7 @@ import logging
 from typing import Literal
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,27 @@ class FSDP1Strategy(FSDPStrategy):
             limit_all_gathers=limit_all_gathers,
             process_group_backend=process_group_backend,
         )
+
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if self._state_dict_type != "sharded" or storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # one file: CheckpointIO, atomic
+        from gpt2dist.faults import save_distributed_atomically
+
+        save_distributed_atomically(self, super().save_checkpoint, checkpoint, filepath)
+
+
+class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy (same arguments), but each checkpoint folder is written under a
+    temporary name and renamed once every rank has written its part: `last` never points at a
+    half-written folder. GPU only."""
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # raises TypeError
+        from gpt2dist.faults import save_distributed_atomically
+
+        save_distributed_atomically(self, super().save_checkpoint, checkpoint, filepath)
 
 
 def _gpt2_block_class():

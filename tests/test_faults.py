@@ -249,3 +249,34 @@ def test_atomic_checkpoint_io_never_exposes_a_partial_file(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="disk full"):
         io.save_checkpoint({"w": torch.zeros(3)}, path)
     assert torch.load(path)["w"].sum().item() == 6.0 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_distributed_atomic_save_handles_nested_folders(tmp_path):
+    """DeepSpeed writes <folder>/<tag>/*.pt: the atomic folder save must fsync and rename nested
+    folders too, and a failed write must leave the previous folder as it was."""
+    from types import SimpleNamespace
+
+    from gpt2dist.errors import CheckpointError
+    from gpt2dist.faults import save_distributed_atomically
+
+    one_rank = SimpleNamespace(broadcast=lambda x: x, global_rank=0, barrier=lambda name=None: None,
+                               reduce_boolean_decision=lambda decision, all=True: decision)
+
+    def deepspeed_like(checkpoint, folder):
+        (Path(folder) / "checkpoint").mkdir(parents=True)
+        torch.save(checkpoint, Path(folder) / "checkpoint" / "mp_rank_00_model_states.pt")
+        (Path(folder) / "latest").write_text("checkpoint")
+
+    target = tmp_path / "last.ckpt"
+    save_distributed_atomically(one_rank, deepspeed_like, {"global_step": 1}, target)
+    save_distributed_atomically(one_rank, deepspeed_like, {"global_step": 2}, target)
+    assert torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 2
+
+    def dies_half_way(checkpoint, folder):
+        (Path(folder) / "checkpoint").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="disk full"):
+        save_distributed_atomically(one_rank, dies_half_way, {"global_step": 3}, target)
+    assert torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

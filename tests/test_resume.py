@@ -76,3 +76,25 @@ def test_fresh_start_and_passthrough(root):
 def test_preemption_knob_is_checked():
     with pytest.raises(ValueError, match="check_every_n_steps=0"):
         Preemption(check_every_n_steps=0)
+
+
+def save_deepspeed_folder(path, step: int, batches: int, tag: str = "checkpoint", zero3: bool = False) -> None:
+    """The layout Lightning's DeepSpeedStrategy writes: `latest` names the tag folder, whose
+    *model_states.pt holds Lightning's client state (global_step, loops, ...)."""
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"
+    save(path / tag / name, step, batches)
+    (path / "latest").write_text(tag)
+
+
+def test_deepspeed_folders_are_candidates_by_their_stored_step(root):
+    ck = root / "checkpoints"
+    save(ck / "step0000010.ckpt", 10, 20)
+    save_deepspeed_folder(ck / "last.ckpt", 12, 24, zero3=True)
+    assert checkpoint_progress(ck / "last.ckpt") == (12, 24)
+    assert resolve_ckpt_path("last", root, ck, slurm=False) == str(ck / "last.ckpt")
+    save_deepspeed_folder(root / "hpc_ckpt_1.ckpt", 14, 28)
+    assert newest_checkpoint(root, ck)[0].name == "hpc_ckpt_1.ckpt"
+    # Without its states file (a half-written folder) it is skipped, not loaded.
+    (root / "hpc_ckpt_1.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt").unlink()
+    assert checkpoint_progress(root / "hpc_ckpt_1.ckpt") is None
+    assert newest_checkpoint(root, ck)[0].name == "last.ckpt"
