@@ -284,7 +284,7 @@ class _BlockIterator:
     StatefulDataLoader saves it with the checkpoint (rank 0's copy). Every rank takes the same
     number of indices per step, so global = local x world size; resuming under another world size
     W' starts each rank at global // W' of its own stride, i.e. at the same place of the epoch's
-    permutation. Exact when the global batch (batch_size x W) is unchanged; see docs/crash_safety.md.
+    permutation. Exact when the global batch (batch_size x W) is unchanged; see README, "Crash safety".
     """
 
     def __init__(self, indices: list[int], num_replicas: int):

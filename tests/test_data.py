@@ -145,9 +145,9 @@ def test_sampler_global_batch_is_the_same_for_any_world_size():
     n, batch = 50, 4
     single = list(BlockSampler(n, True, 7, 1, 0))
     shards = [list(BlockSampler(n, True, 7, 2, r)) for r in range(2)]
-    for step in range(n // (2 * batch // 2) // 2):
+    per_rank = batch // 2  # same global batch: 2 ranks x 2 blocks = 1 rank x 4 blocks
+    for step in range(n // batch):  # every full step of the epoch
         g = set(single[step * batch:(step + 1) * batch])
-        per_rank = batch // 2
         d = set(shards[0][step * per_rank:(step + 1) * per_rank]) | set(shards[1][step * per_rank:(step + 1) * per_rank])
         assert g == d
     s = BlockSampler(n, True, 7)

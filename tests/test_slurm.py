@@ -133,7 +133,11 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_f
     ref_dir, _, _, _ = reference
     d = tmp_path_factory.mktemp("slurm_preempt") / "job"
     d.mkdir()
-    cfg = write_config(d, corpus_dir, tokenizer_dir)
+    # CSV for the loss comparison, plus W&B (offline) to check the requeued job continues the same run.
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(d / "run"), "name": "logs"}},
+               {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"save_dir": str(d / "run"), "project": "gpt2dist-test", "offline": True}}]
+    cfg = write_config(d, corpus_dir, tokenizer_dir, logger=loggers)
     r = submit(slurm, d, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip()
@@ -169,6 +173,9 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_f
     assert sorted(after) == list(range(resumed_at, MAX_STEPS)), sorted(after)
     assert {s: ref[s] for s in after} == after
     assert (run / "hf_model" / "model.safetensors").is_file()
+    # Both runs of the job wrote to the same W&B run: id slurm-<job id>, kept through the checkpoint.
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(f"-slurm-{job_id}") for p in wandb_runs), wandb_runs
 
 
 def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):
