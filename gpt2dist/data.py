@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".parquet", ".csv"}
-CACHE_VERSION = 1  # bump when the on-disk layout or the packing rule changes
+CACHE_VERSION = 2  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -394,12 +394,17 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return out
 
     def _documents(self, files: list[Path]) -> Iterator[tuple[str, str]]:
-        """(doc_key, text) for every non-empty document; bad files per `on_bad_file`."""
+        """(doc_key, text) for every non-empty document; bad files per `on_bad_file`.
+
+        Keys are paths relative to the files' common folder, so the validation hold-out is the same
+        wherever the corpus lies (another machine, another checkout)."""
+        base = os.path.commonpath([str(p.parent) for p in files]) if files else ""
         for path in files:
+            key = os.path.relpath(path, base)
             try:
                 for i, doc in enumerate(read_documents(path, self.text_field, self.text_unit)):
                     if doc.strip():
-                        yield f"{path}#{i}", doc
+                        yield f"{key}#{i}", doc
             except DataError as e:
                 if self.on_bad_file == "skip" and ("binary" in str(e) or "not UTF-8" in str(e)):
                     log.warning("skipping %s", e)

@@ -59,7 +59,7 @@ def test_fit_learns_checkpoints_and_exports(fitted):
     train = [float(x["train/loss"]) for x in rows if x.get("train/loss")]
     assert len(val) == 2 and len(train) >= 5
     # A fresh model predicts ~uniformly over the 512-token vocabulary (ppl ~512).
-    assert val[-1] < 0.6 * 512 and train[-1] < train[0] - 0.5
+    assert val[-1] < 0.6 * 512 and train[-1] < train[0] - 0.2
     assert all(x.get("lr") for x in rows if x.get("train/loss"))
     assert (run / "checkpoints" / "last.ckpt").exists()
     hf = run / "hf_model"
