@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from gpt2dist.export import model_from_lightning_state, save_hf_folder
+from gpt2dist.model import greedy_text
 from gpt2dist.strategies import full_state_dict, needs_gather
 
 
@@ -43,10 +44,14 @@ class HFExport(Callback):
             state = full_state_dict(trainer, pl_module)
             if trainer.is_global_zero:
                 ckpt = {"gpt2_config": pl_module.model.config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}
-                save_hf_folder(model_from_lightning_state(ckpt, "the trained model"), tokenizer, self.path)
+                model = model_from_lightning_state(ckpt, "the trained model")
+                save_hf_folder(model, tokenizer, self.path)
                 rank_zero_info(f"exported Hugging Face model to {self.path} (gathered from shards)")
-                if self.sample_prompt:
-                    rank_zero_info("sample generation skipped: the model is sharded or DeepSpeed-wrapped (generate from the exported folder)")
+                if self.sample_prompt and tokenizer is not None:
+                    # From the gathered fp32 copy, on rank 0's CPU: its GPU still holds the sharded training state.
+                    text = greedy_text(model.eval(), tokenizer, self.sample_prompt, self.sample_tokens,
+                                       self.sample_repetition_penalty, getattr(model.config, "unpadded_vocab_size", None))
+                    rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
         elif trainer.is_global_zero:
             save_hf_folder(pl_module.model, tokenizer, self.path)
             rank_zero_info(f"exported Hugging Face model to {self.path}")

@@ -68,6 +68,26 @@ def build_config(model_name_or_path: str, overrides: dict | None = None, dropout
     return config
 
 
+def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.0,
+                real_vocab: int | None = None) -> str:
+    """Greedy continuation of `prompt` by a GPT2LMHeadModel (on its own device); vocabulary rows from
+    `real_vocab` up (padding) are never generated."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    limit = model.config.n_positions - ids.shape[1]
+    real_vocab = real_vocab or model.config.vocab_size
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max(1, min(max_new_tokens, limit)),
+        do_sample=False,
+        repetition_penalty=repetition_penalty,
+        pad_token_id=tokenizer.eos_token_id,
+        suppress_tokens=list(range(real_vocab, model.config.vocab_size)) or None,
+    )
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
 class GPT2Module(pl.LightningModule):
     """Fine-tunes (or pre-trains) GPT-2 with AdamW and a warmup + cosine schedule."""
 
@@ -268,19 +288,8 @@ class GPT2Module(pl.LightningModule):
     def generate_text(self, tokenizer, prompt: str, max_new_tokens: int | None = None,
                       repetition_penalty: float = 1.0) -> str:
         """Greedy continuation of `prompt` (deterministic); a penalty > 1 keeps small models from looping."""
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-        limit = self.model.config.n_positions - ids.shape[1]
-        out = self.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max(1, min(max_new_tokens or self.hparams.max_new_tokens, limit)),
-            do_sample=False,
-            repetition_penalty=repetition_penalty,
-            pad_token_id=tokenizer.eos_token_id,
-            # Padded vocabulary rows (zero logits) must never be generated.
-            suppress_tokens=list(range(self.vocab_size, self.model.config.vocab_size)) or None,
-        )
-        return tokenizer.decode(out[0], skip_special_tokens=True)
+        return greedy_text(self.model, tokenizer, prompt, max_new_tokens or self.hparams.max_new_tokens,
+                           repetition_penalty, self.vocab_size)
 
     def predict_step(self, prompt: str, batch_idx: int) -> dict:
         return {"prompt": prompt, "text": self.generate_text(self._datamodule().tokenizer, prompt)}
@@ -310,7 +319,8 @@ class GPT2Module(pl.LightningModule):
         from gpt2dist.strategies import deepspeed_offloads_optimizer
 
         # One kernel for all params instead of a loop; not for DeepSpeed's CPU-offloaded partitions.
-        fused = self.device.type == "cuda" and not deepspeed_offloads_optimizer(self.trainer.strategy)
+        offloaded = deepspeed_offloads_optimizer(self.trainer.strategy)  # always call: it also configures DeepSpeed
+        fused = self.device.type == "cuda" and not offloaded
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)

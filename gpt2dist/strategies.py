@@ -191,6 +191,13 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def _post_order(module: torch.nn.Module):
+    """`module` and its descendants in `Module.apply`'s order (children first)."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
 def init_partitioned(model, state_dict: dict | None) -> None:
     """Write weights into a ZeRO-3 partitioned model: `state_dict` (pretrained), or Hugging Face's
     GPT-2 initialisation when None.
@@ -208,7 +215,11 @@ def init_partitioned(model, state_dict: dict | None) -> None:
                 if state_dict is None:
                     for p in params:  # HF's init functions skip tensors marked initialised
                         p._is_hf_initialized = False
-                    model.apply(model._init_weights)
+                    # Not model.apply: inside zero.Init DeepSpeed patches Module.apply into a per-module
+                    # gather + broadcast that every rank must join, and only rank 0 is here (a deadlock).
+                    # Same post-order as apply: children before parents, so parents' inits win.
+                    for module in _post_order(model):
+                        model._init_weights(module)
                 else:
                     missing, unexpected = model.load_state_dict(state_dict, strict=False)
                     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte

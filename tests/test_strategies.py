@@ -16,12 +16,15 @@ import yaml
 
 from conftest import REPO, TINY, run_cli
 
+TESTS = Path(__file__).resolve().parent
+
 OVERLAYS = ["ddp", "fsdp", "fsdp1", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
 STEPS = 10
 GLOBAL_BATCH = 4  # sequences per optimizer step, whatever the number of processes
 
 
-def write_config(tmp: Path, corpus_dir: Path, tokenizer_dir: Path, name: str, devices: int, **trainer) -> Path:
+def write_config(tmp: Path, corpus_dir: Path, tokenizer_dir: Path, name: str, devices: int, *, model: dict | None = None,
+                 sections: dict | None = None, **trainer) -> Path:
     root = tmp / name
     cfg = {
         "seed_everything": 7,
@@ -32,12 +35,13 @@ def write_config(tmp: Path, corpus_dir: Path, tokenizer_dir: Path, name: str, de
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": str(root), "name": "logs", "version": 0}}, **trainer},
         "model": {"model_name_or_path": "gpt2", "from_scratch": True, "config_overrides": TINY, "dropout": 0.0,
-                  "lr": 1e-3, "warmup_steps": 2},
+                  "lr": 1e-3, "warmup_steps": 2, **(model or {})},
         "data": {"train_files": [str(corpus_dir / "*.txt")], "tokenizer": str(tokenizer_dir), "block_size": 32,
                  # DDP/FSDP x2 get half the sequences per rank: the same global batch of 4.
                  "batch_size": GLOBAL_BATCH // (devices * trainer.get("num_nodes", 1)), "num_workers": 0,
                  "val_fraction": 0.1, "cache_dir": str(tmp / "cache")},
         "export": {"sample_prompt": None},
+        **(sections or {}),
     }
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
@@ -45,10 +49,10 @@ def write_config(tmp: Path, corpus_dir: Path, tokenizer_dir: Path, name: str, de
     return path
 
 
-def train_losses(root: Path, version: int = 0) -> dict[int, float]:
-    """Per-step train/loss from the CSV log (step = global step - 1, as Lightning logs it)."""
+def train_losses(root: Path, version: int = 0, key: str = "train/loss") -> dict[int, float]:
+    """Per-step `key` from the CSV log (step = global step - 1, as Lightning logs it)."""
     with open(root / "logs" / f"version_{version}" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
 def fit(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -131,6 +135,89 @@ def test_fsdp2_checkpoint_exports_the_trained_model(runs, tmp_path):
     assert not torch.allclose(_logits(tmp_path / "hf5"), trained)  # step 5 differs: the check can fail
 
 
+# ----------------------------------------------------------------------------- DeepSpeed on CPU
+# Real DeepSpeed on gloo (tests/cpu_strategies.py swaps only the class of the shipped overlays).
+DEEPSPEED = ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
+
+
+def ds_fit(config: Path, overlay: str, *args: str) -> subprocess.CompletedProcess:
+    from cpu_strategies import cpu_overlay
+
+    p = run_cli("fit", "--config", str(config), "--config", str(cpu_overlay(overlay, config.parent)), *args, timeout=300,
+                env={"PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tmp_path_factory, corpus_dir, tokenizer_dir, tokenizer):
+    """10 steps from the same small pretrained folder: one process, then each DeepSpeed overlay x2
+    (checkpoints every 5 steps, greedy samples every 5). ZeRO-3 loads the weights into partitions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **TINY)).save_pretrained(
+        tmp / "pretrained")
+    model = {"model_name_or_path": str(tmp / "pretrained"), "from_scratch": False}
+    sections = {"samples": {"sample_every_n_steps": 5, "prompts": ["def ", "The"], "max_new_tokens": 8},
+                "export": {"sample_prompt": "import ", "sample_tokens": 12}}
+    p = fit(write_config(tmp, corpus_dir, tokenizer_dir, "single", 1, model=model, sections=sections))
+    (tmp / "single" / "fit.log").write_text(p.stdout + p.stderr)
+    for name in DEEPSPEED:
+        p = ds_fit(write_config(tmp, corpus_dir, tokenizer_dir, name, 2, model=model, sections=sections), name,
+                   "--checkpoint.every_n_train_steps", "5", "--checkpoint.save_top_k", "-1")
+        (tmp / name / "fit.log").write_text(p.stdout + p.stderr)
+    return tmp
+
+
+def end_of_fit_sample(log: Path) -> str:
+    """The greedy sample HFExport prints after the export (from the gathered model when sharded)."""
+    return log.read_text().split("sample ('import ', greedy):\n", 1)[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("name", DEEPSPEED)
+def test_deepspeed_matches_single_process(ds_runs, name):
+    """Losses and pre-clipping grad norms (DeepSpeed's own, over its sharded gradients) equal one process's,
+    and the greedy samples (all ranks take part in ZeRO-3's gathers) are the same text."""
+    for key in ("train/loss", "train/grad_norm"):
+        single, ds = train_losses(ds_runs / "single", key=key), train_losses(ds_runs / name, key=key)
+        assert sorted(ds) == sorted(single) == list(range(STEPS)), key
+        diff = max(abs(single[s] - ds[s]) / max(1.0, abs(single[s])) for s in single)
+        assert diff < 1e-5, (key, diff, single, ds)
+    loss = train_losses(ds_runs / "single")
+    assert loss[STEPS - 1] < loss[0] - 0.05
+    samples = (ds_runs / name / "checkpoints" / "samples.txt").read_text()
+    assert samples.count("=== step") == 4  # 2 prompts at steps 5 and 10
+    assert samples == (ds_runs / "single" / "checkpoints" / "samples.txt").read_text()
+    sample = end_of_fit_sample(ds_runs / name / "fit.log")
+    assert sample.startswith("import ") and len(sample) > len("import ")
+    assert sample == end_of_fit_sample(ds_runs / "single" / "fit.log")
+
+
+@pytest.mark.parametrize("name", DEEPSPEED)
+def test_deepspeed_checkpoint_resumes_and_exports(ds_runs, name, tmp_path):
+    ck = ds_runs / name / "checkpoints"
+    assert (ck / "step0000005.ckpt" / "latest").is_file() and not list(ck.glob(".*tmp*"))  # complete, atomic folders
+    ds_fit(ds_runs / name / "config.yaml", name, "--trainer.logger.init_args.version", "1",
+           "--ckpt_path", str(ck / "step0000005.ckpt"), "--export.enabled", "false")
+    full, resumed = train_losses(ds_runs / name), train_losses(ds_runs / name, version=1)
+    assert sorted(resumed) == list(range(5, STEPS))  # steps 6..10
+    for s in resumed:
+        assert abs(resumed[s] - full[s]) < 1e-6, (s, resumed[s], full[s])
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    for step in (5, 10):
+        p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(ck / f"step{step:07d}.ckpt"),
+                            str(tmp_path / f"hf{step}")], capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+    trained = _logits(ds_runs / name / "hf_model")  # end of fit: gathered from the live engine
+    assert torch.equal(_logits(tmp_path / "hf10"), trained)
+    assert (_logits(ds_runs / "single" / "hf_model") - trained).abs().max() < 1e-4
+    assert not torch.allclose(_logits(tmp_path / "hf5"), trained)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,8 +254,15 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     p = subprocess.run(["bash", str(REPO / "tools/gpu_check_strategies.sh"), "--cpu-smoke"], capture_output=True, text=True,
                        timeout=600, env={**os.environ, "OUT": str(tmp_path)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r[0].strip() for r in rows[1:]] == ["ddp", "fsdp"]
-    for r in rows[1:]:
-        assert r[1].strip() == "ok" and float(r[2]) > 0 and float(r[3].replace(",", "")) > 0
+    tables = [[[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")
+               and "---" not in line] for block in p.stdout.split("\n\n")]
+    measured, logged = [t for t in tables if t]
+    assert [r[0] for r in measured[1:]] == [r[0] for r in logged[1:]] == ["ddp", "fsdp"]
+    for r in measured[1:]:
+        assert r[1] == "ok" and float(r[2]) > 0 and float(r[3].replace(",", "")) > 0
+    # TrainMonitor's own numbers: tokens/s and grad norm; no MFU and no GPU memory on a CPU.
+    assert logged[0][1:] == ["throughput/tokens_per_sec", "throughput/mfu", "memory/peak_allocated_gib",
+                             "memory/peak_reserved_gib", "train/grad_norm"]
+    for r in logged[1:]:
+        assert float(r[1].replace(",", "")) > 0 and r[2] == r[3] == r[4] == "-" and float(r[5]) > 0
     assert "fsdp: resume from step 3: steps [4, 5]" in p.stdout and p.stdout.count("PASS") == 2

@@ -1,0 +1,46 @@
+"""TEST-ONLY: real DeepSpeed (ZeRO-1/2/3, offload) on CPU processes over gloo.
+
+Lightning's DeepSpeedStrategy refuses a non-CUDA accelerator, and DeepSpeed wants an integer
+device rank; everything past those two checks is DeepSpeed's own code on its CPU accelerator
+(`DS_ACCELERATOR=cpu`). The overlays the tests use are the shipped ones with only the class_path
+swapped (see `cpu_overlay`), so CI exercises the shipped settings. Never used by the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies.ddp import DDPStrategy
+
+from gpt2dist.strategies import AtomicDeepSpeedStrategy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
+    runs_on_cpu = True  # read by gpt2dist.faults.check_strategy_accelerator
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # Lightning's CUDA-only check skipped; the rest as DeepSpeedStrategy
+
+    def setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()  # without the CUDA device-index validation
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", 0)  # DeepSpeed's engine needs an int device_rank; CPU has one device
+
+
+def cpu_overlay(name: str, folder: Path) -> Path:
+    """configs/strategy/<name>.yaml with the CPU class: same stage/offload settings as shipped."""
+    cfg = yaml.safe_load((REPO / "configs" / "strategy" / f"{name}.yaml").read_text())
+    assert cfg["trainer"]["strategy"]["class_path"] == "gpt2dist.strategies.AtomicDeepSpeedStrategy"
+    cfg["trainer"]["strategy"]["class_path"] = "cpu_strategies.CPUDeepSpeedStrategy"
+    path = folder / f"{name}-cpu.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
