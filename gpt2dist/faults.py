@@ -9,11 +9,10 @@
   them leaves no `last.ckpt` for an instant, and `--ckpt_path last` then takes the newest `step*`
   checkpoint, which keep-last-k always holds (ModelCheckpoint deletes an old checkpoint only after
   the new one is saved: `_save_checkpoint` then `_remove_checkpoint`, lightning 2.6).
-  DeepSpeed writes its own folders (GPU only here) and is not covered.
-- `FaultTolerance` callback: per-rank RNG states in every checkpoint, restored right before the
-  first batch after a resume (after the DataLoader iterator drew its base seed, as in an
-  uninterrupted run); a non-finite loss/gradient policy (skip the step, or stop and name the last
-  good checkpoint).
+  `AtomicDeepSpeedStrategy` routes DeepSpeed's folders through the same function.
+- `FaultTolerance` callback: per-rank training RNG states in every checkpoint, restored right
+  before the first batch after a resume; a non-finite loss/gradient policy (skip the step, or stop
+  and name the last good checkpoint).
 - `oom_message`: what `cli.main` prints on a CUDA out-of-memory error.
 """
 
@@ -127,7 +126,9 @@ def _rng_state() -> dict:
     # Tensors and plain Python values only: Lightning resumes with torch.load(weights_only=True).
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            # This rank's own GPU only: touching every visible GPU would open a CUDA context (~500 MB) on
+            # each of them from every rank.
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
 def _set_rng_state(s: dict) -> None:
@@ -135,8 +136,11 @@ def _set_rng_state(s: dict) -> None:
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before 2026-11-26 held every visible GPU's state
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 class FaultTolerance(Callback):
@@ -156,13 +160,14 @@ class FaultTolerance(Callback):
         self.consecutive = 0
         self.skipped = 0
         self._pending_rng: dict | None = None
+        self._train_rng: dict | None = None
 
     # --- state -------------------------------------------------------------
 
     def state_dict(self) -> dict:
         state: dict[str, Any] = {"skipped": self.skipped, "consecutive": self.consecutive}
         if self.save_rng_state:
-            own = _rng_state()
+            own = self._train_rng or _rng_state()
             # Called on every rank by Trainer.save_checkpoint; rank 0's copy is what gets written.
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 states: list = [None] * torch.distributed.get_world_size()
@@ -176,8 +181,29 @@ class FaultTolerance(Callback):
         self.skipped, self.consecutive = state.get("skipped", 0), state.get("consecutive", 0)
         self._pending_rng = state.get("rng") if self.save_rng_state else None
 
+    # --- RNG: training's stream is the same whether or not a run was interrupted -----------------
+    # Whatever runs between two training batches may draw from the global RNGs: validation (each
+    # DataLoader iterator draws a base seed), checkpoint saving, logging. A resumed run skips some of
+    # it (the validation of the step it resumed at), so the state each checkpoint stores is the one
+    # at the end of the training batch, and every batch starts from it: training's dropout stream
+    # never depends on what ran in between, in an uninterrupted run or a resumed one.
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.global_step > 0:
+            # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step
+            # and would save it again after the next micro-batch, mid-accumulation, over the good one.
+            for cb in trainer.checkpoint_callbacks:
+                if hasattr(cb, "_last_global_step_saved"):
+                    cb._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.save_rng_state:
+            self._train_rng = _rng_state()
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._pending_rng is None:
+            if self._train_rng is not None:
+                _set_rng_state(self._train_rng)
             return
         states, self._pending_rng = self._pending_rng, None
         if len(states) == trainer.world_size:

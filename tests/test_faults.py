@@ -104,24 +104,35 @@ def reference(tmp, corpus_dir, tokenizer_dir):
     return weights(tmp / "reference")
 
 
-@pytest.mark.parametrize("name, kill_at, num_workers", [
-    ("mid_accum", {"step": 4, "when": "mid_accumulation"}, 0),
-    ("during_save", {"step": 3, "when": "during_save", "name": "step0000003.ckpt"}, 1),
+@pytest.mark.parametrize("name, kill_at, num_workers, resumed_at", [
+    # Killed inside step 4's accumulation window: resumed from step 3.
+    ("mid_accum", {"step": 4, "when": "mid_accumulation"}, 0, 3),
+    # Killed with step 3 written under its temporary name: the name never existed, resumed from step 2.
+    ("during_save", {"step": 3, "when": "during_save", "name": "step0000003.ckpt"}, 1, 2),
+    # Killed writing last.ckpt at step 3, before that step's validation (val_check_interval 6 batches):
+    # resumed from step0000003.ckpt, saved before the validation the resumed run skips.
+    ("before_val", {"step": 3, "when": "during_save", "name": "last.ckpt"}, 0, 3),
 ])
-def test_single_process_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir, reference, name, kill_at, num_workers):
+def test_single_process_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir, reference, name, kill_at, num_workers,
+                                                     resumed_at):
     config = write_config(tmp, corpus_dir, tokenizer_dir, name, num_workers=num_workers)
     kill(config, kill_at)
     ck = run_dir(config) / "checkpoints"
-    if kill_at["when"] == "during_save":
-        # Killed with step 3 written under its temporary name: the name itself never existed.
+    if name == "during_save":
         assert list(ck.glob(".step0000003.ckpt.tmp-*")) and not (ck / "step0000003.ckpt").exists()
+    if name == "before_val":
+        assert not list(ck.glob("best-*"))  # the validation of step 3 never ran
+    before = {p.name: p.read_bytes() for p in ck.glob("step*.ckpt")}
     resumed = resume(config)
-    # during_save: resumed from step 2; mid_accumulation: killed inside step 4's window, resumed from 3.
-    assert f"global_step {kill_at['step'] - 1}" in resumed.stderr
+    assert f"global_step {resumed_at}" in resumed.stderr
     assert_bitwise(weights(run_dir(config)), reference)
     # Keep the last 2 by step; Lightning never deletes the checkpoint a run resumed from (kept as well).
     resumed_from = Path(resumed.stderr.split("resume: ", 1)[1].split(" (global_step")[0]).name
     assert {p.name for p in ck.glob("step*.ckpt")} - {resumed_from} == {"step0000005.ckpt", "step0000006.ckpt"}
+    if name == "before_val":
+        assert resumed_from == "step0000003.ckpt"
+        # Not saved again mid-accumulation after the resume (Lightning's ModelCheckpoint forgets it saved that step).
+        assert (ck / resumed_from).read_bytes() == before[resumed_from]
     assert not list(ck.glob(".*tmp*"))  # the resumed run's own writes left no temporary behind
 
 
@@ -158,6 +169,31 @@ def test_fsdp2_kill_resume_is_bitwise_exact_and_world_size_change(tmp, corpus_di
     a, b = weights(run_dir(one)), weights(tmp / "fsdp_ref")
     # Same samples per step, summed in another order: equal to float rounding, not bitwise.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_deepspeed_zero3_kill_resume_twice_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir):
+    """Real DeepSpeed ZeRO-3 on CPU (tests/cpu_strategies.py): killed while renaming the new last.ckpt
+    folder in at step 3, resumed, killed again mid-accumulation in step 5, resumed to the end."""
+    from cpu_strategies import cpu_overlay
+
+    ds = ["--config", str(cpu_overlay("deepspeed_zero3", tmp))]
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, "zero3_ref", devices=2)
+    ok(cli(ref, *ds))
+    last = run_dir(ref) / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "latest").is_file()  # a DeepSpeed folder
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "zero3_kill", devices=2)
+    ck = run_dir(config) / "checkpoints"
+    kill(config, {"step": 3, "when": "during_save", "name": "last.ckpt"}, *ds)
+    # Step 3's folder complete under its temporary name; step 2's moved aside; no half-written last.ckpt.
+    assert (ck / ".last.ckpt.tmp" / "latest").is_file() and not (ck / "last.ckpt").exists()
+    resumed = cli(config, *ds, "--ckpt_path", "last", "--config",
+                  str(overlay(run_dir(config), {"class_path": "fault_plugins.KillAt", "init_args": {"step": 5}})))
+    assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-3000:]
+    assert "step0000003.ckpt (global_step 3" in resumed.stderr
+    final = resume(config, *ds)
+    assert "(global_step 4" in final.stderr  # killed inside step 5's accumulation window
+    assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)))
+    assert not list(ck.glob(".*tmp*")) and not list(ck.glob(".*old*"))
 
 
 def test_sampler_position_maps_across_world_sizes():
