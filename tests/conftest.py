@@ -52,8 +52,9 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(str(tokenizer_dir))
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `gpt2dist` CLI in a subprocess (python -m gpt2dist, same interpreter)."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+            prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `gpt2dist` CLI in a subprocess (python -m gpt2dist, same interpreter), after `prefix`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gpt2dist", *args], cwd=cwd or REPO, env=full_env,
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "gpt2dist", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
