@@ -51,6 +51,9 @@ class StepStats(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.losses[trainer.global_step] = float(loss)
+        # What gpt2dist's TrainMonitor logged for this step (checked against our own numbers above).
+        self.logged = {k: float(v) for k, v in trainer.callback_metrics.items()
+                       if k.startswith(("throughput/", "memory/")) or k == "train/grad_norm"}
         self.tokens_per_step = batch["input_ids"].numel() * trainer.world_size
 
     def on_train_end(self, trainer, pl_module):
@@ -62,7 +65,8 @@ class StepStats(pl.Callback):
         tps = self.tokens_per_step * (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         Path(self.out_file).write_text(json.dumps({"losses": self.losses, "tokens_per_s": tps, "peak_gib": peak,
-                                                   "final_loss": self.losses[max(self.losses)] if self.losses else None}))
+                                                   "final_loss": self.losses[max(self.losses)] if self.losses else None,
+                                                   "logged": getattr(self, "logged", {})}))
 
 
 def base_config(work: Path, cpu: bool, steps: int) -> dict:
@@ -212,6 +216,14 @@ def main() -> int:
             print(f"| {name} | {status} | {s['final_loss']:.4f} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.2f} | {secs:.0f} |")
         else:
             print(f"| {name} | {status} | - | - | - | {secs:.0f} |")
+    print("\n### what TrainMonitor logged at the last step (MFU needs a known GPU; CPU shows none)\n")
+    keys = ["throughput/tokens_per_sec", "throughput/mfu", "memory/peak_allocated_gib", "memory/peak_reserved_gib",
+            "train/grad_norm"]
+    print("| strategy | " + " | ".join(keys) + " |")
+    print("| --- |" + " --- |" * len(keys))
+    for name, status, s, secs in results:
+        logged = (s or {}).get("logged", {})
+        print(f"| {name} | " + " | ".join(f"{logged[k]:,.4g}" if k in logged else "-" for k in keys) + " |")
     print()
     for line in checks:
         print(line)
