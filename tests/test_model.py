@@ -32,7 +32,7 @@ def test_loss_equals_hf_labels_loss():
 
 def test_weight_decay_only_on_matrices():
     m = tiny_module(weight_decay=0.05)
-    m.trainer = SimpleNamespace(max_steps=100, estimated_stepping_batches=100)  # what configure_optimizers reads
+    m.trainer = SimpleNamespace(max_steps=100, estimated_stepping_batches=100, strategy=None)  # what configure_optimizers reads
     opt = m.configure_optimizers()["optimizer"]
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

@@ -261,7 +261,7 @@ def run_torch(cfg: dict, args, device: torch.device) -> Meter:
     if precision.endswith("-true") and precision.startswith("bf16"):
         module.to(torch.bfloat16)
     module.train()
-    module.trainer = SimpleNamespace(max_steps=steps, estimated_stepping_batches=steps)
+    module.trainer = SimpleNamespace(max_steps=steps, estimated_stepping_batches=steps, strategy=None)
     opt_cfg = module.configure_optimizers()
     module.trainer = None
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
