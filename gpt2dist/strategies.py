@@ -300,8 +300,14 @@ def full_state_dict(trainer, pl_module) -> dict:
     if is_sharded(trainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        # FSDP1 and FSDP2 alike; cpu_offload=True leaves the full dict on rank 0 only.
-        state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # FSDP1 and FSDP2 alike; cpu_offload=True leaves the full dict on rank 0 only. FSDP1 on a CPU
+        # device (tests) cannot "offload" to where it already is: it frees the storage it copies from.
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        offload = not (isinstance(strategy, FSDPStrategy) and pl_module.device.type == "cpu")
+        state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+        if not trainer.is_global_zero:
+            return {}
         prefix = "model."
         return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
     if not trainer.is_global_zero:

@@ -1,9 +1,11 @@
-"""TEST-ONLY: real DeepSpeed (ZeRO-1/2/3, offload) on CPU processes over gloo.
+"""TEST-ONLY: real DeepSpeed (ZeRO-1/2/3, offload) and real FSDP1 on CPU processes over gloo.
 
 Lightning's DeepSpeedStrategy refuses a non-CUDA accelerator, and DeepSpeed wants an integer
 device rank; everything past those two checks is DeepSpeed's own code on its CPU accelerator
-(`DS_ACCELERATOR=cpu`). The overlays the tests use are the shipped ones with only the class_path
-swapped (see `cpu_overlay`), so CI exercises the shipped settings. Never used by the package.
+(`DS_ACCELERATOR=cpu`). torch's FSDP1 runs on CPU when given `device_id=cpu`, which Lightning
+never passes (it passes `root_device.index`, None on CPU). The overlays the tests use are the
+shipped ones with only the class_path swapped (see `cpu_overlay`), so CI exercises the shipped
+settings. Never used by the package.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import yaml
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
-from gpt2dist.strategies import AtomicDeepSpeedStrategy
+from gpt2dist.strategies import AtomicDeepSpeedStrategy, FSDP1Strategy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +38,32 @@ class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
         return torch.device("cpu", 0)  # DeepSpeed's engine needs an int device_rank; CPU has one device
 
 
+class CPUFSDP1Strategy(FSDP1Strategy):
+    runs_on_cpu = True  # read by gpt2dist.faults.check_strategy_accelerator
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        real = FSDP.__init__
+
+        def on_cpu(fsdp, *args, device_id=None, **kwargs):
+            real(fsdp, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+        FSDP.__init__ = on_cpu  # for this wrapping only (the root and each GPT2Block)
+        try:
+            return super()._setup_model(model)
+        finally:
+            FSDP.__init__ = real
+
+
+CPU_CLASSES = {"gpt2dist.strategies.AtomicDeepSpeedStrategy": "cpu_strategies.CPUDeepSpeedStrategy",
+               "gpt2dist.strategies.FSDP1Strategy": "cpu_strategies.CPUFSDP1Strategy"}
+
+
 def cpu_overlay(name: str, folder: Path) -> Path:
-    """configs/strategy/<name>.yaml with the CPU class: same stage/offload settings as shipped."""
+    """configs/strategy/<name>.yaml with the CPU class: the same settings as shipped."""
     cfg = yaml.safe_load((REPO / "configs" / "strategy" / f"{name}.yaml").read_text())
-    assert cfg["trainer"]["strategy"]["class_path"] == "gpt2dist.strategies.AtomicDeepSpeedStrategy"
-    cfg["trainer"]["strategy"]["class_path"] = "cpu_strategies.CPUDeepSpeedStrategy"
+    cfg["trainer"]["strategy"]["class_path"] = CPU_CLASSES[cfg["trainer"]["strategy"]["class_path"]]
     path = folder / f"{name}-cpu.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -171,21 +171,23 @@ def test_fsdp2_kill_resume_is_bitwise_exact_and_world_size_change(tmp, corpus_di
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_deepspeed_zero3_kill_resume_twice_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir):
-    """Real DeepSpeed ZeRO-3 on CPU (tests/cpu_strategies.py): killed while renaming the new last.ckpt
-    folder in at step 3, resumed, killed again mid-accumulation in step 5, resumed to the end."""
+@pytest.mark.parametrize("strategy, marker", [("deepspeed_zero3", "latest"), ("fsdp1", ".metadata")])
+def test_gpu_only_strategy_kill_resume_twice_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir, strategy, marker):
+    """Real DeepSpeed ZeRO-3 / FSDP1 on CPU (tests/cpu_strategies.py), sharded folders: killed while
+    renaming the new last.ckpt folder in at step 3, resumed, killed again mid-accumulation in step 5,
+    resumed to the end."""
     from cpu_strategies import cpu_overlay
 
-    ds = ["--config", str(cpu_overlay("deepspeed_zero3", tmp))]
-    ref = write_config(tmp, corpus_dir, tokenizer_dir, "zero3_ref", devices=2)
+    ds = ["--config", str(cpu_overlay(strategy, tmp))]
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, f"{strategy}_ref", devices=2)
     ok(cli(ref, *ds))
     last = run_dir(ref) / "checkpoints" / "last.ckpt"
-    assert last.is_dir() and (last / "latest").is_file()  # a DeepSpeed folder
-    config = write_config(tmp, corpus_dir, tokenizer_dir, "zero3_kill", devices=2)
+    assert last.is_dir() and (last / marker).is_file()  # a DeepSpeed / distcp folder
+    config = write_config(tmp, corpus_dir, tokenizer_dir, f"{strategy}_kill", devices=2)
     ck = run_dir(config) / "checkpoints"
     kill(config, {"step": 3, "when": "during_save", "name": "last.ckpt"}, *ds)
     # Step 3's folder complete under its temporary name; step 2's moved aside; no half-written last.ckpt.
-    assert (ck / ".last.ckpt.tmp" / "latest").is_file() and not (ck / "last.ckpt").exists()
+    assert (ck / ".last.ckpt.tmp" / marker).is_file() and not (ck / "last.ckpt").exists()
     resumed = cli(config, *ds, "--ckpt_path", "last", "--config",
                   str(overlay(run_dir(config), {"class_path": "fault_plugins.KillAt", "init_args": {"step": 5}})))
     assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-3000:]
