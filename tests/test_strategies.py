@@ -224,6 +224,30 @@ def test_gpu_only_strategy_checkpoint_resumes_and_exports(ds_runs, name, tmp_pat
     assert not torch.allclose(_logits(tmp_path / "hf5"), trained)
 
 
+@pytest.mark.parametrize("name", ["fsdp1", "deepspeed_zero2", "deepspeed_zero3"])
+def test_bf16_mixed_exports_fp32_master_weights(ds_runs, corpus_dir, tokenizer_dir, name, tmp_path):
+    """As on a GPU: bf16-mixed. DeepSpeed trains bf16 copies of the weights, FSDP1 computes in bf16;
+    both exports (end of fit, and tools/export_hf.py of the checkpoint) must hold the fp32 master
+    weights, the same ones."""
+    model = {"model_name_or_path": str(ds_runs / "pretrained"), "from_scratch": False}
+    config = write_config(ds_runs, corpus_dir, tokenizer_dir, f"{name}_bf16", 2, model=model, precision="bf16-mixed")
+    ds_fit(config, name, "--checkpoint.every_n_train_steps", str(STEPS))
+    losses, fp32 = train_losses(ds_runs / f"{name}_bf16"), train_losses(ds_runs / "single")
+    assert sorted(losses) == sorted(fp32) and max(abs(losses[s] - fp32[s]) for s in fp32) < 2e-2  # bf16 rounding
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(ds_runs / f"{name}_bf16/checkpoints/step{STEPS:07d}.ckpt"),
+                        str(tmp_path / "hf")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    end_of_fit, exported = load_file(ds_runs / f"{name}_bf16" / "hf_model" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert end_of_fit.keys() == exported.keys() and all(torch.equal(end_of_fit[k], exported[k]) for k in end_of_fit)
+    assert {v.dtype for v in exported.values()} == {torch.float32}
+    # Not bf16 copies cast up: after 10 AdamW steps almost no fp32 master weight is a bf16 number.
+    off_grid = sum((v != v.bfloat16().float()).sum().item() for v in exported.values())
+    assert off_grid > 0.9 * sum(v.numel() for v in exported.values())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
