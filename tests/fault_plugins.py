@@ -91,3 +91,15 @@ class DiskFullAt(Callback):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
             os.fsync = full
+
+
+class RecordSaves(Callback):
+    """Append `global_step accumulating(0|1)` to `path` for every checkpoint the run saves (rank 0)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step} {int(trainer.fit_loop.epoch_loop._should_accumulate())}\n")
