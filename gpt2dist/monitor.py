@@ -198,31 +198,42 @@ class TrainMonitor(Callback):
 
 def generation_mode(trainer) -> str:
     """Who runs `generate`: "rank0" (replicated weights), "all" (sharded weights: every rank
-    must take part in the gathers), or "skip" (FSDP1: its root's flat parameters are only
-    gathered by the wrapped root's forward, which `generate` bypasses)."""
+    must take part in the gathers), or "wrapper" (FSDP1: all ranks, through the FSDP wrapper's
+    forward, which alone gathers the root's flat parameters: embeddings, ln_f, tied head)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        return "skip"
+        return "wrapper"
     if isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
         return "all"
     return "rank0"
 
 
 @torch.no_grad()
-def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                     strategy=None) -> list[str]:
     """Greedy continuations of `prompts` with a fixed seed, without disturbing training's RNG.
 
     Under FSDP2 (`fully_shard` applied to the LightningModule root and to each block), the
     root's parameters (embeddings, ln_f, tied head) are unsharded explicitly here because
     `generate` calls `pl_module.model`, not the root's forward; the blocks gather their own.
-    Every rank must call it then (the gathers are collective).
+    Under FSDP1 (pass its `strategy`), each prompt goes through the FSDP wrapper's forward, as
+    Lightning routes `validation_step`: the root's flat parameters are gathered there, in the
+    training compute dtype. Either way every rank must call it (the gathers are collective).
     """
     from torch.distributed.fsdp import FSDPModule
 
     devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     root_fsdp = isinstance(pl_module, FSDPModule)
+    wrapped = strategy is not None and strategy.model is not pl_module
+
+    def one(prompt: str) -> str:
+        if wrapped:
+            return strategy._forward_redirection(strategy.model, pl_module, "generate_text", tokenizer, prompt,
+                                                 max_new_tokens)
+        return pl_module.generate_text(tokenizer, prompt, max_new_tokens)
+
     was_training = pl_module.training
     pl_module.eval()
     try:
@@ -231,7 +242,7 @@ def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: i
             if root_fsdp:
                 pl_module.unshard()
             try:
-                return [pl_module.generate_text(tokenizer, p, max_new_tokens) for p in prompts]
+                return [one(p) for p in prompts]
             finally:
                 if root_fsdp:
                     pl_module.reshard()
@@ -256,7 +267,6 @@ class SampleLogger(Callback):
         self.every, self.max_new_tokens, self.seed, self.filename = sample_every_n_steps, max_new_tokens, seed, filename
         self.prompts = list(prompts) if prompts is not None else ["The", "def "]
         self.rows: list[list] = []  # every sample so far: the W&B table is re-logged whole each time
-        self._warned = False
 
     def state_dict(self) -> dict:
         return {"rows": self.rows}  # a resumed run's table keeps the earlier samples
@@ -280,12 +290,6 @@ class SampleLogger(Callback):
         if not self.every or not self.prompts or step % self.every:
             return
         mode = generation_mode(trainer)
-        if mode == "skip":
-            if not self._warned:
-                rank_zero_warn(f"samples skipped under {type(trainer.strategy).__name__}: generation with FSDP1 "
-                               "flat parameters is not supported; use FSDP2 (ModelParallelStrategy) or the exported model")
-                self._warned = True
-            return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:
             return
@@ -294,7 +298,8 @@ class SampleLogger(Callback):
                 cb.pause(pl_module)
         if mode == "rank0" and not trainer.is_global_zero:
             return
-        texts = generate_samples(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed)
+        texts = generate_samples(pl_module, tokenizer, self.prompts, self.max_new_tokens, self.seed,
+                                 trainer.strategy if mode == "wrapper" else None)
         if not trainer.is_global_zero:
             return
         new = [[step, p, t] for p, t in zip(self.prompts, texts)]

@@ -181,7 +181,8 @@ def end_of_fit_sample(log: Path) -> str:
 @pytest.mark.parametrize("name", GPU_ONLY)
 def test_gpu_only_strategy_matches_single_process(ds_runs, name):
     """Losses and pre-clipping grad norms (DeepSpeed's own, or over FSDP1's flat shards) equal one
-    process's, and the greedy samples (all ranks take part in ZeRO-3's gathers) are the same text."""
+    process's, and the greedy samples (all ranks take part in ZeRO-3's gathers; FSDP1 routes them
+    through its wrapper's forward) are the same text."""
     for key in ("train/loss", "train/grad_norm"):
         single, ds = train_losses(ds_runs / "single", key=key), train_losses(ds_runs / name, key=key)
         assert sorted(ds) == sorted(single) == list(range(STEPS)), key
@@ -189,13 +190,9 @@ def test_gpu_only_strategy_matches_single_process(ds_runs, name):
         assert diff < 1e-5, (key, diff, single, ds)
     loss = train_losses(ds_runs / "single")
     assert loss[STEPS - 1] < loss[0] - 0.05
-    if name == "fsdp1":  # periodic samples are skipped there, with a warning that says why
-        assert "samples skipped under CPUFSDP1Strategy" in (ds_runs / name / "fit.log").read_text()
-        assert not (ds_runs / name / "checkpoints" / "samples.txt").exists()
-    else:
-        samples = (ds_runs / name / "checkpoints" / "samples.txt").read_text()
-        assert samples.count("=== step") == 4  # 2 prompts at steps 5 and 10
-        assert samples == (ds_runs / "single" / "checkpoints" / "samples.txt").read_text()
+    samples = (ds_runs / name / "checkpoints" / "samples.txt").read_text()
+    assert samples.count("=== step") == 4  # 2 prompts at steps 5 and 10
+    assert samples == (ds_runs / "single" / "checkpoints" / "samples.txt").read_text()
     sample = end_of_fit_sample(ds_runs / name / "fit.log")
     assert sample.startswith("import ") and len(sample) > len("import ")
     assert sample == end_of_fit_sample(ds_runs / "single" / "fit.log")
@@ -228,10 +225,18 @@ def test_gpu_only_strategy_checkpoint_resumes_and_exports(ds_runs, name, tmp_pat
 def test_bf16_mixed_exports_fp32_master_weights(ds_runs, corpus_dir, tokenizer_dir, name, tmp_path):
     """As on a GPU: bf16-mixed. DeepSpeed trains bf16 copies of the weights, FSDP1 computes in bf16;
     both exports (end of fit, and tools/export_hf.py of the checkpoint) must hold the fp32 master
-    weights, the same ones."""
+    weights, the same ones. Greedy samples are generated from the bf16 compute weights."""
     model = {"model_name_or_path": str(ds_runs / "pretrained"), "from_scratch": False}
-    config = write_config(ds_runs, corpus_dir, tokenizer_dir, f"{name}_bf16", 2, model=model, precision="bf16-mixed")
+    samples = {"samples": {"sample_every_n_steps": 5, "prompts": ["def ", "The"], "max_new_tokens": 8}}
+    config = write_config(ds_runs, corpus_dir, tokenizer_dir, f"{name}_bf16", 2, model=model, sections=samples,
+                          precision="bf16-mixed")
     ds_fit(config, name, "--checkpoint.every_n_train_steps", str(STEPS))
+    texts = (ds_runs / f"{name}_bf16" / "checkpoints" / "samples.txt").read_text().split("=== step ")[1:]
+    assert [t.split(" |")[0] for t in texts] == ["5", "5", "10", "10"]
+    for t in texts:  # "5 | prompt 'def '\ndef <continuation>\n\n": the prompt, then new tokens
+        prompt = t.split("prompt ", 1)[1].split("\n")[0].strip("'")
+        body = t.split("\n", 1)[1].strip("\n")
+        assert body.startswith(prompt) and len(body) > len(prompt), t
     losses, fp32 = train_losses(ds_runs / f"{name}_bf16"), train_losses(ds_runs / "single")
     assert sorted(losses) == sorted(fp32) and max(abs(losses[s] - fp32[s]) for s in fp32) < 2e-2  # bf16 rounding
     p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(ds_runs / f"{name}_bf16/checkpoints/step{STEPS:07d}.ckpt"),
@@ -290,6 +295,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     assert [r[0] for r in measured[1:]] == [r[0] for r in logged[1:]] == ["ddp", "fsdp"]
     for r in measured[1:]:
         assert r[1] == "ok" and float(r[2]) > 0 and float(r[3].replace(",", "")) > 0
+        assert r[6].startswith("'def "), r  # the last step's greedy sample (6 steps in: mostly EOS, skipped)
     # TrainMonitor's own numbers: tokens/s and grad norm; no MFU and no GPU memory on a CPU.
     assert logged[0][1:] == ["throughput/tokens_per_sec", "throughput/mfu", "memory/peak_allocated_gib",
                              "memory/peak_reserved_gib", "train/grad_norm"]

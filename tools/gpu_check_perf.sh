@@ -9,7 +9,8 @@
 #   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
-if ls .whl/*.whl >/dev/null 2>&1; then
+# Only where they are missing (the GPU machine); a full environment keeps its own.
+if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -61,7 +61,7 @@ class StepStats(pl.Callback):
 
         if not trainer.is_global_zero:
             return
-        t = self.times[self.warmup:]
+        t = self.times[self.warmup:-1]  # the last step also generates the sample (see base_config)
         tps = self.tokens_per_step * (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         Path(self.out_file).write_text(json.dumps({"losses": self.losses, "tokens_per_s": tps, "peak_gib": peak,
@@ -89,6 +89,9 @@ def base_config(work: Path, cpu: bool, steps: int) -> dict:
                  "cache_dir": str(work / "cache")},
         "export": {"sample_prompt": None},
         "checkpoint": {"every_n_train_steps": steps // 2, "save_top_k": -1},
+        # One greedy sample at the last step: generation under each strategy's sharding (all ranks
+        # take part), from the bf16 compute weights on a GPU.
+        "samples": {"sample_every_n_steps": steps, "prompts": ["def "], "max_new_tokens": 16},
     }
 
 
@@ -115,6 +118,15 @@ def run_fit(name: str, strategy: str, work: Path, cfg: dict, timeout: int, extra
 def stats(root: Path) -> dict | None:
     f = root / "stats.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+def first_sample(root: Path) -> str:
+    """The text of the first greedy sample the run wrote, on one line ("-" when none)."""
+    files = sorted(root.rglob("samples.txt"))
+    if not files:
+        return "-"
+    text = files[0].read_text(errors="replace").split("\n", 1)[1].split("\n\n=== step")[0].strip("\n")
+    return repr(text[:40]).replace("|", "/")  # a table cell
 
 
 def logits_diff(a: Path, b: Path) -> float:
@@ -209,13 +221,14 @@ def main() -> int:
     model = "tiny 2x64" if cpu else "GPT-2 Medium shape (24x1024, 355M params, vocab 50257)"
     seq, bs = cfg["data"]["block_size"], cfg["data"]["batch_size"]
     print(f"\n## strategies on {device}: {model}, seq {seq}, batch {bs}/device, {cfg['trainer']['precision']}, {steps} steps\n")
-    print("| strategy | status | final loss | tokens/s | peak GPU mem (GiB) | wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| strategy | status | final loss | tokens/s | peak GPU mem (GiB) | wall (s) | greedy sample at the last step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, status, s, secs in results:
+        sample = first_sample(work / name)
         if s:
-            print(f"| {name} | {status} | {s['final_loss']:.4f} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.2f} | {secs:.0f} |")
+            print(f"| {name} | {status} | {s['final_loss']:.4f} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.2f} | {secs:.0f} | {sample} |")
         else:
-            print(f"| {name} | {status} | - | - | - | {secs:.0f} |")
+            print(f"| {name} | {status} | - | - | - | {secs:.0f} | {sample} |")
     print("\n### what TrainMonitor logged at the last step (MFU needs a known GPU; CPU shows none)\n")
     keys = ["throughput/tokens_per_sec", "throughput/mfu", "memory/peak_allocated_gib", "memory/peak_reserved_gib",
             "train/grad_norm"]

@@ -8,7 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The GPU machine lacks deepspeed, torchdata, jsonargparse, datasets: the lead ships wheels in .whl/.
-if compgen -G ".whl/*.whl" > /dev/null; then
+# Only where they are missing: a full environment (here, CI) keeps its own.
+if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
