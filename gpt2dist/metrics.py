@@ -75,9 +75,12 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> i
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 
-def gpt2_flops_per_token(config, seq_len: int) -> int:
-    """`flops_per_token` for a transformers GPT2Config trained on blocks of `seq_len` tokens."""
-    counts = gpt2_param_count(config.vocab_size, config.n_positions, config.n_embd, config.n_layer,
+def gpt2_flops_per_token(config, seq_len: int, vocab_size: int | None = None) -> int:
+    """`flops_per_token` for a transformers GPT2Config trained on blocks of `seq_len` tokens. The
+    vocabulary is the real one (`vocab_size`, else the config's `unpadded_vocab_size` that
+    `pad_vocab` sets): rows padded for tensor cores do no useful work and must not inflate MFU."""
+    vocab = vocab_size or getattr(config, "unpadded_vocab_size", None) or config.vocab_size
+    counts = gpt2_param_count(vocab, config.n_positions, config.n_embd, config.n_layer,
                               getattr(config, "n_inner", None))
     return flops_per_token(counts["flops_n"], config.n_layer, config.n_embd, seq_len)
 

@@ -26,21 +26,6 @@ from gpt2dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peak (no sparsity), from the vendors' data sheets, TFLOP/s.
-# Matched against torch.cuda.get_device_name() in this order (first hit wins).
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("RTX 4090", 165.0),
-]
-
-
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     """`vocab_size` rounded up to a multiple of `multiple` (1: unchanged). 50257, 128 -> 50304."""
     if multiple < 1:
@@ -166,32 +151,3 @@ def apply_perf_options(module) -> None:
     if hp.compile:
         n = compile_blocks(model, hp.compile_mode)
         log.info("torch.compile: %d GPT2Blocks compiled regionally (mode=%s)", n, hp.compile_mode)
-
-
-def model_flops_per_token(config, seq_len: int, vocab_size: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in PaLM appendix B / llm.c:
-
-        6 * N  +  12 * n_layer * n_embd * seq_len
-
-    N counts every weight that does a matmul per token: 12 d^2 + 13 d per block (qkv, proj,
-    2 MLP, biases, 2 LayerNorms), the lm_head V x d (tied to wte, but the matmul is real work)
-    and the final LayerNorm. The position table is a lookup, not a matmul: excluded. The second
-    term is QK^T and AV (2 * 2 * T * d per layer forward, x3 with backward), full (non-causal)
-    count as in the PaLM/llm.c MFU. `vocab_size` defaults to the config's; pass the real (unpadded)
-    vocab so padding does not inflate MFU.
-    """
-    d, L = config.n_embd, config.n_layer
-    V = vocab_size or config.vocab_size
-    n = L * (12 * d * d + 13 * d) + V * d + 2 * d
-    return 6.0 * n + 12.0 * L * d * seq_len
-
-
-def peak_tflops(device: torch.device | str | None = None) -> float | None:
-    """Dense bf16 peak of this CUDA device from PEAK_BF16_TFLOPS, None on CPU/unknown cards."""
-    if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tf in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tf
-    return None

@@ -28,6 +28,13 @@ def test_gpt2_param_count_matches_the_real_model():
 def test_flops_per_token_hand_computed():
     assert flops_per_token(GPT2_N, 12, 768, 1024) == GPT2_FLOPS
     assert gpt2_flops_per_token(GPT2Config(), 1024) == GPT2_FLOPS
+    # A vocabulary padded to 50304 for tensor cores does no useful work: the real 50257 counts,
+    # given explicitly or read from the `unpadded_vocab_size` that pad_vocab leaves in the config.
+    padded = GPT2Config(vocab_size=50304)
+    assert gpt2_flops_per_token(padded, 1024) == GPT2_FLOPS + 6 * 47 * 768
+    assert gpt2_flops_per_token(padded, 1024, 50257) == GPT2_FLOPS
+    padded.unpadded_vocab_size = 50257
+    assert gpt2_flops_per_token(padded, 1024) == GPT2_FLOPS
     # n_inner changes the MLP width: GPT2Config(n_inner=1536) halves the MLP (2*d*f fewer per block).
     small = gpt2_param_count(50257, 1024, 768, 12, n_inner=1536)["flops_n"]
     assert GPT2_N - small == 12 * (2 * 768 * (3072 - 1536) + (3072 - 1536))

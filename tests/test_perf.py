@@ -13,7 +13,7 @@ from transformers import GPT2LMHeadModel
 from gpt2dist.errors import ConfigError
 from gpt2dist.export import export_checkpoint, save_hf_folder
 from gpt2dist.model import GPT2Module, build_config
-from gpt2dist.perf import model_flops_per_token, padded_vocab_size, unpad_vocab
+from gpt2dist.perf import padded_vocab_size, unpad_vocab
 
 from conftest import TINY
 
@@ -137,11 +137,3 @@ def test_regional_compile_matches_eager():
 def test_fused_cross_entropy_without_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="fused_cross_entropy=true needs a CUDA GPU and the liger-kernel"):
         module(fused_cross_entropy=True)
-
-
-def test_model_flops_per_token_hand_computed():
-    cfg = build_config("gpt2")
-    # N without wpe: 124,439,808 - 1024*768 = 123,653,376; 6N = 741,920,256; attention 12*12*768*1024 = 113,246,208
-    assert model_flops_per_token(cfg, 1024) == 741_920_256 + 113_246_208
-    # padding the vocab does not count as useful work when the real vocab is given
-    assert model_flops_per_token(build_config("gpt2", {"vocab_size": 50304}), 1024, 50257) == 855_166_464

@@ -18,7 +18,7 @@ later wins; `-o key.path=value` overrides one field). Rows, all in this process 
 Timing: every step ends with a device sync; step time is the time between consecutive step
 ends (data loading included). The median over the timed steps is reported; `first step` is the
 first step's time (compile happens there) and `compile` = first step - median. MFU uses
-`gpt2dist.perf.model_flops_per_token` and the card's dense bf16 peak (unknown on CPU: blank).
+`gpt2dist.metrics.gpt2_flops_per_token` and the card's dense bf16 peak (unknown on CPU: blank).
 Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS sampled at step ends.
 """
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(set_vital|LeafSpec|does not have many workers|tokens.*EOS).*")
 
-    from gpt2dist.perf import model_flops_per_token, peak_tflops
+    from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops
 
     cfg = load_config(args.config, args.override)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -380,8 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = model_config(cfg)
     args.block = int(cfg["data"].get("block_size", config.n_positions))
     args.cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
-    peak = args.peak_tflops or peak_tflops(device)
-    fpt = model_flops_per_token(config, args.block, config.vocab_size)
+    found = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = args.peak_tflops or (found[1] / 1e12 if found else None)  # TFLOP/s
+    fpt = gpt2_flops_per_token(config, args.block)  # the config is not padded yet: its vocab is the real one
     tokens_per_step = args.batch * args.block
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     precision = cfg["trainer"].get("precision", "bf16-mixed" if device.type == "cuda" else "32-true")
