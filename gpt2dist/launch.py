@@ -20,10 +20,11 @@ import yaml
 from gpt2dist.errors import ConfigError
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_configs(base: dict, extra: dict) -> dict:
+    """`extra` layered over `base`, section by section, as repeated `--config` files compose."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_configs(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -45,7 +46,7 @@ def read_fit_args(args: list[str]) -> tuple[dict, dict[str, str], list[str]]:
                 raise ConfigError(f"config file '{value}' does not exist: pass an existing --config PATH "
                                   f"(relative to {Path.cwd()})")
             configs.append(str(path))
-            merged = _merge(merged, yaml.safe_load(path.read_text()) or {})
+            merged = merge_configs(merged, yaml.safe_load(path.read_text()) or {})
         elif key.startswith("--") and value is not None:
             overrides[key[2:]] = value
     return merged, overrides, configs

@@ -25,7 +25,6 @@ Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS s
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -49,19 +48,14 @@ GiB = 2**30
 # ----------------------------------------------------------------------------- config
 
 
-def deep_merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def load_config(paths: list[str], overrides: list[str]) -> dict:
+    from gpt2dist.launch import merge_configs
+
     cfg: dict = {}
     for p in paths:
         if not Path(p).is_file():
             sys.exit(f"bench: error: --config {p} does not exist")
-        cfg = deep_merge(cfg, yaml.safe_load(Path(p).read_text()) or {})
+        cfg = merge_configs(cfg, yaml.safe_load(Path(p).read_text()) or {})
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
