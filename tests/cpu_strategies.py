@@ -65,8 +65,12 @@ CPU_CLASSES = {"gpt2dist.strategies.AtomicDeepSpeedStrategy": "cpu_strategies.CP
 
 
 def cpu_overlay(name: str, folder: Path) -> Path:
-    """configs/strategy/<name>.yaml with the CPU class: the same settings as shipped."""
-    cfg = yaml.safe_load((REPO / "configs" / "strategy" / f"{name}.yaml").read_text())
+    """configs/strategy/<name>.yaml with the CPU class: the same settings as shipped. An overlay
+    that already runs on CPU (ddp, fsdp) is returned as it is."""
+    shipped = REPO / "configs" / "strategy" / f"{name}.yaml"
+    cfg = yaml.safe_load(shipped.read_text())
+    if cfg["trainer"]["strategy"]["class_path"] not in CPU_CLASSES:
+        return shipped
     cfg["trainer"]["strategy"]["class_path"] = CPU_CLASSES[cfg["trainer"]["strategy"]["class_path"]]
     if "DeepSpeed" in cfg["trainer"]["strategy"]["class_path"] and not shutil.which(os.environ.get("CXX", "c++")):
         # DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op (.ci/run installs g++).

@@ -221,7 +221,7 @@ def test_gpu_only_strategy_checkpoint_resumes_and_exports(ds_runs, name, tmp_pat
     assert not torch.allclose(_logits(tmp_path / "hf5"), trained)
 
 
-@pytest.mark.parametrize("name", ["fsdp1", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["fsdp", "fsdp1", "deepspeed_zero2", "deepspeed_zero3"])
 def test_bf16_mixed_exports_fp32_master_weights(ds_runs, corpus_dir, tokenizer_dir, name, tmp_path):
     """As on a GPU: bf16-mixed. DeepSpeed trains bf16 copies of the weights, FSDP1 computes in bf16;
     both exports (end of fit, and tools/export_hf.py of the checkpoint) must hold the fp32 master
