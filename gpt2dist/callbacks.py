@@ -53,7 +53,12 @@ class HFExport(Callback):
                                        self.sample_repetition_penalty, getattr(model.config, "unpadded_vocab_size", None))
                     rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
         elif trainer.is_global_zero:
-            save_hf_folder(pl_module.model, tokenizer, self.path)
+            masters = pl_module.master_state_dict() if hasattr(pl_module, "master_state_dict") else None
+            if masters:  # bf16-true: the fp32 master weights, not their bf16 rounding
+                ckpt = {"gpt2_config": pl_module.model.config.to_dict(), "state_dict": {**pl_module.state_dict(), **masters}}
+                save_hf_folder(model_from_lightning_state(ckpt, "the trained model"), tokenizer, self.path)
+            else:
+                save_hf_folder(pl_module.model, tokenizer, self.path)
             rank_zero_info(f"exported Hugging Face model to {self.path}")
             if self.sample_prompt and tokenizer is not None:
                 was_training = pl_module.training

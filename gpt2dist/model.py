@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from gpt2dist.errors import CheckpointError, ConfigError
 
@@ -112,6 +113,7 @@ class GPT2Module(pl.LightningModule):
         activation_checkpointing: bool = False,
         tf32: bool = True,
         fused_cross_entropy: bool = False,
+        master_weights: bool = True,
     ):
         """
         Args:
@@ -134,6 +136,7 @@ class GPT2Module(pl.LightningModule):
             activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
             tf32: Allow TF32 for fp32 matmuls on Ampere+ GPUs.
             fused_cross_entropy: Liger fused linear cross-entropy (CUDA + `pip install liger-kernel`): no vocab-wide logits in memory.
+            master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -311,30 +314,65 @@ class GPT2Module(pl.LightningModule):
         # and FSDP1 flattens, so p.dim() there would put every weight in the no-decay group.
         shapes = getattr(self, "_param_ndim", {})
         ndim = {n: shapes.get(_unwrapped_name(n), len(getattr(p, "ds_shape", p.shape))) for n, p in named}
-        groups = [
-            {"params": [p for n, p in named if ndim[n] >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for n, p in named if ndim[n] < 2], "weight_decay": 0.0},  # biases, LayerNorm
+        named_groups = [
+            {"params": [(n, p) for n, p in named if ndim[n] >= 2], "weight_decay": hp.weight_decay},
+            {"params": [(n, p) for n, p in named if ndim[n] < 2], "weight_decay": 0.0},  # biases, LayerNorm
         ]
-        groups = [g for g in groups if g["params"]]  # wrappers drop empty groups; keep lambdas in step
-        from gpt2dist.strategies import deepspeed_offloads_optimizer
+        named_groups = [g for g in named_groups if g["params"]]  # wrappers drop empty groups; keep lambdas in step
+        from gpt2dist.strategies import deepspeed_offloads_optimizer, keeps_own_master_weights
 
         # One kernel for all params instead of a loop; not for DeepSpeed's CPU-offloaded partitions.
         offloaded = deepspeed_offloads_optimizer(self.trainer.strategy)  # always call: it also configures DeepSpeed
         fused = self.device.type == "cuda" and not offloaded
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        bf16_weights = any(p.dtype == torch.bfloat16 for _, p in named)  # trainer.precision bf16-true
+        owner = keeps_own_master_weights(self.trainer.strategy)
+        if hp.master_weights and bf16_weights and owner is False:
+            from gpt2dist.optim import MasterWeightAdamW
+
+            optimizer = MasterWeightAdamW(named_groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        else:
+            if bf16_weights and not owner:
+                why = ("model.master_weights is false" if owner is False else
+                       f"{type(self.trainer.strategy).__name__} keeps none; use trainer.precision bf16-mixed there")
+                rank_zero_warn(f"AdamW steps bf16 weights without fp32 masters ({why}): updates below bf16's resolution are lost")
+            groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints ---------------------------------------------------------
 
+    def master_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights by state_dict key (tied names included) when AdamW keeps them
+        (bf16-true with master_weights), else None."""
+        from gpt2dist.optim import MasterWeightAdamW
+
+        trainer = self._trainer
+        opt = next((o for o in (trainer.optimizers if trainer is not None else []) if isinstance(o, MasterWeightAdamW)), None)
+        if opt is None:
+            return None
+        by_param = {id(p): m for p, m in opt.pairs()}
+        return {n: by_param[id(p)] for n, p in self.named_parameters(remove_duplicate=False) if id(p) in by_param}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gpt2_config"] = self.model.config.to_dict()
+        masters = self.master_state_dict()
+        if masters:
+            # The fp32 masters are the weights (the bf16 ones are their rounding): stored once, here,
+            # so exports hold them; the optimizer state points here instead of a second copy.
+            checkpoint["state_dict"].update(masters)
+            for state in checkpoint.get("optimizer_states", []):
+                if isinstance(state.get("masters"), dict):
+                    state["masters"] = "state_dict"
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         if tokenizer is not None:  # lets tools/export_hf.py find the tokenizer again
             checkpoint["tokenizer_name_or_path"] = str(tokenizer.name_or_path)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for state in checkpoint.get("optimizer_states", []):
+            if state.get("masters") == "state_dict":  # see on_save_checkpoint
+                state["masters"] = checkpoint["state_dict"]
         saved = checkpoint.get("gpt2_config")
         if saved is None:
             return

@@ -182,6 +182,20 @@ def deepspeed_offloads_optimizer(strategy) -> bool:
 
 
 
+def keeps_own_master_weights(strategy) -> bool | None:
+    """Who keeps fp32 master weights when the parameters are bf16 (bf16-true): True for DeepSpeed
+    (its bf16 optimizer), None for FSDP1/FSDP2 (their optimizer state is saved per parameter
+    through distributed checkpointing: there, bf16-mixed computes in bf16 over fp32 sharded
+    parameters instead), False for single device and DDP (gpt2dist.optim.MasterWeightAdamW)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return True
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return None
+    return False
+
+
 def is_zero3_partitioned(model: torch.nn.Module) -> bool:
     """True when `model`'s parameters were created inside `deepspeed.zero.Init` (ZeRO-3)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())

@@ -2,13 +2,14 @@
 # GPU check of issue 6 on one H100 80GB, within ~6 min wall time (each row has its own timeout):
 #   1. GPT-2 Large (774M), b16 x 1024, bf16-mixed, compile: gpt2dist vs transformers.Trainer
 #   2. GPT-2 small (124M), b32 x 1024, same switches: gpt2dist vs transformers.Trainer
-#   3. GPT-2 small with the real DataModule vs synthetic tokens (the input pipeline: within 3%)
-#   4. memory planner estimate vs the peak memory measured in rows 1-2
+#   3. GPT-2 Large under bf16-true with fp32 master weights (gpt2dist/optim.py), vs row 1's bf16-mixed
+#   4. GPT-2 small with the real DataModule vs synthetic tokens (the input pipeline: within 3%)
+#   5. memory planner estimate vs the peak memory measured in rows 1-2
 # Usage (repo root). The H100 machine already has accelerate 1.15.0 (checked), needed by the
 # hf-trainer rows; elsewhere carry accelerate-1.15.0-py3-none-any.whl in .whl/ (installed below).
 #   tools/gpu_check_perf.sh                 # results under $OUT (a temp dir when unset)
 #   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
-#   DATA=0 tools/gpu_check_perf.sh          # without row 3
+#   BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # without rows 3 and 4
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
 # Only where they are missing (the GPU machine); a full environment keeps its own.
@@ -23,7 +24,8 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SMOKE=0; [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
-T_LARGE=${T_LARGE:-120} T_SMALL=${T_SMALL:-70} T_EXTRA=${T_EXTRA:-90} T_DATA=${T_DATA:-150}
+# Worst case 200 + 70 + 100 + 120 s: inside one 10-minute device call.
+T_LARGE=${T_LARGE:-200} T_SMALL=${T_SMALL:-70} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120}
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-3}
 
 if [ $SMOKE = 1 ]; then
@@ -50,6 +52,9 @@ START=$(date +%s)
 row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer
 row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer
 VALIDATE=("$OUT/large.json" "$OUT/small.json")
+if [ "${BF16TRUE:-1}" = 1 ]; then
+  row large-bf16true "$T_BF16" "${LARGE[@]}" -o trainer.precision=bf16-true --baseline none
+fi
 if [ "${DATA:-1}" = 1 ]; then  # tokenizer training + packing happen before the timed steps
   row small-data "$T_DATA" "${SMALL[@]}" --data both --baseline none
 fi
@@ -61,7 +66,7 @@ fi
 {
   echo
   echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
-  for name in large small small-data large-ckpt; do
+  for name in large small large-bf16true small-data large-ckpt; do
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then

@@ -1,0 +1,107 @@
+"""AdamW with fp32 master weights for bf16 parameters (`trainer.precision: bf16-true`).
+
+Under bf16-true the model's weights, activations and gradients are bf16: no autocast casts
+each forward, and half the bytes move through every elementwise kernel. But AdamW stepping
+bf16 weights directly loses every update below bf16's resolution (8 mantissa bits: a weight of
+1.0 only moves in steps of 2^-7 ~ 0.008, and lr x update is often 1e-4). `MasterWeightAdamW`
+keeps an fp32 master copy of each weight, as DeepSpeed's bf16 optimizer and llm.c do:
+
+    master_grad = fp32(p.grad);  AdamW(master, master_grad) in fp32;  p = bf16(master)  (round to nearest)
+
+Memory per parameter: 2 (bf16 weight) + 2 (bf16 grad) + 4 (master) + 4 (fp32 grad buffer)
++ 8 (m, v) = 20 bytes, against 16 under bf16-mixed (4 + 4 + 8). Gradient accumulation sums in
+bf16 (the model's grads are bf16). Single device and DDP; the sharded strategies keep fp32
+parameters themselves (FSDP2/FSDP1 under bf16-mixed, DeepSpeed's bf16 optimizer).
+
+`param_groups` hold the model's own (bf16) parameters, so LR schedulers, gradient clipping and
+grad-norm logging see them. Its `state_dict()` is a plain AdamW state dict (the fp32 moments,
+indexed like the groups) plus `masters` by parameter name: plain AdamW can resume from it, and
+GPT2Module moves the masters into the checkpoint's `state_dict` so they are stored once.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+HYPER = ("lr", "betas", "eps", "weight_decay")  # what schedulers or users may change per group
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW over fp32 master copies of low-precision parameters (see the module docstring)."""
+
+    def __init__(self, named_groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool = False):
+        """
+        Args:
+            named_groups: Param groups whose "params" are (name, parameter) pairs; names key the masters in state_dict.
+            lr: Learning rate.
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            weight_decay: Decoupled weight decay (a group may override it).
+            fused: The fused CUDA AdamW kernel for the fp32 step.
+        """
+        self.names = [[n for n, _ in g["params"]] for g in named_groups]
+        groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        with torch.no_grad():
+            masters = [[p.detach().float().clone() for p in g["params"]] for g in self.param_groups]
+        self.inner = torch.optim.AdamW(
+            [{**{k: g[k] for k in HYPER}, "params": ms} for g, ms in zip(self.param_groups, masters)],
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        self._grads: list[torch.Tensor] | None = None  # fp32 grad views of one flat buffer, set up on the first step
+
+    def pairs(self):
+        """(model parameter, its fp32 master), group by group."""
+        for g, ig in zip(self.param_groups, self.inner.param_groups):
+            yield from zip(g["params"], ig["params"])
+
+    def masters(self) -> dict[str, torch.Tensor]:
+        """{parameter name: its fp32 master}."""
+        names = [n for group in self.names for n in group]
+        return {n: m for n, (_, m) in zip(names, self.pairs())}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g, ig in zip(self.param_groups, self.inner.param_groups):
+            ig.update({k: g[k] for k in HYPER})
+        pairs = [(p, m) for p, m in self.pairs() if p.grad is not None]
+        if not pairs:
+            return loss
+        params, masters = [p for p, _ in pairs], [m for _, m in pairs]
+        if self._grads is None or len(self._grads) != len(masters):
+            flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=masters[0].device)
+            self._grads = [v.view_as(m) for v, m in zip(flat.split([m.numel() for m in masters]), masters)]
+            for m, grad in zip(masters, self._grads):
+                m.grad = grad
+        torch._foreach_copy_(self._grads, [p.grad for p in params])  # bf16 -> fp32, exact
+        self.inner.step()
+        torch._foreach_copy_(params, masters)  # fp32 -> bf16, round to nearest
+        return loss
+
+    def state_dict(self) -> dict:
+        sd = self.inner.state_dict()  # fp32 moments and steps, groups indexed 0..n-1 as ours
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            # Ours, not the inner copy synced at the last step: a scheduler has set the next lr since.
+            saved.update({k: v for k, v in group.items() if k != "params"})
+        sd["masters"] = self.masters()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads our own state dict, or a plain AdamW one (then the masters start from the weights)."""
+        self.inner.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        masters = state_dict.get("masters")
+        mine = self.masters()
+        if not isinstance(masters, dict) or not set(mine) <= set(masters):
+            rank_zero_warn("the optimizer state holds no fp32 master weights (saved without model.master_weights, or "
+                           "under another precision): they start from the current bf16 weights")
+            masters = {n: p for n, p in zip(mine, (p for p, _ in self.pairs()))}
+        with torch.no_grad():
+            for name, m in mine.items():
+                m.copy_(masters[name])

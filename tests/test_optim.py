@@ -1,0 +1,139 @@
+"""gpt2dist/optim.py: AdamW over fp32 master copies of bf16 weights (trainer.precision bf16-true)."""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2dist.optim import MasterWeightAdamW
+
+KW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def bf16_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(8, 4, generator=g).bfloat16()),
+            torch.nn.Parameter(torch.randn(4, generator=g).bfloat16())]
+
+
+def named(params, wd: float = 0.1) -> list[dict]:
+    return [{"params": [("w", params[0])], "weight_decay": wd}, {"params": [("b", params[1])], "weight_decay": 0.0}]
+
+
+def grads(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(8, 4, generator=g).bfloat16(), torch.randn(4, generator=g).bfloat16()]
+
+
+def run(opt, params, steps: range, lr_scale=lambda s: 1.0):
+    for s in steps:
+        for p, gr in zip(params, grads(s)):
+            p.grad = gr.clone()
+        for group in opt.param_groups:
+            group["lr"] = KW["lr"] * lr_scale(s)  # as an LR scheduler writes it
+        opt.step()
+        opt.zero_grad()
+
+
+def test_masters_follow_fp32_adamw_exactly_and_weights_are_their_rounding():
+    params = bf16_params()
+    opt = MasterWeightAdamW(named(params), weight_decay=0.1, **KW)
+    # Reference: plain fp32 AdamW on fp32 copies, fed the same (bf16-valued) gradients.
+    ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+    ref_opt = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}], **KW)
+    sched = lambda s: (s + 1) / 5  # noqa: E731 - a warmup: the masters must see each new lr
+    run(opt, params, range(5), sched)
+    for s in range(5):
+        for r, gr in zip(ref, grads(s)):
+            r.grad = gr.float()
+        for group in ref_opt.param_groups:
+            group["lr"] = KW["lr"] * sched(s)
+        ref_opt.step()
+    masters = opt.masters()
+    assert torch.equal(masters["w"], ref[0].detach()) and torch.equal(masters["b"], ref[1].detach())
+    for p, m in zip(params, masters.values()):
+        assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+        assert torch.equal(p.detach(), m.bfloat16())  # round to nearest of the master
+
+
+def test_small_updates_accumulate_in_the_masters_but_are_lost_in_plain_bf16_adamw():
+    # lr 1e-4 on weights near 1: each step moves a weight by ~1e-4, below bf16's spacing at 1.0 (2^-7).
+    p_master = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    p_plain = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([{"params": [("p", p_master)]}], lr=1e-4, weight_decay=0.0)
+    plain = torch.optim.AdamW([p_plain], lr=1e-4, weight_decay=0.0)
+    for _ in range(200):
+        for p, o in ((p_master, opt), (p_plain, plain)):
+            p.grad = torch.ones_like(p)
+            o.step()
+    assert torch.equal(p_plain.detach(), torch.ones(64, dtype=torch.bfloat16))  # 200 updates, all lost
+    assert torch.allclose(opt.masters()["p"], torch.full((64,), 1 - 200 * 1e-4), atol=1e-5)  # ~0.98
+    assert (p_master.detach() < 1).all()  # and the bf16 weights followed
+
+
+def test_state_dict_resumes_exactly_and_loads_into_plain_adamw():
+    params = bf16_params()
+    opt = MasterWeightAdamW(named(params), **KW)
+    run(opt, params, range(3))
+    for group in opt.param_groups:
+        group["lr"] = 0.5 * KW["lr"]  # a scheduler sets the next step's lr after each step: saved is that one
+    sd = opt.state_dict()
+    assert [g["lr"] for g in sd["param_groups"]] == [0.5 * KW["lr"]] * 2
+    assert set(sd["masters"]) == {"w", "b"} and all(v.dtype == torch.float32 for v in sd["masters"].values())
+    assert sd["state"][0]["exp_avg"].dtype == torch.float32  # fp32 moments, indexed like a plain AdamW
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in sd["masters"].items()}
+
+    # Resume in a fresh optimizer over fresh (rounded) weights: steps 3..5 equal the uninterrupted run.
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = MasterWeightAdamW(named(resumed_params), **KW)
+    resumed.load_state_dict(torch.load(_roundtrip(sd), weights_only=True))
+    assert torch.equal(resumed.masters()["w"], saved["w"])  # not re-derived from the bf16 weights
+    assert [g["lr"] for g in resumed.param_groups] == [0.5 * KW["lr"]] * 2
+    run(opt, params, range(3, 6))
+    run(resumed, resumed_params, range(3, 6))
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+    assert all(torch.equal(opt.masters()[k], resumed.masters()[k]) for k in ("w", "b"))
+
+    # A plain AdamW (e.g. after switching to bf16-mixed) takes the moments from it.
+    fp32 = [torch.nn.Parameter(m.clone()) for m in saved.values()]
+    plain = torch.optim.AdamW([{"params": [fp32[0]], "weight_decay": 0.01}, {"params": [fp32[1]], "weight_decay": 0.0}], **KW)
+    plain.load_state_dict(sd)
+    assert torch.equal(plain.state[fp32[0]]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
+def _roundtrip(sd: dict):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_bf16_true_ddp_kill_resume_is_bitwise_exact_and_exports_the_fp32_masters(tmp_path, corpus_dir, tokenizer_dir):
+    """`gpt2dist fit` under trainer.precision bf16-true, DDP x2 (accumulation 2, dropout 0.1): the
+    checkpoint's state_dict holds the fp32 masters once (the optimizer state points there), the
+    export holds them too, and a SIGKILL mid-accumulation + `--ckpt_path last` ends bitwise equal."""
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+    from test_faults import assert_bitwise, cli, kill, ok, resume, run_dir, weights, write_config
+
+    args = ["--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.precision", "bf16-true"]
+    ref = write_config(tmp_path, corpus_dir, tokenizer_dir, "bf16_ref", devices=2)
+    ok(cli(ref, *args))
+    ckpt = torch.load(run_dir(ref) / "checkpoints" / "step0000006.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_states"][0]["masters"] == "state_dict"  # stored once
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.is_floating_point()}
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    # Masters, not bf16 weights cast up: after 6 steps almost no weight lies on the bf16 grid.
+    off_grid = sum((v != v.bfloat16().float()).sum().item() for v in state.values())
+    assert off_grid > 0.9 * sum(v.numel() for v in state.values())
+    exported = load_file(run_dir(ref) / "hf_model" / "model.safetensors")
+    assert all(exported[k].dtype == torch.float32 and torch.equal(exported[k], state[k]) for k in exported)
+
+    config = write_config(tmp_path, corpus_dir, tokenizer_dir, "bf16_kill", devices=2)
+    kill(config, {"step": 4, "when": "mid_accumulation"}, *args)
+    resumed = resume(config, *args)
+    assert "(global_step 3" in resumed.stderr
+    assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)))
