@@ -371,7 +371,9 @@ class GPT2Module(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for state in checkpoint.get("optimizer_states", []):
-            if state.get("masters") == "state_dict":  # see on_save_checkpoint
+            # Masters stored in the state_dict (see on_save_checkpoint); from a checkpoint saved
+            # without them (bf16-mixed), its fp32 weights are the masters. Plain AdamW ignores the key.
+            if isinstance(state, dict) and not isinstance(state.get("masters"), dict):
                 state["masters"] = checkpoint["state_dict"]
         saved = checkpoint.get("gpt2_config")
         if saved is None:

@@ -137,3 +137,20 @@ def test_bf16_true_ddp_kill_resume_is_bitwise_exact_and_exports_the_fp32_masters
     resumed = resume(config, *args)
     assert "(global_step 3" in resumed.stderr
     assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)))
+
+
+def test_bf16_true_resumes_a_32_true_checkpoint_with_its_fp32_weights_as_masters(tmp_path, corpus_dir, tokenizer_dir):
+    from test_faults import cli, ok, run_dir, write_config
+
+    fp32 = write_config(tmp_path, corpus_dir, tokenizer_dir, "fp32", dropout=0.0)
+    ok(cli(fp32))
+    ckpt = run_dir(fp32) / "checkpoints" / "step0000005.ckpt"
+    switched = write_config(tmp_path, corpus_dir, tokenizer_dir, "switched", dropout=0.0)
+    p = ok(cli(switched, "--trainer.precision", "bf16-true", "--ckpt_path", str(ckpt)))
+    assert "no fp32 master weights" not in p.stderr  # the 32-true weights became the masters, not their rounding
+    before = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    after = torch.load(run_dir(switched) / "checkpoints" / "step0000006.ckpt", map_location="cpu", weights_only=True)
+    assert after["optimizer_states"][0]["masters"] == "state_dict"
+    # One bf16-true step from the fp32 weights: the masters moved by about lr, not by bf16 rounding.
+    deltas = [(after["state_dict"][k] - v).abs().max().item() for k, v in before.items() if v.is_floating_point()]
+    assert 0 < max(deltas) < 5e-3
