@@ -112,8 +112,14 @@ def _fsdp2_worker(rank, world, init_file, tokenizer_dir, out_q):
         local_only = torch.nn.utils.get_total_norm([p.grad.to_local() for p in sharded.parameters()]).item()
         texts = mon.generate_samples(sharded, tok, ["def ", "import"], 8, seed=3)
         out_q.put((rank, ref_norm, norm, local_only, ref_texts, texts))
+        dist.barrier()  # neither rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
+    # Results flushed, then no interpreter teardown: collecting FSDP2 objects while gloo's worker
+    # threads wind down aborted it once in CI ("terminate called without an active exception").
+    out_q.close()
+    out_q.join_thread()
+    os._exit(0)
 
 
 def test_grad_norm_and_samples_under_fsdp2(tmp_path, tokenizer_dir):
