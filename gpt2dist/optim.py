@@ -49,7 +49,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.inner = torch.optim.AdamW(
             [{**{k: g[k] for k in HYPER}, "params": ms} for g, ms in zip(self.param_groups, masters)],
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-        self._grads: list[torch.Tensor] | None = None  # fp32 grad views of one flat buffer, set up on the first step
+        self._grads: list[torch.Tensor] = []  # fp32 grad views of one flat buffer, set up on the first step
+        self._grads_key: tuple = ()  # the masters they belong to
 
     def pairs(self):
         """(model parameter, its fp32 master), group by group."""
@@ -69,15 +70,19 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 loss = closure()
         for g, ig in zip(self.param_groups, self.inner.param_groups):
             ig.update({k: g[k] for k in HYPER})
-        pairs = [(p, m) for p, m in self.pairs() if p.grad is not None]
+        everything = list(self.pairs())
+        pairs = [(p, m) for p, m in everything if p.grad is not None]
         if not pairs:
             return loss
         params, masters = [p for p, _ in pairs], [m for _, m in pairs]
-        if self._grads is None or len(self._grads) != len(masters):
+        key = tuple(id(m) for m in masters)
+        if key != self._grads_key:  # first step, or another set of parameters has gradients
+            for _, m in everything:
+                m.grad = None  # a master without a fresh gradient must not step on a stale one
             flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=masters[0].device)
-            self._grads = [v.view_as(m) for v, m in zip(flat.split([m.numel() for m in masters]), masters)]
-            for m, grad in zip(masters, self._grads):
-                m.grad = grad
+            for v, m in zip(flat.split([m.numel() for m in masters]), masters):
+                m.grad = v.view_as(m)
+            self._grads, self._grads_key = [m.grad for m in masters], key
         torch._foreach_copy_(self._grads, [p.grad for p in params])  # bf16 -> fp32, exact
         self.inner.step()
         torch._foreach_copy_(params, masters)  # fp32 -> bf16, round to nearest

@@ -55,6 +55,17 @@ def test_masters_follow_fp32_adamw_exactly_and_weights_are_their_rounding():
         assert torch.equal(p.detach(), m.bfloat16())  # round to nearest of the master
 
 
+def test_a_parameter_without_a_gradient_does_not_step():
+    params = bf16_params()
+    opt = MasterWeightAdamW(named(params, wd=0.0), **KW)
+    run(opt, params, range(2))
+    frozen, w_before = (params[1].detach().clone(), opt.masters()["b"].clone()), opt.masters()["w"].clone()
+    params[0].grad = grads(2)[0]  # "b" gets none this step (adam would still move it on its momentum)
+    opt.step()
+    assert torch.equal(params[1].detach(), frozen[0]) and torch.equal(opt.masters()["b"], frozen[1])
+    assert not torch.equal(opt.masters()["w"], w_before)  # "w" did step
+
+
 def test_small_updates_accumulate_in_the_masters_but_are_lost_in_plain_bf16_adamw():
     # lr 1e-4 on weights near 1: each step moves a weight by ~1e-4, below bf16's spacing at 1.0 (2^-7).
     p_master = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
