@@ -335,6 +335,9 @@ class GPT2Module(pl.LightningModule):
                 why = ("model.master_weights is false" if owner is False else
                        f"{type(self.trainer.strategy).__name__} keeps none; use trainer.precision bf16-mixed there")
                 rank_zero_warn(f"AdamW steps bf16 weights without fp32 masters ({why}): updates below bf16's resolution are lost")
+            if any(p.dtype == torch.float16 for _, p in named) and not owner:
+                rank_zero_warn("trainer.precision 16-true: AdamW steps fp16 weights with no fp32 masters and no loss "
+                               "scaling (small gradients underflow); use bf16-true or 16-mixed")
             groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))

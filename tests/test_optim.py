@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from gpt2dist.optim import MasterWeightAdamW
@@ -165,3 +169,27 @@ def test_bf16_true_resumes_a_32_true_checkpoint_with_its_fp32_weights_as_masters
     # One bf16-true step from the fp32 weights: the masters moved by about lr, not by bf16 rounding.
     deltas = [(after["state_dict"][k] - v).abs().max().item() for k, v in before.items() if v.is_floating_point()]
     assert 0 < max(deltas) < 5e-3
+
+
+def test_which_optimizer_each_precision_and_strategy_gets():
+    """bf16 weights on one device/DDP: masters; switched off, or under FSDP2: plain AdamW and a
+    warning that says why and what to use; fp32 weights: plain AdamW, silently."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from test_model import tiny_module
+
+    def optimizer(strategy=None, dtype=torch.bfloat16, **kw):
+        module = tiny_module(**kw).to(dtype)
+        module.trainer = SimpleNamespace(strategy=strategy, max_steps=5, estimated_stepping_batches=5)
+        return module.configure_optimizers()["optimizer"]
+
+    assert isinstance(optimizer(), MasterWeightAdamW)
+    with pytest.warns(UserWarning, match="model.master_weights is false"):
+        assert type(optimizer(master_weights=False)) is torch.optim.AdamW
+    with pytest.warns(UserWarning, match="ModelParallelStrategy keeps none; use trainer.precision bf16-mixed"):
+        assert type(optimizer(ModelParallelStrategy())) is torch.optim.AdamW
+    with pytest.warns(UserWarning, match="16-true: AdamW steps fp16 weights"):
+        optimizer(dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(optimizer(dtype=torch.float32)) is torch.optim.AdamW
