@@ -34,7 +34,9 @@ class HFExport(Callback):
         self.sample_repetition_penalty = sample_repetition_penalty
         self.path: Path | None = None
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # on_train_end, not on_fit_end: Lightning tears the strategy down (model and optimizer state to
+    # CPU) before on_fit_end, and ZeRO-3's fp32 gather then runs NCCL on CPU tensors (seen on an H200).
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)

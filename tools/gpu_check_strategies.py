@@ -61,8 +61,11 @@ class StepStats(pl.Callback):
 
         if not trainer.is_global_zero:
             return
-        t = self.times[self.warmup:-1]  # the last step also generates the sample (see base_config)
-        tps = self.tokens_per_step * (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
+        # Median step: the checked rows save a sharded checkpoint mid-run, and the last step also
+        # generates the sample (see base_config); a mean over the interval would count both.
+        t = self.times[self.warmup:-1]
+        dt = sorted(b - a for a, b in zip(t, t[1:]))
+        tps = self.tokens_per_step / dt[len(dt) // 2] if dt else float("nan")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         Path(self.out_file).write_text(json.dumps({"losses": self.losses, "tokens_per_s": tps, "peak_gib": peak,
                                                    "final_loss": self.losses[max(self.losses)] if self.losses else None,
@@ -167,7 +170,8 @@ def resume_and_export(name: str, strategy: str, work: Path, cfg: dict, steps: in
     out = work / f"{name}_export"
     t0 = time.time()
     p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(last), str(out)], capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     if p.returncode == 0 and (first / "hf_model").exists():
         d = logits_diff(out, first / "hf_model")
         lines.append(f"{name}: tools/export_hf.py {last.name} ({'folder' if last.is_dir() else 'file'}): max |logits - end-of-fit export| = "
