@@ -128,7 +128,7 @@ def fused_linear_token_losses(model, input_ids: torch.Tensor, real_vocab: int) -
     the lm_head matmul and the loss happen in vocab chunks, so no (tokens x vocab) tensor exists."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     targets = input_ids[:, 1:]
     weight = model.lm_head.weight[:real_vocab]  # padded rows are never candidates
     loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="none")

@@ -134,6 +134,28 @@ def test_regional_compile_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
 
 
+def test_compiled_blocks_share_one_graph_and_generation_stays_eager(tokenizer):
+    """10 blocks, over dynamo's recompile limit of 8. A training forward that filled a KV cache made
+    each block's first cache write recompile, so blocks 9+ ran eager (found on an H200)."""
+    from torch._dynamo.utils import counters
+
+    from gpt2dist.model import greedy_text
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = GPT2Module(from_scratch=True, dropout=0.0, compile=True,
+                   config_overrides={**TINY, "n_layer": 10, "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 0})
+    m.configure_model()
+    ids = torch.randint(0, 512, (2, 32))
+    for _ in range(2):
+        m.token_losses(ids).mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["frames"]["total"] == 1, dict(counters["frames"])
+    greedy_text(m.model.eval(), tokenizer, "def ", 6)  # new lengths + a cache: would recompile every block
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_fused_cross_entropy_without_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="fused_cross_entropy=true needs a CUDA GPU and the liger-kernel"):
         module(fused_cross_entropy=True)
