@@ -10,6 +10,7 @@
 #   tools/gpu_check_perf.sh                 # results under $OUT (a temp dir when unset)
 #   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
 #   BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # without rows 3 and 4
+#   LIGER=1 tools/gpu_check_perf.sh         # + GPT-2 Large with Liger's fused linear cross-entropy (memory vs row 1)
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
 # Only where they are missing (the GPU machine); a full environment keeps its own.
@@ -24,8 +25,8 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SMOKE=0; [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
-# Worst case 200 + 70 + 100 + 120 s: inside one 10-minute device call.
-T_LARGE=${T_LARGE:-200} T_SMALL=${T_SMALL:-70} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120}
+# Worst case 200 + 100 + 100 + 120 s: inside one 10-minute device call (small took ~65 s on an H200).
+T_LARGE=${T_LARGE:-200} T_SMALL=${T_SMALL:-100} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120} T_LIGER=${T_LIGER:-90}
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-3}
 
 if [ $SMOKE = 1 ]; then
@@ -58,6 +59,9 @@ fi
 if [ "${DATA:-1}" = 1 ]; then  # tokenizer training + packing happen before the timed steps
   row small-data "$T_DATA" "${SMALL[@]}" --data both --baseline none
 fi
+if [ "${LIGER:-0}" = 1 ]; then  # Liger fused linear cross-entropy: memory saved vs row 1 (needs liger-kernel)
+  row large-liger "$T_LIGER" "${LARGE[@]}" -o model.fused_cross_entropy=true --baseline none
+fi
 if [ "${EXTRA:-0}" = 1 ]; then
   row large-ckpt "$T_EXTRA" "${LARGE[@]}" -o model.activation_checkpointing=true --baseline none
   VALIDATE+=("$OUT/large-ckpt.json")
@@ -66,7 +70,7 @@ fi
 {
   echo
   echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
-  for name in large small large-bf16true small-data large-ckpt; do
+  for name in large small large-bf16true small-data large-liger large-ckpt; do
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then
