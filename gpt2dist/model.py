@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from gpt2dist.errors import CheckpointError, ConfigError
@@ -239,10 +238,10 @@ class GPT2Module(pl.LightningModule):
             from gpt2dist.perf import fused_linear_token_losses
 
             return fused_linear_token_losses(self.model, input_ids, self.vocab_size)
-        logits = self(input_ids)[:, :-1]
-        targets = input_ids[:, 1:]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        return loss.view_as(targets)
+        from gpt2dist.perf import compiled_shifted_token_losses, shifted_token_losses
+
+        loss_fn = compiled_shifted_token_losses if self.hparams.compile else shifted_token_losses
+        return loss_fn(self(input_ids), input_ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.token_losses(batch["input_ids"]).mean()

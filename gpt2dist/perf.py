@@ -8,7 +8,7 @@ with `tools/bench.py`:
   off the logits before the loss and suppressed in generation, and sliced off again on export
   so the Hugging Face folder keeps the standard 50257-row shape.
 - `compile`: `torch.compile` per GPT2Block ("regional"): the 12..48 blocks share one compiled
-  graph, so compile time is that of one block, not of the whole model.
+  graph, so compile time is that of one block, not of the whole model. The loss is a second region.
 - `activation_checkpointing`: recompute each block in backward (keeps only block inputs).
 - `tf32`: TF32 for fp32 matmuls (the fp32 parts under bf16-mixed, and 32-true runs).
 - `fused_cross_entropy`: Liger's fused linear + cross-entropy (GPU only, optional import):
@@ -106,7 +106,8 @@ def compile_blocks(model, mode: str | None = None) -> int:
     """`torch.compile` each block in place ("regional"); returns how many were compiled.
 
     All blocks have the same code and shapes, so Dynamo compiles one graph and reuses it; the
-    embeddings, final LayerNorm, lm_head and loss stay eager (cheap, and keeps `generate` eager).
+    embeddings, final LayerNorm and lm_head stay eager (the loss is compiled apart, see
+    `compiled_shifted_token_losses`).
     """
     n = 0
     for block in blocks(model):
@@ -134,6 +135,19 @@ def fused_linear_token_losses(model, input_ids: torch.Tensor, real_vocab: int) -
     loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="none")
     losses = loss_fn(weight, hidden.flatten(0, 1), targets.flatten())
     return losses.float().view_as(targets)
+
+
+def shifted_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss per position, shape (batch, T-1), in fp32, from logits (batch, T, vocab)."""
+    targets = input_ids[:, 1:]
+    logits = logits[:, :-1].flatten(0, 1).float()
+    return torch.nn.functional.cross_entropy(logits, targets.flatten(), reduction="none").view_as(targets)
+
+
+# With `compile`, the loss is a compiled region too: the shift, fp32 upcast, log-softmax and gather
+# fuse, so neither the fp32 logits nor their log-softmax is written out (each 32 x 1023 x 50257 x 4 B
+# = 6.6 GB for GPT-2 small at micro-batch 32). Lazy: nothing compiles until the first call.
+compiled_shifted_token_losses = torch.compile(shifted_token_losses)
 
 
 def apply_perf_options(module) -> None:
