@@ -1,0 +1,52 @@
+"""gpt2dist/callbacks.py: HFExport runs before Lightning's teardown and writes the trained weights."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from safetensors.torch import load_file
+
+from gpt2dist.callbacks import HFExport
+from gpt2dist.model import GPT2Module
+
+from conftest import TINY
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.randint(0, 128, (32,), generator=torch.Generator().manual_seed(i))}
+
+
+def test_export_runs_before_teardown_with_the_trained_weights(tmp_path, monkeypatch):
+    """Lightning's teardown moves the model and optimizer state to CPU before `on_fit_end`; ZeRO-3's
+    gather then ran NCCL on CPU tensors (an H200 run). On CPU the order is the only visible sign."""
+    order = []
+    real_teardown = pl.strategies.SingleDeviceStrategy.teardown
+    monkeypatch.setattr(pl.strategies.SingleDeviceStrategy, "teardown",
+                        lambda self: (order.append("teardown"), real_teardown(self))[1])
+    hook = next(h for h in ("on_train_end", "on_fit_end") if h in HFExport.__dict__)  # whichever exports
+    real_export = getattr(HFExport, hook)
+
+    def export(self, trainer, pl_module):
+        order.append("export")
+        real_export(self, trainer, pl_module)
+
+    monkeypatch.setattr(HFExport, hook, export)
+    torch.manual_seed(0)
+    m = GPT2Module(from_scratch=True, dropout=0.0, lr=1e-2, warmup_steps=1,
+                   config_overrides={**TINY, "vocab_size": 128, "bos_token_id": 0, "eos_token_id": 0})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[HFExport(sample_prompt=None)])
+    m.configure_model()
+    initial = {k: v.clone() for k, v in m.model.state_dict().items()}
+    trainer.fit(m, torch.utils.data.DataLoader(_Blocks(), batch_size=4))
+    assert order == ["export", "teardown"], order
+    exported = load_file(tmp_path / "hf_model" / "model.safetensors")
+    trained = m.model.state_dict()
+    assert not torch.equal(exported["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
