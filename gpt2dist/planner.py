@@ -21,10 +21,17 @@ Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
       LN inputs 2 x 4sbh (fp32 residual stream) + LN-output bf16 copies for QKV and MLP-in 2 x 2sbh
       + Q, K, V 6sbh + attention output 2sbh + GELU input 8sbh + MLP-out input 8sbh = 36 sbh
     eager GELU (tanh form) also keeps x^3, the tanh argument and tanh(.): +3 x 8sbh = 60.
+    (Saved-tensor hooks on CPU list exactly these: 60 eager, 34 compiled, which recomputes the
+    attention residual instead of keeping it.)
 
-Logits: LOGIT_BYTES * b * s * V: bf16 logits (2) + fp32 copy for the loss (4) + fp32 grad (4).
-With activation checkpointing a layer keeps only its fp32 input (4 sbd); one layer's full
-activations are alive again while it is recomputed in backward.
+Head: ln_f's fp32 input + its bf16 copy for lm_head, 6 sbh. Logits, per (token x vocab row):
+compiled loss 4 (bf16 logits kept for backward + their bf16 grad; the fp32 upcast and
+log-softmax fuse away), eager loss 12 (bf16 logits, fp32 copy, fp32 log-softmax kept, fp32 grad),
+Liger fused linear cross-entropy 0 (chunks; it keeps a bf16 grad of the hidden states, 2 sbh).
+With activation checkpointing a layer keeps only its fp32 input (4 sbh); the peak is then the
+larger of the logits phase and one layer recomputed in backward, not their sum.
+Checked on CPU with the real model (tests/test_planner.py: peak RSS per extra sequence, glibc
+mmap for every tensor): compiled 252 MiB vs 255 estimated, eager 684 vs 686 (L2 d768 V50304 s1024).
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ GiB = 2**30
 
 ACT_PER_LAYER_FUSED = 36  # bytes per (token x hidden) per layer, compiled blocks
 ACT_PER_LAYER_EAGER = 60  # eager tanh-GELU keeps three more 4h-wide bf16 tensors
-LOGIT_BYTES = 10  # per (token x vocab): bf16 logits 2 + fp32 copy 4 + fp32 grad 4
+HEAD_BYTES = 6  # per (token x hidden): ln_f's fp32 input + bf16 copy for lm_head
+LOGIT_BYTES_COMPILED = 4  # per (token x vocab): bf16 logits + bf16 grad (compiled loss: no fp32 copy)
+LOGIT_BYTES_EAGER = 12  # bf16 logits 2 + fp32 copy 4 + fp32 log-softmax 4 (kept) + grads in flight
+FUSED_CE_BYTES = 2  # per (token x hidden): Liger's bf16 grad of the hidden states, made in forward
 CKPT_INPUT_BYTES = 4  # per (token x hidden) per layer kept under checkpointing: fp32 block input
 USABLE_FRACTION = 0.92  # of the card: CUDA context, cuBLAS workspaces, allocator fragmentation
 DEEPSPEED_BUCKET_ELEMS = 2e8  # Lightning's DeepSpeedStrategy default reduce/allgather bucket size
@@ -80,7 +90,6 @@ class Estimate:
     other: float
     act_per_sample: float  # activations + logits for one sequence, no checkpointing
     act_per_sample_ckpt: float  # same with per-block checkpointing
-    act_fixed_ckpt: float  # one block's activations recomputed in backward (per sample: in act_per_sample_ckpt)
     cpu: float = 0.0  # host memory per rank (offload)
     notes: list[str] = field(default_factory=list)
 
@@ -101,39 +110,45 @@ def shape_from_config(config, pad_to: int = 1) -> Shape:
     return Shape(config.n_layer, config.n_embd, config.n_head, vocab, config.n_positions)
 
 
-def activation_bytes(shape: Shape, seq: int, fused_gelu: bool = True) -> tuple[float, float]:
-    """(no checkpointing, checkpointing) activation bytes for ONE sequence of `seq` tokens."""
+def activation_bytes(shape: Shape, seq: int, compiled: bool = True, fused_ce: bool = False) -> tuple[float, float]:
+    """(no checkpointing, checkpointing) activation bytes for ONE sequence of `seq` tokens.
+
+    `compiled`: model.compile (fused GELU in the blocks, fused loss); `fused_ce`: Liger's fused
+    linear cross-entropy (no logits)."""
     sd = seq * shape.n_embd
-    per_layer = (ACT_PER_LAYER_FUSED if fused_gelu else ACT_PER_LAYER_EAGER) * sd
-    logits = LOGIT_BYTES * seq * shape.vocab
-    embed = 2 * 4 * sd  # wte + wpe outputs (fp32) before the first block
-    full = shape.n_layer * per_layer + logits + embed
-    ckpt = shape.n_layer * CKPT_INPUT_BYTES * sd + per_layer + logits + embed
+    per_layer = (ACT_PER_LAYER_FUSED if compiled else ACT_PER_LAYER_EAGER) * sd
+    head = HEAD_BYTES * sd
+    if fused_ce:
+        logits = FUSED_CE_BYTES * sd
+    else:
+        logits = (LOGIT_BYTES_COMPILED if compiled else LOGIT_BYTES_EAGER) * seq * shape.vocab
+    full = shape.n_layer * per_layer + head + logits
+    # Checkpointing: the logits are gone by the time the first layer is recomputed.
+    ckpt = shape.n_layer * CKPT_INPUT_BYTES * sd + head + max(logits, per_layer)
     return full, ckpt
 
 
-def estimate(strategy: str, shape: Shape, world: int, seq: int, fused_gelu: bool = True) -> Estimate:
+def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool = True, fused_ce: bool = False) -> Estimate:
     """Per-GPU bytes for `strategy` on `world` data-parallel ranks (see the module docstring)."""
     N, G = shape.params, world
-    act, act_ckpt = activation_bytes(shape, seq, fused_gelu)
-    one_block = (ACT_PER_LAYER_FUSED if fused_gelu else ACT_PER_LAYER_EAGER) * seq * shape.n_embd
+    act, act_ckpt = activation_bytes(shape, seq, compiled, fused_ce)
     # Sharded strategies gather bf16 weights of the block being computed + the one prefetched,
     # plus the root (embeddings / tied lm_head), which stays gathered through forward and backward.
     gathered = 2 * (2 * shape.block_params) + 2 * shape.root_params
     buckets = 2 * DEEPSPEED_BUCKET_ELEMS * 2  # reduce + all-gather buckets of bf16 elements
     if strategy == "DDP":
-        e = Estimate(strategy, 4 * N, 4 * N, 8 * N, 2 * N + (4 * N if G > 1 else 0), act, act_ckpt, one_block)
+        e = Estimate(strategy, 4 * N, 4 * N, 8 * N, 2 * N + (4 * N if G > 1 else 0), act, act_ckpt)
     elif strategy in ("FSDP2", "FSDP1"):
         # + fp32 unsharded gradients of one block before reduce-scatter (4 x block params).
-        e = Estimate(strategy, 4 * N / G, 4 * N / G, 8 * N / G, gathered + 4 * shape.block_params, act, act_ckpt, one_block)
+        e = Estimate(strategy, 4 * N / G, 4 * N / G, 8 * N / G, gathered + 4 * shape.block_params, act, act_ckpt)
     elif strategy == "ZeRO-1":
-        e = Estimate(strategy, 2 * N, 2 * N, 12 * N / G, buckets, act, act_ckpt, one_block)
+        e = Estimate(strategy, 2 * N, 2 * N, 12 * N / G, buckets, act, act_ckpt)
     elif strategy == "ZeRO-2":
-        e = Estimate(strategy, 2 * N, 2 * N / G, 12 * N / G, buckets, act, act_ckpt, one_block)
+        e = Estimate(strategy, 2 * N, 2 * N / G, 12 * N / G, buckets, act, act_ckpt)
     elif strategy == "ZeRO-3":
-        e = Estimate(strategy, 2 * N / G, 2 * N / G, 12 * N / G, gathered + buckets, act, act_ckpt, one_block)
+        e = Estimate(strategy, 2 * N / G, 2 * N / G, 12 * N / G, gathered + buckets, act, act_ckpt)
     elif strategy == "ZeRO-3 offload":
-        e = Estimate(strategy, 0.0, 0.0, 0.0, gathered + buckets, act, act_ckpt, one_block, cpu=16 * N / G)
+        e = Estimate(strategy, 0.0, 0.0, 0.0, gathered + buckets, act, act_ckpt, cpu=16 * N / G)
         e.notes.append("optimizer step on CPU: expect several x slower steps")
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")

@@ -1,0 +1,63 @@
+"""Peak memory of one GPT2Module training step on CPU, per micro-batch: checks the planner's
+activation arithmetic with the real model (tests/test_planner.py runs it as a subprocess).
+
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_probe.py '{"n_layer": 2, ...}' compiled,eager,ckpt 1,2
+
+Why this measures what a CUDA allocator would: with glibc's mmap threshold pinned at 64 KiB
+(the environment variable must be set before the process starts), every tensor of note is its
+own mmap, unmapped when freed, so resident memory follows the live tensors. Linux's VmHWM (reset
+through /proc/self/clear_refs) then gives the step's peak, transients included. Model states
+(weights, grads, bf16 weight copies) are the same for every micro-batch, so the growth per extra
+sequence is the activation memory per sequence. Prints one JSON object: {mode: {b: peak bytes}}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def _status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def peak_step_bytes(overrides: dict, mode: str, batch: int, seq: int, pad: int) -> int:
+    from gpt2dist.model import GPT2Module
+
+    torch.manual_seed(0)
+    module = GPT2Module("gpt2", from_scratch=True, config_overrides=overrides, dropout=0.0,
+                        compile=mode != "eager", activation_checkpointing=mode == "ckpt",
+                        pad_vocab_to_multiple_of=pad)
+    module.configure_model()
+    module.train()
+    ids = torch.randint(0, overrides["vocab_size"], (batch, seq))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16-mixed: bf16 matmuls, fp32 weights
+            loss = module.token_losses(ids).mean()
+        loss.backward()
+
+    for _ in range(2):  # compile, first gradient allocation
+        step()
+    base = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    step()
+    return _status("VmHWM") - base
+
+
+def main() -> None:
+    overrides = json.loads(sys.argv[1])
+    modes, batches = sys.argv[2].split(","), [int(b) for b in sys.argv[3].split(",")]
+    seq, pad = int(sys.argv[4]) if len(sys.argv) > 4 else overrides["n_positions"], 128
+    print(json.dumps({m: {b: peak_step_bytes(overrides, m, b, seq, pad) for b in batches} for m in modes}))
+
+
+if __name__ == "__main__":
+    main()
