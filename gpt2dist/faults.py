@@ -217,13 +217,15 @@ class FaultTolerance(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
         if self.nan_policy == "off":
             return
-        # FSDP2: this rank's shard. DeepSpeed keeps its own gradients (none here) and has its own overflow check.
-        grads = [g.to_local() if hasattr(g, "to_local") else g for p in pl_module.parameters() if (g := p.grad) is not None]
-        # Norms stay on the device; one host sync per step (a NaN/inf loss makes NaN gradients).
-        local = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]).sum() if grads else None
-        finite = local is None or bool(torch.isfinite(local))
-        # A NaN in one rank's shard only: the ranks agree (one all-reduce of a flag) and skip or stop together.
-        bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        from gpt2dist.monitor import step_grad_norm
+
+        # The full model's gradient norm (the one TrainMonitor logs: computed once per step), the same
+        # on every rank: DDP grads are averaged, FSDP shards' squares summed across ranks. A NaN/inf
+        # loss makes NaN gradients. None: DeepSpeed keeps its own gradients and its own overflow check.
+        norm = step_grad_norm(trainer, pl_module)
+        finite = norm is None or bool(torch.isfinite(norm))  # the one host sync of the step
+        # A rank that disagrees anyway (a fault on one device): the ranks still skip or stop together.
+        bad = not finite if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(not finite, all=False)
         if not bad:
             self.consecutive = 0
             return

@@ -250,7 +250,10 @@ class GPT2Module(pl.LightningModule):
         self._loss_n = getattr(self, "_loss_n", 0) + 1
         if not self.trainer.fit_loop.epoch_loop._should_accumulate():
             self.log("train/loss", self._loss_sum / self._loss_n, prog_bar=True, sync_dist=True)
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+            from gpt2dist.monitor import logs_this_step
+
+            if logs_this_step(self.trainer):  # a Python float is copied to the device: a host sync
+                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
             self._loss_sum, self._loss_n = 0.0, 0
         return loss
 

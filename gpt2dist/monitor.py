@@ -3,6 +3,13 @@
 `TrainMonitor`: `throughput/tokens_per_sec_per_device`, `throughput/tokens_per_sec` (job),
 `throughput/mfu`, `train/grad_norm` (before clipping, sharding-aware), and on CUDA
 `memory/peak_allocated_gib` / `memory/peak_reserved_gib` (max over devices).
+
+No host sync on the steps in between logging steps. Each sync drains the GPU's queue, so the
+GPU then idles through Lightning's Python between steps (hooks, the next batch, the first
+launches): a few ms of a 60-70 ms GPT-2 small step. A Python number passed to `self.log` is a
+sync too (Lightning copies it to the device). So throughput is timed over the optimizer steps
+between two logging steps (one clock read, with a device sync, at each end), and the numbers
+Lightning would only write on a logging step are computed there.
 `SampleLogger`: greedy samples from fixed prompts every `sample_every_n_steps`, as a W&B table
 `samples` (step, prompt, text) and always as `samples.txt` next to the checkpoints.
 
@@ -16,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -60,6 +66,24 @@ def total_grad_norm(parameters, strategy=None) -> torch.Tensor | None:
     return norm
 
 
+def step_grad_norm(trainer, pl_module) -> torch.Tensor | None:
+    """`total_grad_norm` of this optimizer step, computed once however many callbacks ask
+    (TrainMonitor logs it, FaultTolerance checks it is finite): one pass over the gradients."""
+    key = (id(trainer), trainer.global_step)
+    cached = getattr(pl_module, "_step_grad_norm", None)
+    if cached is None or cached[0] != key:
+        cached = (key, total_grad_norm(pl_module.parameters(), trainer.strategy))
+        pl_module._step_grad_norm = cached
+    return cached[1]
+
+
+def logs_this_step(trainer) -> bool:
+    """Whether Lightning writes this training step's metrics to the loggers (every
+    `log_every_n_steps` optimizer steps): values logged on other steps are dropped anyway."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return True if connector is None else bool(connector.should_update_logs)
+
+
 def _deepspeed_engine(trainer):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -72,17 +96,16 @@ def _deepspeed_engine(trainer):
 class TrainMonitor(Callback):
     """Logs tokens/s (per device and job), MFU, grad norm and peak GPU memory every optimizer step."""
 
-    def __init__(self, enabled: bool = True, window: int | None = None, peak_tflops: float | None = None,
+    def __init__(self, enabled: bool = True, peak_tflops: float | None = None,
                  grad_norm: bool = True, skip_first_steps: int = 1):
         """
         Args:
-            enabled: Log throughput, MFU, grad norm and memory.
-            window: Optimizer steps averaged for tokens/s and MFU (default: trainer.log_every_n_steps).
+            enabled: Log throughput and MFU (averaged over the steps since the last logging step), grad norm and memory.
             peak_tflops: This GPU's dense bf16 peak in TFLOP/s, for GPUs missing from gpt2dist.metrics.PEAK_BF16_FLOPS.
             grad_norm: Log train/grad_norm (the norm before clipping).
             skip_first_steps: Optimizer steps left out of tokens/s (warm-up: allocator, kernels, lazy init).
         """
-        self.enabled, self.window, self.peak_tflops = enabled, window, peak_tflops
+        self.enabled, self.peak_tflops = enabled, peak_tflops
         self.grad_norm, self.skip_first_steps = grad_norm, skip_first_steps
         self.flops_per_token: int | None = None
         self.peak_flops: float | None = None
@@ -91,10 +114,9 @@ class TrainMonitor(Callback):
     def _reset(self) -> None:
         self._t_ref: float | None = None  # start of the open timing segment; None while paused
         self._pending = 0.0  # seconds of the current optimizer step already closed by pause()
-        self._tokens = 0  # tokens this rank processed in the current optimizer step
+        self._tokens = 0  # tokens this rank processed since the timing window opened
         self._steps_seen = 0
         self._last_step: int | None = None
-        self._hist: deque = deque()
 
     def _now(self, pl_module) -> float:
         # CUDA kernels run asynchronously: without a sync the clock would time the launches.
@@ -148,9 +170,9 @@ class TrainMonitor(Callback):
             self.pause(pl_module)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        # After AMP unscaling and before Lightning clips: the raw norm.
+        # After AMP unscaling and before Lightning clips: the raw norm. A device tensor: no sync.
         if self.enabled and self.grad_norm:
-            norm = total_grad_norm(pl_module.parameters(), trainer.strategy)
+            norm = step_grad_norm(trainer, pl_module)
             if norm is not None:
                 pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
@@ -161,10 +183,15 @@ class TrainMonitor(Callback):
         if trainer.global_step == self._last_step:
             return  # accumulating: no optimizer step yet
         self._last_step = trainer.global_step
+        self._steps_seen += 1
+        if self._steps_seen <= self.skip_first_steps:  # warm-up: the window opens after it
+            self._tokens, self._pending, self._t_ref = 0, 0.0, self._now(pl_module)
+            return
+        if not logs_this_step(trainer):
+            return  # the clock keeps running: no sync, nothing logged
         now = self._now(pl_module)
         seconds = self._pending + (now - self._t_ref if self._t_ref is not None else 0.0)
         tokens, self._tokens, self._pending, self._t_ref = self._tokens, 0, 0.0, now
-        self._steps_seen += 1
 
         engine = _deepspeed_engine(trainer)
         if engine is not None and self.grad_norm:
@@ -177,17 +204,11 @@ class TrainMonitor(Callback):
                                 torch.cuda.max_memory_reserved(pl_module.device) / gib], device=pl_module.device)
             pl_module.log("memory/peak_allocated_gib", mem[0], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
             pl_module.log("memory/peak_reserved_gib", mem[1], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
-
-        if self._steps_seen <= self.skip_first_steps or seconds <= 0:
+        if seconds <= 0 or tokens == 0:
             return
-        window = self.window or max(1, trainer.log_every_n_steps)
-        self._hist.append((tokens, seconds))
-        while len(self._hist) > window:
-            self._hist.popleft()
         if self.flops_per_token is None and getattr(pl_module, "model", None) is not None:
             self.flops_per_token = gpt2_flops_per_token(pl_module.model.config, int(batch["input_ids"].shape[1]))
-        rates = throughput(sum(t for t, _ in self._hist), sum(s for _, s in self._hist), trainer.world_size,
-                           self.flops_per_token, self.peak_flops)
+        rates = throughput(tokens, seconds, trainer.world_size, self.flops_per_token, self.peak_flops)
         for key, value in rates.items():
             pl_module.log(f"throughput/{key}", value, on_step=True, on_epoch=False)
         pl_module.log("tok/s", rates["tokens_per_sec"], on_step=True, on_epoch=False, prog_bar=True, logger=False)

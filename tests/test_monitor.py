@@ -27,9 +27,10 @@ def tiny_module(vocab=512) -> GPT2Module:
 
 class Clock:
     def __init__(self):
-        self.t = 100.0
+        self.t, self.reads = 100.0, 0
 
     def __call__(self):
+        self.reads += 1  # on CUDA each read is a device sync (TrainMonitor._now)
         return self.t
 
 
@@ -39,8 +40,9 @@ def test_throughput_counts_every_micro_batch_and_excludes_validation(monkeypatch
     module = tiny_module()
     logged = {}
     module.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
+    connector = SimpleNamespace(should_update_logs=False)  # Lightning's "this step is written to the loggers"
     trainer = SimpleNamespace(global_step=0, world_size=4, log_every_n_steps=10, sanity_checking=False,
-                              strategy=None)
+                              strategy=None, _logger_connector=connector)
     cb = mon.TrainMonitor(peak_tflops=1e-6)  # 1 MFLOP/s peak: MFU is checkable on CPU
     cb.on_train_start(trainer, module)
     batch = {"input_ids": torch.zeros(2, 16, dtype=torch.long)}  # 32 tokens per micro-batch
@@ -56,15 +58,26 @@ def test_throughput_counts_every_micro_batch_and_excludes_validation(monkeypatch
             cb.on_validation_start(trainer, module)
             clock.t += validation_seconds  # must not count
 
-    optimizer_step(5.0)  # warm-up step: skipped
-    assert "throughput/tokens_per_sec" not in logged
-    optimizer_step(0.25, validation_seconds=30.0)  # 128 tokens in 1.0 s
-    optimizer_step(0.5)  # 128 tokens in 2.0 s
+    optimizer_step(5.0)  # warm-up step: skipped; the window opens at its end
+    reads = clock.reads
+    optimizer_step(0.25, validation_seconds=30.0)  # 128 tokens in 1.0 s; not a logging step
+    assert not logged
+    assert clock.reads == reads + 1  # the validation pause only: no per-step read
+    connector.should_update_logs = True
+    optimizer_step(0.5)  # 128 tokens in 2.0 s, a logging step: the window closes
+    assert clock.reads == reads + 3  # + the restart after validation and the close
     # window: 256 tokens / 3.0 s per device; job = x4 ranks
     assert logged["throughput/tokens_per_sec_per_device"] == pytest.approx(256 / 3.0)
     assert logged["throughput/tokens_per_sec"] == pytest.approx(4 * 256 / 3.0)
     fpt = gpt2_flops_per_token(module.model.config, 16)
     assert logged["throughput/mfu"] == pytest.approx(256 / 3.0 * fpt / 1e6)
+    connector.should_update_logs = False
+    for _ in range(5):
+        optimizer_step(1.0)  # 5 steps, 640 tokens in 20 s, with no clock read (no sync) at all
+    assert clock.reads == reads + 3
+    connector.should_update_logs = True
+    optimizer_step(0.25)  # closes the next window: 768 tokens in 21 s
+    assert logged["throughput/tokens_per_sec_per_device"] == pytest.approx(768 / 21.0)
 
 
 def test_cpu_warns_and_logs_no_mfu():
