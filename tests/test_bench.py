@@ -21,17 +21,21 @@ MICRO = ["--cpu", "--config", str(REPO / "configs/perf/tiny-cpu.yaml"),
 def test_bench_rows_and_json(tmp_path, capsys, baseline):
     if baseline == "hf-trainer":
         pytest.importorskip("accelerate")
-    res = bench.main([*MICRO, "--baseline", baseline, "--out", str(tmp_path / "b.json")])
+    extra = ["--callbacks"] if baseline == "torch" else []  # + the row with gpt2dist fit's per-step callbacks
+    res = bench.main([*MICRO, "--baseline", baseline, *extra, "--out", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
     assert "| gpt2dist |" in out and f"| {baseline} |" in out
     saved = json.loads((tmp_path / "b.json").read_text())
-    assert saved["tokens_per_step"] == 64 and [r["run"] for r in saved["rows"]] == ["gpt2dist", baseline]
+    runs = ["gpt2dist", *(["gpt2dist + fit callbacks"] if extra else []), baseline]
+    assert saved["tokens_per_step"] == 64 and [r["run"] for r in saved["rows"]] == runs
     for r in res["rows"]:
         assert "error" not in r, r
         assert len(r["step_times_s"]) == 3 and r["steps_timed"] == 2  # 1 warmup + 2 timed steps ran
         assert r["tokens_per_s"] == pytest.approx(64 / r["median_step_s"]) and r["mfu"] is None  # no CPU peak
-    ours, base = res["rows"]
+    ours, base = res["rows"][0], res["rows"][-1]
     assert ours["ratio"] == 1.0 and base["ratio"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"])
+    if extra:
+        assert "fit callbacks (TrainMonitor, NaN guard):" in out
 
 
 def test_bench_bad_override_exits_with_message():

@@ -15,9 +15,11 @@ later wins; `-o key.path=value` overrides one field). Rows, all in this process 
 - hf-trainer: `transformers.Trainer` on an unpadded GPT2LMHeadModel with the same shape, batch
   and precision, SDPA attention, its fused AdamW on CUDA, and `torch_compile` when ours compiles.
 
-Timing: every step ends with a device sync; step time is the time between consecutive step
-ends (data loading included). The median over the timed steps is reported; `first step` is the
-first step's time (compile happens there) and `compile` = first step - median. MFU uses
+Timing: step time is the time between consecutive step ends (data loading included); on CUDA
+they are events on the GPU timeline with no host sync in between (see `Meter`), and the host
+syncs the training loop itself makes are counted (`syncs/step`). The median over the timed
+steps is reported; `first step` is the first step's time (compile happens there) and
+`compile` = first step - median. MFU uses
 `gpt2dist.metrics.gpt2_flops_per_token` and the card's dense bf16 peak (unknown on CPU: blank).
 Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS sampled at step ends.
 """
@@ -97,14 +99,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Meter:
-    """Step-end timestamps and memory high-water marks for one row."""
+_COUNTING = None  # the Meter whose sync counting is on (switched off if its row fails)
 
-    def __init__(self, device: torch.device):
-        self.device = device
+
+class Meter:
+    """Step-end times, host syncs and memory high-water marks for one row.
+
+    On CUDA each step end records an event and nothing waits for it: the GPU timeline between
+    consecutive events is the step time, as in a real run, where the CPU queues the next step's
+    work while the GPU still runs this one. (A sync per step would expose the CPU-side loop between
+    steps, which training otherwise hides.) The events are read after the last step. The timed
+    steps also run under `torch.cuda.set_sync_debug_mode("warn")`: each host sync the training
+    loop makes is counted (`syncs_per_step`)."""
+
+    def __init__(self, device: torch.device, warmup: int = 0):
+        self.device, self.warmup = device, warmup
         self.ends: list[float] = []
+        self.events: list = []
         self.rss = 0
         self.start = None
+        self.syncs: list | None = None  # warnings recorded while counting
+        self._catcher = None
 
     def begin(self) -> None:
         gc.collect()
@@ -113,16 +128,43 @@ class Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
         sync(self.device)
         self.start = time.perf_counter()
+        if self.device.type == "cuda":
+            self.events = [torch.cuda.Event(enable_timing=True)]
+            self.events[0].record()
 
     def step_end(self) -> None:
-        sync(self.device)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+            if len(self.events) - 1 == self.warmup:
+                self._count_syncs(True)
+            return
         self.ends.append(time.perf_counter())
-        if self.device.type == "cpu":
-            import psutil
+        import psutil
 
-            self.rss = max(self.rss, psutil.Process().memory_info().rss)
+        self.rss = max(self.rss, psutil.Process().memory_info().rss)
+
+    def _count_syncs(self, on: bool) -> None:
+        global _COUNTING
+        _COUNTING = self if on else None
+        if on and self._catcher is None:
+            self._catcher = warnings.catch_warnings(record=True)
+            self.syncs = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif not on and self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+            self.syncs = [w for w in self.syncs if "synchronizing" in str(w.message)]
 
     def result(self, name: str, warmup: int, tokens_per_step: int, flops_per_token: float, peak: float | None) -> dict:
+        if self.device.type == "cuda":
+            self._count_syncs(False)
+            sync(self.device)
+            first = self.events[0]
+            self.ends = [self.start + first.elapsed_time(e) / 1000 for e in self.events[1:]]
         times = [b - a for a, b in zip([self.start, *self.ends[:-1]], self.ends)]
         timed = times[warmup:]
         if not timed:
@@ -135,6 +177,9 @@ class Meter:
         if self.device.type == "cuda":
             r["peak_alloc_gib"] = torch.cuda.max_memory_allocated(self.device) / GiB
             r["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / GiB
+            r["syncs_per_step"] = len(self.syncs or []) / len(timed)
+            where = sorted({str(w.filename).rsplit("site-packages/", 1)[-1] + f":{w.lineno}" for w in self.syncs or []})
+            r["sync_sites"] = where[:20]  # the Python lines that synced (first 20)
         else:
             r["peak_alloc_gib"], r["peak_reserved_gib"] = self.rss / GiB, None  # process RSS
         return r
@@ -200,10 +245,12 @@ def trainer_kwargs(cfg: dict, device: torch.device, max_steps: int, callbacks: l
                 accumulate_grad_batches=1)
 
 
-def run_ours(cfg: dict, args, device: torch.device, real: bool) -> tuple[dict, Meter]:
+def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool = False) -> tuple[dict, Meter]:
+    """`callbacks`: also the per-step callbacks `gpt2dist fit` adds by default (TrainMonitor, the
+    NaN guard of FaultTolerance), to show what they cost."""
     import lightning.pytorch as pl
 
-    meter = Meter(device)
+    meter = Meter(device, args.warmup)
 
     class StepTimer(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -214,7 +261,13 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool) -> tuple[dict, M
 
     pl.seed_everything(cfg.get("seed_everything", 1234), verbose=False)
     steps = args.warmup + args.steps
-    trainer = pl.Trainer(**trainer_kwargs(cfg, device, steps, [StepTimer()]))
+    extra = []
+    if callbacks:
+        from gpt2dist.faults import FaultTolerance
+        from gpt2dist.monitor import TrainMonitor
+
+        extra = [TrainMonitor(), FaultTolerance()]
+    trainer = pl.Trainer(**trainer_kwargs(cfg, device, steps, [*extra, StepTimer()]))
     vocab = model_config(cfg).vocab_size
     if real:
         # Same compute as synthetic: keep the model's vocabulary, whatever the tokenizer's size.
@@ -261,7 +314,7 @@ def run_torch(cfg: dict, args, device: torch.device) -> Meter:
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     clip = cfg["trainer"].get("gradient_clip_val")
     loader = synthetic_loader(steps, args.batch, args.block, model_config(cfg).vocab_size, device)
-    meter = Meter(device)
+    meter = Meter(device, args.warmup)
     meter.begin()
     for batch in loader:
         ids = batch["input_ids"].to(device, non_blocking=True)
@@ -297,7 +350,7 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
     if precision.startswith("bf16") and precision.endswith("-true"):
         model.to(torch.bfloat16)
     steps = args.warmup + args.steps
-    meter = Meter(device)
+    meter = Meter(device, args.warmup)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -332,17 +385,18 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
 
 def fmt_table(rows: list[dict], device_name: str) -> str:
     mem_hdr = "peak alloc GiB" if "cuda" in device_name.lower() or "nvidia" in device_name.lower() else "peak RSS GiB"
-    lines = [f"| run | median step ms | tokens/s/device | MFU | {mem_hdr} | peak reserved GiB | first step s | compile s | ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| run | median step ms | tokens/s/device | MFU | {mem_hdr} | peak reserved GiB | first step s | compile s | "
+             "syncs/step | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['run']} | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         res = f"{r['peak_reserved_gib']:.2f}" if r.get("peak_reserved_gib") is not None else "-"
+        syncs = f"{r['syncs_per_step']:.1f}" if r.get("syncs_per_step") is not None else "-"
         lines.append(f"| {r['run']} | {1000 * r['median_step_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['peak_alloc_gib']:.2f} | {res} | {r['first_step_s']:.2f} | {r['compile_s']:.2f} | "
-                     f"{r['ratio']:.3f} |")
+                     f"{syncs} | {r['ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -355,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline", choices=["hf-trainer", "torch", "none"], default="torch")
     ap.add_argument("--data", choices=["synthetic", "real", "both"], default="synthetic",
                     help="real: the TokenBlockDataModule of the config's data section; both: real and synthetic rows")
+    ap.add_argument("--callbacks", action="store_true",
+                    help="also a row with the per-step callbacks of `gpt2dist fit` (TrainMonitor, NaN guard)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the rows R times in turn (A B A B ...) and keep each row's fastest repeat: "
                          "shields the comparison from other processes on a shared machine")
@@ -389,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{fpt / 1e9:.3f} GFLOP/token; steps {args.warmup} warmup + {args.steps} timed", flush=True)
 
     plan = [("gpt2dist", "ours-synthetic")] if args.data in ("synthetic", "both") else []
+    if args.callbacks:
+        plan.append(("gpt2dist + fit callbacks", "ours-callbacks"))
     if args.data in ("real", "both"):
         plan.append(("gpt2dist (real data)", "ours-real"))
     if args.baseline != "none":
@@ -402,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
             reset_compiler()
             try:
                 if kind.startswith("ours"):
-                    info, meter = run_ours(cfg, args, device, real=kind == "ours-real")
+                    info, meter = run_ours(cfg, args, device, real=kind == "ours-real", callbacks=kind == "ours-callbacks")
                     extra.update(info)
                 elif kind == "torch":
                     meter = run_torch(cfg, args, device)
@@ -411,6 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name].append(meter.result(name, args.warmup, tokens_per_step, fpt, peak))
             except Exception as e:  # one failed row must not hide the others
                 import traceback
+
+                if _COUNTING is not None:
+                    _COUNTING._count_syncs(False)
 
                 traceback.print_exc()
                 results[name].append({"run": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
@@ -448,6 +509,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "gpt2dist" in ok and "gpt2dist (real data)" in ok:
         d = ok["gpt2dist (real data)"]["tokens_per_s"] / ok["gpt2dist"]["tokens_per_s"] - 1
         notes.append(f"real DataModule vs synthetic tokens/s: {100 * d:+.1f}% (target within 3%)")
+    if "gpt2dist" in ok and "gpt2dist + fit callbacks" in ok:
+        c = ok["gpt2dist + fit callbacks"]["median_step_s"] / ok["gpt2dist"]["median_step_s"] - 1
+        notes.append(f"fit callbacks (TrainMonitor, NaN guard): {100 * c:+.1f}% step time")
+    for r in rows:
+        if r.get("sync_sites"):
+            notes.append(f"{r['run']}: host syncs at {', '.join(r['sync_sites'][:6])}")
     for n in notes:
         print(n)
     result = {"device": dev_name, "torch": torch.__version__, "config": args.config, "overrides": args.override,

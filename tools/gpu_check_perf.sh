@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of issue 6 on one H100 80GB, within ~6 min wall time (each row has its own timeout):
 #   1. GPT-2 Large (774M), b16 x 1024, bf16-mixed, compile: gpt2dist vs transformers.Trainer
-#   2. GPT-2 small (124M), b32 x 1024, same switches: gpt2dist vs transformers.Trainer
+#   2. GPT-2 small (124M), b32 x 1024, same switches: gpt2dist vs transformers.Trainer, plus gpt2dist
+#      with the per-step callbacks of `gpt2dist fit` (TrainMonitor, NaN guard); every row counts its
+#      host syncs per step (torch.cuda.set_sync_debug_mode) and names where they happen
 #   3. GPT-2 Large under bf16-true with fp32 master weights (gpt2dist/optim.py), vs row 1's bf16-mixed
 #   4. GPT-2 small with the real DataModule vs synthetic tokens (the input pipeline: within 3%)
 #   5. memory planner estimate vs the peak memory measured in rows 1-2
@@ -25,8 +27,9 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SMOKE=0; [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
-# Worst case 200 + 100 + 100 + 120 s: inside one 10-minute device call (small took ~65 s on an H200).
-T_LARGE=${T_LARGE:-200} T_SMALL=${T_SMALL:-100} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120} T_LIGER=${T_LIGER:-90}
+# Worst case 200 + 130 + 100 + 120 s: inside one 10-minute device call (small took ~65 s on an H200
+# with two rows; the callbacks row adds one more compile of the blocks, ~15 s).
+T_LARGE=${T_LARGE:-200} T_SMALL=${T_SMALL:-130} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120} T_LIGER=${T_LIGER:-90}
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-3}
 
 if [ $SMOKE = 1 ]; then
@@ -51,7 +54,7 @@ row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log
 
 START=$(date +%s)
 row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer
-row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer
+row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer --callbacks
 VALIDATE=("$OUT/large.json" "$OUT/small.json")
 if [ "${BF16TRUE:-1}" = 1 ]; then
   row large-bf16true "$T_BF16" "${LARGE[@]}" -o trainer.precision=bf16-true --baseline none
