@@ -249,13 +249,23 @@ class GPT2Module(pl.LightningModule):
         self._loss_sum = getattr(self, "_loss_sum", 0.0) + loss.detach()
         self._loss_n = getattr(self, "_loss_n", 0) + 1
         if not self.trainer.fit_loop.epoch_loop._should_accumulate():
-            self.log("train/loss", self._loss_sum / self._loss_n, prog_bar=True, sync_dist=True)
             from gpt2dist.monitor import logs_this_step
 
-            if logs_this_step(self.trainer):  # a Python float is copied to the device: a host sync
-                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+            # Only on steps Lightning writes to the loggers: nothing is dropped, and no all-reduce
+            # (sync_dist) or host copy on the others. Progress-bar values are CPU tensors: every
+            # bar refresh (Rich's: every batch) reads them, and reading a GPU tensor is a host sync.
+            if logs_this_step(self.trainer):
+                self._shown_loss = self._loss_sum / self._loss_n
+                self.log("train/loss", self._shown_loss, sync_dist=True)
+                self.log("lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), prog_bar=True)
             self._loss_sum, self._loss_n = 0.0, 0
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        shown = getattr(self, "_shown_loss", None)
+        if shown is not None:  # a logging step: TrainMonitor has just synced, so this copy waits for nothing
+            self._shown_loss = None
+            self.log("loss", shown.detach().float().cpu(), prog_bar=True, logger=False)
 
     def _eval_step(self, batch: dict) -> None:
         losses = self.token_losses(batch["input_ids"])

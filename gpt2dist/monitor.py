@@ -209,9 +209,11 @@ class TrainMonitor(Callback):
         if self.flops_per_token is None and getattr(pl_module, "model", None) is not None:
             self.flops_per_token = gpt2_flops_per_token(pl_module.model.config, int(batch["input_ids"].shape[1]))
         rates = throughput(tokens, seconds, trainer.world_size, self.flops_per_token, self.peak_flops)
+        # CPU tensors: Lightning would copy a Python float to the GPU (a sync), and the bar reads them often.
         for key, value in rates.items():
-            pl_module.log(f"throughput/{key}", value, on_step=True, on_epoch=False)
-        pl_module.log("tok/s", rates["tokens_per_sec"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
+            pl_module.log(f"throughput/{key}", torch.tensor(value), on_step=True, on_epoch=False)
+        pl_module.log("tok/s", torch.tensor(rates["tokens_per_sec"]), on_step=True, on_epoch=False, prog_bar=True,
+                      logger=False)
 
 
 # ----------------------------------------------------------------------------- samples

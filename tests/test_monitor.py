@@ -150,3 +150,44 @@ def test_grad_norm_and_samples_under_fsdp2(tmp_path, tokenizer_dir):
         assert norm == pytest.approx(ref_norm, rel=1e-5)  # the full norm on every rank
         assert local_only < ref_norm * 0.99  # a rank's shard alone would under-report
         assert texts == ref_texts and all(len(t) > len(p) for t, p in zip(texts, ["def ", "import"]))
+
+
+def test_between_logging_steps_only_device_tensors_are_logged(tmp_path):
+    """A real fit with gpt2dist fit's per-step callbacks and a progress bar, logging every 4th step.
+    On the other steps the only value logged is the grad norm, a tensor that stays on the device:
+    no Python number (Lightning copies those to the GPU: a host sync) and no all-reduce. Progress-bar
+    values are CPU tensors (a bar refresh reads them; reading a GPU tensor would sync)."""
+    import lightning.pytorch as pl
+
+    from gpt2dist.faults import FaultTolerance
+
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, warmup_steps=2)
+    calls = []
+    real_log = module.log
+    step = [0]
+
+    class Step(pl.Callback):  # which optimizer step (1-based) is running: no accumulation here
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step[0] = trainer.global_step + 1
+
+    def log(name, value, **kw):
+        calls.append((step[0], name, value, kw.get("prog_bar", False)))
+        return real_log(name, value, **kw)
+
+    module.log = log
+    ids = torch.randint(0, 512, (8 * 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, log_every_n_steps=4, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[Step(), mon.TrainMonitor(skip_first_steps=1), FaultTolerance()])
+    trainer.fit(module, train_dataloaders=loader)
+    logging_steps = {4, 8}
+    between = [(s, n) for s, n, v, _ in calls if s not in logging_steps]
+    assert {n for _, n in between} == {"train/grad_norm"} and {s for s, _ in between} == {1, 2, 3, 5, 6, 7}
+    assert all(isinstance(v, torch.Tensor) for s, _, v, _ in calls if s not in logging_steps)
+    at_log = {n for s, n, _, _ in calls if s == 8}
+    assert {"train/loss", "lr", "loss", "train/grad_norm", "throughput/tokens_per_sec", "tok/s"} <= at_log
+    for _, name, value, prog_bar in calls:
+        if prog_bar:
+            assert isinstance(value, torch.Tensor) and value.device.type == "cpu", name
+    assert all(isinstance(v, float) for v in trainer.progress_bar_metrics.values() if not isinstance(v, str))
