@@ -247,7 +247,7 @@ def trainer_kwargs(cfg: dict, device: torch.device, max_steps: int, callbacks: l
 
 def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool = False) -> tuple[dict, Meter]:
     """`callbacks`: also the per-step callbacks `gpt2dist fit` adds by default (TrainMonitor, the
-    NaN guard of FaultTolerance), to show what they cost."""
+    NaN guard of FaultTolerance) and its progress bar, to show what they cost."""
     import lightning.pytorch as pl
 
     meter = Meter(device, args.warmup)
@@ -267,7 +267,9 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool 
         from gpt2dist.monitor import TrainMonitor
 
         extra = [TrainMonitor(), FaultTolerance()]
-    trainer = pl.Trainer(**trainer_kwargs(cfg, device, steps, [*extra, StepTimer()]))
+    kw = trainer_kwargs(cfg, device, steps, [*extra, StepTimer()])
+    kw["enable_progress_bar"] = callbacks  # the bar `gpt2dist fit` shows reads metrics every batch
+    trainer = pl.Trainer(**kw)
     vocab = model_config(cfg).vocab_size
     if real:
         # Same compute as synthetic: keep the model's vocabulary, whatever the tokenizer's size.
