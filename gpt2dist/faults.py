@@ -159,12 +159,18 @@ class FaultTolerance(Callback):
         self.nan_policy, self.max_consecutive_nan, self.save_rng_state = nan_policy, max_consecutive_nan, save_rng_state
         self.consecutive = 0
         self.skipped = 0
+        self._logged_skipped = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, non-finite flag on the device), not yet read
         self._pending_rng: dict | None = None
         self._train_rng: dict | None = None
+        self._trainer = None
 
     # --- state -------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        trainer = self._trainer
+        if self._pending and trainer is not None:
+            self._settle(trainer)  # a due stop raises before this checkpoint is written
         state: dict[str, Any] = {"skipped": self.skipped, "consecutive": self.consecutive}
         if self.save_rng_state:
             own = self._train_rng or _rng_state()
@@ -188,6 +194,9 @@ class FaultTolerance(Callback):
     # at the end of the training batch, and every batch starts from it: training's dropout stream
     # never depends on what ran in between, in an uninterrupted run or a resumed one.
 
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() takes no trainer, and must settle pending flags
+
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.global_step > 0:
             # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step
@@ -195,10 +204,6 @@ class FaultTolerance(Callback):
             for cb in trainer.checkpoint_callbacks:
                 if hasattr(cb, "_last_global_step_saved"):
                     cb._last_global_step_saved = trainer.global_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.save_rng_state:
-            self._train_rng = _rng_state()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._pending_rng is None:
@@ -213,38 +218,95 @@ class FaultTolerance(Callback):
                         "are not restored, so the run is not bitwise identical", len(states), trainer.world_size)
 
     # --- non-finite values ---------------------------------------------------
+    # The check is the full model's gradient norm (the one TrainMonitor logs: computed once per
+    # step), the same on every rank: DDP grads are averaged, FSDP shards' squares summed across
+    # ranks. A NaN/inf loss makes NaN gradients. None: DeepSpeed keeps its own gradients and its own
+    # overflow check.
+    #
+    # With a fused AdamW (the default on GPUs), nothing waits for the GPU: the flag goes to the
+    # kernel as `found_inf`, the mechanism GradScaler uses, and the kernel itself leaves weights,
+    # moments and step count untouched when it is set. The host reads the flags later, where it
+    # syncs anyway: logging steps, before any checkpoint is written, at the end. A stop therefore
+    # comes a few steps late, but the skipped update was never applied and no checkpoint is
+    # written after it. Other optimizers: the flag is read at once (one host sync per step).
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
         if self.nan_policy == "off":
             return
         from gpt2dist.monitor import step_grad_norm
+        from gpt2dist.optim import skips_on_found_inf
 
-        # The full model's gradient norm (the one TrainMonitor logs: computed once per step), the same
-        # on every rank: DDP grads are averaged, FSDP shards' squares summed across ranks. A NaN/inf
-        # loss makes NaN gradients. None: DeepSpeed keeps its own gradients and its own overflow check.
         norm = step_grad_norm(trainer, pl_module)
-        finite = norm is None or bool(torch.isfinite(norm))  # the one host sync of the step
-        # A rank that disagrees anyway (a fault on one device): the ranks still skip or stop together.
-        bad = not finite if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if norm is None:
+            return
+        step = trainer.global_step + 1
+        opt = getattr(optimizer, "_optimizer", optimizer)  # under a LightningOptimizer
+        if skips_on_found_inf(opt) and getattr(trainer.precision_plugin, "scaler", None) is None:
+            flag = (~torch.isfinite(norm.detach())).to(torch.float32).reshape(())
+            if trainer.world_size > 1:  # a rank that disagrees (a fault on one device): all skip
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            opt.found_inf = flag
+            self._pending.append((step, flag))
+            if len(self._pending) >= 256:  # bounded, whatever the logging interval
+                self._settle(trainer)
+            return
+        bad = not bool(torch.isfinite(norm))  # the one host sync of the step
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            for p in pl_module.parameters():  # no gradient, no update: AdamW skips these parameters
+                p.grad = None
+        self._account(trainer, step, bad)
+
+    def _account(self, trainer: pl.Trainer, step: int, bad: bool) -> None:
+        """Count a step's verdict; stop (raise) when the policy says so."""
         if not bad:
             self.consecutive = 0
             return
         self.consecutive += 1
         self.skipped += 1
-        step = trainer.global_step + 1
         if self.nan_policy == "stop" or self.consecutive >= self.max_consecutive_nan:
             why = ("faults.nan_policy=stop" if self.nan_policy == "stop"
                    else f"{self.consecutive} consecutive non-finite steps (faults.max_consecutive_nan={self.max_consecutive_nan})")
+            self._pending = []
             raise GPT2DistError(f"non-finite loss or gradient norm at step {step}; stopped by {why}. "
                                 f"The last good checkpoint is {last_good_checkpoint(trainer)}: lower model.lr or "
                                 f"check the data near this step, then resume with --ckpt_path last")
-        # No gradient, no update: AdamW skips parameters whose .grad is None (moments and step count untouched).
-        for p in pl_module.parameters():
-            p.grad = None
         if trainer.is_global_zero:
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
                         step, self.consecutive, self.skipped)
-        pl_module.log("train/nan_skipped", float(self.skipped), rank_zero_only=True)
+
+    def _settle(self, trainer: pl.Trainer) -> None:
+        """Read the deferred flags (one host sync) and account for them in step order."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = torch.stack([f for _, f in pending]).cpu().tolist()
+        for (step, _), bad in zip(pending, flags):
+            self._account(trainer, step, bad > 0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.save_rng_state:
+            self._train_rng = _rng_state()
+        from gpt2dist.monitor import logs_this_step
+
+        # Before ModelCheckpoint's hook (Lightning runs checkpoint callbacks last), so a due stop
+        # comes before this step's checkpoint; state_dict() settles too, for any other save.
+        if self._pending and (logs_this_step(trainer) or trainer.global_step >= trainer.max_steps > 0
+                              or any(_saves_at(cb, trainer.global_step) for cb in trainer.checkpoint_callbacks)):
+            self._settle(trainer)
+        if self.skipped != self._logged_skipped:
+            self._logged_skipped = self.skipped
+            pl_module.log("train/nan_skipped", torch.tensor(float(self.skipped)), rank_zero_only=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._settle(trainer)  # before the end-of-fit export (a later callback)
+
+
+def _saves_at(cb, step: int) -> bool:
+    """Whether ModelCheckpoint `cb` saves after this optimizer step (step-interval saves)."""
+    every = getattr(cb, "_every_n_train_steps", 0) or 0
+    return every > 0 and step % every == 0
 
 
 def last_good_checkpoint(trainer: pl.Trainer) -> str:

@@ -339,9 +339,11 @@ class GPT2Module(pl.LightningModule):
         named_groups = [g for g in named_groups if g["params"]]  # wrappers drop empty groups; keep lambdas in step
         from gpt2dist.strategies import deepspeed_offloads_optimizer, keeps_own_master_weights
 
-        # One kernel for all params instead of a loop; not for DeepSpeed's CPU-offloaded partitions.
+        # One kernel for all params instead of a loop (CUDA, and CPU since torch 2.4), which also
+        # takes the NaN guard's flag and skips a bad step on the device (gpt2dist/faults.py); not
+        # for DeepSpeed's CPU-offloaded partitions.
         offloaded = deepspeed_offloads_optimizer(self.trainer.strategy)  # always call: it also configures DeepSpeed
-        fused = self.device.type == "cuda" and not offloaded
+        fused = self.device.type in ("cuda", "cpu") and not offloaded
         bf16_weights = any(p.dtype == torch.bfloat16 for _, p in named)  # trainer.precision bf16-true
         owner = keeps_own_master_weights(self.trainer.strategy)
         if hp.master_weights and bf16_weights and owner is False:

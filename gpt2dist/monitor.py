@@ -184,26 +184,17 @@ class TrainMonitor(Callback):
             return  # accumulating: no optimizer step yet
         self._last_step = trainer.global_step
         self._steps_seen += 1
+        logging = logs_this_step(trainer)
+        if logging:
+            self._log_norm_and_memory(trainer, pl_module)
         if self._steps_seen <= self.skip_first_steps:  # warm-up: the window opens after it
             self._tokens, self._pending, self._t_ref = 0, 0.0, self._now(pl_module)
             return
-        if not logs_this_step(trainer):
+        if not logging:
             return  # the clock keeps running: no sync, nothing logged
         now = self._now(pl_module)
         seconds = self._pending + (now - self._t_ref if self._t_ref is not None else 0.0)
         tokens, self._tokens, self._pending, self._t_ref = self._tokens, 0, 0.0, now
-
-        engine = _deepspeed_engine(trainer)
-        if engine is not None and self.grad_norm:
-            norm = engine.get_global_grad_norm()  # DeepSpeed's own pre-clipping norm of the last step
-            if norm is not None:
-                pl_module.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
-        if pl_module.device.type == "cuda":
-            gib = 2**30
-            mem = torch.tensor([torch.cuda.max_memory_allocated(pl_module.device) / gib,
-                                torch.cuda.max_memory_reserved(pl_module.device) / gib], device=pl_module.device)
-            pl_module.log("memory/peak_allocated_gib", mem[0], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
-            pl_module.log("memory/peak_reserved_gib", mem[1], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
         if seconds <= 0 or tokens == 0:
             return
         if self.flops_per_token is None and getattr(pl_module, "model", None) is not None:
@@ -214,6 +205,19 @@ class TrainMonitor(Callback):
             pl_module.log(f"throughput/{key}", torch.tensor(value), on_step=True, on_epoch=False)
         pl_module.log("tok/s", torch.tensor(rates["tokens_per_sec"]), on_step=True, on_epoch=False, prog_bar=True,
                       logger=False)
+
+    def _log_norm_and_memory(self, trainer, pl_module) -> None:
+        engine = _deepspeed_engine(trainer)
+        if engine is not None and self.grad_norm:
+            norm = engine.get_global_grad_norm()  # DeepSpeed's own pre-clipping norm of the last step
+            if norm is not None:
+                pl_module.log("train/grad_norm", torch.tensor(float(norm)), on_step=True, on_epoch=False)
+        if pl_module.device.type == "cuda":
+            gib = 2**30
+            mem = torch.tensor([torch.cuda.max_memory_allocated(pl_module.device) / gib,
+                                torch.cuda.max_memory_reserved(pl_module.device) / gib], device=pl_module.device)
+            pl_module.log("memory/peak_allocated_gib", mem[0], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
+            pl_module.log("memory/peak_reserved_gib", mem[1], on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
 
 
 # ----------------------------------------------------------------------------- samples

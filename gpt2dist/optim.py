@@ -84,6 +84,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 m.grad = v.view_as(m)
             self._grads, self._grads_key = [m.grad for m in masters], key
         torch._foreach_copy_(self._grads, [p.grad for p in params])  # bf16 -> fp32, exact
+        # The NaN guard's flag (gpt2dist/faults.py): the fused kernel skips the step when it is set.
+        self.inner.found_inf = getattr(self, "found_inf", None)
         self.inner.step()
         torch._foreach_copy_(params, masters)  # fp32 -> bf16, round to nearest
         return loss
@@ -110,3 +112,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         with torch.no_grad():
             for name, m in mine.items():
                 m.copy_(masters[name])
+
+
+def skips_on_found_inf(optimizer) -> bool:
+    """Whether `optimizer.step()` leaves weights, moments and step count untouched when its
+    `found_inf` attribute is a tensor holding 1: the fused AdamW kernel's contract with
+    GradScaler (`_step_supports_amp_scaling`), also through MasterWeightAdamW's inner AdamW."""
+    inner = optimizer.inner if isinstance(optimizer, MasterWeightAdamW) else optimizer
+    return bool(getattr(inner, "_step_supports_amp_scaling", False))

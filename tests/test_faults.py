@@ -320,3 +320,60 @@ def test_distributed_atomic_save_handles_nested_folders(tmp_path):
         save_distributed_atomically(one_rank, dies_half_way, {"global_step": 3}, target)
     assert torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def _nan_fit(tmp_path, policy: str, log_every: int, checkpoint_every: int | None = None, nan_steps=(2,)):
+    """A real in-process fit (fused AdamW on CPU, as on GPUs) with NaN gradients at `nan_steps`;
+    returns (module, FaultTolerance, pending flags seen after each optimizer step)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fault_plugins import InjectNaN
+    from gpt2dist.faults import FaultTolerance
+    from gpt2dist.model import GPT2Module
+
+    torch.manual_seed(0)
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, warmup_steps=2)
+    guard = FaultTolerance(nan_policy=policy, max_consecutive_nan=2)
+    seen = []
+
+    class Pending(pl.Callback):  # after FaultTolerance's hook: how many flags it has not read yet
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(len(guard._pending))
+
+    ids = torch.randint(0, 512, (8 * 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
+    callbacks = [InjectNaN(steps=list(nan_steps), target="grad"), guard, Pending()]
+    if checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=checkpoint_every, save_top_k=-1))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, log_every_n_steps=log_every, logger=False,
+                         enable_checkpointing=bool(checkpoint_every), enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=loader)
+    return module, guard, seen
+
+
+def test_nan_guard_defers_the_host_read_and_changes_nothing(tmp_path, caplog):
+    """With a fused AdamW the NaN guard does not read its flag every step (a host sync on a GPU):
+    the kernel skips the bad update itself (`found_inf`), and the flags are read on logging steps.
+    The weights and optimizer state equal those of a run that reads the flag every step."""
+    deferred, guard, seen = _nan_fit(tmp_path / "a", "skip", log_every=4)
+    assert seen == [1, 2, 3, 0, 1, 2, 3, 0]  # read only after steps 4 and 8 (the logging steps)
+    assert guard.skipped == 1 and "step 2: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in caplog.text
+    every, guard1, seen1 = _nan_fit(tmp_path / "b", "skip", log_every=1)
+    assert seen1 == [0] * 8 and guard1.skipped == 1
+    a, b = deferred.state_dict(), every.state_dict()
+    assert all(torch.isfinite(v).all() and torch.equal(v, b[k]) for k, v in a.items())
+    opt = deferred.trainer.optimizers[0]
+    assert {int(s["step"]) for s in opt.state.values()} == {7}  # 8 steps, the NaN one skipped on the device
+
+
+def test_nan_guard_stops_before_the_next_checkpoint(tmp_path):
+    """Deferred, a stop still comes before any checkpoint is written after the bad step: NaN at step 4,
+    checkpoints every 3 steps, no logging step in between: it stops at step 6, before its save."""
+    from gpt2dist.errors import GPT2DistError
+
+    with pytest.raises(GPT2DistError, match=r"non-finite loss or gradient norm at step 4; stopped by faults.nan_policy=stop"):
+        _nan_fit(tmp_path, "stop", log_every=50, checkpoint_every=3, nan_steps=(4,))
+    saved = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert saved == ["epoch=0-step=3.ckpt"], saved  # step 3 (good), and nothing after the bad step
