@@ -261,6 +261,12 @@ class GPT2Module(pl.LightningModule):
             self._loss_sum, self._loss_n = 0.0, 0
         return loss
 
+    def on_fit_start(self) -> None:
+        from gpt2dist.strategies import use_fp32_gradient_reduce
+
+        if use_fp32_gradient_reduce(self.trainer):  # DDP + bf16-true: the gradient mean in fp32
+            log.info("DDP: bf16 gradients are all-reduced in fp32 (gpt2dist.strategies.fp32_allreduce_hook)")
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         shown = getattr(self, "_shown_loss", None)
         if shown is not None:  # a logging step: TrainMonitor has just synced, so this copy waits for nothing

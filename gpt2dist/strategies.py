@@ -196,6 +196,47 @@ def keeps_own_master_weights(strategy) -> bool | None:
     return False
 
 
+def fp32_allreduce_hook(process_group, bucket):
+    """DDP communication hook: the mean of low-precision (bf16-true) gradients is taken in fp32.
+
+    DDP's own all-reduce sums the bf16 buckets in bf16, one rounding per partial sum: with many
+    ranks the mean loses bits that the fp32 master weights would keep. Here the bucket is upcast,
+    divided by the world size, summed in fp32, and rounded to bf16 once (twice the bytes on the
+    wire for the bf16 buckets; fp32 buckets are all-reduced exactly as DDP does by default).
+    """
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buffer = bucket.buffer()
+    if buffer.dtype == torch.float32:
+        return allreduce_hook(process_group, bucket)
+    group = process_group if process_group is not None else dist.group.WORLD
+    wide = buffer.float().div_(dist.get_world_size(group))
+    fut = dist.all_reduce(wide, group=group, async_op=True).get_future()
+
+    def narrow(fut):
+        return buffer.copy_(fut.value()[0])  # fp32 -> bf16, round to nearest
+
+    return fut.then(narrow)
+
+
+def use_fp32_gradient_reduce(trainer) -> bool:
+    """Under DDP with bf16 parameters (trainer.precision bf16-true), register `fp32_allreduce_hook`
+    on the DDP wrapper (before the first backward). Returns whether it did."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(trainer.strategy, "model", None)
+    if not isinstance(ddp, DistributedDataParallel) or getattr(ddp, "_gpt2dist_fp32_reduce", False):
+        return False
+    if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None:
+        return False  # the user's own hook (strategy.init_args.ddp_comm_hook) wins
+    if not any(p.dtype == torch.bfloat16 for p in ddp.parameters()):
+        return False
+    ddp.register_comm_hook(None, fp32_allreduce_hook)
+    ddp._gpt2dist_fp32_reduce = True
+    return True
+
+
 def is_zero3_partitioned(model: torch.nn.Module) -> bool:
     """True when `model`'s parameters were created inside `deepspeed.zero.Init` (ZeRO-3)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())

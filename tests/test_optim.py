@@ -126,8 +126,8 @@ def _roundtrip(sd: dict):
 
 
 def test_bf16_true_ddp_kill_resume_is_bitwise_exact_and_exports_the_fp32_masters(tmp_path, corpus_dir, tokenizer_dir):
-    """`gpt2dist fit` under trainer.precision bf16-true, DDP x2 (accumulation 2, dropout 0.1): the
-    checkpoint's state_dict holds the fp32 masters once (the optimizer state points there), the
+    """`gpt2dist fit` under trainer.precision bf16-true, DDP x2 (accumulation 2, dropout 0.1; gradient
+    mean in fp32): the checkpoint's state_dict holds the fp32 masters once (the optimizer state points there), the
     export holds them too, and a SIGKILL mid-accumulation + `--ckpt_path last` ends bitwise equal."""
     from safetensors.torch import load_file
 
@@ -136,7 +136,8 @@ def test_bf16_true_ddp_kill_resume_is_bitwise_exact_and_exports_the_fp32_masters
 
     args = ["--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.precision", "bf16-true"]
     ref = write_config(tmp_path, corpus_dir, tokenizer_dir, "bf16_ref", devices=2)
-    ok(cli(ref, *args))
+    p = ok(cli(ref, *args))
+    assert "DDP: bf16 gradients are all-reduced in fp32" in p.stderr  # gpt2dist.strategies.fp32_allreduce_hook
     ckpt = torch.load(run_dir(ref) / "checkpoints" / "step0000006.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["optimizer_states"][0]["masters"] == "state_dict"  # stored once
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.is_floating_point()}

@@ -302,3 +302,47 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     for r in logged[1:]:
         assert float(r[1].replace(",", "")) > 0 and r[2] == r[3] == r[4] == "-" and float(r[5]) > 0
     assert "fsdp: resume from step 3: steps [4, 5]" in p.stdout and p.stdout.count("PASS") == 2
+
+
+def _fp32_reduce_worker(rank, world, init_file, out_q):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gpt2dist.strategies import fp32_allreduce_hook
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        grads = torch.randn(world, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        results = []
+        for hook in (None, fp32_allreduce_hook):
+            layer = torch.nn.Linear(4096, 1, bias=False).to(torch.bfloat16)
+            ddp = DistributedDataParallel(layer)
+            if hook is not None:
+                ddp.register_comm_hook(None, hook)
+            # Through DDP's forward: d(w . g_rank)/dw = g_rank, each rank contributes its own bf16 row.
+            ddp(grads[rank].unsqueeze(0)).sum().backward()
+            results.append(ddp.module.weight.grad.detach().clone().view(-1))
+        exact = grads.float().mean(0).to(torch.bfloat16)
+        out_q.put((rank, *(t.float().tolist() for t in (results[0], results[1], exact))))  # plain lists: no shared memory
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp32_allreduce_hook_takes_the_bf16_gradient_mean_in_fp32(tmp_path):
+    """4 ranks (gloo), bf16 gradients: with the hook every rank gets the fp32 mean rounded once to
+    bf16, exactly; DDP's own bf16 all-reduce rounds every partial sum and misses it on some elements."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_fp32_reduce_worker, args=(r, 4, str(tmp_path / "init"), q)) for r in range(4)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, default, hooked, exact in results:
+        assert hooked == exact, rank  # bf16 values, compared exactly
+        assert sum(a != b for a, b in zip(default, exact)) > 0  # the problem the hook solves
