@@ -58,3 +58,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([*(prefix or []), sys.executable, "-m", "gpt2dist", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_ranks(target, world: int, init_file: str, *args, timeout: int = 240) -> list:
+    """Run `target(rank, world, init_file, *args, queue)` in `world` spawned processes (a real
+    process group each, over `init_file`); returns what each put on the queue, after all exit 0."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, init_file, *args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

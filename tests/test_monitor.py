@@ -9,13 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gpt2dist import monitor as mon
 from gpt2dist.metrics import gpt2_flops_per_token
 from gpt2dist.model import GPT2Module
 
-from conftest import TINY
+from conftest import TINY, spawn_ranks
 
 
 def tiny_module(vocab=512) -> GPT2Module:
@@ -136,16 +135,7 @@ def _fsdp2_worker(rank, world, init_file, tokenizer_dir, out_q):
 
 
 def test_grad_norm_and_samples_under_fsdp2(tmp_path, tokenizer_dir):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_fsdp2_worker, args=(r, 2, str(tmp_path / "init"), str(tokenizer_dir), q))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_fsdp2_worker, 2, str(tmp_path / "init"), str(tokenizer_dir))
     for rank, ref_norm, norm, local_only, ref_texts, texts in results:
         assert norm == pytest.approx(ref_norm, rel=1e-5)  # the full norm on every rank
         assert local_only < ref_norm * 0.99  # a rank's shard alone would under-report

@@ -332,17 +332,8 @@ def _fp32_reduce_worker(rank, world, init_file, out_q):
 def test_fp32_allreduce_hook_takes_the_bf16_gradient_mean_in_fp32(tmp_path):
     """4 ranks (gloo), bf16 gradients: with the hook every rank gets the fp32 mean rounded once to
     bf16, exactly; DDP's own bf16 all-reduce rounds every partial sum and misses it on some elements."""
-    import torch.multiprocessing as mp
+    from conftest import spawn_ranks
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_fp32_reduce_worker, args=(r, 4, str(tmp_path / "init"), q)) for r in range(4)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, default, hooked, exact in results:
+    for rank, default, hooked, exact in spawn_ranks(_fp32_reduce_worker, 4, str(tmp_path / "init")):
         assert hooked == exact, rank  # bf16 values, compared exactly
         assert sum(a != b for a, b in zip(default, exact)) > 0  # the problem the hook solves
