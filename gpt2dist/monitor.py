@@ -94,7 +94,8 @@ def _deepspeed_engine(trainer):
 
 
 class TrainMonitor(Callback):
-    """Logs tokens/s (per device and job), MFU, grad norm and peak GPU memory every optimizer step."""
+    """Logs tokens/s (per device and job) and MFU over the steps since the last logging step, and
+    grad norm and peak GPU memory, on the steps Lightning writes (trainer.log_every_n_steps)."""
 
     def __init__(self, enabled: bool = True, peak_tflops: float | None = None,
                  grad_norm: bool = True, skip_first_steps: int = 1):
@@ -113,7 +114,7 @@ class TrainMonitor(Callback):
 
     def _reset(self) -> None:
         self._t_ref: float | None = None  # start of the open timing segment; None while paused
-        self._pending = 0.0  # seconds of the current optimizer step already closed by pause()
+        self._pending = 0.0  # seconds of the open timing window already closed by pause()
         self._tokens = 0  # tokens this rank processed since the timing window opened
         self._steps_seen = 0
         self._last_step: int | None = None

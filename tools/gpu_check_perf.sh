@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue 6 on one H100 80GB, within ~6 min wall time (each row has its own timeout):
+# GPU check of issue 6 on one H100 80GB, at most ~9 min wall time (each row has its own timeout):
 #   1. GPT-2 Large (774M), b16 x 1024, bf16-mixed, compile: gpt2dist vs transformers.Trainer
 #   2. GPT-2 small (124M), b32 x 1024, same switches: gpt2dist vs transformers.Trainer, plus gpt2dist
 #      with the per-step callbacks of `gpt2dist fit` (TrainMonitor, NaN guard); every row counts its
