@@ -2,8 +2,9 @@
 
 Used by `tools/plan.py`. Everything is bytes; N is the parameter count, G the number of
 data-parallel ranks (gpus per node x nodes), b the micro-batch, s the sequence length,
-d the width, L the layers, V the (padded) vocabulary. Mixed precision is bf16 compute with
-fp32 master weights and fp32 Adam moments, as each strategy does it in Lightning:
+d the width, L the layers, V the (padded) vocabulary. `trainer.precision: bf16-mixed` (the
+default) is bf16 compute with fp32 weights and fp32 Adam moments, as each strategy does it in
+Lightning:
 
     strategy         params        grads        optimizer (m, v, master)   other
     single / DDP     4N (fp32)     4N (fp32)    8N                         2N autocast bf16 weight copies
@@ -14,7 +15,14 @@ fp32 master weights and fp32 Adam moments, as each strategy does it in Lightning
     ZeRO-3           2N/G          2N/G         12N/G                      gathered bf16 blocks in flight
     ZeRO-3 offload   0 (CPU)       0 (CPU)      0 (CPU: 16N/G)             gathered blocks + buckets
 
-Activations (bf16 autocast, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
+`trainer.precision: bf16-true` (bf16 weights, no autocast) changes the first two rows:
+
+    single / DDP     2N (bf16)     2N (bf16)    16N: m, v 8N + fp32 master   2N DDP gradient buckets (G > 1)
+                                                4N + its fp32 grad 4N (gpt2dist/optim.py: 20N in all, vs 16N)
+    FSDP2 / FSDP1    2N/G          2N/G         4N/G (bf16 m, v: no master)  gathered blocks
+The ZeRO rows are the same under both: DeepSpeed casts the weights to bf16 and keeps its own masters.
+
+Activations (bf16 matmuls, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
 
     ACT_PER_LAYER * s * b * d bytes, ACT_PER_LAYER = 36 with fused GELU (torch.compile):
@@ -23,16 +31,20 @@ Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
     eager GELU (tanh form) also keeps x^3, the tanh argument and tanh(.): +3 x 8sbh = 60.
     (Saved-tensor hooks on CPU list exactly these: 60 eager, 34 compiled, which recomputes the
     attention residual instead of keeping it.)
+    A bf16 residual stream (bf16-true, and every ZeRO row: DeepSpeed runs bf16 weights with no
+    autocast) halves the two LN inputs: 36 - 4 = 32 compiled, 60 - 4 = 56 eager.
 
-Head: ln_f's fp32 input + its bf16 copy for lm_head, 6 sbh. Logits, per (token x vocab row):
-compiled loss 4 (bf16 logits kept for backward + their bf16 grad; the fp32 upcast and
-log-softmax fuse away), eager loss 12 (bf16 logits, fp32 copy, fp32 log-softmax kept, fp32 grad),
-Liger fused linear cross-entropy 0 (chunks; it keeps a bf16 grad of the hidden states, 2 sbh).
-With activation checkpointing a layer keeps only its fp32 input (4 sbh); the peak is then the
-larger of the logits phase and one layer recomputed in backward, not their sum.
+Head: ln_f's fp32 input + its bf16 copy for lm_head, 6 sbh (bf16 stream: 2 + 2 = 4). Logits, per
+(token x vocab row): compiled loss 4 (bf16 logits kept for backward + their bf16 grad; the fp32
+upcast and log-softmax fuse away), eager loss 12 (bf16 logits, fp32 copy, fp32 log-softmax kept,
+fp32 grad), Liger fused linear cross-entropy 0 (chunks; it keeps a bf16 grad of the hidden states,
+2 sbh). With activation checkpointing a layer keeps only its input (4 sbh fp32; 2 sbh bf16 stream);
+the peak is then the larger of the logits phase and one layer recomputed in backward, not their sum.
 Checked on CPU with the real model (tests/memory_probe.py: peak RSS per extra sequence, with
 glibc mmap for every tensor). At GPT-2 small's width (L2 d768 V50304 s1024): compiled 252 MiB
-measured vs 255 estimated, eager 684 vs 686; tests/test_planner.py checks a smaller shape, 10% tolerance.
+measured vs 255 estimated, eager 684 vs 686. Per layer (L6 minus L2, d256 s256): 35.3 / 61.0 / 3.3
+B per token x width compiled / eager / checkpointed, and 31.6 / 56.0 / 2.4 with a bf16 stream.
+tests/test_planner.py checks both within 10%.
 """
 
 from __future__ import annotations
@@ -45,14 +57,16 @@ GiB = 2**30
 
 ACT_PER_LAYER_FUSED = 36  # bytes per (token x hidden) per layer, compiled blocks
 ACT_PER_LAYER_EAGER = 60  # eager tanh-GELU keeps three more 4h-wide bf16 tensors
-HEAD_BYTES = 6  # per (token x hidden): ln_f's fp32 input + bf16 copy for lm_head
+BF16_STREAM_SAVING = 4  # per (token x hidden) per layer: the two LN inputs kept in bf16, not fp32
+HEAD_BYTES = 6  # per (token x hidden): ln_f's fp32 input + bf16 copy for lm_head (bf16 stream: 4)
 LOGIT_BYTES_COMPILED = 4  # per (token x vocab): bf16 logits + bf16 grad (compiled loss: no fp32 copy)
 LOGIT_BYTES_EAGER = 12  # bf16 logits 2 + fp32 copy 4 + fp32 log-softmax 4 (kept) + grads in flight
 FUSED_CE_BYTES = 2  # per (token x hidden): Liger's bf16 grad of the hidden states, made in forward
-CKPT_INPUT_BYTES = 4  # per (token x hidden) per layer kept under checkpointing: fp32 block input
+CKPT_INPUT_BYTES = 4  # per (token x hidden) per layer kept under checkpointing: fp32 block input (bf16 stream: 2)
 USABLE_FRACTION = 0.92  # of the card: CUDA context, cuBLAS workspaces, allocator fragmentation
 DEEPSPEED_BUCKET_ELEMS = 2e8  # Lightning's DeepSpeedStrategy default reduce/allgather bucket size
 
+PRECISIONS = ("bf16-mixed", "bf16-true")
 STRATEGIES = ["DDP", "FSDP2", "FSDP1", "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3 offload"]
 # Preference when several fit: least communication and fewest moving parts first.
 PREFERENCE = ["DDP", "ZeRO-1", "ZeRO-2", "FSDP2", "ZeRO-3", "FSDP1", "ZeRO-3 offload"]
@@ -111,34 +125,50 @@ def shape_from_config(config, pad_to: int = 1) -> Shape:
     return Shape(config.n_layer, config.n_embd, config.n_head, vocab, config.n_positions)
 
 
-def activation_bytes(shape: Shape, seq: int, compiled: bool = True, fused_ce: bool = False) -> tuple[float, float]:
+def activation_bytes(shape: Shape, seq: int, compiled: bool = True, fused_ce: bool = False,
+                     bf16_stream: bool = False) -> tuple[float, float]:
     """(no checkpointing, checkpointing) activation bytes for ONE sequence of `seq` tokens.
 
     `compiled`: model.compile (fused GELU in the blocks, fused loss); `fused_ce`: Liger's fused
-    linear cross-entropy (no logits)."""
+    linear cross-entropy (no logits); `bf16_stream`: bf16 weights without autocast (bf16-true,
+    DeepSpeed), so the residual stream between the layers is bf16, not fp32."""
     sd = seq * shape.n_embd
     per_layer = (ACT_PER_LAYER_FUSED if compiled else ACT_PER_LAYER_EAGER) * sd
-    head = HEAD_BYTES * sd
+    head, kept = HEAD_BYTES * sd, CKPT_INPUT_BYTES * sd
+    if bf16_stream:  # an fp32 tensor of width d becomes bf16: 2 bytes less each
+        per_layer -= BF16_STREAM_SAVING * sd
+        head, kept = head - 2 * sd, kept // 2
     if fused_ce:
         logits = FUSED_CE_BYTES * sd
     else:
         logits = (LOGIT_BYTES_COMPILED if compiled else LOGIT_BYTES_EAGER) * seq * shape.vocab
     full = shape.n_layer * per_layer + head + logits
     # Checkpointing: the logits are gone by the time the first layer is recomputed.
-    ckpt = shape.n_layer * CKPT_INPUT_BYTES * sd + head + max(logits, per_layer)
+    ckpt = shape.n_layer * kept + head + max(logits, per_layer)
     return full, ckpt
 
 
-def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool = True, fused_ce: bool = False) -> Estimate:
-    """Per-GPU bytes for `strategy` on `world` data-parallel ranks (see the module docstring)."""
+def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool = True, fused_ce: bool = False,
+             precision: str = "bf16-mixed") -> Estimate:
+    """Per-GPU bytes for `strategy` on `world` data-parallel ranks under `precision` (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     N, G = shape.params, world
-    act, act_ckpt = activation_bytes(shape, seq, compiled, fused_ce)
+    true = precision == "bf16-true"
+    act, act_ckpt = activation_bytes(shape, seq, compiled, fused_ce, bf16_stream=true or strategy.startswith("ZeRO"))
     # Sharded strategies gather bf16 weights of the block being computed + the one prefetched,
     # plus the root (embeddings / tied lm_head), which stays gathered through forward and backward.
     gathered = 2 * (2 * shape.block_params) + 2 * shape.root_params
     buckets = 2 * DEEPSPEED_BUCKET_ELEMS * 2  # reduce + all-gather buckets of bf16 elements
-    if strategy == "DDP":
+    if strategy == "DDP" and true:
+        # MasterWeightAdamW: fp32 master 4N + its fp32 grad buffer 4N + m, v 8N; bf16 DDP buckets.
+        e = Estimate(strategy, 2 * N, 2 * N, 16 * N, 2 * N if G > 1 else 0, act, act_ckpt)
+    elif strategy == "DDP":
         e = Estimate(strategy, 4 * N, 4 * N, 8 * N, 2 * N + (4 * N if G > 1 else 0), act, act_ckpt)
+    elif strategy in ("FSDP2", "FSDP1") and true:
+        # bf16 shards and bf16 AdamW moments; + one block's bf16 unsharded gradients.
+        e = Estimate(strategy, 2 * N / G, 2 * N / G, 4 * N / G, gathered + 2 * shape.block_params, act, act_ckpt)
+        e.notes.append("bf16-true: no fp32 master weights under FSDP (updates below bf16 resolution are lost)")
     elif strategy in ("FSDP2", "FSDP1"):
         # + fp32 unsharded gradients of one block before reduce-scatter (4 x block params).
         e = Estimate(strategy, 4 * N / G, 4 * N / G, 8 * N / G, gathered + 4 * shape.block_params, act, act_ckpt)

@@ -3,6 +3,10 @@ activation arithmetic with the real model (tests/test_planner.py runs it as a su
 
     MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_probe.py '{"n_layer": 2, ...}' compiled,eager,ckpt 1,2
 
+Modes: compiled, eager, ckpt (compiled + activation checkpointing) under bf16 autocast over fp32
+weights (bf16-mixed); with a `-bf16true` suffix, bf16 weights and no autocast (bf16-true, and
+what DeepSpeed's bf16 runs).
+
 Why this measures what a CUDA allocator would: with glibc's mmap threshold pinned at 64 KiB
 (the environment variable must be set before the process starts), every tensor of note is its
 own mmap, unmapped when freed, so resident memory follows the live tensors. Linux's VmHWM (reset
@@ -33,14 +37,18 @@ def peak_step_bytes(overrides: dict, mode: str, batch: int, seq: int, pad: int) 
 
     torch.manual_seed(0)
     module = GPT2Module("gpt2", from_scratch=True, config_overrides=overrides, dropout=0.0,
-                        compile=mode != "eager", activation_checkpointing=mode == "ckpt",
+                        compile=not mode.startswith("eager"), activation_checkpointing=mode.startswith("ckpt"),
                         pad_vocab_to_multiple_of=pad)
     module.configure_model()
     module.train()
+    true_bf16 = mode.endswith("bf16true")
+    if true_bf16:  # as bf16-true: bf16 weights, no autocast, the residual stream in bf16
+        module.to(torch.bfloat16)
     ids = torch.randint(0, overrides["vocab_size"], (batch, seq))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16-mixed: bf16 matmuls, fp32 weights
+        # bf16-mixed: bf16 matmuls under autocast, fp32 weights and residual stream
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not true_bf16):
             loss = module.token_losses(ids).mean()
         loss.backward()
 

@@ -44,25 +44,66 @@ def test_activation_bytes_hand_computed():
     assert activation_bytes(HAND, 32, compiled=False)[0] == 2 * 60 * 2_048 + 12_288 + 12 * 32 * 512 == 454_656
     # Liger: no logits, a bf16 grad of the hidden states (2 * 2,048)
     assert activation_bytes(HAND, 32, fused_ce=True)[0] == 147_456 + 12_288 + 4_096
+    # bf16 residual stream (bf16-true, DeepSpeed): 32 per layer, head 4, checkpointed input 2
+    full, ckpt = activation_bytes(HAND, 32, bf16_stream=True)
+    assert full == 2 * 32 * 2_048 + 4 * 2_048 + 65_536 == 204_800
+    assert ckpt == 2 * 2 * 2_048 + 4 * 2_048 + max(65_536, 32 * 2_048) == 81_920
+    assert activation_bytes(HAND, 32, compiled=False, bf16_stream=True)[0] == 2 * 56 * 2_048 + 4 * 2_048 + 12 * 32 * 512
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
-def test_activation_estimate_matches_the_measured_peak_on_cpu():
-    """The real GPT2Module's training-step peak on CPU (bf16 autocast), per extra sequence, is the
-    planner's activation estimate within 10%: compiled (fused GELU and loss), eager, and compiled with
-    activation checkpointing. Measured: 46.0 / 118.9 / 32.3 MiB against 46.6 / 119.6 / 34.6."""
-    shape_kw = {"n_layer": 2, "n_embd": 384, "n_head": 6, "n_positions": 512, "vocab_size": 16300}
+def probe(shape_kw: dict, modes: str, batches: str = "1,2") -> subprocess.Popen:
+    """tests/memory_probe.py in a subprocess (started, not awaited: two can run side by side)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every tensor its own mmap (see the probe)
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "memory_probe.py"), json.dumps(shape_kw),
-                          "compiled,eager,ckpt", "1,2"], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "memory_probe.py"), json.dumps(shape_kw), modes,
+                             batches], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def per_sequence(proc: subprocess.Popen) -> dict[str, int]:
+    """{mode: peak bytes of a 2-sequence step minus a 1-sequence step}."""
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return {mode: by_b["2"] - by_b["1"] for mode, by_b in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+def estimate_for(mode: str, shape: Shape, seq: int) -> float:
+    """The planner's activation bytes per sequence for a probe mode (compiled|eager|ckpt[-bf16true])."""
+    full, ckpt = activation_bytes(shape, seq, compiled=not mode.startswith("eager"), bf16_stream=mode.endswith("bf16true"))
+    return ckpt if mode.startswith("ckpt") else full
+
+
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
+
+
+@LINUX_PROC
+def test_activation_estimate_matches_the_measured_peak_on_cpu():
+    """The real GPT2Module's training-step peak on CPU, per extra sequence, is the planner's activation
+    estimate within 10%. Under bf16 autocast (bf16-mixed): compiled (fused GELU and loss), eager, and
+    compiled with activation checkpointing; with bf16 weights and no autocast (bf16-true, DeepSpeed):
+    compiled, and compiled with checkpointing. Measured 46.0 / 118.9 / 32.3 / 44.8 / 30.9 MiB against
+    46.6 / 119.6 / 34.6 / 44.8 / 33.5. The logits dominate this shape (V 16,384)."""
+    shape_kw = {"n_layer": 2, "n_embd": 384, "n_head": 6, "n_positions": 512, "vocab_size": 16300}
+    measured = per_sequence(probe(shape_kw, "compiled,eager,ckpt,compiled-bf16true,ckpt-bf16true"))
     shape = Shape(2, 384, 6, 16384, 512)  # vocab padded to a multiple of 128, as the probe does
-    for mode, by_b in peaks.items():
-        measured = by_b["2"] - by_b["1"]
-        full, ckpt = activation_bytes(shape, 512, compiled=mode != "eager")
-        est = ckpt if mode == "ckpt" else full
-        assert abs(est - measured) / measured < 0.10, (mode, est / 2**20, measured / 2**20)
+    for mode, got in measured.items():
+        est = estimate_for(mode, shape, 512)
+        assert abs(est - got) / got < 0.10, (mode, est / 2**20, got / 2**20)
+
+
+@LINUX_PROC
+def test_activation_per_layer_matches_the_measured_growth_on_cpu():
+    """Per layer, isolated from the head and logits: a 6-layer model minus a 2-layer one, per extra
+    sequence, over 4 layers, is the planner's per-layer term within 10%, fp32 and bf16 residual
+    streams. Measured (bytes per token x width): 35.3 vs 36 compiled, 31.6 vs 32 compiled bf16-true,
+    56.0 vs 56 eager bf16-true."""
+    modes = "compiled,compiled-bf16true,eager-bf16true"
+    kw = {"n_embd": 256, "n_head": 4, "n_positions": 256, "vocab_size": 256}
+    two, six = probe({**kw, "n_layer": 2}, modes), probe({**kw, "n_layer": 6}, modes)
+    small, big = per_sequence(two), per_sequence(six)
+    for mode in modes.split(","):
+        got = (big[mode] - small[mode]) / 4
+        est = estimate_for(mode, Shape(6, 256, 4, 256, 256), 256) - estimate_for(mode, Shape(5, 256, 4, 256, 256), 256)
+        assert abs(est - got) / got < 0.10, (mode, est / (256 * 256), got / (256 * 256))
 
 
 def test_strategy_states_hand_computed():
@@ -82,6 +123,24 @@ def test_strategy_states_hand_computed():
     assert off.params == off.optimizer == 0 and off.cpu == 16 * N / 4
     with pytest.raises(ValueError, match="unknown strategy"):
         estimate("ZeRO-4", HAND, 4, 32)
+    # DeepSpeed runs bf16 weights without autocast: a bf16 residual stream under bf16-mixed too.
+    assert z2.act_per_sample == activation_bytes(HAND, 32, bf16_stream=True)[0] < ddp.act_per_sample
+
+
+def test_bf16_true_states_hand_computed():
+    ddp = estimate("DDP", HAND, 8, 32, precision="bf16-true")
+    # bf16 weights 2N + bf16 grads 2N + (fp32 master 4N + its fp32 grad 4N + m, v 8N) + bf16 DDP buckets 2N = 22N
+    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (2 * N, 2 * N, 16 * N, 2 * N)
+    assert estimate("DDP", HAND, 1, 32, precision="bf16-true").states == 20 * N  # no buckets, no autocast copies
+    assert ddp.act_per_sample == activation_bytes(HAND, 32, bf16_stream=True)[0]
+    f2 = estimate("FSDP1", HAND, 4, 32, precision="bf16-true")
+    # bf16 shards, bf16 moments (no masters); gathered bf16 blocks + root, one block's bf16 grads
+    assert (f2.params, f2.grads, f2.optimizer) == (2 * N / 4, 2 * N / 4, 4 * N / 4)
+    assert f2.other == 2 * 2 * 49_984 + 2 * 36_992 + 2 * 49_984 and "no fp32 master" in f2.notes[0]
+    for zero in ("ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3 offload"):  # DeepSpeed: the same under both precisions
+        assert estimate(zero, HAND, 4, 32, precision="bf16-true") == estimate(zero, HAND, 4, 32)
+    with pytest.raises(ValueError, match="unknown precision"):
+        estimate("DDP", HAND, 1, 32, precision="fp8")
 
 
 def test_max_micro_batch_and_recommendation():
@@ -114,13 +173,19 @@ def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
 
 
 def test_validate_against_bench_json(tmp_path, capsys):
-    bench = {"device": "NVIDIA H100 80GB HBM3", "seq": 1024, "micro_batch": 16,
+    bench = {"device": "NVIDIA H100 80GB HBM3", "seq": 1024, "micro_batch": 16, "precision": "bf16-mixed",
              "model": {"model_name_or_path": "gpt2-large", "pad_vocab_to_multiple_of": 128, "compile": True},
              "rows": [{"run": "gpt2dist", "peak_alloc_gib": 40.0}]}
     (tmp_path / "b.json").write_text(json.dumps(bench))
-    rows = plan_tool.main(["--validate", str(tmp_path / "b.json"), str(tmp_path / "missing.json")])["validation"]
-    est = estimate("DDP", shape_from_config(build_config("gpt2-large"), 128), 1, 1024).total(16, False) / GB
+    (tmp_path / "t.json").write_text(json.dumps({**bench, "precision": "bf16-true"}))
+    rows = plan_tool.main(["--validate", str(tmp_path / "b.json"), str(tmp_path / "missing.json"),
+                           str(tmp_path / "t.json")])["validation"]
+    shape = shape_from_config(build_config("gpt2-large"), 128)
+    est = estimate("DDP", shape, 1, 1024).total(16, False) / GB
     measured = 40.0 * 2**30 / GB
     assert rows[0]["estimate_gb"] == pytest.approx(est)
     assert rows[0]["error_pct"] == pytest.approx(100 * (est - measured) / measured)
     assert "error" in rows[1] and "no bench result" in capsys.readouterr().out
+    # A bf16-true run is checked against the bf16-true estimate (20N states, bf16 stream), not bf16-mixed's.
+    true = estimate("DDP", shape, 1, 1024, precision="bf16-true").total(16, False) / GB
+    assert rows[2]["precision"] == "bf16-true" and rows[2]["estimate_gb"] == pytest.approx(true) != pytest.approx(est)

@@ -6,7 +6,7 @@
 #      host syncs per step (torch.cuda.set_sync_debug_mode) and names where they happen
 #   3. GPT-2 Large under bf16-true with fp32 master weights (gpt2dist/optim.py), vs row 1's bf16-mixed
 #   4. GPT-2 small with the real DataModule vs synthetic tokens (the input pipeline: within 3%)
-#   5. memory planner estimate vs the peak memory measured in rows 1-2
+#   5. memory planner estimate vs the peak memory measured in rows 1-3
 # Usage (repo root). The H100 machine already has accelerate 1.15.0 (checked), needed by the
 # hf-trainer rows; elsewhere carry accelerate-1.15.0-py3-none-any.whl in .whl/ (installed below).
 #   tools/gpu_check_perf.sh                 # results under $OUT (a temp dir when unset)
@@ -58,6 +58,7 @@ row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer --callbacks
 VALIDATE=("$OUT/large.json" "$OUT/small.json")
 if [ "${BF16TRUE:-1}" = 1 ]; then
   row large-bf16true "$T_BF16" "${LARGE[@]}" -o trainer.precision=bf16-true --baseline none
+  VALIDATE+=("$OUT/large-bf16true.json")  # the planner's bf16-true column (fp32 masters, bf16 stream)
 fi
 if [ "${DATA:-1}" = 1 ]; then  # tokenizer training + packing happen before the timed steps
   row small-data "$T_DATA" "${SMALL[@]}" --data both --baseline none

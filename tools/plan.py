@@ -3,6 +3,7 @@
     python tools/plan.py --model gpt2-large --gpus 8 --gpu-mem-gb 80 --seq 1024
     python tools/plan.py --model gpt2-xl --gpus 4 --nodes 2 --gpu-mem-gb 40 --micro-batch 4 --json plan.json
     python tools/plan.py --model gpt2 --gpus 1 --gpu-mem-gb 80 --seq 1024 --micro-batch 32   # single GPU
+    python tools/plan.py --model gpt2-large --gpus 1 --precision bf16-true     # bf16 weights, fp32 masters
 
 The formulas are in gpt2dist/planner.py (module docstring and `estimate`). Each row shows the
 model states per GPU, activations for one sequence, the total at --micro-batch with and without
@@ -18,11 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2dist.planner import GB, STRATEGIES, USABLE_FRACTION, estimate, recommend, shape_from_config  # noqa: E402
+from gpt2dist.planner import GB, PRECISIONS, STRATEGIES, USABLE_FRACTION, estimate, recommend, shape_from_config  # noqa: E402
 
 
 def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_batch: int, pad_vocab: int = 1,
-         eager: bool = False, min_micro_batch: int = 4, strategies: list[str] | None = None) -> dict:
+         eager: bool = False, min_micro_batch: int = 4, strategies: list[str] | None = None,
+         precision: str = "bf16-mixed") -> dict:
     from gpt2dist.model import build_config
 
     config = build_config(model)
@@ -30,7 +32,7 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     world = gpus * nodes
     budget = gpu_mem_gb * GB * USABLE_FRACTION
     rows = []
-    ests = [estimate(s, shape, world, seq, compiled=not eager) for s in (strategies or STRATEGIES)]
+    ests = [estimate(s, shape, world, seq, compiled=not eager, precision=precision) for s in (strategies or STRATEGIES)]
     for e in ests:
         rows.append({"strategy": e.strategy, "params_gb": e.params / GB, "grads_gb": e.grads / GB,
                      "optimizer_gb": e.optimizer / GB, "other_gb": e.other / GB, "states_gb": e.states / GB,
@@ -41,13 +43,13 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     rec = recommend(ests, budget, min_micro_batch)
     return {"model": model, "params": shape.params, "vocab_rows": shape.vocab, "world": world, "gpus": gpus,
             "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GB, "seq": seq, "micro_batch": micro_batch,
-            "rows": rows, "recommendation": rec}
+            "precision": precision, "rows": rows, "recommendation": rec}
 
 
 def print_plan(p: dict) -> None:
     print(f"{p['model']}: {p['params'] / 1e6:.1f}M params (vocab rows {p['vocab_rows']}), {p['gpus']} GPU(s) x "
           f"{p['nodes']} node(s) = {p['world']} ranks, {p['gpu_mem_gb']:g} GB/GPU (plan within {p['budget_gb']:.1f} GB), "
-          f"seq {p['seq']}, micro-batch {p['micro_batch']}; GB = 1e9 bytes")
+          f"seq {p['seq']}, micro-batch {p['micro_batch']}, {p['precision']}; GB = 1e9 bytes")
     print("| strategy | params | grads | optim | other | states | act/seq | act/seq ckpt | "
           f"total b={p['micro_batch']} | total b={p['micro_batch']} ckpt | max b | max b ckpt | CPU/rank |")
     print("|---|" + "---:|" * 12)
@@ -69,8 +71,9 @@ def print_plan(p: dict) -> None:
 def validate(bench_jsons: list[str]) -> list[dict]:
     """Planner estimate vs the peak memory `tools/bench.py` measured (its gpt2dist row), one GPU.
 
-    The estimate uses the bench run's own shape, micro-batch, sequence, vocab padding,
-    compile (fused GELU and loss), Liger fused cross-entropy and activation checkpointing; the comparison is with CUDA peak allocated.
+    The estimate uses the bench run's own shape, micro-batch, sequence, vocab padding, precision,
+    compile (fused GELU and loss), Liger fused cross-entropy and activation checkpointing; the
+    comparison is with CUDA peak allocated.
     """
     from gpt2dist.model import build_config
 
@@ -84,24 +87,29 @@ def validate(bench_jsons: list[str]) -> list[dict]:
         m = r["model"]
         config = build_config(m.get("model_name_or_path", "gpt2"), m.get("config_overrides"))
         shape = shape_from_config(config, int(m.get("pad_vocab_to_multiple_of", 1)))
-        e = estimate("DDP", shape, 1, r["seq"], compiled=bool(m.get("compile")), fused_ce=bool(m.get("fused_cross_entropy")))
+        precision = str(r.get("precision", "bf16-mixed"))
+        if precision not in PRECISIONS:
+            rows.append({"bench": path, "error": f"precision {precision}: the planner covers {' and '.join(PRECISIONS)}"})
+            continue
+        e = estimate("DDP", shape, 1, r["seq"], compiled=bool(m.get("compile")), fused_ce=bool(m.get("fused_cross_entropy")),
+                     precision=precision)
         ckpt = bool(m.get("activation_checkpointing"))
         est = e.total(r["micro_batch"], ckpt) / GB
         ours = next((x for x in r["rows"] if x["run"] == "gpt2dist" and "error" not in x), None)
         # CPU rows report process RSS, not comparable with the estimate.
         measured = ours["peak_alloc_gib"] * 2**30 / GB if ours and not str(r["device"]).startswith("CPU") else None
         rows.append({"bench": path, "model": m.get("model_name_or_path"), "micro_batch": r["micro_batch"], "seq": r["seq"],
-                     "compile": bool(m.get("compile")), "ckpt": ckpt, "estimate_gb": est, "measured_gb": measured,
+                     "precision": precision, "compile": bool(m.get("compile")), "ckpt": ckpt, "estimate_gb": est, "measured_gb": measured,
                      "error_pct": None if measured is None else 100 * (est - measured) / measured})
-    print("| config | b x seq | compile | act ckpt | plan estimate GB | measured peak alloc GB | error |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| config | b x seq | precision | compile | act ckpt | plan estimate GB | measured peak alloc GB | error |")
+    print("|---|---|---|---|---|---:|---:|---:|")
     for x in rows:
         if "error" in x:
-            print(f"| {x['bench']} | {x['error']} | | | | | |")
+            print(f"| {x['bench']} | {x['error']} | | | | | | |")
             continue
         meas = f"{x['measured_gb']:.2f}" if x["measured_gb"] is not None else "n/a (no CUDA)"
         err = f"{x['error_pct']:+.1f}%" if x["error_pct"] is not None else "-"
-        print(f"| {x['model']} | {x['micro_batch']} x {x['seq']} | {x['compile']} | {x['ckpt']} | {x['estimate_gb']:.2f} | "
+        print(f"| {x['model']} | {x['micro_batch']} x {x['seq']} | {x['precision']} | {x['compile']} | {x['ckpt']} | {x['estimate_gb']:.2f} | "
               f"{meas} | {err} |")
     return rows
 
@@ -118,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pad-vocab", type=int, default=1, help="model.pad_vocab_to_multiple_of (128 on GPUs)")
     ap.add_argument("--eager", action="store_true",
                     help="model.compile=false: eager GELU and loss keep more activations (60 vs 36 B/token/width per layer, 12 vs 4 B/token/vocab row)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed",
+                    help="trainer.precision: bf16-true keeps bf16 weights (+ fp32 masters under DDP) and a bf16 residual stream")
     ap.add_argument("--strategy", action="append", choices=["DDP", *[s for s in STRATEGIES if s != "DDP"]],
                     help="only these rows (repeatable)")
     ap.add_argument("--json", help="also write the plan as JSON here")
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name) < 1:
             sys.exit(f"plan: error: --{name.replace('_', '-')} must be >= 1")
     p = plan(args.model, args.gpus, args.nodes, args.gpu_mem_gb, args.seq, args.micro_batch, args.pad_vocab,
-             args.eager, args.min_micro_batch, args.strategy)
+             args.eager, args.min_micro_batch, args.strategy, args.precision)
     print_plan(p)
     if args.json:
         Path(args.json).write_text(json.dumps(p, indent=1))
