@@ -90,7 +90,9 @@ _RUN: dict = {}  # what an out-of-memory message reports (filled before fit)
 def _run_info(trainer, datamodule, model) -> dict:
     return {"batch_size": getattr(datamodule, "batch_size", None), "block_size": getattr(datamodule, "block_size", None),
             "accumulate": trainer.accumulate_grad_batches, "strategy": type(trainer.strategy).__name__,
-            "world_size": trainer.world_size, "model": getattr(model.hparams, "model_name_or_path", "gpt2")}
+            "world_size": trainer.world_size, "model": getattr(model.hparams, "model_name_or_path", "gpt2"),
+            "precision": str(trainer.precision), "compile": bool(getattr(model.hparams, "compile", False)),
+            "pad_vocab": int(getattr(model.hparams, "pad_vocab_to_multiple_of", 1) or 1)}
 
 
 def main(args: list[str] | None = None) -> None:

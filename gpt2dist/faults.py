@@ -359,5 +359,17 @@ def oom_message(info: dict) -> str:
             f"trainer.accumulate_grad_batches (same global batch); activation checkpointing "
             f"(configs/perf, or the strategy's activation_checkpointing); a sharded strategy "
             f"(configs/strategy/fsdp.yaml); bf16 precision. Estimate first with: "
-            f"python tools/plan.py --model {info.get('model', 'gpt2')} --gpus {info.get('world_size')} --seq {info.get('block_size')} "
-            f"--micro-batch {info.get('batch_size')}")
+            f"{plan_command(info)}")
+
+
+def plan_command(info: dict) -> str:
+    """The `tools/plan.py` command that estimates this run's memory (its shape, precision, compile, padding)."""
+    cmd = (f"python tools/plan.py --model {info.get('model', 'gpt2')} --gpus {info.get('world_size')} "
+           f"--seq {info.get('block_size')} --micro-batch {info.get('batch_size')}")
+    if info.get("precision") == "bf16-true":
+        cmd += " --precision bf16-true"
+    if int(info.get("pad_vocab") or 1) > 1:
+        cmd += f" --pad-vocab {info['pad_vocab']}"
+    if info.get("compile") is False:
+        cmd += " --eager"
+    return cmd
