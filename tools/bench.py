@@ -186,7 +186,10 @@ class Meter:
 
 
 def reset_compiler() -> None:
-    """Each row compiles from scratch (fair compile times) and frees the previous row's graphs."""
+    """Each row traces and compiles again and frees the previous row's graphs. Inductor's on-disk
+    caches stay (as on a user's machine): a row whose graphs an earlier row already compiled (e.g.
+    `+ fit callbacks`, `real data`) reports a warm compile time; the first row of a model a cold one
+    only on a fresh machine or with an empty TORCHINDUCTOR_CACHE_DIR."""
     try:
         torch._dynamo.reset()
     except Exception:
