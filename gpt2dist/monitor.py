@@ -98,14 +98,18 @@ class TrainMonitor(Callback):
     grad norm and peak GPU memory, on the steps Lightning writes (trainer.log_every_n_steps)."""
 
     def __init__(self, enabled: bool = True, peak_tflops: float | None = None,
-                 grad_norm: bool = True, skip_first_steps: int = 1):
+                 grad_norm: bool = True, skip_first_steps: int = 1, window: int | None = None):
         """
         Args:
             enabled: Log throughput and MFU (averaged over the steps since the last logging step), grad norm and memory.
             peak_tflops: This GPU's dense bf16 peak in TFLOP/s, for GPUs missing from gpt2dist.metrics.PEAK_BF16_FLOPS.
             grad_norm: Log train/grad_norm (the norm before clipping).
             skip_first_steps: Optimizer steps left out of tokens/s (warm-up: allocator, kernels, lazy init).
+            window: Deprecated, ignored: tokens/s spans the steps between logging steps (trainer.log_every_n_steps). Kept so older saved configs still load.
         """
+        if window is not None:
+            rank_zero_warn(f"monitor.window={window} is ignored: tokens/s and MFU now average the steps between logging "
+                           "steps (set trainer.log_every_n_steps instead); drop monitor.window from the config")
         self.enabled, self.peak_tflops = enabled, peak_tflops
         self.grad_norm, self.skip_first_steps = grad_norm, skip_first_steps
         self.flops_per_token: int | None = None

@@ -79,6 +79,16 @@ def test_throughput_counts_every_micro_batch_and_excludes_validation(monkeypatch
     assert logged["throughput/tokens_per_sec_per_device"] == pytest.approx(768 / 21.0)
 
 
+def test_old_window_knob_is_accepted_and_ignored():
+    """Saved configs from before the logging-step window name monitor.window: they still load, with a warning."""
+    with pytest.warns(UserWarning, match="monitor.window=20 is ignored"):
+        cb = mon.TrainMonitor(window=20)
+    assert not hasattr(cb, "window")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.TrainMonitor()  # no warning by default
+
+
 def test_cpu_warns_and_logs_no_mfu():
     module = tiny_module()
     trainer = SimpleNamespace(global_step=0)
