@@ -17,6 +17,8 @@ import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from gpt2dist.callbacks import HFExport, PredictionWriter, ValidationReport
@@ -26,7 +28,8 @@ from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_
                              oom_message)
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import Preemption, check_explicit_checkpoint, install_early_handler, resolve_ckpt_path
+from gpt2dist.resume import (Preemption, check_explicit_checkpoint, install_early_handler, newest_checkpoint,
+                             resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
@@ -58,12 +61,14 @@ class GPT2CLI(LightningCLI):
         parser.add_lightning_class_args(Preemption, "preemption")
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning torch.loads an explicit --ckpt_path here, first of all: name a missing/corrupt one first.
+        # Lightning would overwrite the config's `model` section with the hyperparameters stored in an
+        # explicit --ckpt_path FILE (not for `last`/`auto`, which it cannot resolve): the user's
+        # --model.* values (max_new_tokens, lr, ...) would be dropped silently. The config is the
+        # spec, whatever the spelling; a checkpoint of another shape fails to load, naming it.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and ckpt_path not in ("auto", "last"):
-            check_explicit_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        if ckpt_path and ckpt_path not in ("auto", "last", "best"):
+            check_explicit_checkpoint(ckpt_path)  # missing/corrupt: one line, before anything else
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -84,11 +89,44 @@ class GPT2CLI(LightningCLI):
         prepare_wandb(self.trainer, ckpt_path)
 
 
+    def _before_eval(self) -> None:
+        """validate / test / predict: `--ckpt_path last|auto|best` resolved as for fit (gpt2dist/resume.py)."""
+        sub = str(self.subcommand)
+        config = self.config.get(sub, self.config)
+        best = config.get("best_checkpoint", {}) or {}
+        ckpt_path = resolve_eval_ckpt_path(
+            sub, config.get("ckpt_path"), self.trainer.default_root_dir,
+            getattr(self.trainer.checkpoint_callback, "dirpath", None),
+            best={"dirpath": best.get("dirpath") or _checkpoint_dir(self.trainer.default_root_dir),
+                  "filename": best.get("filename") or "best-step{step:07d}",
+                  "monitor": best.get("monitor") or "val/loss", "mode": best.get("mode") or "min"})
+        self.config_init[sub]["ckpt_path"] = ckpt_path
+        if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
+            rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "
+                           f"evaluates a randomly initialised model; pass --ckpt_path last (or best, or a file)")
+
+    before_validate = before_test = before_predict = _before_eval
+
+
 _RUN: dict = {}  # what an out-of-memory message reports (filled before fit)
 
 
+def _resume_hint() -> str:
+    root = _RUN.get("root")
+    if root is None:  # not a fit, or stopped before it began
+        return ""
+    try:
+        found = newest_checkpoint(root, _RUN.get("checkpoint_dir"))
+    except GPT2DistError:
+        found = None
+    if found is None:
+        return f"no checkpoint in {root} yet: rerun from the start"
+    return f"the newest checkpoint is {found[0]} (step {found[1][0]}): resume with --ckpt_path last"
+
+
 def _run_info(trainer, datamodule, model) -> dict:
-    return {"batch_size": getattr(datamodule, "batch_size", None), "block_size": getattr(datamodule, "block_size", None),
+    return {"root": trainer.default_root_dir, "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
+            "batch_size": getattr(datamodule, "batch_size", None), "block_size": getattr(datamodule, "block_size", None),
             "accumulate": trainer.accumulate_grad_batches, "strategy": type(trainer.strategy).__name__,
             "world_size": trainer.world_size, "model": getattr(model.hparams, "model_name_or_path", "gpt2"),
             "precision": str(trainer.precision), "compile": bool(getattr(model.hparams, "compile", False)),
@@ -127,6 +165,12 @@ def main(args: list[str] | None = None) -> None:
     except torch.OutOfMemoryError:
         print(f"gpt2dist: error: {oom_message(_RUN)}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except SIGTERMException:
+        # Lightning stops at the end of the batch with a SystemExit of code 0: a killed run must not
+        # look like a finished one to `fit && upload`, schedulers or CI (128 + 15, as the shell says).
+        hint = _resume_hint()
+        print(f"gpt2dist: error: stopped by SIGTERM before the end{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+        sys.exit(143)
     finally:
         # Tear the process group down before interpreter exit: a gloo group left to the atexit
         # handlers sometimes aborts the rank whose peer exited first (seen ~1 in 8 two-node runs).

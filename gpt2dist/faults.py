@@ -29,7 +29,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gpt2dist.errors import CheckpointError, GPT2DistError
@@ -204,6 +204,12 @@ class FaultTolerance(Callback):
             for cb in trainer.checkpoint_callbacks:
                 if hasattr(cb, "_last_global_step_saved"):
                     cb._last_global_step_saved = trainer.global_step
+                # A step file holds the state from before that step's last.ckpt save (no last_model_path):
+                # resumed from it, Lightning would write last-v1.ckpt beside the run's last.ckpt.
+                if isinstance(cb, ModelCheckpoint) and cb.save_last and not cb.last_model_path and cb.dirpath:
+                    last = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+                    if os.path.exists(last):
+                        cb.last_model_path = last
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._pending_rng is None:
@@ -300,7 +306,16 @@ class FaultTolerance(Callback):
             pl_module.log("train/nan_skipped", torch.tensor(float(self.skipped)), rank_zero_only=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self._settle(trainer)  # before the end-of-fit export (a later callback)
+        self._settle(trainer)  # before the end-of-fit export (a later callback); a due stop raises here
+        # The steps after the last interval save (max_steps not a multiple of every_n_train_steps)
+        # would be lost to a resume, and last.ckpt would lag behind the exported model: save
+        # last.ckpt at the final step. (Lightning's own end-of-fit save only runs when nothing was
+        # saved at all.) Not reached after a NaN stop or a SIGTERM: those raise before the end.
+        for cb in trainer.checkpoint_callbacks:
+            if (isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_checkpoint_saved
+                    and cb._last_global_step_saved != trainer.global_step):
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+                cb._last_global_step_saved = trainer.global_step
 
 
 def _saves_at(cb, step: int) -> bool:

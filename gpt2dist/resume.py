@@ -59,8 +59,9 @@ def install_early_handler() -> bool:
     return True
 
 
-def _progress(path: str | Path) -> tuple[tuple[int, int] | None, str]:
-    """((global_step, batches seen), "") or (None, why it cannot be read)."""
+def _meta(path: str | Path) -> tuple[dict | None, str]:
+    """(Lightning's checkpoint dict, memory-mapped: tensors are read only when touched, "") or
+    (None, why it cannot be read). Sharded folders: the rank-0 file that holds the trainer state."""
     p = Path(path)
     meta = p
     if p.is_dir() and (p / "latest").is_file():
@@ -75,9 +76,18 @@ def _progress(path: str | Path) -> tuple[tuple[int, int] | None, str]:
         meta = p / "meta.pt"
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
-        step = int(ckpt["global_step"])
+        int(ckpt["global_step"])
     except Exception as e:  # truncated by a kill, not a checkpoint, ...
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return ckpt, ""
+
+
+def _progress(path: str | Path) -> tuple[tuple[int, int] | None, str]:
+    """((global_step, batches seen), "") or (None, why it cannot be read)."""
+    ckpt, why = _meta(path)
+    if ckpt is None:
+        return None, why
+    step = int(ckpt["global_step"])
     try:
         batches = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
     except (KeyError, TypeError):
@@ -141,6 +151,56 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
         log.warning("resume: %s is incomplete or corrupt (%s); falling back to %s (global_step %d), the newest "
                     "complete checkpoint", p, _progress(p)[1], path, step)
     log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches, ckpt_path)
+    return str(path)
+
+
+def resolve_eval_ckpt_path(subcommand: str, ckpt_path: str | None, root_dir: str | Path,
+                           checkpoint_dir: str | Path | None, best: dict | None = None) -> str | None:
+    """The validate/test/predict ckpt_path: `last`/`auto` are the newest good checkpoint, as for fit,
+    but none is an error (evaluating a fresh model is never what they meant); `best` is the file of
+    the best_checkpoint callback (`best`: its dirpath, filename, monitor, mode) with the best score
+    stored in it (Lightning's `best` would take the first ModelCheckpoint, ours ranks by step, and
+    knows nothing in a new process). Other values: checked like fit's explicit paths."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path in ("last", "auto"):
+        found = newest_checkpoint(root_dir, checkpoint_dir)
+        if found is None:
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no checkpoint in {checkpoint_dir} or {root_dir}/hpc_ckpt_*.ckpt "
+                                  f"to {subcommand}; train one first (gpt2dist fit), check trainer.default_root_dir, "
+                                  f"or pass --ckpt_path FILE")
+        log.info("%s: %s (global_step %d) chosen by --ckpt_path %s", subcommand, found[0], found[1][0], ckpt_path)
+        return str(found[0])
+    if ckpt_path == "best":
+        return best_checkpoint(**(best or {}))
+    check_explicit_checkpoint(ckpt_path)
+    return ckpt_path
+
+
+def best_checkpoint(dirpath: str | Path | None = None, filename: str = "best-step{step:07d}", monitor: str = "val/loss",
+                    mode: str = "min") -> str:
+    """The best_checkpoint file whose stored score (`best_model_score` of the `monitor` callback) is
+    best. Scores are read, not assumed from the file list: a resume can leave an older best file
+    that the callback's restored state no longer tracks."""
+    prefix = str(filename).split("{", 1)[0]
+    folder = Path(dirpath) if dirpath else None
+    files = sorted(p for p in folder.glob(f"{prefix}*") if not p.name.startswith(".")) if folder and folder.is_dir() else []
+    if not files:
+        raise CheckpointError(f"--ckpt_path best: no {prefix}*.ckpt in {folder} (best_checkpoint saves one when "
+                              f"{monitor} improves at a validation); pass --ckpt_path last or a checkpoint file")
+    scored = []
+    for p in files:
+        ckpt, _ = _meta(p)
+        states = ckpt.get("callbacks", {}).values() if ckpt is not None else []
+        score = next((st["best_model_score"] for st in states if isinstance(st, dict) and st.get("monitor") == monitor
+                      and st.get("best_model_score") is not None), None)
+        if score is not None:
+            scored.append((float(score), p))
+    if not scored:
+        raise CheckpointError(f"--ckpt_path best: none of {[p.name for p in files]} in {folder} is a readable checkpoint "
+                              f"with a stored {monitor}; pass --ckpt_path last or a checkpoint file")
+    score, path = (min if mode == "min" else max)(scored, key=lambda t: t[0])
+    log.info("best checkpoint: %s (%s %.4f, of %d)", path, monitor, score, len(scored))
     return str(path)
 
 

@@ -103,3 +103,14 @@ class RecordSaves(Callback):
         if trainer.global_rank == 0:
             with open(self.path, "a") as f:
                 f.write(f"{trainer.global_step} {int(trainer.fit_loop.epoch_loop._should_accumulate())}\n")
+
+
+class TermAt(Callback):
+    """SIGTERM to this process after optimizer step `step` (a scheduler or `kill` stopping the run)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

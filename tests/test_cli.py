@@ -114,6 +114,41 @@ def test_validate_test_predict_from_checkpoint(fitted):
     assert all(p["text"].startswith(p["prompt"]) and len(p["text"]) > len(p["prompt"]) for p in preds)
 
 
+def test_explicit_checkpoint_keeps_the_command_line_model_settings(fitted, tokenizer_dir):
+    """Lightning would replace the config's model section with the checkpoint's stored hyperparameters
+    for an explicit --ckpt_path FILE (and only then): --model.max_new_tokens 2 would be dropped."""
+    from transformers import AutoTokenizer
+
+    tmp, cfg, _ = fitted
+    ckpt = str(tmp / "run" / "checkpoints" / "last.ckpt")
+    r = run_cli("predict", "--config", str(cfg), "--ckpt_path", ckpt, "--model.max_new_tokens", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    preds = [json.loads(line) for line in (tmp / "run" / "predictions-rank0.jsonl").read_text().splitlines()][-2:]
+    for p in preds:
+        assert len(tok(p["text"])["input_ids"]) - len(tok(p["prompt"])["input_ids"]) <= 2, p
+
+
+def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
+    tmp, cfg, _ = fitted
+    run = tmp / "run"
+    # `best`: the best_checkpoint file with the best stored val/loss (Lightning's `best` would fail here).
+    best = min(run.glob("checkpoints/best-*.ckpt"), key=lambda p: float(torch.load(p, weights_only=False)["callbacks"][
+        next(k for k in torch.load(p, weights_only=False)["callbacks"] if "val/loss" in k)]["best_model_score"]))
+    r = run_cli("validate", "--config", str(cfg), "--ckpt_path", "best")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"best checkpoint: {best}" in r.stderr + r.stdout
+    # `last` resolves as fit's does; nothing to load is one line, not a random model's loss.
+    r = run_cli("test", "--config", str(cfg), "--ckpt_path", "last")
+    assert r.returncode == 0 and f"chosen by --ckpt_path last" in r.stderr + r.stdout, r.stderr[-3000:]
+    empty = str(tmp_path / "empty")
+    for sub, how in (("validate", "last"), ("test", "auto"), ("predict", "best")):
+        r = run_cli(sub, "--config", str(cfg), "--trainer.default_root_dir", empty, "--ckpt_path", how)
+        assert r.returncode == 2, (sub, r.stderr[-2000:])
+        errors = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:")]
+        assert len(errors) == 1 and f"--ckpt_path {how}" in errors[0] and "Traceback" not in r.stderr
+
+
 def test_print_config_and_overlay_merge(tmp_path, corpus_dir, tokenizer_dir):
     cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
     overlay = tmp_path / "overlay.yaml"

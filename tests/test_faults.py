@@ -274,6 +274,27 @@ def test_oom_message(tmp, corpus_dir, tokenizer_dir):
         assert needle in line, needle
 
 
+def test_sigterm_exits_143_naming_the_checkpoint_and_the_last_step_is_saved(tmp, corpus_dir, tokenizer_dir):
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "sigterm")
+    root = run_dir(config)
+    # A checkpoint every 4 steps: SIGTERM after step 5 stops the run with step 4 on disk.
+    p = cli(config, "--checkpoint.every_n_train_steps", "4", "--trainer.max_steps", "20",
+            "--config", str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 5}})))
+    assert p.returncode == 143, (p.returncode, p.stderr[-3000:])  # not 0: the run did not finish
+    line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error: stopped by SIGTERM")][0]
+    assert "step0000004.ckpt (step 4)" in line and "--ckpt_path last" in line and "Traceback" not in p.stderr
+    assert not (root / "hf_model").exists()
+    # Finishing at max_steps 6, not a multiple of 4: last.ckpt is saved at step 6 (it was left at step 4),
+    # and holds the weights that were exported.
+    ok(cli(config, "--checkpoint.every_n_train_steps", "4", "--ckpt_path", "last"))
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == STEPS
+    assert not list((root / "checkpoints").glob("last-v*"))  # the resumed run replaced last.ckpt, no second one
+    exported = weights(root)
+    assert torch.equal(last["state_dict"]["model.transformer.h.0.mlp.c_fc.weight"],
+                       exported["transformer.h.0.mlp.c_fc.weight"])
+
+
 def test_oom_plan_command_describes_the_run():
     from gpt2dist.faults import plan_command
 

@@ -98,3 +98,23 @@ def test_deepspeed_folders_are_candidates_by_their_stored_step(root):
     (root / "hpc_ckpt_1.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt").unlink()
     assert checkpoint_progress(root / "hpc_ckpt_1.ckpt") is None
     assert newest_checkpoint(root, ck)[0].name == "last.ckpt"
+
+
+def test_best_is_the_lowest_stored_score_and_eval_needs_a_checkpoint(root):
+    from gpt2dist.resume import resolve_eval_ckpt_path
+
+    ck = root / "checkpoints"
+    best = {"dirpath": ck, "filename": "best-step{step:07d}", "monitor": "val/loss", "mode": "min"}
+    with pytest.raises(CheckpointError, match="--ckpt_path last: no checkpoint"):
+        resolve_eval_ckpt_path("validate", "last", root, ck, best)
+    with pytest.raises(CheckpointError, match="--ckpt_path best: no best-"):
+        resolve_eval_ckpt_path("validate", "best", root, ck, best)
+    # A resume can leave an older best file the restored callback no longer tracks: scores decide, not names.
+    for step, score in ((50, 2.5), (75, 2.1), (100, 2.3)):
+        cbs = {"ModelCheckpoint{'monitor': 'val/loss'}": {"monitor": "val/loss", "best_model_score": torch.tensor(score)},
+               "ModelCheckpoint{'monitor': 'step'}": {"monitor": "step", "best_model_score": torch.tensor(float(step))}}
+        torch.save({"global_step": step, "callbacks": cbs}, ck.mkdir(parents=True, exist_ok=True) or ck / f"best-step{step:07d}.ckpt")
+    assert resolve_eval_ckpt_path("test", "best", root, ck, best) == str(ck / "best-step0000075.ckpt")
+    assert resolve_eval_ckpt_path("test", "best", root, ck, {**best, "mode": "max"}) == str(ck / "best-step0000050.ckpt")
+    assert resolve_eval_ckpt_path("test", "last", root, ck, best) == str(ck / "best-step0000100.ckpt")
+    assert resolve_eval_ckpt_path("test", None, root, ck, best) is None
