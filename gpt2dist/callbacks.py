@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from gpt2dist.export import model_from_lightning_state, save_hf_folder
+from gpt2dist.errors import GPT2DistError
+from gpt2dist.export import check_export_target, model_from_lightning_state, save_hf_folder
 from gpt2dist.model import greedy_text
 from gpt2dist.strategies import full_state_dict, needs_gather
 
@@ -33,6 +34,22 @@ class HFExport(Callback):
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.sample_repetition_penalty = sample_repetition_penalty
         self.path: Path | None = None
+        self.fix = f"set export.dirname to another name (or move {dirname} away)"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Refuse a folder the export would destroy before training, not after it. Rank 0 writes the
+        # export, so its view decides, and every rank stops with it (none is left waiting in a collective).
+        if stage != "fit" or not self.enabled:
+            return
+        error = None
+        if trainer.is_global_zero:
+            try:
+                check_export_target(Path(trainer.default_root_dir) / self.dirname, self.fix)
+            except GPT2DistError as e:
+                error = str(e)
+        error = trainer.strategy.broadcast(error)
+        if error:
+            raise GPT2DistError(error)
 
     # on_train_end, not on_fit_end: Lightning tears the strategy down (model and optimizer state to
     # CPU) before on_fit_end, and ZeRO-3's fp32 gather then runs NCCL on CPU tensors (seen on an H200).
@@ -47,7 +64,7 @@ class HFExport(Callback):
             if trainer.is_global_zero:
                 ckpt = {"gpt2_config": pl_module.model.config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}
                 model = model_from_lightning_state(ckpt, "the trained model")
-                save_hf_folder(model, tokenizer, self.path)
+                save_hf_folder(model, tokenizer, self.path, self.fix)
                 rank_zero_info(f"exported Hugging Face model to {self.path} (gathered from shards)")
                 if self.sample_prompt and tokenizer is not None:
                     # From the gathered fp32 copy, on rank 0's CPU: its GPU still holds the sharded training state.
@@ -58,9 +75,9 @@ class HFExport(Callback):
             masters = pl_module.master_state_dict() if hasattr(pl_module, "master_state_dict") else None
             if masters:  # bf16-true: the fp32 master weights, not their bf16 rounding
                 ckpt = {"gpt2_config": pl_module.model.config.to_dict(), "state_dict": {**pl_module.state_dict(), **masters}}
-                save_hf_folder(model_from_lightning_state(ckpt, "the trained model"), tokenizer, self.path)
+                save_hf_folder(model_from_lightning_state(ckpt, "the trained model"), tokenizer, self.path, self.fix)
             else:
-                save_hf_folder(pl_module.model, tokenizer, self.path)
+                save_hf_folder(pl_module.model, tokenizer, self.path, self.fix)
             rank_zero_info(f"exported Hugging Face model to {self.path}")
             if self.sample_prompt and tokenizer is not None:
                 was_training = pl_module.training

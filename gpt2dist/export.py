@@ -8,14 +8,58 @@ Used at the end of `fit` (callbacks.HFExport) and by `tools/export_hf.py` for sa
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from gpt2dist.errors import CheckpointError
+from gpt2dist.errors import CheckpointError, GPT2DistError
+
+# Written into every export: the files it lists are the export's own, so a later export may replace
+# the folder. Anything else in it (checkpoints/, notes) is the user's, and the folder is left alone.
+EXPORT_MARKER = ".gpt2dist-export.json"
+# What save_pretrained writes for a GPT-2 and its tokenizer: exports written before the marker existed.
+_HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "chat_template.jinja"}
+_HF_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def _is_previous_export(path: Path) -> bool:
+    entries = list(path.iterdir())
+    if any(p.is_symlink() or not p.is_file() for p in entries):  # checkpoints/, logs/, sub/
+        return False
+    names = {p.name for p in entries}
+    if EXPORT_MARKER in names:
+        try:
+            own = set(json.loads((path / EXPORT_MARKER).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return names <= own | {EXPORT_MARKER}
+    if not names:  # an empty folder
+        return True
+    return ("config.json" in names and bool(names & {"model.safetensors", "model.safetensors.index.json"})
+            and all(n in _HF_FILES or _HF_SHARD.fullmatch(n) for n in names))
+
+
+def check_export_target(out_dir: str | os.PathLike, fix: str = "choose an empty or new folder") -> None:
+    """Refuse an `out_dir` that an export would destroy: only an absent or empty folder, or one that
+    holds a previous Hugging Face export and nothing else, may be replaced."""
+    out_dir = Path(out_dir)
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        what = "a symlink" if out_dir.is_symlink() else "a file"
+        raise GPT2DistError(f"export folder {out_dir} is {what}, which the export would replace; {fix}")
+    if not _is_previous_export(out_dir):
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise GPT2DistError(f"export folder {out_dir} exists and is not a previous Hugging Face export (it holds "
+                            f"{shown}); the export replaces the whole folder, so {fix}")
 
 
 def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -33,21 +77,29 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Save `model` (a GPT2LMHeadModel) and `tokenizer` as a Hugging Face folder, atomically."""
+def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "choose an empty or new folder") -> Path:
+    """Save `model` (a GPT2LMHeadModel) and `tokenizer` as a Hugging Face folder, atomically.
+
+    An existing `out_dir` is replaced only if it is a previous export (`check_export_target`);
+    otherwise this raises GPT2DistError ending with `fix`.
+    """
     from gpt2dist.perf import unpad_vocab
 
-    model = unpad_vocab(model)  # a padded vocabulary goes back to the standard row count
     out_dir = Path(out_dir)
+    check_export_target(out_dir, fix)  # before writing anything
+    model = unpad_vocab(model)  # a padded vocabulary goes back to the standard row count
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        files = sorted(f.name for f in tmp.iterdir())
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"files": files}) + "\n")
         for f in tmp.iterdir():  # durable before it becomes visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        check_export_target(out_dir, fix)  # again: the folder may have changed while this one was written
         atomic_replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,6 +205,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     into a Hugging Face folder. The tokenizer defaults to the one recorded at training time."""
     from gpt2dist.tokenizer import load_tokenizer
 
+    check_export_target(out_dir)  # before loading a checkpoint that may take minutes
     checkpoint = load_any_checkpoint(ckpt_path)
     model = model_from_lightning_state(checkpoint, str(ckpt_path))
     tok_name = tokenizer or checkpoint.get("tokenizer_name_or_path")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from gpt2dist.callbacks import HFExport
+from gpt2dist.errors import GPT2DistError
 from gpt2dist.model import GPT2Module
 
 from conftest import TINY
@@ -50,3 +52,32 @@ def test_export_runs_before_teardown_with_the_trained_weights(tmp_path, monkeypa
     assert not torch.equal(exported["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
+
+
+def _fit(root, seed: int) -> GPT2Module:
+    torch.manual_seed(seed)
+    m = GPT2Module(from_scratch=True, dropout=0.0, lr=1e-2, warmup_steps=1,
+                   config_overrides={**TINY, "vocab_size": 128, "bos_token_id": 0, "eos_token_id": 0})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+                         callbacks=[HFExport(sample_prompt=None)])
+    trainer.fit(m, torch.utils.data.DataLoader(_Blocks(), batch_size=4))
+    return m
+
+
+def test_export_replaces_its_own_previous_export_but_not_a_foreign_folder(tmp_path, monkeypatch):
+    _fit(tmp_path, 0)
+    second = _fit(tmp_path, 1)  # the same config run again: its hf_model is replaced
+    exported = load_file(tmp_path / "hf_model" / "model.safetensors")
+    assert torch.equal(exported["transformer.wte.weight"], second.model.state_dict()["transformer.wte.weight"])
+
+    foreign = tmp_path / "other"
+    (foreign / "hf_model" / "checkpoints").mkdir(parents=True)
+    (foreign / "hf_model" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    # Refused at the start of fit (before training), not after it: one line naming the folder and the fix.
+    monkeypatch.setattr(GPT2Module, "training_step", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(GPT2DistError, match=r"other/hf_model exists and is not a previous Hugging Face export "
+                                            r"\(it holds checkpoints/\).*set export.dirname to another name"):
+        _fit(foreign, 2)
+    assert (foreign / "hf_model" / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
+    assert sorted(p.name for p in foreign.iterdir()) == ["hf_model"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from gpt2dist.errors import CheckpointError
-from gpt2dist.export import checkpoint_kind, export_checkpoint, load_checkpoint_file, save_hf_folder
+from gpt2dist.errors import CheckpointError, GPT2DistError
+from gpt2dist.export import EXPORT_MARKER, checkpoint_kind, export_checkpoint, load_checkpoint_file, save_hf_folder
 
 
 def _tiny_checkpoint(path, tokenizer_dir):
@@ -82,6 +82,67 @@ def test_export_tool_error_is_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("export_hf: error: checkpoint") and "does not exist" in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_export_tool_refuses_a_folder_it_did_not_write(tmp_path, tokenizer_dir):
+    """`export_hf.py runs/G/checkpoints/last.ckpt runs/G` once replaced the whole run folder."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    _tiny_checkpoint(run / "checkpoints" / "last.ckpt", tokenizer_dir)
+    (run / "logs").mkdir()
+    (run / "logs" / "metrics.csv").write_text("step,loss\n")
+    before = _tree(run)
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(run / "checkpoints" / "last.ckpt"), str(run)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f"export_hf: error: export folder {run} exists and is not a previous Hugging Face export (it holds "
+        f"checkpoints/, logs/); the export replaces the whole folder, so choose an empty or new folder"]
+    assert _tree(run) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporaries left
+
+
+def test_export_refuses_foreign_content_and_files(tmp_path, tokenizer_dir):
+    _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine")
+    (notes / "sub" / "a.txt").write_text("also mine")
+    a_file = tmp_path / "out.bin"
+    a_file.write_bytes(b"precious")
+    before = _tree(tmp_path)
+    with pytest.raises(GPT2DistError, match=r"notes exists and is not a previous .* \(it holds notes.txt, sub/\)"):
+        export_checkpoint(tmp_path / "x.ckpt", notes)
+    with pytest.raises(GPT2DistError, match=r"out.bin is a file, which the export would replace; choose an empty"):
+        export_checkpoint(tmp_path / "x.ckpt", a_file)
+    with pytest.raises(GPT2DistError, match="is not a previous Hugging Face export"):
+        save_hf_folder(tiny_model(0), None, notes)
+    assert _tree(tmp_path) == before  # nothing moved, renamed or added
+
+
+def test_export_replaces_only_a_previous_export(tmp_path, tokenizer):
+    out = tmp_path / "hf"
+    save_hf_folder(tiny_model(0), tokenizer, out)
+    assert (out / EXPORT_MARKER).is_file()
+    save_hf_folder(tiny_model(1), tokenizer, out)  # its own previous export: replaced
+    (out / EXPORT_MARKER).unlink()  # as written before the marker existed: still recognised by its files
+    save_hf_folder(tiny_model(2), tokenizer, out)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(out / "model.safetensors")["transformer.wte.weight"], tiny_model(2).transformer.wte.weight)
+    (out / "README.md").write_text("my notes")  # the user added something: no longer the export's to delete
+    with pytest.raises(GPT2DistError, match=r"it holds .*README.md"):
+        save_hf_folder(tiny_model(3), tokenizer, out)
+    assert (out / "README.md").read_text() == "my notes"
+    (out / "README.md").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_hf_folder(tiny_model(3), None, empty)  # an empty folder may be filled
+    assert (empty / "config.json").is_file()
 
 
 def tiny_model(seed: int):

@@ -4,7 +4,8 @@
     python tools/export_hf.py runs/x/checkpoints/last.ckpt runs/x/hf_export
 
 CHECKPOINT may be a single-file .ckpt, a FSDP2 / FSDP1 sharded folder, or a DeepSpeed ZeRO-1/2/3
-folder. OUT_DIR appears only when complete (written under a temporary name, then renamed).
+folder. OUT_DIR appears only when complete (written under a temporary name, then renamed). An
+existing OUT_DIR is replaced only if it is empty or a previous export; any other is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gpt2dist.export import export_checkpoint  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a .ckpt file, or a sharded / DeepSpeed checkpoint folder")
-    parser.add_argument("out_dir", help="the Hugging Face folder to write (replaced atomically if it exists)")
+    parser.add_argument("out_dir", help="the Hugging Face folder to write (a previous export there is replaced atomically)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder/id (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
     try:
