@@ -77,6 +77,19 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _cap_model_max_length(folder: Path, n_positions: int) -> None:
+    """A tokenizer without a known limit says model_max_length=1e30, so `pipeline` and truncation
+    would pass the model prompts longer than its position table (an IndexError in the embedding).
+    The saved limit becomes n_positions; a smaller one the user set is kept."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config.get("model_max_length"), int) or config["model_max_length"] > n_positions:
+        config["model_max_length"] = n_positions
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "choose an empty or new folder") -> Path:
     """Save `model` (a GPT2LMHeadModel) and `tokenizer` as a Hugging Face folder, atomically.
 
@@ -93,7 +106,8 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)  # the caller's tokenizer is left as it is: only the saved copy is capped
+            _cap_model_max_length(tmp, model.config.n_positions)
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / EXPORT_MARKER).write_text(json.dumps({"files": files}) + "\n")
         for f in tmp.iterdir():  # durable before it becomes visible

@@ -165,6 +165,31 @@ def test_save_replaces_atomically_and_loads(tmp_path, tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporaries left
 
 
+def test_exported_tokenizer_knows_the_context_length(tmp_path, tokenizer_dir, tokenizer):
+    """The trained tokenizer has no limit (model_max_length 1e30): exported as is, `pipeline` fed the
+    model prompts longer than n_positions (IndexError: index out of range in self)."""
+    from transformers import AutoTokenizer, pipeline
+
+    from gpt2dist.tokenizer import load_tokenizer
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=512))  # the tokenizer's vocabulary
+    assert tokenizer.model_max_length > 10**20
+    out = save_hf_folder(model, tokenizer, tmp_path / "hf")
+    assert tokenizer.model_max_length > 10**20  # the caller's tokenizer is unchanged
+    assert AutoTokenizer.from_pretrained(out).model_max_length == TINY["n_positions"] == 64
+    long_prompt = "def f(x):\n    return x\n" * 40
+    assert len(tokenizer(long_prompt)["input_ids"]) > 64
+    generate = pipeline("text-generation", str(out))
+    text = generate(long_prompt, max_new_tokens=4, do_sample=False, handle_long_generation="hole")[0]["generated_text"]
+    assert text.startswith(long_prompt) and len(text) > len(long_prompt)
+    assert len(generate.tokenizer(long_prompt, truncation=True)["input_ids"]) == 64
+    shorter = load_tokenizer(str(tokenizer_dir))
+    shorter.model_max_length = 32  # a smaller limit the user chose is kept
+    assert AutoTokenizer.from_pretrained(save_hf_folder(model, shorter, tmp_path / "hf32")).model_max_length == 32
+
+
 def test_corrupt_or_missing_checkpoint_is_named(tmp_path):
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": tiny_model(0).state_dict(), "gpt2_config": {}}, good)
