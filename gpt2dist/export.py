@@ -62,6 +62,21 @@ def check_export_target(out_dir: str | os.PathLike, fix: str = "choose an empty 
                             f"{shown}); the export replaces the whole folder, so {fix}")
 
 
+def umask() -> int:
+    """The process umask. os.umask can only read it by setting it, so /proc is read first (no window
+    in which another thread creates files with a different mask)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is replaced only now.
 
@@ -110,8 +125,13 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
             _cap_model_max_length(tmp, model.config.n_positions)
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / EXPORT_MARKER).write_text(json.dumps({"files": files}) + "\n")
-        for f in tmp.iterdir():  # durable before it becomes visible
-            with open(f, "rb") as fh:
+        # mkdtemp makes the folder 0700 and safetensors writes its files 0600: give the export the
+        # modes any new folder and file get (umask applied), so others on shared storage can read it.
+        mask = umask()
+        tmp.chmod(0o777 & ~mask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~mask)
+            with open(f, "rb") as fh:  # durable before it becomes visible
                 os.fsync(fh.fileno())
         check_export_target(out_dir, fix)  # again: the folder may have changed while this one was written
         atomic_replace_dir(tmp, out_dir)

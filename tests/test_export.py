@@ -190,6 +190,22 @@ def test_exported_tokenizer_knows_the_context_length(tmp_path, tokenizer_dir, to
     assert AutoTokenizer.from_pretrained(save_hf_folder(model, shorter, tmp_path / "hf32")).model_max_length == 32
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_export_has_the_modes_of_any_new_folder(tmp_path, tokenizer, mask):
+    """mkdtemp made hf_model 0700 and safetensors wrote model.safetensors 0600: unreadable to others."""
+    import stat
+
+    old = os.umask(mask)
+    try:
+        out = save_hf_folder(tiny_model(0), tokenizer, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    files = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", EXPORT_MARKER} <= set(files)
+    assert files == dict.fromkeys(files, 0o666 & ~mask)
+
+
 def test_corrupt_or_missing_checkpoint_is_named(tmp_path):
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": tiny_model(0).state_dict(), "gpt2_config": {}}, good)

@@ -316,6 +316,9 @@ def test_atomic_checkpoint_io_never_exposes_a_partial_file(tmp_path, monkeypatch
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"w": torch.ones(3)}, path)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # a plain new file's mode: readable on shared storage
     seen = []
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda s, d: (seen.append((Path(s).name, torch.load(s)["w"].sum().item())), real(s, d)))
@@ -347,6 +350,10 @@ def test_distributed_atomic_save_handles_nested_folders(tmp_path):
     save_distributed_atomically(one_rank, deepspeed_like, {"global_step": 1}, target)
     save_distributed_atomically(one_rank, deepspeed_like, {"global_step": 2}, target)
     assert torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 2
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert [p.stat().st_mode & 0o777 for p in (target, target / "checkpoint", target / "latest")] == [
+        0o777 & ~mask, 0o777 & ~mask, 0o666 & ~mask]  # plain new folders' and files' modes
 
     def dies_half_way(checkpoint, folder):
         (Path(folder) / "checkpoint").mkdir(parents=True)
@@ -355,6 +362,10 @@ def test_distributed_atomic_save_handles_nested_folders(tmp_path):
     with pytest.raises(CheckpointError, match="disk full"):
         save_distributed_atomically(one_rank, dies_half_way, {"global_step": 3}, target)
     assert torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 2
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert [p.stat().st_mode & 0o777 for p in (target, target / "checkpoint", target / "latest")] == [
+        0o777 & ~mask, 0o777 & ~mask, 0o666 & ~mask]  # plain new folders' and files' modes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
