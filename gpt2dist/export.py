@@ -243,5 +243,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     checkpoint = load_any_checkpoint(ckpt_path)
     model = model_from_lightning_state(checkpoint, str(ckpt_path))
     tok_name = tokenizer or checkpoint.get("tokenizer_name_or_path")
-    tok = load_tokenizer(tok_name) if tok_name else None
+    # The fix names tools/export_hf.py's option: this runs outside a config, data.tokenizer means nothing here.
+    fix = ("pass --tokenizer DIR, a local tokenizer folder" if tokenizer else
+           "it is the tokenizer the checkpoint recorded at training time: pass --tokenizer DIR with that "
+           "tokenizer's folder (e.g. where it was moved)")
+    tok = load_tokenizer(tok_name, fix) if tok_name else None
     return save_hf_folder(model, tok, out_dir)

@@ -18,17 +18,17 @@ from gpt2dist.errors import DataError
 EOS = "<|endoftext|>"
 
 
-def load_tokenizer(name_or_path: str):
-    """A `transformers` fast tokenizer from a hub id or a local folder, with an EOS token."""
+def load_tokenizer(name_or_path: str, fix: str = "set data.tokenizer to a local tokenizer folder, or set "
+                   "data.train_tokenizer_vocab_size to train one on the corpus"):
+    """A `transformers` fast tokenizer from a hub id or a local folder, with an EOS token. `fix` ends
+    the error when it cannot be loaded (the caller knows which option names the tokenizer)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)  # never trust_remote_code
     except Exception as e:  # OSError offline, ValueError for a bad folder
         raise DataError(
-            f"cannot load tokenizer {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-            "set data.tokenizer to a local tokenizer folder, or set data.train_tokenizer_vocab_size "
-            "to train one on the corpus"
+            f"cannot load tokenizer {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); {fix}"
         ) from None
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {name_or_path!r} has no eos_token; packing needs one between documents")

@@ -145,6 +145,26 @@ def test_export_replaces_only_a_previous_export(tmp_path, tokenizer):
     assert (empty / "config.json").is_file()
 
 
+def test_export_tool_names_its_own_tokenizer_option(tmp_path, tokenizer_dir, capsys):
+    """The tool has no config: a tokenizer it cannot load is fixed with --tokenizer, not data.tokenizer."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import export_hf
+
+    _tiny_checkpoint(tmp_path / "x.ckpt", tmp_path / "moved_tokenizer")  # recorded, no longer there
+    assert export_hf.main([str(tmp_path / "x.ckpt"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"export_hf: error: cannot load tokenizer '{tmp_path / 'moved_tokenizer'}'")
+    assert err[0].endswith("it is the tokenizer the checkpoint recorded at training time: pass --tokenizer DIR "
+                           "with that tokenizer's folder (e.g. where it was moved)"), err
+    assert export_hf.main([str(tmp_path / "x.ckpt"), str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"export_hf: error: cannot load tokenizer '{tmp_path / 'nope'}'")
+    assert err[0].endswith("; pass --tokenizer DIR, a local tokenizer folder") and "data.tokenizer" not in err[0]
+    assert not (tmp_path / "o").exists()
+    assert export_hf.main([str(tmp_path / "x.ckpt"), str(tmp_path / "o"), "--tokenizer", str(tokenizer_dir)]) == 0
+    assert (tmp_path / "o" / "tokenizer.json").is_file()
+
+
 def tiny_model(seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
