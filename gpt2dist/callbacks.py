@@ -100,12 +100,28 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.filename = filename
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        path = Path(trainer.default_root_dir) / f"{self.filename}-rank{trainer.global_rank}.jsonl"
+    def _path(self, trainer) -> Path:
+        return Path(trainer.default_root_dir) / f"{self.filename}-rank{trainer.global_rank}.jsonl"
+
+    # Each run replaces the file (appending mixed two runs' lines in one file): its lines go to a
+    # temporary name renamed onto the file at the end, so an interrupted run leaves the previous file whole.
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = self._path(trainer)
         os.makedirs(path.parent, exist_ok=True)
-        with open(path, "a") as f:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while predicting
+            stale.unlink(missing_ok=True)
+        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self._tmp.write_text("")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        with open(self._tmp, "a") as f:
             f.write(json.dumps(prediction) + "\n")
         print(f"--- {prediction['prompt']!r}\n{prediction['text']}", flush=True)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        with open(self._tmp, "rb") as fh:  # durable before it gets the name
+            os.fsync(fh.fileno())
+        os.replace(self._tmp, self._path(trainer))
 
 
 class ValidationReport(Callback):

@@ -1,13 +1,16 @@
-"""gpt2dist/callbacks.py: HFExport runs before Lightning's teardown and writes the trained weights."""
+"""gpt2dist/callbacks.py: HFExport runs before Lightning's teardown and writes the trained weights;
+PredictionWriter's file holds one run's predictions."""
 
 from __future__ import annotations
+
+import json
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2dist.callbacks import HFExport
+from gpt2dist.callbacks import HFExport, PredictionWriter
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.model import GPT2Module
 
@@ -81,3 +84,37 @@ def test_export_replaces_its_own_previous_export_but_not_a_foreign_folder(tmp_pa
         _fit(foreign, 2)
     assert (foreign / "hf_model" / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
     assert sorted(p.name for p in foreign.iterdir()) == ["hf_model"]
+
+
+class _Echo(pl.LightningModule):
+    def predict_step(self, prompt: str, batch_idx: int) -> dict:
+        return {"prompt": prompt, "text": prompt + "!"}
+
+
+def test_each_predict_run_replaces_the_predictions_file(tmp_path):
+    path = tmp_path / "predictions-rank0.jsonl"
+
+    def predict(prompts):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=[PredictionWriter()])
+        trainer.predict(_Echo(), torch.utils.data.DataLoader(prompts, batch_size=1, collate_fn=lambda x: x[0]),
+                        return_predictions=False)
+        return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+    assert predict(["a", "b", "c"]) == ["a", "b", "c"]
+    assert predict(["d", "e"]) == ["d", "e"]  # not a, b, c, d, e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions-rank0.jsonl"]  # no temporary left
+
+    class _Dies(_Echo):
+        def predict_step(self, prompt, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("killed")
+            return super().predict_step(prompt, batch_idx)
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[PredictionWriter()])
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.predict(_Dies(), torch.utils.data.DataLoader(["f", "g"], batch_size=1, collate_fn=lambda x: x[0]))
+    assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == ["d", "e"]  # still whole
+    assert predict(["h"]) == ["h"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions-rank0.jsonl"]  # the stale temporary is gone
