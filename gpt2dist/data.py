@@ -510,6 +510,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
         try:
             meta = self._pack_into(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            from gpt2dist.export import apply_umask
+
+            apply_umask(tmp)  # a shared cache_dir: other users' runs read these blocks
             try:
                 os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache
             except OSError:

@@ -77,6 +77,15 @@ def umask() -> int:
     return mask
 
 
+def apply_umask(folder: Path) -> None:
+    """Give a folder made by mkdtemp (0700), and the files in it, the modes any new folder and file
+    get under the process umask, so others on shared storage can read what it becomes."""
+    mask = umask()
+    folder.chmod(0o777 & ~mask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
+
+
 def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is replaced only now.
 
@@ -127,10 +136,8 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
         (tmp / EXPORT_MARKER).write_text(json.dumps({"files": files}) + "\n")
         # mkdtemp makes the folder 0700 and safetensors writes its files 0600: give the export the
         # modes any new folder and file get (umask applied), so others on shared storage can read it.
-        mask = umask()
-        tmp.chmod(0o777 & ~mask)
+        apply_umask(tmp)
         for f in tmp.iterdir():
-            f.chmod(0o666 & ~mask)
             with open(f, "rb") as fh:  # durable before it becomes visible
                 os.fsync(fh.fileno())
         check_export_target(out_dir, fix)  # again: the folder may have changed while this one was written

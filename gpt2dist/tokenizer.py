@@ -66,6 +66,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
         fast.save_pretrained(tmp)
+        from gpt2dist.export import apply_umask
+
+        apply_umask(tmp)  # checkpoints record this folder: others must be able to load it
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -141,6 +141,24 @@ def test_trained_tokenizer_is_cached_and_encodes_losslessly(tmp_path, corpus_dir
     assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == mtime
 
 
+def test_trained_tokenizer_and_block_cache_are_readable_by_others(tmp_path, corpus_dir):
+    """Checkpoints record the trained tokenizer's folder, and cache_dir may be shared: mkdtemp's 0700
+    must not survive the rename (the umask decides, as for any new folder)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        dm = TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300,
+                                  block_size=32, cache_dir=str(tmp_path / "cache"), num_workers=0)
+        prepared(dm)
+    finally:
+        os.umask(old)
+    for folder in (dm._tokenizer_dir(), dm._blocks_dir()):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        assert {stat.S_IMODE(f.stat().st_mode) for f in folder.rglob("*") if f.is_file()} == {0o644}, folder
+
+
 def test_sampler_global_batch_is_the_same_for_any_world_size():
     n, batch = 50, 4
     single = list(BlockSampler(n, True, 7, 1, 0))
