@@ -72,7 +72,13 @@ class GPT2CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
-        check_writable(config.get("trainer", {}).get("default_root_dir"))
+        trainer = config.get("trainer", {})
+        check_writable(trainer.get("default_root_dir"))
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            save_dir = (logger.get("init_args") or {}).get("save_dir") if hasattr(logger, "get") else None
+            if save_dir:  # the loggers create it only once training has started
+                check_writable(str(save_dir), "trainer.logger.init_args.save_dir")
 
     def before_fit(self) -> None:
         # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).

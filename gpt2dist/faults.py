@@ -334,8 +334,9 @@ def last_good_checkpoint(trainer: pl.Trainer) -> str:
     return f"{found[0]} (step {found[1][0]})" if found else "none (no checkpoint saved yet)"
 
 
-def check_writable(root: str | None) -> None:
-    """trainer.default_root_dir must be a folder we can create files in: checked before any work."""
+def check_writable(root: str | None, what: str = "trainer.default_root_dir") -> None:
+    """`what` (trainer.default_root_dir, a logger's save_dir) must be a folder we can create files in:
+    checked before any work."""
     path = Path(root or os.getcwd())
     probe = path / f".gpt2dist-write-probe-{os.getpid()}"
     try:
@@ -343,7 +344,7 @@ def check_writable(root: str | None) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise GPT2DistError(f"trainer.default_root_dir={str(path)!r} is not writable ({e.strerror or type(e).__name__}); "
+        raise GPT2DistError(f"{what}={str(path)!r} is not writable ({e.strerror or type(e).__name__}); "
                             f"choose a folder you can write to") from None
 
 

@@ -65,6 +65,13 @@ def build_config(model_name_or_path: str, overrides: dict | None = None, dropout
         config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
     for key, value in kwargs.items():
         setattr(config, key, value)
+    for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+            raise ConfigError(f"model.config_overrides: {key}={getattr(config, key)!r} must be a positive integer")
+    if config.n_embd % config.n_head:
+        fits = [h for h in range(1, config.n_embd + 1) if config.n_embd % h == 0 and h <= 64][-3:]
+        raise ConfigError(f"model.config_overrides: n_embd={config.n_embd} is not divisible by n_head={config.n_head} "
+                          f"(each head gets n_embd / n_head dims); pick an n_head that divides it, e.g. {fits}")
     return config
 
 

@@ -168,6 +168,13 @@ def test_quickstart_config_is_valid():
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert cfg["data"]["train_files"] == ["{stdlib}/*.py"] and cfg["trainer"]["accelerator"] == "cpu"
+    # Commented YAML: each knob under its one-line docstring, and the same values.
+    r = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--print_config=comments")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    at = lines.index("  master_weights: true")
+    assert lines[at - 1].startswith("  # Under trainer.precision bf16-true") and "(type: bool, default: True)" in lines[at - 1]
+    assert yaml.safe_load(r.stdout) == cfg
 
 
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
