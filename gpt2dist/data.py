@@ -267,19 +267,23 @@ class BlockSampler(Sampler[int]):
     def __len__(self) -> int:
         return math.ceil(self.n / self.num_replicas) if self.pad else self.n // self.num_replicas
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self, epoch: int) -> list[int]:
+        """This rank's block indices for `epoch`, in order."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
         total = len(self) * self.num_replicas
         order += list(range(self.n, self.n + total - self.n)) if total > self.n else []
-        return _BlockIterator(order[self.rank : total : self.num_replicas], self.num_replicas)
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return _BlockIterator(self)
 
 
 class _BlockIterator:
-    """A rank's index stream whose resume position is the number of *global* samples consumed.
+    """A rank's index stream whose resume position is the epoch and the number of *global* samples consumed.
 
     StatefulDataLoader saves it with the checkpoint (rank 0's copy). Every rank takes the same
     number of indices per step, so global = local x world size; resuming under another world size
@@ -287,8 +291,9 @@ class _BlockIterator:
     permutation. Exact when the global batch (batch_size x W) is unchanged; see README, "Crash safety".
     """
 
-    def __init__(self, indices: list[int], num_replicas: int):
-        self.indices, self.num_replicas, self.pos = indices, num_replicas, 0
+    def __init__(self, sampler: BlockSampler):
+        self.sampler, self.epoch, self.num_replicas, self.pos = sampler, sampler.epoch, sampler.num_replicas, 0
+        self.indices = sampler.indices(self.epoch)
 
     def __iter__(self):
         return self
@@ -300,9 +305,17 @@ class _BlockIterator:
         return self.indices[self.pos - 1]
 
     def state_dict(self) -> dict:
-        return {"global_samples": self.pos * self.num_replicas}
+        return {"global_samples": self.pos * self.num_replicas, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        # Lightning restores the loader and creates this iterator (FitLoop.setup_data) before it calls
+        # set_epoch (on_advance_start), so it was built with the sampler's epoch 0: rebuild it with the
+        # checkpoint's epoch, or a resume in epoch >= 1 replays epoch 0's order. (No "epoch" in the
+        # state: a checkpoint from before it was saved; nothing better to go on than the sampler's.)
+        epoch = int(state.get("epoch", self.epoch))
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.indices = epoch, self.sampler.indices(epoch)
         consumed = int(state["global_samples"])
         if consumed % self.num_replicas:
             log.warning("resume: %d global samples consumed do not divide by %d processes; starting at sample %d",

@@ -114,3 +114,19 @@ class TermAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RecordBatches(Callback):
+    """Append `global_step epoch batch_idx digest` to `path` for every training micro-batch (rank 0):
+    which data a run saw, in which order."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 0:
+            import hashlib
+
+            digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:8]
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step} {trainer.current_epoch} {batch_idx} {digest}\n")

@@ -200,6 +200,35 @@ def test_loaders_are_stateful_and_resume_mid_epoch(tmp_path, corpus_dir, tokeniz
     assert all(torch.equal(a, b) for a, b in zip(rest, rest2))
 
 
+def test_loader_resume_in_a_later_epoch_keeps_that_epochs_order(tmp_path, corpus_dir, tokenizer_dir):
+    """Lightning restores the loader state before it calls set_epoch: the state itself must carry the
+    epoch, also when the next run has another world size (2 ranks -> 1, same global batch)."""
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0))
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    rest = [b["input_ids"] for b in it]
+    fresh = dm.train_dataloader()  # epoch 0, as Lightning builds it
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(rest, [b["input_ids"] for b in fresh], strict=True))
+    assert fresh.sampler.epoch == 1  # Lightning's later set_epoch(1) agrees with it
+    # Two ranks stopped after 3 steps of 2 x 2 blocks in epoch 1; one process goes on from block 12 of
+    # epoch 1's permutation.
+    two = [BlockSampler(50, True, 7, 2, r) for r in range(2)]
+    iters = []
+    for s in two:
+        s.set_epoch(1)
+        iters.append(iter(s))
+        for _ in range(6):
+            next(iters[-1])
+    one = iter(BlockSampler(50, True, 7))
+    one.load_state_dict(iters[0].state_dict())
+    assert list(one) == BlockSampler(50, True, 7).indices(1)[12:]
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_glob", "empty", "too_small", "binary", "latin1", "no_field"])
 def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
     p = tmp_path / "bad.txt"

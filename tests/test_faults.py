@@ -138,6 +138,45 @@ def test_single_process_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_
     assert not list(ck.glob(".*tmp*"))  # the resumed run's own writes left no temporary behind
 
 
+def recorded_batches(path: Path) -> list[tuple[int, int, int, str]]:
+    return [(int(s), int(e), int(i), d) for s, e, i, d in (line.split() for line in path.read_text().splitlines())]
+
+
+@pytest.mark.parametrize("devices, num_workers", [(1, 0), (1, 1), (2, 0)])
+def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenizer_dir, devices, num_workers):
+    """Killed in epoch 1 (a few blocks per epoch), resumed with --ckpt_path last: the resumed run sees
+    epoch 1's shuffle from where it stopped, not epoch 0's order (rank 0's batches under DDP), and
+    ends bitwise equal."""
+    name = f"epoch1_d{devices}_w{num_workers}"
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
+    small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
+             "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
+             "--trainer.max_steps", "12", "--trainer.val_check_interval", "4"]
+
+    def recording(config: Path) -> tuple[Path, list[str]]:
+        log = run_dir(config) / "batches.txt"
+        record = {"class_path": "fault_plugins.RecordBatches", "init_args": {"path": str(log)}}
+        return log, ["--config", str(overlay(run_dir(config), record))]
+
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_ref", devices=devices, num_workers=num_workers)
+    ref_log, record = recording(ref)
+    ok(cli(ref, *small, *record))
+    seen = recorded_batches(ref_log)
+    # Kill mid-accumulation in the 2nd optimizer step of epoch 1: resumed from a checkpoint inside epoch 1.
+    first_step_of_epoch1 = next(step for step, epoch, _, _ in seen if epoch == 1)
+    assert 2 <= first_step_of_epoch1 <= 8, seen  # a handful of steps per epoch
+    kill_step = first_step_of_epoch1 + 2
+    config = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_kill", devices=devices, num_workers=num_workers)
+    kill(config, {"step": kill_step, "when": "mid_accumulation"}, *small)
+    log, record = recording(config)
+    resumed = ok(cli(config, *small, *record, "--ckpt_path", "last"))
+    assert f"global_step {kill_step - 1}" in resumed.stderr
+    after = recorded_batches(log)
+    assert after[0][1] == 1 and after[0][2] > 0  # resumed mid epoch 1, not at its start
+    assert after == [b for b in seen if b[0] >= kill_step - 1]
+    assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)))
+
+
 def test_ddp_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir):
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")]  # as shipped (accumulation must work)
     ref = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_ref", devices=2)
