@@ -383,6 +383,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if block_size < 2:
             raise DataError(f"data.block_size={block_size} must be at least 2")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size={batch_size} must be at least 1 (sequences per device per micro-batch)")
         self.train_files, self.val_files = train_files or [], val_files or []
         self.dataset_name, self.dataset_config, self.split, self.val_split = dataset_name, dataset_config, split, val_split
         self.text_field, self.text_unit, self.val_fraction = text_field, text_unit, val_fraction

@@ -90,6 +90,8 @@ CASES = {
     "config_wrong_type": (lambda c, g: ["--data.batch_size", "two"], "data.batch_size", 2),
     "config_block_size_above_n_positions": (lambda c, g: ["--data.block_size", "128"],
                                             "data.block_size=128 exceeds the model's n_positions=64", 2),
+    "config_batch_size_zero": (lambda c, g: ["--data.batch_size", "0"], "data.batch_size=0 must be at least 1", 2),
+    "config_batch_size_negative": (lambda c, g: ["--data.batch_size", "-1"], "data.batch_size=-1 must be at least 1", 2),
     "config_batch_does_not_fit": (lambda c, g: ["--data.batch_size", "100000"], "cannot fill one step of 100000 x 1 ranks", 2),
     "config_bad_gpt2_field": (lambda c, g: ["--model.config_overrides", '{"n_layers": 2}'], "GPT2Config has no field 'n_layers'", 2),
     "config_heads_do_not_divide": (lambda c, g: ["--model.config_overrides", json.dumps({**TINY, "n_head": 3})],
