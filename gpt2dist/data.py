@@ -513,8 +513,18 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
     # --- Lightning hooks -----------------------------------------------------
 
+    def _check_cache_dir(self) -> None:
+        """data.cache_dir must be a folder we can write in: checked before any tokenizing."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.cache_dir).close()
+        except OSError as e:
+            raise DataError(f"data.cache_dir={str(self.cache_dir)!r} is not a writable folder "
+                            f"({e.strerror or type(e).__name__}); set data.cache_dir to a folder you can write to") from None
+
     def prepare_data(self) -> None:
         """Tokenize + pack once per node (local rank 0) into the on-disk cache."""
+        self._check_cache_dir()
         self.tokenizer = self._load_or_train_tokenizer(train_if_missing=True)
         out = self._blocks_dir()
         if (out / "meta.json").exists():

@@ -116,6 +116,8 @@ CASES = {
     "ckpt_last_newest_corrupt_falls_back": (lambda c, g: ["--ckpt_path", "last", *corrupt_newest(c, g)],
                                             "is incomplete or corrupt", 0),
     # --- environment
+    "env_cache_dir_under_a_file": (lambda c, g: ["--data.cache_dir", str(blocked(c))],
+                                   "is not a writable folder (Not a directory); set data.cache_dir", 2),
     "env_output_dir_not_writable": (lambda c, g: ["--trainer.default_root_dir", str(blocked(c))],
                                     "is not writable", 2),
 }
