@@ -80,6 +80,12 @@ class GPT2CLI(LightningCLI):
             if save_dir:  # the loggers create it only once training has started
                 check_writable(str(save_dir), "trainer.logger.init_args.save_dir")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Here, not only in configure_model: that runs after prepare_data has tokenized and packed the
+        # whole corpus (minutes to hours on a large one) for a block size the model cannot take.
+        self.model.check_block_size(getattr(self.datamodule, "block_size", None))
+
     def before_fit(self) -> None:
         # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).
         if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":

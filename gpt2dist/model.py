@@ -75,6 +75,14 @@ def build_config(model_name_or_path: str, overrides: dict | None = None, dropout
     return config
 
 
+def _check_block_size(block_size: int | None, n_positions: int) -> None:
+    if block_size is not None and block_size > n_positions:
+        raise ConfigError(
+            f"data.block_size={block_size} exceeds the model's n_positions={n_positions}; "
+            f"lower data.block_size to at most {n_positions}"
+        )
+
+
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.0,
                 real_vocab: int | None = None) -> str:
     """Greedy continuation of `prompt` by a GPT2LMHeadModel (on its own device); vocabulary rows from
@@ -174,13 +182,14 @@ class GPT2Module(pl.LightningModule):
                 f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
                 "use the model's own tokenizer or set model.config_overrides.vocab_size"
             )
-        block_size = getattr(dm, "block_size", None)
-        if block_size is not None and block_size > config.n_positions:
-            raise ConfigError(
-                f"data.block_size={block_size} exceeds the model's n_positions={config.n_positions}; "
-                f"lower data.block_size to at most {config.n_positions}"
-            )
+        _check_block_size(getattr(dm, "block_size", None), config.n_positions)
         return config
+
+    def check_block_size(self, block_size: int | None) -> None:
+        """data.block_size must fit the model's positions. Needs only the hyperparameters, so the CLI
+        checks it before prepare_data tokenizes the corpus (resolve_config checks it again)."""
+        hp = self.hparams
+        _check_block_size(block_size, build_config(hp.model_name_or_path, hp.config_overrides).n_positions)
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -177,6 +177,7 @@ def test_bad_input(good, tmp_path, case_id):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     extra = setup(tmp_path, good / "good")
     before = digest(root)
+    packed = sorted((good / "cache" / "blocks").glob("*/meta.json"))
     prefix = as_normal_user() if case_id == "data_unreadable_file" else []
     r = run_cli("fit", "--config", str(tmp_path / "config.yaml"), *extra, timeout=300, prefix=prefix)
     out = r.stderr + r.stdout
@@ -187,6 +188,8 @@ def test_bad_input(good, tmp_path, case_id):
         line = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:") or "error:" in l]
         assert line and any(needle in l for l in r.stderr.splitlines()), r.stderr[-2000:]
         assert digest(root) == before  # nothing replaced, nothing half-written added
+        if case_id == "config_block_size_above_n_positions":  # refused before the corpus was tokenized and packed
+            assert sorted((good / "cache" / "blocks").glob("*/meta.json")) == packed
     else:
         # Documented fallback: it says which file it skipped and which one it took, then finishes.
         assert "step0000009.ckpt is incomplete or corrupt" in r.stderr and "falling back to" in r.stderr
