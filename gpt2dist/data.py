@@ -77,15 +77,21 @@ def resolve_files(patterns: list[str], key: str) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+class BadFileError(DataError):
+    """A binary or non-UTF-8 file: the one kind `data.on_bad_file=skip` leaves out."""
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        super().__init__(f"{path}: {problem}; {fix}, or set data.on_bad_file=skip")
+        self.problem = f"{path}: {problem}"  # the skip warning's text: no advice to set what is already set
+
+
 def _decode(path: Path, raw: bytes) -> str:
     if b"\x00" in raw[:8192]:
-        raise DataError(f"{path}: looks binary (NUL bytes); remove it from the file list, or set data.on_bad_file=skip")
+        raise BadFileError(path, "looks binary (NUL bytes)", "remove it from the file list")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path}: not UTF-8 (byte {e.start}); convert it (e.g. iconv -t utf-8) or set data.on_bad_file=skip"
-        ) from None
+        raise BadFileError(path, f"not UTF-8 (byte {e.start})", "convert it (e.g. iconv -t utf-8)") from None
 
 
 def _json_texts(path: Path, text: str, field: str) -> Iterator[str]:
@@ -397,6 +403,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
         self.stats: dict = {}
+        self._skipped: set[str] = set()  # bad files already warned about
 
     # --- sources -------------------------------------------------------------
 
@@ -420,11 +427,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
                 for i, doc in enumerate(read_documents(path, self.text_field, self.text_unit)):
                     if doc.strip():
                         yield f"{key}#{i}", doc
-            except DataError as e:
-                if self.on_bad_file == "skip" and ("binary" in str(e) or "not UTF-8" in str(e)):
-                    log.warning("skipping %s", e)
-                    continue
-                raise
+            except BadFileError as e:
+                if self.on_bad_file != "skip":
+                    raise
+                # Once per file: the documents are read in two passes (validation hold-out, then packing).
+                if e.problem not in self._skipped:
+                    self._skipped.add(e.problem)
+                    log.warning("skipping %s (data.on_bad_file=skip)", e.problem)
 
     def _hf_documents(self, split: str) -> Iterator[tuple[str, str]]:
         import datasets  # lazy: only users of hub data sets need it
@@ -588,9 +597,22 @@ class TokenBlockDataModule(pl.LightningDataModule):
                 "add text or lower data.block_size"
             )
         if meta["val"]["blocks"] == 0 and (self.val_files or self.val_split or self.val_fraction > 0):
+            given = "data.val_files" if self.val_files else "data.val_split" if self.val_split else None
+            own = "data.val_split" if self.dataset_name else "data.val_files"
+            if given:
+                fix = f"add text to {given} or lower data.block_size"
+            elif meta["train"]["documents"] + meta["val"]["documents"] < 2:
+                # Whole documents are held out and one is always kept for training: with a single
+                # document no val_fraction gives a validation split.
+                fix = f"the corpus is 1 document, so data.val_fraction cannot hold one out: give {own}"
+                if self.text_unit == "file" and any(p.suffix.lower() in TEXT_SUFFIXES for p in self._sources().get("train", [])):
+                    fix = f"{fix}, split it with data.text_unit=paragraph"
+                fix += ", or set data.val_fraction=0 (no validation)"
+            else:
+                fix = f"raise data.val_fraction, give {own}, or lower data.block_size"
             raise DataError(
                 f"validation split too small: {meta['val']['tokens']} tokens in {meta['val']['documents']} documents "
-                f"< data.block_size={self.block_size}; raise data.val_fraction, give data.val_files, or lower data.block_size"
+                f"< data.block_size={self.block_size}; {fix}"
             )
 
     def setup(self, stage: str | None = None) -> None:
