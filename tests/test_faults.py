@@ -249,7 +249,7 @@ def test_sampler_position_maps_across_world_sizes():
         for it in its:
             next(it)
     state = its[0].state_dict()
-    assert state == {"global_samples": 12}
+    assert state == {"global_samples": 12, "epoch": 0}
     one = iter(BlockSampler(n, True, 5, 1, 0))
     one.load_state_dict(state)
     full = list(iter(BlockSampler(n, True, 5, 1, 0)))
