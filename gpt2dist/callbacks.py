@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from gpt2dist.errors import GPT2DistError
@@ -135,11 +136,23 @@ class ValidationReport(Callback):
         self.enabled = enabled
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, ("train/loss", "val/loss", "val/ppl"))
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, ("test/loss", "test/ppl"))
+
+    def _report(self, trainer: pl.Trainer, keys: tuple[str, ...]) -> None:
         if not self.enabled or not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
-        parts = [f"step {trainer.global_step:>6}" + (" (sanity check, before training)" if trainer.sanity_checking else "")]
-        for key in ("train/loss", "val/loss", "val/ppl"):
-            if key in m:
-                parts.append(f"{key} {float(m[key]):.4f}")
+        if trainer.state.fn == TrainerFn.FITTING:
+            where = f"step {trainer.global_step:>6}" + (" (sanity check, before training)" if trainer.sanity_checking else "")
+        else:
+            # `gpt2dist validate|test`: the trainer's step is 0; the checkpoint's own step says what was evaluated.
+            from gpt2dist.resume import checkpoint_progress
+
+            progress = checkpoint_progress(trainer.ckpt_path) if trainer.ckpt_path else None
+            where = (f"{trainer.state.fn.value} {trainer.ckpt_path} (step {progress[0]})" if progress else
+                     f"{trainer.state.fn.value} (no checkpoint: the model as configured)")
+        parts = [where] + [f"{key} {float(m[key]):.4f}" for key in keys if key in m]
         print("  ".join(parts), flush=True)

@@ -29,6 +29,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, Sampler
 
 from gpt2dist.errors import DataError
@@ -664,6 +665,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, BlockSampler(len(self.val_set), False, self.seed, world, rank, pad=True), False)
 
     def test_dataloader(self):
+        # No separate test source: `gpt2dist test` evaluates the held-out validation split; say so.
+        rank_zero_info("gpt2dist test: evaluating on the validation split (data.val_files / data.val_fraction)")
         return self.val_dataloader()
 
     def predict_dataloader(self):

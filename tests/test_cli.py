@@ -107,6 +107,9 @@ def test_validate_test_predict_from_checkpoint(fitted):
         value = [float(x[key]) for x in csv.DictReader(newest.open()) if x.get(key)]
         # Same weights and the same validation blocks: the same loss as at the end of fit.
         assert value == [pytest.approx(final_val, rel=1e-5)]
+        # The report names the checkpoint's step (the trainer's own is 0 outside fit) and the split.
+        assert f"{sub} {ckpt} (step 30)  {key} " in r.stdout, r.stdout[-2000:]
+    assert "evaluating on the validation split" in r.stdout + r.stderr
     r = run_cli("predict", "--config", str(cfg), "--ckpt_path", ckpt)
     assert r.returncode == 0, r.stderr[-3000:]
     preds = [json.loads(line) for line in (tmp / "run" / "predictions-rank0.jsonl").read_text().splitlines()]
