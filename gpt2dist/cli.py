@@ -28,8 +28,8 @@ from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_
                              oom_message)
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import (Preemption, check_explicit_checkpoint, install_early_handler, newest_checkpoint,
-                             resolve_ckpt_path, resolve_eval_ckpt_path)
+from gpt2dist.resume import (Preemption, check_explicit_checkpoint, checkpoint_progress, install_early_handler,
+                             newest_checkpoint, resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
@@ -98,6 +98,11 @@ class GPT2CLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.trainer.default_root_dir,
                                       getattr(self.trainer.checkpoint_callback, "dirpath", None))
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
+        progress = checkpoint_progress(ckpt_path) if ckpt_path and os.path.exists(ckpt_path) else None
+        if progress and 0 < self.trainer.max_steps <= progress[0]:
+            # Lightning would only print "max_steps reached" and exit 0: say why nothing trains.
+            rank_zero_warn(f"resume: {ckpt_path} is at step {progress[0]}, already at trainer.max_steps="
+                           f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to continue")
         prepare_wandb(self.trainer, ckpt_path)
 
 

@@ -132,6 +132,13 @@ def test_explicit_checkpoint_keeps_the_command_line_model_settings(fitted, token
         assert len(tok(p["text"])["input_ids"]) - len(tok(p["prompt"])["input_ids"]) <= 2, p
 
 
+def test_resuming_a_finished_run_says_nothing_is_left_to_train(fitted):
+    tmp, cfg, _ = fitted
+    r = run_cli("fit", "--config", str(cfg), "--ckpt_path", "last", "--export.enabled", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is at step 30, already at trainer.max_steps=30: nothing left to train; raise trainer.max_steps" in r.stderr
+
+
 def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
     tmp, cfg, _ = fitted
     run = tmp / "run"
