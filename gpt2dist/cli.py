@@ -110,13 +110,11 @@ class GPT2CLI(LightningCLI):
         """validate / test / predict: `--ckpt_path last|auto|best` resolved as for fit (gpt2dist/resume.py)."""
         sub = str(self.subcommand)
         config = self.config.get(sub, self.config)
-        best = config.get("best_checkpoint", {}) or {}
+        cb = self.config_init[sub]["best_checkpoint"]  # the instantiated callback: its dirpath link is resolved
         ckpt_path = resolve_eval_ckpt_path(
             sub, config.get("ckpt_path"), self.trainer.default_root_dir,
             getattr(self.trainer.checkpoint_callback, "dirpath", None),
-            best={"dirpath": best.get("dirpath") or _checkpoint_dir(self.trainer.default_root_dir),
-                  "filename": best.get("filename") or "best-step{step:07d}",
-                  "monitor": best.get("monitor") or "val/loss", "mode": best.get("mode") or "min"})
+            best={"dirpath": cb.dirpath, "filename": cb.filename, "monitor": cb.monitor, "mode": cb.mode})
         self.config_init[sub]["ckpt_path"] = ckpt_path
         if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
             rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "

@@ -172,13 +172,14 @@ def resolve_eval_ckpt_path(subcommand: str, ckpt_path: str | None, root_dir: str
         log.info("%s: %s (global_step %d) chosen by --ckpt_path %s", subcommand, found[0], found[1][0], ckpt_path)
         return str(found[0])
     if ckpt_path == "best":
-        return best_checkpoint(**(best or {}))
+        if not best:
+            raise CheckpointError("--ckpt_path best: no best_checkpoint callback is configured; pass --ckpt_path last or a file")
+        return best_checkpoint(**best)
     check_explicit_checkpoint(ckpt_path)
     return ckpt_path
 
 
-def best_checkpoint(dirpath: str | Path | None = None, filename: str = "best-step{step:07d}", monitor: str = "val/loss",
-                    mode: str = "min") -> str:
+def best_checkpoint(dirpath: str | Path | None, filename: str, monitor: str, mode: str) -> str:
     """The best_checkpoint file whose stored score (`best_model_score` of the `monitor` callback) is
     best. Scores are read, not assumed from the file list: a resume can leave an older best file
     that the callback's restored state no longer tracks."""
