@@ -153,7 +153,7 @@ class GPT2Module(pl.LightningModule):
             activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
             tf32: Allow TF32 for fp32 matmuls on Ampere+ GPUs.
             fused_cross_entropy: Liger fused linear cross-entropy (CUDA + `pip install liger-kernel`): no vocab-wide logits in memory.
-            master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights (gpt2dist/optim.py); false: it steps the bf16 weights.
+            master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights and sums accumulated micro-batch gradients in fp32 (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -282,6 +282,41 @@ class GPT2Module(pl.LightningModule):
 
         if use_fp32_gradient_reduce(self.trainer):  # DDP + bf16-true: the gradient mean in fp32
             log.info("DDP: bf16 gradients are all-reduced in fp32 (gpt2dist.strategies.fp32_allreduce_hook)")
+
+    def _fp32_accumulation(self):
+        """(MasterWeightAdamW, the DDP hook's FP32Reduce or None on one device) when micro-batch
+        gradients are summed in fp32 (bf16-true masters, trainer.accumulate_grad_batches > 1), else None."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from gpt2dist.optim import MasterWeightAdamW
+        from gpt2dist.strategies import fp32_reduce_state
+
+        trainer = self._trainer
+        if trainer is None or trainer.accumulate_grad_batches <= 1:
+            return None
+        opt = next((o for o in trainer.optimizers if isinstance(o, MasterWeightAdamW)), None)
+        state = fp32_reduce_state(trainer)
+        if opt is None or (isinstance(trainer.strategy.model, DistributedDataParallel) and state is None):
+            return None  # under a user's DDP comm hook the local sums would never be all-reduced: bf16 sums
+        return opt, state
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        fp32 = self._fp32_accumulation()
+        if fp32 and fp32[1] is not None and not self.trainer.fit_loop.epoch_loop._should_accumulate():
+            fp32[1].pending = fp32[0].pending_sums()  # the all-reduce of this backward adds them
+
+    def on_after_backward(self) -> None:
+        fp32 = self._fp32_accumulation()
+        if not fp32:
+            return
+        opt, state = fp32
+        if self.trainer.fit_loop.epoch_loop._should_accumulate():
+            opt.accumulate()  # under DDP's no_sync: local sums, all-reduced with the last micro-batch
+        elif state is not None:
+            state.pending = {}
+            opt.discard_pending()  # the all-reduce added them
+        else:
+            opt.fold()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         shown = getattr(self, "_shown_loss", None)

@@ -9,9 +9,17 @@ keeps an fp32 master copy of each weight, as DeepSpeed's bf16 optimizer and llm.
     master_grad = fp32(p.grad);  AdamW(master, master_grad) in fp32;  p = bf16(master)  (round to nearest)
 
 Memory per parameter: 2 (bf16 weight) + 2 (bf16 grad) + 4 (master) + 4 (fp32 grad buffer)
-+ 8 (m, v) = 20 bytes, against 16 under bf16-mixed (4 + 4 + 8). Gradient accumulation sums in
-bf16 (the model's grads are bf16). Single device and DDP; the sharded strategies keep fp32
-parameters themselves (FSDP2/FSDP1 under bf16-mixed, DeepSpeed's bf16 optimizer).
++ 8 (m, v) = 20 bytes, against 16 under bf16-mixed (4 + 4 + 8). Single device and DDP; the
+sharded strategies keep fp32 parameters themselves (FSDP2/FSDP1 under bf16-mixed, DeepSpeed's
+bf16 optimizer).
+
+Gradient accumulation sums in fp32, in that same grad buffer (no extra memory): summed in the
+bf16 `p.grad`, every micro-batch would round the running sum (8 micro-batches: 7 roundings, and a
+small gradient added to a large sum loses its low bits). `accumulate()` after each micro-batch
+that does not step moves the bf16 grads into the fp32 sums; the last micro-batch's grads get the
+sums added with one rounding: `fold()` on one device, or the fp32 all-reduce under DDP
+(`gpt2dist.strategies.fp32_allreduce_hook` reads `pending_sums()`), so clipping, the NaN guard
+and grad-norm logging see the whole window's gradient in `p.grad`. GPT2Module calls them.
 
 `param_groups` hold the model's own (bf16) parameters, so LR schedulers, gradient clipping and
 grad-norm logging see them. Its `state_dict()` is a plain AdamW state dict (the fp32 moments,
@@ -51,6 +59,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
         self._grads: list[torch.Tensor] = []  # fp32 grad views of one flat buffer, set up on the first step
         self._grads_key: tuple = ()  # the masters they belong to
+        self._pending: list[torch.nn.Parameter] = []  # parameters whose fp32 grad holds a micro-batch sum
 
     def pairs(self):
         """(model parameter, its fp32 master), group by group."""
@@ -70,25 +79,72 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 loss = closure()
         for g, ig in zip(self.param_groups, self.inner.param_groups):
             ig.update({k: g[k] for k in HYPER})
-        everything = list(self.pairs())
-        pairs = [(p, m) for p, m in everything if p.grad is not None]
+        if self._pending:  # accumulated sums that no one added to p.grad yet
+            self.fold()
+        pairs = [(p, m) for p, m in self.pairs() if p.grad is not None]
         if not pairs:
             return loss
-        params, masters = [p for p, _ in pairs], [m for _, m in pairs]
+        params = [p for p, _ in pairs]
+        self._fp32_grads(pairs)
+        torch._foreach_copy_(self._grads, [p.grad for p in params])  # bf16 -> fp32, exact
+        # The NaN guard's flag (gpt2dist/faults.py): the fused kernel skips the step when it is set.
+        self.inner.found_inf = getattr(self, "found_inf", None)
+        self.inner.step()
+        torch._foreach_copy_(params, [m for _, m in pairs])  # fp32 -> bf16, round to nearest
+        return loss
+
+    def _fp32_grads(self, pairs: list) -> list[torch.Tensor]:
+        """The fp32 grads of these (parameter, master) pairs: views of one flat buffer, set up again
+        when another set of parameters has gradients."""
+        masters = [m for _, m in pairs]
         key = tuple(id(m) for m in masters)
         if key != self._grads_key:  # first step, or another set of parameters has gradients
-            for _, m in everything:
+            if self._pending:
+                self.fold()  # the sums go back into p.grad before their buffer is replaced
+            for _, m in self.pairs():
                 m.grad = None  # a master without a fresh gradient must not step on a stale one
             flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=masters[0].device)
             for v, m in zip(flat.split([m.numel() for m in masters]), masters):
                 m.grad = v.view_as(m)
             self._grads, self._grads_key = [m.grad for m in masters], key
-        torch._foreach_copy_(self._grads, [p.grad for p in params])  # bf16 -> fp32, exact
-        # The NaN guard's flag (gpt2dist/faults.py): the fused kernel skips the step when it is set.
-        self.inner.found_inf = getattr(self, "found_inf", None)
-        self.inner.step()
-        torch._foreach_copy_(params, masters)  # fp32 -> bf16, round to nearest
-        return loss
+        return self._grads
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """After the backward of a micro-batch that does not step: add the bf16 grads to the fp32
+        sums and zero them (the tensors stay: DDP may hold views of them)."""
+        pairs = [(p, m) for p, m in self.pairs() if p.grad is not None]
+        if not pairs:
+            return
+        grads = [p.grad for p, _ in pairs]
+        sums = self._fp32_grads(pairs)
+        if self._pending:
+            torch._foreach_add_(sums, grads)
+        else:  # the window's first micro-batch: the buffer still holds the last step's grads
+            torch._foreach_copy_(sums, grads)
+        torch._foreach_zero_(grads)
+        self._pending = [p for p, _ in pairs]
+
+    def pending_sums(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """{parameter: its fp32 gradient sum over the window's earlier micro-batches}; empty when
+        nothing was accumulated."""
+        return dict(zip(self._pending, self._grads)) if self._pending else {}
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """After the last micro-batch's backward (one device): p.grad = bf16(p.grad + fp32 sum),
+        one rounding for the whole window."""
+        if self._pending:
+            for p, total in zip(self._pending, self._grads):
+                if p.grad is None:
+                    p.grad = total.to(p.dtype)
+                else:
+                    p.grad.add_(total)  # computed in fp32 (type promotion), rounded once to bf16
+        self._pending = []
+
+    def discard_pending(self) -> None:
+        """The sums were consumed elsewhere (DDP's fp32 all-reduce added them to the buckets)."""
+        self._pending = []
 
     def state_dict(self) -> dict:
         sd = self.inner.state_dict()  # fp32 moments and steps, groups indexed 0..n-1 as ours

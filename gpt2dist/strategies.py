@@ -196,22 +196,45 @@ def keeps_own_master_weights(strategy) -> bool | None:
     return False
 
 
-def fp32_allreduce_hook(process_group, bucket):
+class FP32Reduce:
+    """State of `fp32_allreduce_hook`: `pending` maps a parameter to its local fp32 gradient sum over
+    the accumulation window's earlier micro-batches (MasterWeightAdamW.pending_sums), which the
+    last micro-batch's all-reduce adds to the bucket before the mean is taken."""
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self.pending: dict = {}
+
+
+def fp32_allreduce_hook(state, bucket):
     """DDP communication hook: the mean of low-precision (bf16-true) gradients is taken in fp32.
 
     DDP's own all-reduce sums the bf16 buckets in bf16, one rounding per partial sum: with many
     ranks the mean loses bits that the fp32 master weights would keep. Here the bucket is upcast,
+    plus any fp32 sums of earlier micro-batches (`FP32Reduce.pending`: accumulation under no_sync),
     divided by the world size, summed in fp32, and rounded to bf16 once (twice the bytes on the
     wire for the bf16 buckets; fp32 buckets are all-reduced exactly as DDP does by default).
+    `state`: an FP32Reduce, or a process group (None: the world).
     """
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    process_group = state.process_group if isinstance(state, FP32Reduce) else state
+    pending = state.pending if isinstance(state, FP32Reduce) else {}
     buffer = bucket.buffer()
-    if buffer.dtype == torch.float32:
+    if buffer.dtype == torch.float32 and not pending:
         return allreduce_hook(process_group, bucket)
     group = process_group if process_group is not None else dist.group.WORLD
-    wide = buffer.float().div_(dist.get_world_size(group))
+    wide = buffer.float()
+    if pending:
+        # The bucket lays its parameters' gradients end to end, in bucket.parameters() order.
+        offset = 0
+        for p in bucket.parameters():
+            total = pending.get(p)
+            if total is not None:
+                wide[offset:offset + p.numel()].add_(total.view(-1))
+            offset += p.numel()
+    wide.div_(dist.get_world_size(group))
     fut = dist.all_reduce(wide, group=group, async_op=True).get_future()
 
     def narrow(fut):
@@ -222,19 +245,27 @@ def fp32_allreduce_hook(process_group, bucket):
 
 def use_fp32_gradient_reduce(trainer) -> bool:
     """Under DDP with bf16 parameters (trainer.precision bf16-true), register `fp32_allreduce_hook`
-    on the DDP wrapper (before the first backward). Returns whether it did."""
+    on the DDP wrapper (before the first backward), its FP32Reduce state at `ddp._gpt2dist_fp32_reduce`.
+    Returns whether it did."""
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = getattr(trainer.strategy, "model", None)
-    if not isinstance(ddp, DistributedDataParallel) or getattr(ddp, "_gpt2dist_fp32_reduce", False):
+    if not isinstance(ddp, DistributedDataParallel) or getattr(ddp, "_gpt2dist_fp32_reduce", None) is not None:
         return False
     if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None:
         return False  # the user's own hook (strategy.init_args.ddp_comm_hook) wins
     if not any(p.dtype == torch.bfloat16 for p in ddp.parameters()):
         return False
-    ddp.register_comm_hook(None, fp32_allreduce_hook)
-    ddp._gpt2dist_fp32_reduce = True
+    state = FP32Reduce(ddp.process_group)
+    ddp.register_comm_hook(state, fp32_allreduce_hook)
+    ddp._gpt2dist_fp32_reduce = state
     return True
+
+
+def fp32_reduce_state(trainer) -> FP32Reduce | None:
+    """The FP32Reduce state of the DDP wrapper's fp32_allreduce_hook, when registered."""
+    state = getattr(getattr(trainer.strategy, "model", None), "_gpt2dist_fp32_reduce", None)
+    return state if isinstance(state, FP32Reduce) else None
 
 
 def is_zero3_partitioned(model: torch.nn.Module) -> bool:

@@ -130,3 +130,31 @@ class RecordBatches(Callback):
             digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:8]
             with open(self.path, "a") as f:
                 f.write(f"{trainer.global_step} {trainer.current_epoch} {batch_idx} {digest}\n")
+
+
+class RecordGrads(Callback):
+    """Save, for the first optimizer step, every micro-batch's own gradient (a tensor hook: before
+    it is accumulated and before DDP's all-reduce) and `p.grad` as the optimizer step sees it, to
+    `{out}/grads-rank{r}.pt`."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.micro, self.current = [], {}
+
+        def grab(name, grad):
+            self.current[name] = grad.detach().clone()
+
+        self.handles = [p.register_hook(lambda g, n=n: grab(n, g)) for n, p in pl_module.named_parameters()]
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.micro.append(self.current)
+        self.current = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            final = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+            torch.save({"micro": self.micro, "final": final}, os.path.join(self.out, f"grads-rank{trainer.global_rank}.pt"))
+            for h in self.handles:
+                h.remove()

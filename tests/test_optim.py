@@ -116,6 +116,88 @@ def test_state_dict_resumes_exactly_and_loads_into_plain_adamw():
     assert torch.equal(plain.state[fp32[0]]["exp_avg"], sd["state"][0]["exp_avg"])
 
 
+def test_accumulated_micro_batches_are_summed_in_fp32_and_rounded_once():
+    """accumulate() x 7, then fold(): p.grad is the fp32 sum of the 8 bf16 micro-batch gradients,
+    rounded once; summing in the bf16 p.grad (7 roundings) misses it on many elements."""
+    params = bf16_params()
+    opt = MasterWeightAdamW(named(params), **KW)
+    micro = [grads(k) for k in range(8)]
+    for k, gs in enumerate(micro):
+        for p, g in zip(params, gs):
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)  # as autograd accumulates
+        if k < 7:
+            opt.accumulate()
+            assert all(not p.grad.any() for p in params)  # moved into the fp32 sums
+    opt.fold()
+    for i, p in enumerate(params):
+        exact = micro[0][i].float()
+        for gs in micro[1:7]:
+            exact += gs[i].float()
+        exact = (micro[7][i].float() + exact).bfloat16()
+        assert torch.equal(p.grad, exact)
+        assert i == 1 or (_bf16_running_sum([gs[i] for gs in micro]) != exact).sum() > 0  # the problem (w: 32 elements; b has only 4)
+    # The step steps on the folded gradient, and the next window starts from zero.
+    opt.step()
+    assert opt.pending_sums() == {}
+
+
+def test_step_folds_sums_that_no_one_added():
+    """accumulate() then step() without fold(): the step folds the sums itself (none are lost)."""
+    a, b = bf16_params(), bf16_params()
+    folded, unfolded = MasterWeightAdamW(named(a), **KW), MasterWeightAdamW(named(b), **KW)
+    for opt, params in ((folded, a), (unfolded, b)):
+        for k in range(3):
+            for p, g in zip(params, grads(k)):
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            if k < 2:
+                opt.accumulate()
+        if opt is folded:
+            opt.fold()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], bf16_params()[0])  # it stepped
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_bf16_true_fit_sums_accumulated_gradients_in_fp32(tmp_path, corpus_dir, tokenizer_dir, devices):
+    """`gpt2dist fit`, bf16-true, 8 micro-batches per step (1 process, and DDP x2 under no_sync):
+    the gradient the first optimizer step sees equals, on every element, the fp32 sum of the
+    recorded micro-batch gradients (under DDP: each rank's fp32 sum / 2, all-reduced in fp32),
+    rounded once to bf16."""
+    from conftest import REPO
+    from test_faults import cli, ok, overlay, write_config
+
+    config = write_config(tmp_path, corpus_dir, tokenizer_dir, "acc", devices=devices, dropout=0.0)
+    hooks = overlay(tmp_path / "acc", {"class_path": "fault_plugins.RecordGrads", "init_args": {"out": str(tmp_path)}})
+    ok(cli(config, "--config", str(hooks), "--trainer.precision", "bf16-true", "--trainer.max_steps", "1",
+           "--trainer.accumulate_grad_batches", "8", "--data.batch_size", "1", "--export.enabled", "false",
+           *(["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else [])))
+    ranks = [torch.load(tmp_path / f"grads-rank{r}.pt", weights_only=True) for r in range(devices)]
+    assert all(len(r["micro"]) == 8 for r in ranks)
+    names = ranks[0]["final"].keys()
+    mismatched = 0
+    for n in names:
+        wide = []
+        for r in ranks:
+            total = r["micro"][0][n].float()
+            for m in r["micro"][1:7]:
+                total += m[n].float()
+            wide.append((r["micro"][7][n].float() + total) / devices)
+        exact = sum(wide[1:], wide[0]).bfloat16()
+        for r in ranks:
+            assert torch.equal(r["final"][n], exact), n
+        bf16_sums = [_bf16_running_sum([m[n] for m in r["micro"]]) for r in ranks]
+        mismatched += (sum(s.float() / devices for s in bf16_sums).bfloat16() != exact).sum().item()
+    assert mismatched > 0  # summing in bf16 would have missed them
+
+
+def _bf16_running_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
 def _roundtrip(sd: dict):
     import io
 
