@@ -98,6 +98,9 @@ class GPT2CLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.trainer.default_root_dir,
                                       getattr(self.trainer.checkpoint_callback, "dirpath", None))
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, FaultTolerance) and (ckpt_path is None or os.path.exists(ckpt_path)):
+                cb.fit_ckpt_path = ckpt_path  # Lightning's own `hpc`/`best` stay "unknown": nothing is set aside
         progress = checkpoint_progress(ckpt_path) if ckpt_path and os.path.exists(ckpt_path) else None
         if progress and 0 < self.trainer.max_steps <= progress[0]:
             # Lightning would only print "max_steps reached" and exit 0: say why nothing trains.

@@ -164,6 +164,9 @@ class FaultTolerance(Callback):
         self._pending_rng: dict | None = None
         self._train_rng: dict | None = None
         self._trainer = None
+        # The fit's resolved --ckpt_path (None: fresh), set by the CLI: checkpoints that `last`/`auto`
+        # would prefer over this fit's are set aside at setup. "unknown" (Python API): nothing moves.
+        self.fit_ckpt_path: str | None = "unknown"
 
     # --- state -------------------------------------------------------------
 
@@ -196,6 +199,21 @@ class FaultTolerance(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         self._trainer = trainer  # state_dict() takes no trainer, and must settle pending flags
+        if stage == "fit" and self.fit_ckpt_path != "unknown":
+            from gpt2dist.resume import set_aside_other_runs
+
+            # After the process group is up (one rank moves files, all wait), before any save.
+            moved = None
+            if trainer.is_global_zero:
+                moved = set_aside_other_runs(self.fit_ckpt_path, trainer.default_root_dir,
+                                             getattr(trainer.checkpoint_callback, "dirpath", None))
+            trainer.strategy.barrier("gpt2dist_set_aside")
+            if moved:
+                dest, paths = moved
+                how = "starts fresh" if self.fit_ckpt_path is None else f"starts from {self.fit_ckpt_path}"
+                log.warning("fit %s: moved %d checkpoint(s) that --ckpt_path last|auto would have chosen over this "
+                            "run's (%s: an earlier run's, or the continuation this rollback abandons) to %s; nothing "
+                            "was deleted", how, len(paths), ", ".join(p.name for p in paths), dest)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.global_step > 0:

@@ -15,6 +15,9 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   checkpoint takes priority over last" trap); we resolve that case like `auto`.
 - Any other value (a path, `hpc`, `best`) goes to Lightning unchanged, after a local path is checked:
   missing or incomplete stops with one line naming it (`check_explicit_checkpoint`).
+- A fit that starts behind the folder's newest checkpoint (fresh, a rollback to an older one, or
+  another folder's) first moves what `auto`/`last` would prefer over its own checkpoints into
+  `checkpoints/set-aside-*/` (`set_aside_other_runs`, called by FaultTolerance.setup).
 
 Preemption (`Preemption` callback + `install_early_handler`): SLURM sends SIGUSR1 90 s before the
 time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's own handler saves
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -122,10 +126,48 @@ def newest_checkpoint(root_dir: str | Path, checkpoint_dir: str | Path | None) -
                               f"start fresh, or pass --ckpt_path PATH")
     if not scored:
         return None
+    prog, path = max(scored, key=lambda t: _rank(*t))
+    return path, prog
+
+
+def _rank(prog: tuple[int, int], path: Path) -> tuple:
     # At the same optimizer step the requeue checkpoint wins: it was taken at that step's boundary,
     # while a ModelCheckpoint save at the same step may count one more batch (its hooks run later).
-    prog, path = max(scored, key=lambda t: (t[0][0], t[1].name.startswith("hpc_ckpt_"), t[0][1], t[1].name))
-    return path, prog
+    return prog[0], path.name.startswith("hpc_ckpt_"), prog[1], path.name
+
+
+def set_aside_other_runs(ckpt_path: str | None, root_dir: str | Path, checkpoint_dir: str | Path | None) -> tuple[Path, list[Path]] | None:
+    """Move the checkpoints that `--ckpt_path last|auto` would choose over this fit's own into
+    `<checkpoint_dir>/set-aside-<UTC time>/` (nothing is deleted), before the fit writes any.
+
+    `last`/`auto` go by stored step, so an earlier run's files would otherwise win: all of them on a
+    fresh start (or a start from another folder's checkpoint), and, on a rollback to an older
+    checkpoint of this run, the abandoned continuation past it, until this fit saves a later step,
+    and for good if it is killed before that. Unreadable files stay (never chosen). Call on one rank.
+    Returns (the folder, what moved), or None when nothing had to move.
+    """
+    if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
+        return None
+    ck, root = Path(checkpoint_dir), Path(root_dir)
+    start = None  # the rank of the checkpoint this fit starts from, when it is one of this run's
+    if ckpt_path and os.path.exists(ckpt_path):
+        ckpt = Path(ckpt_path).resolve()
+        prog = _progress(ckpt)[0]
+        if prog is not None and ckpt.parent in (ck.resolve(), root.resolve()):
+            start = _rank(prog, ckpt)
+    ahead = []
+    for path in candidate_checkpoints(root, ck):
+        prog = _progress(path)[0]
+        if prog is not None and path.resolve() != (Path(ckpt_path).resolve() if ckpt_path else None) and (
+                start is None or _rank(prog, path)[:3] > start[:3]):  # same step and batches: the same state
+            ahead.append(path)
+    if not ahead:
+        return None
+    dest = ck / time.strftime("set-aside-%Y%m%dT%H%M%SZ", time.gmtime())
+    dest.mkdir(exist_ok=True)
+    for path in ahead:
+        os.replace(path, dest / path.name)
+    return dest, ahead
 
 
 def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_dir: str | Path | None,

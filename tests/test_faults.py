@@ -104,6 +104,38 @@ def reference(tmp, corpus_dir, tokenizer_dir):
     return weights(tmp / "reference")
 
 
+def _copy_of_reference(tmp: Path, corpus_dir, tokenizer_dir, name: str) -> Path:
+    """A config whose run folder holds the finished reference run's checkpoints (no export)."""
+    import shutil
+
+    config = write_config(tmp, corpus_dir, tokenizer_dir, name)
+    shutil.copytree(tmp / "reference", run_dir(config), dirs_exist_ok=True)
+    shutil.rmtree(run_dir(config) / "hf_model")
+    return config
+
+
+@pytest.mark.parametrize("start", ["rollback", "fresh"])
+def test_killed_rollback_or_fresh_start_resumes_itself_not_the_earlier_checkpoints(tmp, corpus_dir, tokenizer_dir,
+                                                                                   reference, start):
+    """A fit from an older checkpoint of the run (rollback to step 5), or a fresh fit, in a folder
+    holding the finished run's checkpoints (up to step 6), is killed before it saves anything past
+    them: `--ckpt_path last` must continue it, not load the earlier run's step 6 (it did: `last`
+    goes by stored step). The files it would have chosen were moved aside, not deleted."""
+    config = _copy_of_reference(tmp, corpus_dir, tokenizer_dir, start)
+    ck = run_dir(config) / "checkpoints"
+    before = sorted(p.name for p in ck.glob("*.ckpt"))
+    args = ["--ckpt_path", str(ck / "step0000005.ckpt")] if start == "rollback" else []
+    killed = kill(config, {"step": 6 if start == "rollback" else 3, "when": "mid_accumulation"}, *args)
+    resumed = resume(config)
+    assert f"global_step {5 if start == 'rollback' else 2}" in resumed.stderr
+    assert "--ckpt_path last|auto would have chosen over this run's" in killed.stderr
+    (aside,) = ck.glob("set-aside-*")
+    expected = {"step0000006.ckpt", "last.ckpt"} if start == "rollback" else set(before)
+    assert {p.name for p in aside.iterdir()} == {p for p in before if p in expected or p.startswith("best-step0000006")}
+    assert_bitwise(weights(run_dir(config)), reference)
+    assert not list(ck.glob("*-v1.ckpt"))  # the moved names were free again: no last-v1.ckpt
+
+
 @pytest.mark.parametrize("name, kill_at, num_workers, resumed_at", [
     # Killed inside step 4's accumulation window: resumed from step 3.
     ("mid_accum", {"step": 4, "when": "mid_accumulation"}, 0, 3),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2dist.errors import CheckpointError
-from gpt2dist.resume import Preemption, checkpoint_progress, newest_checkpoint, resolve_ckpt_path
+from gpt2dist.resume import Preemption, checkpoint_progress, newest_checkpoint, resolve_ckpt_path, set_aside_other_runs
 
 
 def save(path, step: int, batches: int) -> None:
@@ -18,6 +18,33 @@ def save(path, step: int, batches: int) -> None:
 @pytest.fixture
 def root(tmp_path):
     return tmp_path / "run"
+
+
+def test_set_aside_what_last_would_choose_over_this_fit(root, tmp_path):
+    ck = root / "checkpoints"
+    for step in (3, 4, 5):
+        save(ck / f"step{step:07d}.ckpt", step, 2 * step)
+    save(ck / "last.ckpt", 5, 10)
+    save(ck / "best-step0000004.ckpt", 4, 8)
+    save(root / "hpc_ckpt_1.ckpt", 3, 7)  # same step as the start, more batches: `last` would prefer it
+    (ck / "torn.ckpt").write_bytes(b"cut short")  # unreadable: never chosen, stays
+    # Nothing ahead of the newest checkpoint (a plain resume): nothing moves.
+    assert set_aside_other_runs(str(ck / "last.ckpt"), root, ck) is None
+    # Rollback to step 3: everything `last` would rank above it moves, together.
+    dest, moved = set_aside_other_runs(str(ck / "step0000003.ckpt"), root, ck)
+    assert dest.parent == ck and dest.name.startswith("set-aside-")
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in moved) == [
+        "best-step0000004.ckpt", "hpc_ckpt_1.ckpt", "last.ckpt", "step0000004.ckpt", "step0000005.ckpt"]
+    assert sorted(p.name for p in ck.glob("*.ckpt")) == ["step0000003.ckpt", "torn.ckpt"]
+    assert resolve_ckpt_path("last", root, ck, slurm=False) == str(ck / "step0000003.ckpt")
+    # A fresh start (or one from another folder's checkpoint): every readable checkpoint moves.
+    other = tmp_path / "other.ckpt"
+    save(other, 9, 18)
+    _, moved = set_aside_other_runs(str(other), root, ck)
+    assert [p.name for p in moved] == ["step0000003.ckpt"] and not (root / "hpc_ckpt_1.ckpt").exists()
+    save(ck / "step0000001.ckpt", 1, 2)
+    assert [p.name for p in set_aside_other_runs(None, root, ck)[1]] == ["step0000001.ckpt"]
+    assert [p.name for p in ck.glob("*.ckpt")] == ["torn.ckpt"]
 
 
 def test_newest_by_stored_progress_not_name_or_mtime(root):
