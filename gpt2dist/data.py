@@ -467,9 +467,21 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
     # --- cache keys ----------------------------------------------------------
 
+    def _local_dataset_dir(self) -> Path | None:
+        """`data.dataset_name` as a local folder (data files, or a `save_to_disk` data set); None for a hub id."""
+        path = Path(expand_pattern(self.dataset_name)) if self.dataset_name else None
+        return path if path is not None and path.is_dir() else None
+
     def _source_fingerprint(self) -> dict:
         if self.dataset_name:
-            return {"dataset": [self.dataset_name, self.dataset_config, self.split, self.val_split]}
+            fp = {"dataset": [self.dataset_name, self.dataset_config, self.split, self.val_split]}
+            local = self._local_dataset_dir()
+            if local is not None:
+                # A local folder's content changes under the same name: key on its files, as for train_files
+                # (the name alone reused the blocks of the folder's old content).
+                fp["dataset_files"] = [[str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns]
+                                       for f in sorted(local.rglob("*")) if f.is_file()]
+            return fp
         fp = {}
         for name, files in self._sources().items():
             fp[name] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]

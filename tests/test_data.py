@@ -310,3 +310,23 @@ def test_hf_dataset_source_offline_from_a_local_folder(tmp_path, tokenizer_dir, 
     with pytest.raises(DataError, match="no column 'body'"):
         prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "my_dataset"), text_field="body",
                          cache_dir=str(tmp_path / "c2")))
+
+
+def test_local_dataset_folder_edited_is_repacked_not_served_from_cache(tmp_path, tokenizer_dir, tokenizer):
+    """`dataset_name` as a local folder: its files are part of the cache key (as train_files' are), so
+    blocks packed from the folder's old content are never reused for its new content."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "my_dataset" / "data"
+    folder.mkdir(parents=True)
+    shard = folder / "train-00000-of-00001.parquet"
+    count = lambda docs: sum(len(tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in docs)
+    first = [f"first version, document {i}: " + "words " * 12 for i in range(60)]
+    pq.write_table(pa.table({"text": first}), shard)
+    kw = dict(dataset_name=str(tmp_path / "my_dataset"), split="train", val_fraction=0.0, block_size=16)
+    assert prepared(make_dm(tmp_path, tokenizer_dir, **kw)).stats["train"]["tokens"] == count(first)
+    second = [f"second version {i}: " + "other text " * 3 for i in range(25)]
+    pq.write_table(pa.table({"text": second}), shard)
+    again = prepared(make_dm(tmp_path, tokenizer_dir, **kw))
+    assert again.stats["train"]["documents"] == 25 and again.stats["train"]["tokens"] == count(second)
