@@ -362,7 +362,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         Args:
             train_files: Training files or globs (.txt .md .py .rst .jsonl .json .parquet .csv); `{stdlib}` = Python's stdlib folder.
             val_files: Validation files or globs; if unset, `val_fraction` of the training documents is held out.
-            dataset_name: A Hugging Face dataset id (needs the network), used instead of `train_files`.
+            dataset_name: A Hugging Face dataset id (needs the network) or local folder (data files, or `save_to_disk` output), used instead of `train_files`.
             dataset_config: The dataset's configuration name (e.g. `wikitext-103-raw-v1`).
             split: The dataset split to train on.
             val_split: The dataset split to validate on; if unset, `val_fraction` of `split` is held out.
@@ -439,18 +439,41 @@ class TokenBlockDataModule(pl.LightningDataModule):
     def _hf_documents(self, split: str) -> Iterator[tuple[str, str]]:
         import datasets  # lazy: only users of hub data sets need it
 
-        try:
-            ds = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split)
-        except Exception as e:
-            raise DataError(
-                f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}, split {split!r}): "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:160]}; check the name/network or use data.train_files"
-            ) from None
+        local = self._local_dataset_dir()
+        if local is not None and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+            ds = self._saved_dataset(datasets, local, split)  # load_dataset refuses save_to_disk folders
+        else:
+            try:
+                ds = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split)
+            except Exception as e:
+                raise DataError(
+                    f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}, split {split!r}): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:160]}; check the name/network or use data.train_files"
+                ) from None
         if self.text_field not in ds.column_names:
             raise DataError(f"dataset {self.dataset_name!r} has no column {self.text_field!r} (has {ds.column_names}); set data.text_field")
         for i, text in enumerate(ds[self.text_field]):
             if text and text.strip():
                 yield f"{self.dataset_name}/{split}#{i}", text
+
+    def _saved_dataset(self, datasets, folder: Path, split: str):
+        """The `split` of a data set written by `save_to_disk`: a DatasetDict's split, or a single Dataset
+        (which has no splits: it is the training data)."""
+        try:
+            ds = datasets.load_from_disk(str(folder))
+        except Exception as e:
+            raise DataError(f"cannot load the saved data set {str(folder)!r} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); save it again with save_to_disk") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"saved data set {str(folder)!r} has no split {split!r} (has {sorted(ds)}); "
+                                f"set data.split / data.val_split to one of them")
+            return ds[split]
+        if split == self.val_split:
+            raise DataError(f"saved data set {str(folder)!r} is a single Dataset with no splits, so data.val_split="
+                            f"{split!r} cannot be read from it; set data.val_split=null (data.val_fraction holds out "
+                            f"documents) or save a DatasetDict")
+        return ds
 
     def _split_streams(self) -> dict[str, Iterator[tuple[str, str]]]:
         """{'train': docs, 'val': docs}, holding out `val_fraction` of whole documents if needed."""

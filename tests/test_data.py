@@ -330,3 +330,30 @@ def test_local_dataset_folder_edited_is_repacked_not_served_from_cache(tmp_path,
     pq.write_table(pa.table({"text": second}), shard)
     again = prepared(make_dm(tmp_path, tokenizer_dir, **kw))
     assert again.stats["train"]["documents"] == 25 and again.stats["train"]["tokens"] == count(second)
+
+
+def test_dataset_saved_with_save_to_disk(tmp_path, tokenizer_dir, tokenizer):
+    """`dataset_name` as a `save_to_disk` folder (load_dataset refuses those): a DatasetDict's splits, or a
+    single Dataset as the training data, with a text column of another name."""
+    import datasets
+
+    count = lambda docs: sum(len(tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in docs)
+    train = [f"training document {i}: " + "words " * (i % 7 + 5) for i in range(60)]
+    val = [f"held-out document {i}: " + "more words " * 6 for i in range(20)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": train}),
+                          "validation": datasets.Dataset.from_dict({"body": val})}).save_to_disk(str(tmp_path / "dict"))
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "dict"), val_split="validation",
+                          text_field="body", block_size=16))
+    assert dm.stats["train"]["documents"] == 60 and dm.stats["train"]["tokens"] == count(train)
+    assert dm.stats["val"]["documents"] == 20 and dm.stats["val"]["tokens"] == count(val)
+
+    datasets.Dataset.from_dict({"body": train}).save_to_disk(str(tmp_path / "single"))
+    one = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "single"), text_field="body",
+                           val_fraction=0.0, block_size=16))
+    assert one.stats["train"]["documents"] == 60 and one.stats["train"]["tokens"] == count(train)
+    for kw, needle in [({"val_split": "validation"}, "single Dataset with no splits"),
+                       ({"split": "test"}, "has no split 'test' (has ['train', 'validation'])")]:
+        name = "single" if "val_split" in kw else "dict"
+        with pytest.raises(DataError) as err:
+            prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / name), text_field="body", **kw))
+        assert needle in str(err.value) and "\n" not in str(err.value)
