@@ -104,9 +104,19 @@ class PredictionWriter(BasePredictionWriter):
     def _path(self, trainer) -> Path:
         return Path(trainer.default_root_dir) / f"{self.filename}-rank{trainer.global_rank}.jsonl"
 
+    @staticmethod
+    def _writes(trainer) -> bool:
+        """Replicated weights: each rank writes its share of the prompts. Sharded ones: every rank generates
+        every prompt (TokenBlockDataModule.predict_dataloader), so rank 0's file holds them all."""
+        from gpt2dist.monitor import generation_mode
+
+        return trainer.is_global_zero or generation_mode(trainer) == "rank0"
+
     # Each run replaces the file (appending mixed two runs' lines in one file): its lines go to a
     # temporary name renamed onto the file at the end, so an interrupted run leaves the previous file whole.
     def on_predict_start(self, trainer, pl_module) -> None:
+        if not self._writes(trainer):
+            return
         path = self._path(trainer)
         os.makedirs(path.parent, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while predicting
@@ -115,11 +125,15 @@ class PredictionWriter(BasePredictionWriter):
         self._tmp.write_text("")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not self._writes(trainer):
+            return
         with open(self._tmp, "a") as f:
             f.write(json.dumps(prediction) + "\n")
         print(f"--- {prediction['prompt']!r}\n{prediction['text']}", flush=True)
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        if not self._writes(trainer):
+            return
         with open(self._tmp, "rb") as fh:  # durable before it gets the name
             os.fsync(fh.fileno())
         os.replace(self._tmp, self._path(trainer))

@@ -708,4 +708,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
         if not self.predict_prompts:
             raise DataError("gpt2dist predict needs prompts: set data.predict_prompts")
         world, rank = self._world()
+        from gpt2dist.monitor import generation_mode
+
+        if self.trainer is not None and generation_mode(self.trainer) != "rank0":
+            # Sharded weights: each forward of `generate` gathers them collectively, so every rank runs every
+            # prompt in the same order (other prompts or fewer of them hang or crash the gathers); rank 0 writes.
+            world, rank = 1, 0
         return torch.utils.data.DataLoader(self.predict_prompts[rank::world], batch_size=1, collate_fn=lambda x: x[0])

@@ -370,7 +370,12 @@ class GPT2Module(pl.LightningModule):
                            repetition_penalty, self.vocab_size)
 
     def predict_step(self, prompt: str, batch_idx: int) -> dict:
-        return {"prompt": prompt, "text": self.generate_text(self._datamodule().tokenizer, prompt)}
+        from gpt2dist.monitor import generate_samples
+
+        # Through generate_samples: under FSDP2 `generate` calls self.model, not the root's forward, so the
+        # root's parameters (embeddings, ln_f, tied head) must be unsharded there (greedy: the seed is unused).
+        text = generate_samples(self, self._datamodule().tokenizer, [prompt], self.hparams.max_new_tokens, seed=0)[0]
+        return {"prompt": prompt, "text": text}
 
     # --- optimisation --------------------------------------------------------
 
