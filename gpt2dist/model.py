@@ -83,12 +83,23 @@ def _check_block_size(block_size: int | None, n_positions: int) -> None:
         )
 
 
+def prompt_ids(tokenizer, prompt: str, n_positions: int, what: str = "prompt") -> list[int]:
+    """The token ids generation starts from. An empty prompt starts from EOS, which precedes every packed
+    document (an empty input cannot be run); one that leaves no position to generate into is refused."""
+    ids = tokenizer(prompt).input_ids or [tokenizer.eos_token_id]
+    if len(ids) >= n_positions:
+        shown = prompt[:40] + ("..." if len(prompt) > 40 else "")
+        raise ConfigError(f"{what} {shown!r} is {len(ids)} tokens, which leaves none of the model's n_positions="
+                          f"{n_positions} to generate into; shorten it to at most {n_positions - 1} tokens")
+    return ids
+
+
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.0,
                 real_vocab: int | None = None) -> str:
     """Greedy continuation of `prompt` by a GPT2LMHeadModel (on its own device); vocabulary rows from
     `real_vocab` up (padding) are never generated."""
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, model.config.n_positions)], device=device)
     limit = model.config.n_positions - ids.shape[1]
     real_vocab = real_vocab or model.config.vocab_size
     # Eager even where the blocks are compiled: every new length and KV-cache state would recompile
@@ -368,6 +379,13 @@ class GPT2Module(pl.LightningModule):
         """Greedy continuation of `prompt` (deterministic); a penalty > 1 keeps small models from looping."""
         return greedy_text(self.model, tokenizer, prompt, max_new_tokens or self.hparams.max_new_tokens,
                            repetition_penalty, self.vocab_size)
+
+    def on_predict_start(self) -> None:
+        # Every prompt, on every rank, before any is generated: a bad one fails the run at once on all ranks
+        # (not after the others, with a rank left waiting in a collective).
+        dm = self._datamodule()
+        for i, prompt in enumerate(getattr(dm, "predict_prompts", None) or []):
+            prompt_ids(dm.tokenizer, prompt, self.model.config.n_positions, f"data.predict_prompts[{i}]")
 
     def predict_step(self, prompt: str, batch_idx: int) -> dict:
         from gpt2dist.monitor import generate_samples

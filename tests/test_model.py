@@ -121,3 +121,24 @@ def test_decay_groups_survive_zero3_partitioning_and_fsdp1_names():
     from gpt2dist.model import _unwrapped_name
     assert _unwrapped_name("model.transformer.h.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.c_attn.weight") \
         == "model.transformer.h.0.attn.c_attn.weight"
+
+
+def test_greedy_text_empty_prompt_starts_from_eos_and_a_full_prompt_is_refused(tokenizer):
+    """An empty prompt is an unconditional sample (from EOS, as every packed document starts); a prompt
+    that fills n_positions leaves nothing to generate: one line naming it, not an index error."""
+    from gpt2dist.model import greedy_text
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **TINY)).eval()
+    out = model.generate(torch.tensor([[eos]]), attention_mask=torch.ones(1, 1, dtype=torch.long), max_new_tokens=5,
+                         do_sample=False, pad_token_id=eos)
+    assert greedy_text(model, tokenizer, "", 5) == tokenizer.decode(out[0], skip_special_tokens=True)
+    n_pos = TINY["n_positions"]
+    fits = tokenizer.decode([tokenizer("a").input_ids[0]] * (n_pos - 1))
+    assert len(tokenizer(fits).input_ids) == n_pos - 1
+    assert greedy_text(model, tokenizer, fits, 5).startswith(fits)  # room for one new token: it runs
+    with pytest.raises(ConfigError) as err:
+        greedy_text(model, tokenizer, fits + "a", 5)
+    assert f"is {n_pos} tokens" in str(err.value) and f"at most {n_pos - 1} tokens" in str(err.value)
+    assert "\n" not in str(err.value)
