@@ -69,6 +69,34 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         save_distributed_atomically(self, super().save_checkpoint, checkpoint, filepath)
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """A sharded folder as Lightning loads it; a single file (one process, DDP, or FSDP2 with
+        save_distributed_checkpoint false) with its optimizer state matched to parameters by group."""
+        from pathlib import Path
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # Lightning maps a file's integer optimizer keys to parameters in model.parameters() order, but
+        # GPT2Module's AdamW lists its decay group first: moments landed on parameters of other shapes.
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        strict = self.lightning_module.strict_loading
+        _load_raw_module_state(checkpoint.pop("state_dict"), self.model, strict=strict)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
+        for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", [])):
+            by_name, groups = {}, []
+            for saved, live in zip(state["param_groups"], optimizer.param_groups):
+                fqns = [names[id(p)] for p in live["params"]]  # same groups, same order: configure_optimizers
+                by_name.update({fqn: state["state"][i] for i, fqn in zip(saved["params"], fqns) if i in state["state"]})
+                groups.append({**saved, "params": fqns})
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict={"state": by_name, "param_groups": groups},
+                                     options=options)
+        return checkpoint
+
 
 class FSDP1Strategy(FSDPStrategy):
     """FSDP1 (`FullyShardedDataParallel`, Lightning's FSDPStrategy) with each GPT2Block as one

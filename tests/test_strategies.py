@@ -111,6 +111,25 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(runs):
         assert abs(resumed[s] - full[s]) < 1e-6, (s, resumed[s], full[s])
 
 
+@pytest.mark.parametrize("source", ["single", "fsdp_file"])
+def test_fsdp2_resumes_a_single_file_checkpoint_exactly(source, tmp_path, corpus_dir, tokenizer_dir):
+    """FSDP2 x2 from one file: a one-process run's (switching strategy after an OOM), or its own with
+    save_distributed_checkpoint false. AdamW's groups (decay first) are not model.parameters() order,
+    which is how Lightning matched a file's optimizer state to parameters (moments of other shapes)."""
+    fsdp = ["--config", str(REPO / "configs/strategy/fsdp.yaml"), "--trainer.strategy.init_args.save_distributed_checkpoint", "false"]
+    first = fsdp if source == "fsdp_file" else []
+    config = write_config(tmp_path, corpus_dir, tokenizer_dir, source, 2 if first else 1)
+    fit(config, *first, "--checkpoint.every_n_train_steps", "5", "--checkpoint.save_top_k", "-1", "--export.enabled", "false")
+    ckpt = tmp_path / source / "checkpoints" / "step0000005.ckpt"
+    assert ckpt.is_file()
+    fit(config, *fsdp, "--trainer.devices", "2", "--data.batch_size", str(GLOBAL_BATCH // 2), "--trainer.logger.init_args.version",
+        "1", "--ckpt_path", str(ckpt), "--export.enabled", "false")
+    full, resumed = train_losses(tmp_path / source), train_losses(tmp_path / source, version=1)
+    assert sorted(resumed) == list(range(5, STEPS))
+    for s in resumed:
+        assert abs(resumed[s] - full[s]) < 1e-5, (s, resumed[s], full[s])
+
+
 def _logits(folder: Path) -> torch.Tensor:
     from transformers import GPT2LMHeadModel
 
