@@ -28,8 +28,8 @@ from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_
                              oom_message)
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import (Preemption, check_explicit_checkpoint, checkpoint_progress, install_early_handler,
-                             newest_checkpoint, resolve_ckpt_path, resolve_eval_ckpt_path)
+from gpt2dist.resume import (Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint, checkpoint_progress,
+                             install_early_handler, newest_checkpoint, resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb
 
 
@@ -98,6 +98,7 @@ class GPT2CLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.trainer.default_root_dir,
                                       getattr(self.trainer.checkpoint_callback, "dirpath", None))
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
+        check_checkpoint_fits_strategy(ckpt_path, self.trainer.strategy, self.trainer.world_size)
         for cb in self.trainer.callbacks:
             if isinstance(cb, FaultTolerance) and (ckpt_path is None or os.path.exists(ckpt_path)):
                 cb.fit_ckpt_path = ckpt_path  # Lightning's own `hpc`/`best` stay "unknown": nothing is set aside
@@ -119,6 +120,7 @@ class GPT2CLI(LightningCLI):
             getattr(self.trainer.checkpoint_callback, "dirpath", None),
             best={"dirpath": cb.dirpath, "filename": cb.filename, "monitor": cb.monitor, "mode": cb.mode})
         self.config_init[sub]["ckpt_path"] = ckpt_path
+        check_checkpoint_fits_strategy(ckpt_path, self.trainer.strategy, self.trainer.world_size, sub)
         if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
             rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "
                            f"evaluates a randomly initialised model; pass --ckpt_path last (or best, or a file)")

@@ -261,6 +261,45 @@ def check_explicit_checkpoint(ckpt_path: str) -> None:
                               f"short: pass an older one, or --ckpt_path last to take the newest complete one")
 
 
+def check_checkpoint_fits_strategy(ckpt_path: str | None, strategy, world_size: int, subcommand: str = "fit") -> None:
+    """A checkpoint that the run's strategy cannot load stops with one line naming both and the fix, before
+    anything is launched (Lightning and DeepSpeed fail later, on every rank, with a traceback)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if not ckpt_path or not Path(ckpt_path).exists():
+        return
+    p, name = Path(ckpt_path), type(strategy).__name__
+    export = (f"or export its weights (python tools/export_hf.py {ckpt_path} OUT) and start from them with "
+              f"--model.model_name_or_path OUT --model.from_scratch false")
+    deepspeed = isinstance(strategy, DeepSpeedStrategy)
+    if p.is_dir() and (p / "latest").is_file():
+        if not deepspeed:
+            raise CheckpointError(f"--ckpt_path {ckpt_path} is a DeepSpeed checkpoint folder, which {name} cannot load; "
+                                  f"use the configs/strategy/deepspeed_* overlay that wrote it, {export}")
+        meta, _ = _meta(p)
+        if meta is None or subcommand != "fit":  # evaluation reads the weights only
+            return
+        stage = (meta.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+        if stage is not None and (stage == 3) != bool(strategy.zero_stage_3):
+            raise CheckpointError(f"--ckpt_path {ckpt_path} was written by DeepSpeed ZeRO-{stage}, and DeepSpeed cannot "
+                                  f"resume it under ZeRO-{strategy.config['zero_optimization']['stage']} (another "
+                                  f"parameter layout); use the ZeRO-{stage} overlay, {export}")
+        saved = meta.get("dp_world_size")
+        if saved is not None and saved != world_size:
+            raise CheckpointError(f"--ckpt_path {ckpt_path} was written by {saved} DeepSpeed processes and this run has "
+                                  f"{world_size}; DeepSpeed cannot repartition ZeRO optimizer state: resume with "
+                                  f"{saved} processes (trainer.devices x trainer.num_nodes), {export}")
+    elif p.is_dir():
+        if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise CheckpointError(f"--ckpt_path {ckpt_path} is a sharded (torch.distributed.checkpoint) folder, which "
+                                  f"{name} cannot load; use configs/strategy/fsdp.yaml (FSDP2 resharding to any number "
+                                  f"of processes), {export}")
+    elif deepspeed and not getattr(strategy, "load_full_weights", False):
+        raise CheckpointError(f"--ckpt_path {ckpt_path} is a single-file checkpoint, and DeepSpeed resumes only its own "
+                              f"checkpoint folders; use the strategy that wrote it (configs/strategy/ddp.yaml, "
+                              f"fsdp.yaml or one process), {export}")
+
+
 class Preemption(Callback):
     """On SLURM's SIGUSR1: at the next optimizer step, all ranks save `hpc_ckpt_N.ckpt` and the job is
     requeued (Lightning's routine), then training stops without exporting."""

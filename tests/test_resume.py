@@ -145,3 +145,42 @@ def test_best_is_the_lowest_stored_score_and_eval_needs_a_checkpoint(root):
     assert resolve_eval_ckpt_path("test", "best", root, ck, {**best, "mode": "max"}) == str(ck / "best-step0000050.ckpt")
     assert resolve_eval_ckpt_path("test", "last", root, ck, best) == str(ck / "best-step0000100.ckpt")
     assert resolve_eval_ckpt_path("test", None, root, ck, best) is None
+
+
+def test_checkpoint_the_strategy_cannot_load_is_one_line(tmp_path):
+    """Resuming under another strategy family (or, for DeepSpeed, another ZeRO layout or world size) stops
+    before launch with one line naming the checkpoint and the fix, instead of each rank's traceback."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    from gpt2dist.resume import check_checkpoint_fits_strategy
+    from gpt2dist.strategies import FSDP2Strategy
+
+    single = tmp_path / "single.ckpt"
+    save(single, 5, 5)
+    sharded = tmp_path / "fsdp.ckpt"  # FSDP2's torch.distributed.checkpoint folder
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"x")
+    (sharded / "__0_0.distcp").write_bytes(b"x")
+    save(sharded / "meta.pt", 5, 5)
+    ds = tmp_path / "ds.ckpt"  # DeepSpeed ZeRO-2 folder written by 2 processes
+    (ds / "checkpoint").mkdir(parents=True)
+    (ds / "latest").write_text("checkpoint")
+    torch.save({"global_step": 5, "dp_world_size": 2, "ds_config": {"zero_optimization": {"stage": 2}}},
+               ds / "checkpoint" / "mp_rank_00_model_states.pt")
+    one, ddp, fsdp = SingleDeviceStrategy("cpu"), DDPStrategy(), FSDP2Strategy()
+    zero2, zero3 = DeepSpeedStrategy(stage=2), DeepSpeedStrategy(stage=3)
+    cases = [(sharded, one, 1, "sharded (torch.distributed.checkpoint) folder, which SingleDeviceStrategy cannot load"),
+             (sharded, ddp, 2, "configs/strategy/fsdp.yaml"),
+             (ds, ddp, 2, "DeepSpeed checkpoint folder, which DDPStrategy cannot load"),
+             (ds, zero3, 2, "written by DeepSpeed ZeRO-2, and DeepSpeed cannot resume it under ZeRO-3"),
+             (ds, zero2, 1, "written by 2 DeepSpeed processes and this run has 1"),
+             (single, zero2, 2, "single-file checkpoint, and DeepSpeed resumes only its own checkpoint folders")]
+    for path, strategy, world, needle in cases:
+        with pytest.raises(CheckpointError) as err:
+            check_checkpoint_fits_strategy(str(path), strategy, world)
+        msg = str(err.value)
+        assert needle in msg and f"tools/export_hf.py {path} OUT" in msg and "\n" not in msg, (path, msg)
+    # What loads: each its own kind, FSDP2 any file or folder, DeepSpeed evaluating on another world size.
+    for path, strategy, world, sub in [(single, one, 1, "fit"), (single, ddp, 2, "fit"), (single, fsdp, 2, "fit"),
+                                       (sharded, fsdp, 1, "fit"), (ds, zero2, 2, "fit"), (ds, zero2, 1, "validate")]:
+        check_checkpoint_fits_strategy(str(path), strategy, world, sub)

@@ -111,6 +111,17 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(runs):
         assert abs(resumed[s] - full[s]) < 1e-6, (s, resumed[s], full[s])
 
 
+def test_sharded_folder_under_one_process_is_one_line(runs):
+    """An FSDP2 folder resumed without the FSDP2 overlay: Lightning would torch.load a folder (a traceback
+    per rank). One line names the checkpoint, the overlay that loads it and the export route."""
+    p = run_cli("fit", "--config", str(runs / "fsdp" / "config.yaml"), "--trainer.devices", "1",
+                "--ckpt_path", str(runs / "fsdp" / "checkpoints" / "step0000005.ckpt"), timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error:")]
+    assert len(line) == 1 and "sharded (torch.distributed.checkpoint) folder" in line[0]
+    assert "configs/strategy/fsdp.yaml" in line[0] and "tools/export_hf.py" in line[0]
+
+
 @pytest.mark.parametrize("source", ["single", "fsdp_file"])
 def test_fsdp2_resumes_a_single_file_checkpoint_exactly(source, tmp_path, corpus_dir, tokenizer_dir):
     """FSDP2 x2 from one file: a one-process run's (switching strategy after an OOM), or its own with
