@@ -90,6 +90,16 @@ def test_every_overlay_parses(overlay):
     assert printed["data"]["block_size"] == base["data"]["block_size"]
 
 
+def test_a_later_overlay_replaces_the_earlier_ones_strategy_knobs():
+    """Overlays of one class merge (jsonargparse keeps the init_args a later file does not name): ZeRO-2
+    after ZeRO-3 offload must not keep offloading."""
+    p = run_cli("fit", "--print_config", "--config", "configs/quickstart.yaml", "--config",
+                "configs/strategy/deepspeed_zero3_offload.yaml", "--config", "configs/strategy/deepspeed_zero2.yaml", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    args = yaml.safe_load("\n".join(l for l in p.stdout.splitlines() if not l.startswith("[20")))["trainer"]["strategy"]["init_args"]
+    assert (args["stage"], args["offload_optimizer"], args["offload_parameters"]) == (2, False, False)
+
+
 def test_single_ddp_fsdp2_losses_agree(runs):
     single, ddp, fsdp = (train_losses(runs / n) for n in ("single", "ddp", "fsdp"))
     assert sorted(single) == list(range(STEPS)) and sorted(ddp) == sorted(fsdp) == sorted(single)
