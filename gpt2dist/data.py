@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".parquet", ".csv"}
-CACHE_VERSION = 2  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys)
+CACHE_VERSION = 3  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys; 3: blank lines with spaces/CRLF split paragraphs)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -140,6 +141,9 @@ def _table_texts(path: Path, field: str) -> Iterator[str]:
             yield str(value)
 
 
+_BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+
+
 def read_documents(path: Path, text_field: str = "text", text_unit: str = "file") -> Iterator[str]:
     """The documents of one file. Text files are one document per file, or per blank-line
     separated paragraph when `text_unit="paragraph"`."""
@@ -151,9 +155,11 @@ def read_documents(path: Path, text_field: str = "text", text_unit: str = "file"
     if suffix in {".jsonl", ".json"}:
         yield from _json_texts(path, text, text_field)
     elif text_unit == "paragraph":
-        for para in text.split("\n\n"):
+        # A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone
+        # made such a file one document.
+        for para in _BLANK_LINES.split(text):
             if para.strip():
-                yield para.strip("\n")
+                yield para.strip("\r\n")
     else:
         yield text
 

@@ -357,3 +357,15 @@ def test_dataset_saved_with_save_to_disk(tmp_path, tokenizer_dir, tokenizer):
         with pytest.raises(DataError) as err:
             prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / name), text_field="body", **kw))
         assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paragraphs_split_on_blank_lines_with_spaces_or_crlf(tmp_path):
+    """text_unit=paragraph: a blank line holding spaces/tabs, or ending in CRLF, separates paragraphs too."""
+    paras = ["first paragraph\nwith two lines", "second", "third one"]
+    for name, text in [("lf.txt", "first paragraph\nwith two lines\n\nsecond\n\n\nthird one\n"),
+                       ("spaces.txt", "first paragraph\nwith two lines\n   \nsecond\n\t\n\nthird one\n"),
+                       ("crlf.txt", "first paragraph\r\nwith two lines\r\n\r\nsecond\r\n \r\nthird one\r\n")]:
+        (tmp_path / name).write_bytes(text.encode())
+        got = list(data_mod.read_documents(tmp_path / name, text_unit="paragraph"))
+        assert [d.replace("\r\n", "\n") for d in got] == paras, (name, got)
+        assert not any(d.endswith(("\r", "\n")) for d in got), (name, got)
