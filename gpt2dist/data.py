@@ -520,8 +520,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def _tokenizer_dir(self) -> Path:
+        # The held-out documents (val_fraction, seed) are not trained on: another hold-out, another tokenizer.
         payload = {"src": self._source_fingerprint(), "unit": self.text_unit, "field": self.text_field,
-                   "vocab": self.train_tokenizer_vocab_size, "v": CACHE_VERSION}
+                   "vocab": self.train_tokenizer_vocab_size, "val": [self.val_fraction, self.seed], "v": CACHE_VERSION}
         return self.cache_dir / "tokenizers" / self._key(payload)
 
     def _load_or_train_tokenizer(self, train_if_missing: bool):

@@ -139,6 +139,11 @@ def test_trained_tokenizer_is_cached_and_encodes_losslessly(tmp_path, corpus_dir
     prepared(TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300,
                                   block_size=32, cache_dir=str(tmp_path / "cache"), num_workers=0))
     assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == mtime
+    # Another hold-out: the cached tokenizer was trained on documents that are now validation ones.
+    other = TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300, block_size=32,
+                                 cache_dir=str(tmp_path / "cache"), num_workers=0, val_fraction=0.3)
+    prepared(other)
+    assert other._tokenizer_dir() != tok_dir and len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
 
 
 def test_trained_tokenizer_and_block_cache_are_readable_by_others(tmp_path, corpus_dir):
