@@ -88,10 +88,12 @@ class BadFileError(DataError):
 
 
 def _decode(path: Path, raw: bytes) -> str:
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a Windows "Unicode" export: NUL bytes, but not binary
+        raise BadFileError(path, "is UTF-16 (byte order mark)", "convert it (e.g. iconv -f utf-16 -t utf-8)")
     if b"\x00" in raw[:8192]:
         raise BadFileError(path, "looks binary (NUL bytes)", "remove it from the file list")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading UTF-8 byte order mark is not text: it would be a token
     except UnicodeDecodeError as e:
         raise BadFileError(path, f"not UTF-8 (byte {e.start})", "convert it (e.g. iconv -t utf-8)") from None
 

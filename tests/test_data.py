@@ -234,7 +234,7 @@ def test_loader_resume_in_a_later_epoch_keeps_that_epochs_order(tmp_path, corpus
     assert list(one) == BlockSampler(50, True, 7).indices(1)[12:]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_glob", "empty", "too_small", "binary", "latin1", "no_field"])
+@pytest.mark.parametrize("case", ["missing", "empty_glob", "empty", "too_small", "binary", "utf16", "latin1", "no_field"])
 def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
     p = tmp_path / "bad.txt"
     if case == "missing":
@@ -250,6 +250,9 @@ def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
     elif case == "binary":
         p.write_bytes(b"\x00\x01\x02binary" * 10)
         files, needle = [str(p)], "bad.txt: looks binary"
+    elif case == "utf16":
+        p.write_bytes(("caf\xe9 cr\xe8me " * 50).encode("utf-16"))
+        files, needle = [str(p)], "bad.txt: is UTF-16 (byte order mark); convert it (e.g. iconv -f utf-16 -t utf-8)"
     elif case == "latin1":
         p.write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 50)
         files, needle = [str(p)], "bad.txt: not UTF-8"
@@ -261,6 +264,14 @@ def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
         prepared(make_dm(tmp_path, tokenizer_dir, train_files=files, val_fraction=0.0))
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not list((tmp_path / "cache").glob("blocks/*/meta.json"))  # nothing half-written left as a cache
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    from gpt2dist.data import read_documents
+
+    text = (tmp_path / "notepad.txt")
+    text.write_bytes("\ufeffcaf\xe9 au lait".encode("utf-8"))  # what Windows Notepad writes as "UTF-8 with BOM"
+    assert list(read_documents(text)) == ["caf\xe9 au lait"]
 
 
 def test_on_bad_file_skip_warns_and_continues(tmp_path, corpus_dir, tokenizer_dir, caplog):
