@@ -199,23 +199,25 @@ class FaultTolerance(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         self._trainer = trainer  # state_dict() takes no trainer, and must settle pending flags
-        if stage == "fit" and self.fit_ckpt_path != "unknown":
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.fit_ckpt_path != "unknown":
             from gpt2dist.resume import set_aside_other_runs
 
-            # After the process group is up (one rank moves files, all wait), before any save.
+            # Before any save, and after everything that can refuse the run (a failed start moves nothing);
+            # before the last.ckpt lookup below. One rank moves, all wait.
             moved = None
             if trainer.is_global_zero:
                 moved = set_aside_other_runs(self.fit_ckpt_path, trainer.default_root_dir,
                                              getattr(trainer.checkpoint_callback, "dirpath", None))
             trainer.strategy.barrier("gpt2dist_set_aside")
+            self.fit_ckpt_path = "unknown"  # once per fit the CLI prepared
             if moved:
                 dest, paths = moved
                 how = "starts fresh" if self.fit_ckpt_path is None else f"starts from {self.fit_ckpt_path}"
                 log.warning("fit %s: moved %d checkpoint(s) that --ckpt_path last|auto would have chosen over this "
                             "run's (%s: an earlier run's, or the continuation this rollback abandons) to %s; nothing "
                             "was deleted", how, len(paths), ", ".join(p.name for p in paths), dest)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.global_step > 0:
             # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step
             # and would save it again after the next micro-batch, mid-accumulation, over the good one.

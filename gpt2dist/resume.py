@@ -17,7 +17,7 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   missing or incomplete stops with one line naming it (`check_explicit_checkpoint`).
 - A fit that starts behind the folder's newest checkpoint (fresh, a rollback to an older one, or
   another folder's) first moves what `auto`/`last` would prefer over its own checkpoints into
-  `checkpoints/set-aside-*/` (`set_aside_other_runs`, called by FaultTolerance.setup).
+  `checkpoints/set-aside-*/` (`set_aside_other_runs`, called by FaultTolerance.on_train_start).
 
 Preemption (`Preemption` callback + `install_early_handler`): SLURM sends SIGUSR1 90 s before the
 time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's own handler saves
