@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -91,7 +92,8 @@ class HFExport(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes `predict` outputs to `<default_root_dir>/predictions-rank<R>.jsonl` and prints them."""
+    """Writes `predict` outputs, every prompt in prompt order, to `<default_root_dir>/predictions.jsonl`
+    (rank 0) and prints each as it is generated."""
 
     def __init__(self, filename: str = "predictions"):
         """
@@ -102,41 +104,46 @@ class PredictionWriter(BasePredictionWriter):
         self.filename = filename
 
     def _path(self, trainer) -> Path:
-        return Path(trainer.default_root_dir) / f"{self.filename}-rank{trainer.global_rank}.jsonl"
+        return Path(trainer.default_root_dir) / f"{self.filename}.jsonl"
 
     @staticmethod
-    def _writes(trainer) -> bool:
-        """Replicated weights: each rank writes its share of the prompts. Sharded ones: every rank generates
-        every prompt (TokenBlockDataModule.predict_dataloader), so rank 0's file holds them all."""
+    def _own_prompts(trainer) -> bool:
+        """Replicated weights (DDP): each rank generates its share of the prompts, gathered at the end.
+        Sharded ones: every rank generates every prompt (TokenBlockDataModule.predict_dataloader), rank 0's count."""
         from gpt2dist.monitor import generation_mode
 
         return trainer.is_global_zero or generation_mode(trainer) == "rank0"
 
-    # Each run replaces the file (appending mixed two runs' lines in one file): its lines go to a
-    # temporary name renamed onto the file at the end, so an interrupted run leaves the previous file whole.
     def on_predict_start(self, trainer, pl_module) -> None:
-        if not self._writes(trainer):
-            return
-        path = self._path(trainer)
-        os.makedirs(path.parent, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while predicting
-            stale.unlink(missing_ok=True)
-        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self._tmp.write_text("")
+        self._rows: list[dict] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        if not self._writes(trainer):
+        if not self._own_prompts(trainer):
             return
-        with open(self._tmp, "a") as f:
-            f.write(json.dumps(prediction) + "\n")
+        self._rows.append(prediction)
         print(f"--- {prediction['prompt']!r}\n{prediction['text']}", flush=True)
 
+    # Each run replaces the file (appending mixed two runs' lines in one file): written at the end under a
+    # temporary name renamed onto it, so an interrupted run leaves the previous file whole.
     def on_predict_end(self, trainer, pl_module) -> None:
-        if not self._writes(trainer):
+        rows = self._rows if self._own_prompts(trainer) else []
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, rows)  # DDP: each rank's prompts; sharded: rank 0's
+            rows = [r for share in shares for r in share]
+        if not trainer.is_global_zero:
             return
-        with open(self._tmp, "rb") as fh:  # durable before it gets the name
-            os.fsync(fh.fileno())
-        os.replace(self._tmp, self._path(trainer))
+        rows.sort(key=lambda r: r.get("index", 0))  # stable: rows without an index keep their order
+        path = self._path(trainer)
+        os.makedirs(path.parent, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())  # durable before it gets the name
+        os.replace(tmp, path)
 
 
 class ValidationReport(Callback):

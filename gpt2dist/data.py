@@ -723,4 +723,6 @@ class TokenBlockDataModule(pl.LightningDataModule):
             # Sharded weights: each forward of `generate` gathers them collectively, so every rank runs every
             # prompt in the same order (other prompts or fewer of them hang or crash the gathers); rank 0 writes.
             world, rank = 1, 0
-        return torch.utils.data.DataLoader(self.predict_prompts[rank::world], batch_size=1, collate_fn=lambda x: x[0])
+        # Each prompt with its index: the writer puts the ranks' shares back in prompt order.
+        prompts = [{"index": i, "prompt": p} for i, p in enumerate(self.predict_prompts)][rank::world]
+        return torch.utils.data.DataLoader(prompts, batch_size=1, collate_fn=lambda x: x[0])

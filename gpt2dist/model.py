@@ -387,13 +387,16 @@ class GPT2Module(pl.LightningModule):
         for i, prompt in enumerate(getattr(dm, "predict_prompts", None) or []):
             prompt_ids(dm.tokenizer, prompt, self.model.config.n_positions, f"data.predict_prompts[{i}]")
 
-    def predict_step(self, prompt: str, batch_idx: int) -> dict:
+    def predict_step(self, batch: dict | str, batch_idx: int) -> dict:
+        """{"index", "prompt", "text"} for one prompt: {"index": i, "prompt": p} (the DataModule's) or a bare string."""
         from gpt2dist.monitor import generate_samples
+
+        index, prompt = (batch["index"], batch["prompt"]) if isinstance(batch, dict) else (batch_idx, batch)
 
         # Through generate_samples: under FSDP2 `generate` calls self.model, not the root's forward, so the
         # root's parameters (embeddings, ln_f, tied head) must be unsharded there (greedy: the seed is unused).
         text = generate_samples(self, self._datamodule().tokenizer, [prompt], self.hparams.max_new_tokens, seed=0)[0]
-        return {"prompt": prompt, "text": text}
+        return {"index": index, "prompt": prompt, "text": text}
 
     # --- optimisation --------------------------------------------------------
 

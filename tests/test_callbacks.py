@@ -92,7 +92,7 @@ class _Echo(pl.LightningModule):
 
 
 def test_each_predict_run_replaces_the_predictions_file(tmp_path):
-    path = tmp_path / "predictions-rank0.jsonl"
+    path = tmp_path / "predictions.jsonl"
 
     def predict(prompts):
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -103,7 +103,7 @@ def test_each_predict_run_replaces_the_predictions_file(tmp_path):
 
     assert predict(["a", "b", "c"]) == ["a", "b", "c"]
     assert predict(["d", "e"]) == ["d", "e"]  # not a, b, c, d, e
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions-rank0.jsonl"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # no temporary left
 
     class _Dies(_Echo):
         def predict_step(self, prompt, batch_idx):
@@ -117,4 +117,4 @@ def test_each_predict_run_replaces_the_predictions_file(tmp_path):
         trainer.predict(_Dies(), torch.utils.data.DataLoader(["f", "g"], batch_size=1, collate_fn=lambda x: x[0]))
     assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == ["d", "e"]  # still whole
     assert predict(["h"]) == ["h"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions-rank0.jsonl"]  # the stale temporary is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # the stale temporary is gone

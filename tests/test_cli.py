@@ -112,7 +112,7 @@ def test_validate_test_predict_from_checkpoint(fitted):
     assert "evaluating on the validation split" in r.stdout + r.stderr
     r = run_cli("predict", "--config", str(cfg), "--ckpt_path", ckpt)
     assert r.returncode == 0, r.stderr[-3000:]
-    preds = [json.loads(line) for line in (tmp / "run" / "predictions-rank0.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in preds] == ["def main(", "import "]
     assert all(p["text"].startswith(p["prompt"]) and len(p["text"]) > len(p["prompt"]) for p in preds)
 
@@ -127,7 +127,7 @@ def test_explicit_checkpoint_keeps_the_command_line_model_settings(fitted, token
     r = run_cli("predict", "--config", str(cfg), "--ckpt_path", ckpt, "--model.max_new_tokens", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    preds = [json.loads(line) for line in (tmp / "run" / "predictions-rank0.jsonl").read_text().splitlines()][-2:]
+    preds = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()][-2:]
     for p in preds:
         assert len(tok(p["text"])["input_ids"]) - len(tok(p["prompt"])["input_ids"]) <= 2, p
 

@@ -175,26 +175,31 @@ def test_fsdp2_checkpoint_exports_the_trained_model(runs, tmp_path):
     assert not torch.allclose(_logits(tmp_path / "hf5"), trained)  # step 5 differs: the check can fail
 
 
-def test_fsdp2_predict_gives_every_prompt_once_as_one_process_does(runs, tmp_path):
-    """`gpt2dist predict` under FSDP2 x2: `generate` needs the root's parameters unsharded, and every rank
-    must run the same prompts (each forward gathers collectively). 3 prompts over 2 ranks: uneven."""
+def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_does(runs, tmp_path):
+    """`gpt2dist predict` x2 ranks, 3 prompts (uneven): under DDP each rank generates its share and rank 0
+    writes them all back in prompt order; under FSDP2 `generate` needs the root's parameters unsharded,
+    and every rank runs every prompt (each forward gathers collectively). One file, as one process writes."""
     import json
 
     prompts = ["def ", "import os\n", "class "]
     args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8"]
-    p = run_cli("predict", "--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy/fsdp.yaml"),
-                "--ckpt_path", "last", *args, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    sharded = [json.loads(line) for line in (runs / "fsdp" / "predictions-rank0.jsonl").read_text().splitlines()]
-    assert not (runs / "fsdp" / "predictions-rank1.jsonl").exists()  # rank 0's file holds every prompt, once
-    # One process, from the same weights (the end-of-fit export of this FSDP2 run).
+    # One process, from the same weights (the end-of-fit export of the FSDP2 run).
     p = run_cli("predict", "--config", str(runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
                 "--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false", *args,
                 timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    single = [json.loads(line) for line in (tmp_path / "predictions-rank0.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in sharded] == prompts and sharded == single
-    assert all(len(r["text"]) > len(r["prompt"]) for r in sharded)
+    single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in single] == prompts and [r["index"] for r in single] == [0, 1, 2]
+    assert all(len(r["text"]) > len(r["prompt"]) for r in single)
+    for name, overlay, weights in (
+            ("fsdp", "fsdp.yaml", ["--ckpt_path", str(runs / "fsdp" / "checkpoints" / "last.ckpt")]),
+            ("ddp", "ddp.yaml", ["--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false"])):
+        out = tmp_path / name
+        p = run_cli("predict", "--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy" / overlay),
+                    "--trainer.default_root_dir", str(out), *weights, *args, timeout=300)
+        assert p.returncode == 0, (name, p.stderr[-3000:])
+        assert sorted(f.name for f in out.glob("predictions*")) == ["predictions.jsonl"], name
+        assert [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()] == single, name
 
 
 # ----------------------------------------------------------------------------- "GPU-only" strategies on CPU
