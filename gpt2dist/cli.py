@@ -17,6 +17,7 @@ import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -26,6 +27,7 @@ from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator, check_writable,
                              oom_message)
+from gpt2dist.launch import check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.resume import (Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint, checkpoint_progress,
@@ -82,6 +84,9 @@ class GPT2CLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if isinstance(self.trainer._accelerator_connector.cluster_environment, SLURMEnvironment):
+            # srun's task count is the world size; a trainer that disagrees must not start (launch.py).
+            check_srun_world(self.trainer.num_nodes, self.trainer.num_devices)
         # Here, not only in configure_model: that runs after prepare_data has tokenized and packed the
         # whole corpus (minutes to hours on a large one) for a block size the model cannot take.
         self.model.check_block_size(getattr(self.datamodule, "block_size", None))

@@ -7,11 +7,15 @@ world size (trainer.num_nodes / trainer.devices / a strategy's data_parallel_siz
 tensor_parallel_size) other than nodes x tasks per node. A config's world size changes only when
 the command line says so too (`--trainer.num_nodes 4`): the global batch scales with it. Otherwise prints the global batch
 arithmetic. Reads the YAML only (no torch import), so it answers in a second.
+
+`check_srun_world` (called by the CLI under srun): the trainer's num_nodes x devices must equal the
+tasks srun started.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -95,6 +99,24 @@ def check_submission(nodes: int, tasks_per_node: int, fit_args: list[str]) -> st
     seqs = micro * accum * world
     return (f"global batch: {micro} seqs x {accum} accum x {world} processes ({nodes} node(s) x {tasks_per_node}) "
             f"= {seqs} seqs x {block} tokens = {seqs * block:,} tokens/step")
+
+
+def check_srun_world(num_nodes: int, devices: int, env=None) -> None:
+    """Under srun (SLURMEnvironment), the trainer's num_nodes x devices must be the tasks srun started."""
+    env = os.environ if env is None else env
+    tasks, nodes = env.get("SLURM_STEP_NUM_TASKS"), env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES")
+    if not (tasks and tasks.isdigit()):
+        return  # not started by srun (a batch script's own shell, salloc): one process, nothing to agree on
+    tasks_n, nodes_n = int(tasks), int(nodes) if nodes and nodes.isdigit() else num_nodes
+    if tasks_n == num_nodes * devices and nodes_n == num_nodes:
+        return
+    # Otherwise each task would train on its own as rank 0 (one device), all writing the same run folder,
+    # or Lightning stops with a traceback (several devices).
+    per_node = f"{tasks_n // nodes_n}" if tasks_n % nodes_n == 0 else "N"
+    raise ConfigError(f"srun started {tasks_n} task(s) on {nodes_n} node(s), but the trainer runs trainer.num_nodes="
+                      f"{num_nodes} x trainer.devices={devices} = {num_nodes * devices} process(es): pass "
+                      f"--trainer.num_nodes {nodes_n} --trainer.devices {per_node} (slurm/fit.sbatch does), "
+                      f"or srun {num_nodes * devices} task(s)")
 
 
 def main(argv: list[str] | None = None) -> None:

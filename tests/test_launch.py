@@ -7,7 +7,7 @@ import yaml
 
 from conftest import REPO
 from gpt2dist.errors import ConfigError
-from gpt2dist.launch import check_submission
+from gpt2dist.launch import check_srun_world, check_submission
 
 
 def cfg(tmp_path, **sections):
@@ -42,6 +42,41 @@ def test_matching_world_size_and_missing_config(tmp_path):
         check_submission(1, 1, ["--config", "nope.yaml"])
     with pytest.raises(ConfigError, match="no --config given"):
         check_submission(1, 1, ["--trainer.max_steps=3"])
+
+
+@pytest.mark.parametrize("env, nodes, devices, needle", [
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}, 1, 1,
+     "srun started 2 task(s) on 1 node(s), but the trainer runs trainer.num_nodes=1 x trainer.devices=1 = 1 process(es): "
+     "pass --trainer.num_nodes 1 --trainer.devices 2"),
+    ({"SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2"}, 2, 2, "pass --trainer.num_nodes 2 --trainer.devices 4"),
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2"}, 1, 4, "on 2 node(s), but the trainer runs trainer.num_nodes=1"),
+])
+def test_srun_task_count_must_match_the_trainer(env, nodes, devices, needle):
+    with pytest.raises(ConfigError) as e:
+        check_srun_world(nodes, devices, env=env)
+    assert needle in str(e.value)
+
+
+def test_srun_task_count_that_matches_or_no_srun_passes():
+    check_srun_world(2, 4, env={"SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2"})
+    check_srun_world(1, 1, env={"SLURM_NTASKS": "4", "SLURM_NNODES": "1"})  # batch shell, no srun: one process
+
+
+def test_srun_mismatch_stops_the_cli_in_one_line(tmp_path, corpus_dir, tokenizer_dir):
+    """`srun -n 2 gpt2dist fit` without --trainer.devices 2: each task would train alone as rank 0 in one folder."""
+    from conftest import run_cli
+    from test_slurm import write_config
+
+    config = write_config(tmp_path, corpus_dir, tokenizer_dir, max_steps=2)
+    env = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "fit",
+           "SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_NODELIST": "n1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
+    p = run_cli("fit", "--config", str(config), env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2dist: error:")]
+    assert len(errors) == 1 and "srun started 2 task(s)" in errors[0] and "--trainer.devices 2" in errors[0]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
 
 def test_torchrun_launch_without_slurm(tmp_path, corpus_dir, tokenizer_dir):
