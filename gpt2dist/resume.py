@@ -14,7 +14,10 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   `hpc_ckpt_*` even when a `last.ckpt` saved after it holds more progress (its known "HPC
   checkpoint takes priority over last" trap); we resolve that case like `auto`.
 - Any other value (a path, `hpc`, `best`) goes to Lightning unchanged, after a local path is checked:
-  missing or incomplete stops with one line naming it (`check_explicit_checkpoint`).
+  missing or incomplete stops with one line naming it (`check_explicit_checkpoint`). Except in a
+  requeued SLURM job (SLURM_RESTART_COUNT > 0), which runs the same command line again: a local
+  file is where the job started, so a run-folder checkpoint with more steps (the preemption's
+  hpc_ckpt_*) is taken instead; otherwise every requeue would redo the work since that file.
 - A fit that starts behind the folder's newest checkpoint (fresh, a rollback to an older one, or
   another folder's) first moves what `auto`/`last` would prefer over its own checkpoints into
   `checkpoints/set-aside-*/` (`set_aside_other_runs`, called by FaultTolerance.on_train_start).
@@ -171,13 +174,16 @@ def set_aside_other_runs(ckpt_path: str | None, root_dir: str | Path, checkpoint
 
 
 def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_dir: str | Path | None,
-                      slurm: bool | None = None) -> str | None:
-    """The `fit` ckpt_path to hand to Lightning (see the module docstring)."""
+                      slurm: bool | None = None, restarts: int | None = None) -> str | None:
+    """The `fit` ckpt_path to hand to Lightning (see the module docstring); `restarts`: SLURM_RESTART_COUNT."""
     slurm = SLURMEnvironment.detect() if slurm is None else slurm
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0) if restarts is None else restarts
     if ckpt_path is None and not (slurm and list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))):
         return None
     if ckpt_path not in (None, "auto", "last"):
         check_explicit_checkpoint(ckpt_path)
+        if slurm and restarts > 0 and os.path.exists(ckpt_path):
+            return _requeued_from(ckpt_path, root_dir, checkpoint_dir, restarts)
         return ckpt_path
     best = newest_checkpoint(root_dir, checkpoint_dir)
     if best is None:
@@ -194,6 +200,22 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
                     "complete checkpoint", p, _progress(p)[1], path, step)
     log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches, ckpt_path)
     return str(path)
+
+
+def _requeued_from(ckpt_path: str, root_dir: str | Path, checkpoint_dir: str | Path | None, restarts: int) -> str:
+    """A requeued job runs its command line again: an explicit --ckpt_path FILE is where the job started,
+    and the run folder's newer checkpoints (hpc_ckpt_* saved at preemption, last.ckpt) hold what it did since."""
+    try:
+        found = newest_checkpoint(root_dir, checkpoint_dir)
+    except CheckpointError:
+        found = None  # none of the run's own checkpoints loads: the job's starting point is all there is
+    start = checkpoint_progress(ckpt_path)
+    if found is None or start is None or found[1][0] <= start[0]:
+        return ckpt_path
+    log.info("resume: %s (global_step %d, %d batches seen): SLURM requeue %d continues from the run's newest "
+             "checkpoint, not from --ckpt_path %s (global_step %d) where the job started", found[0], found[1][0],
+             found[1][1], restarts, ckpt_path, start[0])
+    return str(found[0])
 
 
 def resolve_eval_ckpt_path(subcommand: str, ckpt_path: str | None, root_dir: str | Path,

@@ -85,6 +85,26 @@ def test_truncated_checkpoint_is_skipped(root):
         resolve_ckpt_path("auto", root, ck, slurm=True)
 
 
+def test_requeued_job_continues_past_its_explicit_start_checkpoint(tmp_path, root, monkeypatch):
+    """`submit.sh ... --ckpt_path FILE` is run again on every requeue: it must not restart from FILE."""
+    ck = root / "checkpoints"
+    start = tmp_path / "pretrained" / "last.ckpt"
+    save(start, 2, 4)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resolve_ckpt_path(str(start), root, ck, slurm=True) == str(start)  # first run of the job: as asked
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_ckpt_path(str(start), root, ck, slurm=True) == str(start)  # requeued, nothing newer yet
+    save(root / "hpc_ckpt_1.ckpt", 21, 42)  # preempted at step 21
+    assert resolve_ckpt_path(str(start), root, ck, slurm=True) == str(root / "hpc_ckpt_1.ckpt")
+    save(ck / "last.ckpt", 30, 60)  # a later periodic save (e.g. a node failure requeued the job)
+    assert resolve_ckpt_path(str(start), root, ck, slurm=True) == str(ck / "last.ckpt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a new submission with the same command line: as asked
+    assert resolve_ckpt_path(str(start), root, ck, slurm=True) == str(start)
+    assert resolve_ckpt_path(str(start), root, ck, slurm=False, restarts=1) == str(start)  # not under SLURM
+    save(start, 40, 80)  # the given file has more progress than the run folder: it stays
+    assert resolve_ckpt_path(str(start), root, ck, slurm=True, restarts=1) == str(start)
+
+
 def test_fresh_start_and_passthrough(root):
     ck = root / "checkpoints"
     assert resolve_ckpt_path("auto", root, ck, slurm=True) is None  # first run of a job
