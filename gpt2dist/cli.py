@@ -32,7 +32,7 @@ from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.resume import (Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint, checkpoint_progress,
                              install_early_handler, newest_checkpoint, resolve_ckpt_path, resolve_eval_ckpt_path)
-from gpt2dist.tracking import RunConfig, prepare_wandb
+from gpt2dist.tracking import RunConfig, prepare_wandb, wandb_error_message
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -196,6 +196,14 @@ def main(args: list[str] | None = None) -> None:
         hint = _resume_hint()
         print(f"gpt2dist: error: stopped by SIGTERM before the end{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
         sys.exit(143)
+    except Exception as e:
+        # W&B's own refusals (not logged in, no network: CommError after its init timeout) are the
+        # environment's, not a bug: one line with the ways out, not wandb's traceback.
+        msg = wandb_error_message(e)
+        if msg is None:
+            raise
+        print(f"gpt2dist: error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         # Tear the process group down before interpreter exit: a gloo group left to the atexit
         # handlers sometimes aborts the rank whose peer exited first (seen ~1 in 8 two-node runs).

@@ -152,6 +152,17 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None) 
     return None, "new"
 
 
+def wandb_error_message(err: BaseException) -> str | None:
+    """One line for `cli.main` when W&B itself refused to start or log (no API key, server unreachable);
+    None for any other exception."""
+    if not any(c.__module__.startswith("wandb.") for c in type(err).__mro__):
+        return None
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return (f"W&B failed ({type(err).__name__}: {first[:300]}): log in with `wandb login` or export "
+            f"WANDB_API_KEY, check the network to the W&B server, or log without it: WANDB_MODE=offline "
+            f"(then `wandb sync <default_root_dir>/wandb/offline-run-*`) or a CSV logger")
+
+
 def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     """Before `fit`: choose the W&B run id and folder through W&B's own environment variables
     (WANDB_RUN_ID, WANDB_DIR), which `wandb.init` reads; a logger given an explicit
