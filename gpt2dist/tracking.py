@@ -4,14 +4,16 @@
   CLI config plus run facts (git commit/dirty, world size, nodes, strategy, precision, global
   batch in tokens) to every logger: the W&B config tab, or CSV/TensorBoard `hparams.yaml`.
   It also stores the W&B run id in each checkpoint.
-- `prepare_wandb` (called before `fit`) picks the run id so that a resumed or requeued job
-  continues the same W&B run (Lightning's WandbLogger already passes resume="allow"; the step
-  axis `trainer/global_step` continues because it comes from the restored trainer).
+- `prepare_wandb` (called before `fit`) picks the run id (under SLURM `slurm-<job id>-<hash of the
+  run folder>`) so that a resumed or requeued job continues the same W&B run (Lightning's
+  WandbLogger already passes resume="allow"; the step axis `trainer/global_step` continues because
+  it comes from the restored trainer).
 - `scrub` redacts secrets (API keys, tokens) from anything we log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -134,10 +136,16 @@ def _checkpoint_run_id(path: str | None) -> str | None:
     return ckpt.get("wandb_run_id") if isinstance(ckpt, dict) else None
 
 
-def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None) -> tuple[str | None, str]:
+def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
+                   root_dir: str | None = None) -> tuple[str | None, str]:
     """(run id, where it came from). Order: WANDB_RUN_ID, the checkpoint resumed from, the SLURM
-    job (a requeued job keeps its id), else None (W&B draws a new id, which checkpoints then keep)."""
+    job and run folder `root_dir` (a requeued job keeps its id), else None (W&B draws a new id,
+    which checkpoints then keep)."""
     env = os.environ if env is None else env
+    # One job script may train several runs (`srun gpt2dist fit` per config, or plain `python -m`
+    # calls): the job id alone would merge them into one W&B run (resume="allow"), the second's
+    # steps going back to 0. The run folder tells them apart and is the same on every requeue.
+    folder = f"-{hashlib.sha1(os.path.abspath(root_dir).encode()).hexdigest()[:8]}" if root_dir else ""
     if env.get("WANDB_RUN_ID"):
         return env["WANDB_RUN_ID"], "WANDB_RUN_ID"
     if ckpt_path in ("last", "hpc") and checkpoint_dir:
@@ -146,9 +154,9 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None) 
     if run_id:
         return run_id, f"checkpoint {ckpt_path}"
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}", "SLURM array job"
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}{folder}", "SLURM array job"
     if env.get("SLURM_JOB_ID"):
-        return f"slurm-{env['SLURM_JOB_ID']}", "SLURM job"
+        return f"slurm-{env['SLURM_JOB_ID']}{folder}", "SLURM job and run folder"
     return None, "new"
 
 
@@ -177,7 +185,7 @@ def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     if logger.version:
         return
     ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
-    run_id, source = resolve_run_id(ckpt_path, ckpt_dir)
+    run_id, source = resolve_run_id(ckpt_path, ckpt_dir, root_dir=trainer.default_root_dir)
     if run_id:
         os.environ["WANDB_RUN_ID"] = run_id
         log.info("W&B run id %s (from %s)", run_id, source)

@@ -173,9 +173,32 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_f
     assert sorted(after) == list(range(resumed_at, MAX_STEPS)), sorted(after)
     assert {s: ref[s] for s in after} == after
     assert (run / "hf_model" / "model.safetensors").is_file()
-    # Both runs of the job wrote to the same W&B run: id slurm-<job id>, kept through the checkpoint.
+    # Both runs of the job wrote to the same W&B run: id slurm-<job id>-<run folder hash>, kept
+    # through the checkpoint.
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2 and all(p.name.endswith(f"-slurm-{job_id}") for p in wandb_runs), wandb_runs
+    ids = {re.sub(r"^offline-run-\d{8}_\d{6}-", "", p.name) for p in wandb_runs}
+    assert len(wandb_runs) == 2 and len(ids) == 1 and re.fullmatch(rf"slurm-{job_id}-[0-9a-f]{{8}}", ids.pop()), wandb_runs
+
+
+def test_two_runs_in_one_job_are_two_wandb_runs(slurm, tmp_path, corpus_dir, tokenizer_dir):
+    """A job script that trains two configs one after the other (srun per run): the job id alone would
+    make the second W&B run resume the first (resume="allow"), its steps starting over at 0."""
+    cfgs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        loggers = [{"class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"save_dir": str(tmp_path / name / "run"), "project": "gpt2dist-test", "offline": True}}]
+        cfgs.append(write_config(tmp_path / name, corpus_dir, tokenizer_dir, max_steps=2, logger=loggers))
+    script = tmp_path / "two.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --output=two-%j.out\n" + "".join(
+        f"srun {sys.executable} -m gpt2dist fit --config {c} --trainer.num_nodes 1 --trainer.devices 1\n" for c in cfgs))
+    env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "MASTER_ADDR": "127.0.0.1"}
+    job_id = slurm.run("sbatch", "--parsable", str(script), env=env, cwd=tmp_path).stdout.strip()
+    j = slurm.wait_job(job_id, timeout=300)
+    assert j["JobState"] == "COMPLETED", (tmp_path / f"two-{job_id}.out").read_text()[-4000:]
+    ids = [re.sub(r"^offline-run-\d{8}_\d{6}-", "", p.name)
+           for name in ("a", "b") for p in (tmp_path / name / "run" / "wandb").glob("offline-run-*")]
+    assert len(ids) == 2 and ids[0] != ids[1] and all(i.startswith(f"slurm-{job_id}-") for i in ids), ids
 
 
 def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):

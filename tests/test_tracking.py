@@ -35,6 +35,12 @@ def test_run_id_precedence(tmp_path):
     assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77"})[0] == "slurm-77"
     assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70",
                                            "SLURM_ARRAY_TASK_ID": "3"})[0] == "slurm-70_3"
+    # One job script training two runs: two W&B runs, each the same on every requeue of the job.
+    a = resolve_run_id(None, None, env={"SLURM_JOB_ID": "77"}, root_dir=str(tmp_path / "runs/a"))[0]
+    b = resolve_run_id(None, None, env={"SLURM_JOB_ID": "77"}, root_dir=str(tmp_path / "runs/b"))[0]
+    assert re.fullmatch(r"slurm-77-[0-9a-f]{8}", a) and re.fullmatch(r"slurm-77-[0-9a-f]{8}", b) and a != b
+    assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77"}, root_dir=str(tmp_path / "runs/a"))[0] == a
+    assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "78"}, root_dir=str(tmp_path / "runs/a"))[0] != a
     assert resolve_run_id("last", str(tmp_path), env={"SLURM_JOB_ID": "77"})[0] == "fromckpt"
     assert resolve_run_id(str(ckpt), None, env={"WANDB_RUN_ID": "mine"})[0] == "mine"
 
