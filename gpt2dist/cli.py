@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -169,7 +170,7 @@ def main(args: list[str] | None = None) -> None:
     # Under SLURM a requeue signal (SIGUSR1) may come during start-up, whose default action kills us.
     install_early_handler()
     try:
-        GPT2CLI(
+        cli = GPT2CLI(
             GPT2Module,
             TokenBlockDataModule,
             # The DataModule shards data itself (same global batch whatever the world size);
@@ -180,6 +181,14 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,  # GPT2Module owns its AdamW groups and schedule
             args=args,
         )
+        trainer = getattr(cli, "trainer", None)
+        for cb in trainer.callbacks if trainer is not None else []:
+            msg = cb.stopped_message(trainer.global_step) if isinstance(cb, Preemption) else None
+            if msg:
+                # Preempted and not requeued: exit 0 would mark the unfinished job COMPLETED (and start
+                # `afterok` dependents); 128 + SIGUSR1, as the shell reports a process it killed.
+                print(f"gpt2dist: error: {msg}", file=sys.stderr, flush=True)
+                sys.exit(128 + signal.SIGUSR1)
     except GPT2DistError as e:
         print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

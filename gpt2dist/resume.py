@@ -28,9 +28,10 @@ time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's ow
 instruction each rank happens to be executing (between `optimizer.step()` and the step counter,
 in the middle of a gradient accumulation window, or before training has started, where the
 default action of SIGUSR1 kills the process). Here the handler only records the signal; at the
-next optimizer-step boundary the ranks agree (one all-reduce of a 0/1 flag) and then all call
+next optimizer-step boundary the ranks agree (one all-reduce of a 0/1 flag) and then all run
 Lightning's requeue routine together, so the checkpoint is a consistent state from which the
-resumed losses equal an uninterrupted run's.
+resumed losses equal an uninterrupted run's. A requeue SLURM refuses ends the run with one line and
+exit 138 (`cli.main`), not exit 0 at the preemption step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,6 +47,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
 
 from gpt2dist.errors import CheckpointError
 
@@ -324,7 +327,7 @@ def check_checkpoint_fits_strategy(ckpt_path: str | None, strategy, world_size: 
 
 class Preemption(Callback):
     """On SLURM's SIGUSR1: at the next optimizer step, all ranks save `hpc_ckpt_N.ckpt` and the job is
-    requeued (Lightning's routine), then training stops without exporting."""
+    requeued (Lightning's routine, plus the requeue's outcome), then training stops without exporting."""
 
     def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
         """
@@ -337,6 +340,8 @@ class Preemption(Callback):
             raise ValueError(f"preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
         self.enabled, self.check_every_n_steps = enabled, check_every_n_steps
         self.requeued = False
+        self.hpc_path: str | None = None
+        self.requeue_error: str | None = None  # rank 0: why `scontrol requeue` failed
         self._active = False
         self._last_step = -1
 
@@ -365,8 +370,7 @@ class Preemption(Callback):
             return
         signum = _received[0] if _received else signal.SIGUSR1
         _received.clear()
-        # Lightning's own routine (finalize loggers, save hpc_ckpt_N, rank 0 runs `scontrol requeue`).
-        trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
+        self._save_and_requeue(trainer, signum)
         self.requeued = True
         for cb in trainer.callbacks:
             if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
@@ -376,3 +380,35 @@ class Preemption(Callback):
                 # of a large model inside SLURM's 90 s warning, for nothing.
                 cb._last_global_step_saved = trainer.global_step
         trainer.should_stop = True
+
+    def _save_and_requeue(self, trainer: pl.Trainer, signum: int) -> None:
+        """Lightning's requeue routine (finalize loggers, save hpc_ckpt_N, rank 0 runs `scontrol
+        requeue`), except that a failed requeue is recorded in `requeue_error`: Lightning only logs a
+        warning, and the run would then end with exit 0 (COMPLETED in SLURM) at this step."""
+        rank_zero_info(f"Handling auto-requeue signal: {signum}")
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        self.hpc_path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(self.hpc_path)
+        if not trainer.is_global_zero:
+            return
+        array_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job_id = f"{array_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_id else os.environ["SLURM_JOB_ID"]
+        try:
+            r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            why = "" if r.returncode == 0 else (r.stderr.strip() or r.stdout.strip() or f"exit code {r.returncode}")
+        except (OSError, subprocess.SubprocessError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            self.requeue_error = f"`scontrol requeue {job_id}` failed ({why.splitlines()[0]})"
+            log.warning("Requeuing SLURM job %s failed: %s", job_id, why)
+        else:
+            log.info("Requeued SLURM job: %s", job_id)
+
+    def stopped_message(self, step: int) -> str | None:
+        """One line for `cli.main` when this callback stopped the run but the job was not requeued."""
+        if not (self.requeued and self.requeue_error):
+            return None
+        return (f"stopped by SLURM's preemption signal at step {step} and saved {self.hpc_path}, but {self.requeue_error}: "
+                f"the job will not restart by itself; submit the same command again to resume from that "
+                f"checkpoint (--ckpt_path auto, slurm/fit.sbatch's default)")

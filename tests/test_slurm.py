@@ -68,10 +68,10 @@ def write_config(d: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> P
     return path
 
 
-def submit(slurm: SlurmCluster, cwd: Path, *args: str) -> "subprocess.CompletedProcess":  # noqa: F821
+def submit(slurm: SlurmCluster, cwd: Path, *args: str, env: dict | None = None) -> "subprocess.CompletedProcess":  # noqa: F821
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
-           "MASTER_ADDR": "127.0.0.1"}  # emulated node names do not resolve
+           "MASTER_ADDR": "127.0.0.1", **(env or {})}  # emulated node names do not resolve
     return slurm.run(str(REPO / "slurm" / "submit.sh"), "--cpus-per-task", "1", *args, check=False, env=env, cwd=cwd,
                      timeout=120)
 
@@ -143,11 +143,7 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_f
     job_id = r.stdout.strip()
 
     # Wait until training runs (the first validation line, at step 10), then preempt like SLURM does.
-    end = time.monotonic() + 240
-    while not any(re.search(r"^step +10 ", p.read_text(), re.M) for p in job_log(d, job_id)):
-        assert slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), job_log(d, job_id)
-        assert time.monotonic() < end, "training did not start"
-        time.sleep(0.2)
+    wait_for_step(slurm, d, job_id, 10)
     slurm.run("scancel", "--signal=USR1", job_id)
     # Requeued: pending again with a begin time ~2 min out; start it now.
     slurm.wait_job(job_id, until=lambda j: j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= 1,
@@ -199,6 +195,35 @@ def test_two_runs_in_one_job_are_two_wandb_runs(slurm, tmp_path, corpus_dir, tok
     ids = [re.sub(r"^offline-run-\d{8}_\d{6}-", "", p.name)
            for name in ("a", "b") for p in (tmp_path / name / "run" / "wandb").glob("offline-run-*")]
     assert len(ids) == 2 and ids[0] != ids[1] and all(i.startswith(f"slurm-{job_id}-") for i in ids), ids
+
+
+def wait_for_step(slurm, d: Path, job_id: str, step: int, timeout: float = 240) -> None:
+    """Until the job log shows the validation line of `step` (training runs)."""
+    end = time.monotonic() + timeout
+    while not any(re.search(rf"^step +{step} ", p.read_text(), re.M) for p in job_log(d, job_id)):
+        assert slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), job_log(d, job_id)
+        assert time.monotonic() < end, "training did not start"
+        time.sleep(0.2)
+
+
+def test_preempted_job_that_cannot_requeue_fails_naming_its_checkpoint(slurm, tmp_path, corpus_dir, tokenizer_dir):
+    """A job SLURM will not requeue (--no-requeue, or requeue disabled): Lightning only warned, and the
+    job ended COMPLETED with exit 0 at the preemption step, so `afterok` dependents ran on a half-trained model."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    r = submit(slurm, tmp_path, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg),
+               env={"SBATCH_NO_REQUEUE": "1"})
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    wait_for_step(slurm, tmp_path, job_id, 10)
+    slurm.run("scancel", "--signal=USR1", job_id)
+    j = slurm.wait_job(job_id, timeout=120)
+    text = job_log(tmp_path, job_id)[0].read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("FAILED", "138:0"), text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("gpt2dist: error:")]
+    hpc = tmp_path / "run" / "hpc_ckpt_1.ckpt"
+    assert len(errors) == 1 and f"saved {hpc}, but `scontrol requeue {job_id}` failed" in errors[0], text[-4000:]
+    assert "submit the same command again" in errors[0] and "Traceback" not in text
+    assert hpc.is_file() and not (tmp_path / "run" / "hf_model").exists()
 
 
 def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):
