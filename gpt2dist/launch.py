@@ -39,7 +39,7 @@ def read_fit_args(args: list[str]) -> tuple[dict, dict[str, str], list[str]]:
     configs: list[str] = []
     i = 0
     while i < len(args):
-        a = args[i]
+        a = "--config" if args[i] == "-c" else args[i]  # LightningCLI's short form of --config
         key, value = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
         if value is None and a.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
             value, i = args[i + 1], i + 1

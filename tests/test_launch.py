@@ -42,6 +42,12 @@ def test_matching_world_size_and_missing_config(tmp_path):
         check_submission(1, 1, ["--config", "nope.yaml"])
     with pytest.raises(ConfigError, match="no --config given"):
         check_submission(1, 1, ["--trainer.max_steps=3"])
+    # `gpt2dist fit -c FILE` is LightningCLI's short form: the same file, the same checks.
+    assert "8 processes" in check_submission(1, 8, ["-c", str(REPO / "configs/gpt2-large.yaml")])
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        check_submission(1, 1, ["-c", "nope.yaml"])
+    with pytest.raises(ConfigError, match="sets trainer.num_nodes=1 but the job asks for --nodes 2"):
+        check_submission(2, 8, ["-c", str(REPO / "configs/gpt2-large.yaml")])
 
 
 @pytest.mark.parametrize("env, nodes, devices, needle", [
