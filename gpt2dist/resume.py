@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -174,6 +175,27 @@ def set_aside_other_runs(ckpt_path: str | None, root_dir: str | Path, checkpoint
     for path in ahead:
         os.replace(path, dest / path.name)
     return dest, ahead
+
+
+def prune_requeue_checkpoints(root_dir: str | Path, keep: str | Path) -> list[Path]:
+    """Delete the requeue checkpoints `hpc_ckpt_*.ckpt` in root_dir that `keep` (the one just saved)
+    supersedes: Lightning never deletes them, so a long run left one full checkpoint (weights and
+    optimizer state) per preemption. Returns what was deleted."""
+    kept, _ = _progress(keep)
+    if kept is None:
+        return []  # the new one does not load: keep every older one
+    gone = []
+    for p in Path(root_dir).glob("hpc_ckpt_*.ckpt"):
+        if p == Path(keep):
+            continue
+        prog, _ = _progress(p)
+        if prog is not None and prog > kept:
+            continue  # more progress than the new one (not this run's): not ours to delete
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        gone.append(p)
+    if gone:
+        log.info("preemption: deleted %s, superseded by %s", ", ".join(p.name for p in sorted(gone)), Path(keep).name)
+    return gone
 
 
 def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_dir: str | Path | None,
@@ -389,9 +411,10 @@ class Preemption(Callback):
         for logger in trainer.loggers:
             logger.finalize("finished")
         self.hpc_path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        trainer.save_checkpoint(self.hpc_path)
+        trainer.save_checkpoint(self.hpc_path)  # ends with a barrier: every rank's part is written
         if not trainer.is_global_zero:
             return
+        prune_requeue_checkpoints(trainer.default_root_dir, self.hpc_path)
         array_id = os.environ.get("SLURM_ARRAY_JOB_ID")
         job_id = f"{array_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_id else os.environ["SLURM_JOB_ID"]
         try:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gpt2dist.errors import CheckpointError
-from gpt2dist.resume import Preemption, checkpoint_progress, newest_checkpoint, resolve_ckpt_path, set_aside_other_runs
+from gpt2dist.resume import (Preemption, checkpoint_progress, newest_checkpoint, prune_requeue_checkpoints,
+                             resolve_ckpt_path, set_aside_other_runs)
 
 
 def save(path, step: int, batches: int) -> None:
@@ -118,6 +119,26 @@ def test_fresh_start_and_passthrough(root):
     with pytest.raises(CheckpointError, match="/some/file.ckpt: no such file or folder"):
         resolve_ckpt_path("/some/file.ckpt", root, ck, slurm=True)
     assert resolve_ckpt_path("hpc", root, ck, slurm=True) == "hpc"
+
+
+def test_a_new_requeue_checkpoint_replaces_the_older_ones(root):
+    """One full checkpoint per preemption used to stay forever (a week on 24 h slots: 7 copies)."""
+    ck = root / "checkpoints"
+    save(ck / "last.ckpt", 25, 50)
+    save(root / "hpc_ckpt_1.ckpt", 10, 20)
+    save_deepspeed_folder(root / "hpc_ckpt_2.ckpt", 20, 40)  # a sharded folder
+    (root / "hpc_ckpt_3.ckpt").write_bytes(b"cut short")  # killed while writing: useless
+    save(root / "hpc_ckpt_4.ckpt", 30, 60)
+    gone = prune_requeue_checkpoints(root, root / "hpc_ckpt_4.ckpt")
+    assert sorted(p.name for p in gone) == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "hpc_ckpt_3.ckpt"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "hpc_ckpt_4.ckpt"]
+    assert (ck / "last.ckpt").is_file()  # ModelCheckpoint's files are not touched
+    assert resolve_ckpt_path("auto", root, ck, slurm=True) == str(root / "hpc_ckpt_4.ckpt")
+    save(root / "hpc_ckpt_5.ckpt", 40, 80)  # more progress than the one just saved: not superseded
+    (root / "hpc_ckpt_6.ckpt").write_bytes(b"cut short")
+    assert prune_requeue_checkpoints(root, root / "hpc_ckpt_6.ckpt") == []  # a new one that does not load: keep all
+    assert prune_requeue_checkpoints(root, root / "hpc_ckpt_4.ckpt") == [root / "hpc_ckpt_6.ckpt"]
+    assert (root / "hpc_ckpt_5.ckpt").is_file()
 
 
 def test_preemption_knob_is_checked():
