@@ -347,6 +347,31 @@ def check_checkpoint_fits_strategy(ckpt_path: str | None, strategy, world_size: 
                               f"fsdp.yaml or one process), {export}")
 
 
+def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
+    """Lightning's SIGTERM handler, minus the broadcast it runs inside the handler (lightning 2.6).
+
+    A signal handler runs wherever the main thread is, e.g. inside an all_reduce's Python wrapper:
+    its broadcast then pairs with another rank's all_reduce and every rank waits forever (seen on
+    the local SLURM cluster, 2 nodes: `scancel --signal=TERM` hung the job; preemption and time
+    limits end only with SIGKILL). Recording the signal is enough: Lightning's per-batch broadcast
+    of the flag (its training loop) stops all ranks together, at a batch boundary."""
+    if os.name == "nt":
+        return
+    connector = trainer._signal_connector
+    current = signal.getsignal(signal.SIGTERM)
+    handlers = getattr(current, "signal_handlers", None)  # Lightning's _HandlersCompose
+    if not isinstance(handlers, list) or connector._sigterm_notifier_fn not in handlers:
+        return
+
+    def record(signum, frame) -> None:
+        log.info("[rank: %d] Received SIGTERM: %d", trainer.global_rank, signum)
+        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # processes Lightning started itself (no collective)
+        connector.received_sigterm = True
+
+    current.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
+
+
 class Preemption(Callback):
     """On SLURM's SIGUSR1: at the next optimizer step, all ranks save `hpc_ckpt_N.ckpt` and the job is
     requeued (Lightning's routine, plus the requeue's outcome), then training stops without exporting."""
@@ -367,7 +392,11 @@ class Preemption(Callback):
         self._active = False
         self._last_step = -1
 
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        record_sigterm_without_collectives(trainer)  # Lightning registers its handlers just before this
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        record_sigterm_without_collectives(trainer)  # again: no sanity check ran (num_sanity_val_steps 0)
         env = trainer._accelerator_connector.cluster_environment
         self._active = self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt"
         if self._active:

@@ -226,6 +226,23 @@ def test_preempted_job_that_cannot_requeue_fails_naming_its_checkpoint(slurm, tm
     assert hpc.is_file() and not (tmp_path / "run" / "hf_model").exists()
 
 
+def test_sigterm_stops_a_multi_node_job_instead_of_hanging(slurm, tmp_path, corpus_dir, tokenizer_dir):
+    """SIGTERM (scancel, a time limit without the USR1 warning, preemption by signal) on 2 nodes:
+    Lightning's handler ran a broadcast inside the signal handler, which met the other rank's
+    all_reduce, and the job hung until killed. Every rank must stop at a batch boundary, exit 143."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    r = submit(slurm, tmp_path, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    wait_for_step(slurm, tmp_path, job_id, 10)
+    slurm.run("scancel", "--signal=TERM", job_id)  # the signal only: nothing kills a rank that ignores it
+    j = slurm.wait_job(job_id, timeout=90)
+    text = job_log(tmp_path, job_id)[0].read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("FAILED", "143:0"), text[-4000:]
+    assert text.count("gpt2dist: error: stopped by SIGTERM before the end") == 2, text[-4000:]  # both ranks
+    assert "Traceback" not in text
+
+
 def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):
     cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, num_nodes=1, devices=1)
     cases = [
