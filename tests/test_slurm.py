@@ -243,6 +243,31 @@ def test_sigterm_stops_a_multi_node_job_instead_of_hanging(slurm, tmp_path, corp
     assert "Traceback" not in text
 
 
+def test_job_array_tasks_get_their_own_run_folders(slurm, tmp_path, corpus_dir, tokenizer_dir):
+    """sbatch --array: each task is a run. Without a per-task folder the tasks trained into one folder
+    at once (last.ckpt and last-v1.ckpt, one hf_model overwritten); "%a" gives each task its own."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, max_steps=2)
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "MASTER_ADDR": "127.0.0.1"}
+    layout = ["--array=0-1", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+    sbatch = [str(REPO / "slurm" / "fit.sbatch"), "--config", str(cfg)]
+    same = slurm.run("sbatch", "--parsable", *layout, *sbatch, env=env, cwd=tmp_path).stdout.strip()
+    own = slurm.run("sbatch", "--parsable", *layout, *sbatch, "--trainer.default_root_dir", str(tmp_path / "run-%a"),
+                    "--trainer.logger.init_args.save_dir", str(tmp_path / "run-%a"), env=env, cwd=tmp_path).stdout.strip()
+    for task in ("0", "1"):
+        j = slurm.wait_job(f"{same}_{task}", timeout=120)
+        text = job_log(tmp_path, j["JobId"])[0].read_text()
+        assert (j["JobState"], j["ExitCode"]) == ("FAILED", "2:0"), text[-4000:]
+        assert f"fit.sbatch: error: array task {task} of job {same} has the same arguments" in text
+        j = slurm.wait_job(f"{own}_{task}", timeout=300)
+        text = job_log(tmp_path, j["JobId"])[0].read_text()
+        assert j["JobState"] == "COMPLETED", text[-4000:]
+        run = tmp_path / f"run-{task}"
+        assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"], text[-4000:]
+        assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):
     cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, num_nodes=1, devices=1)
     cases = [
