@@ -165,7 +165,7 @@ def wandb_error_message(err: BaseException) -> str | None:
     None for any other exception."""
     if not any(c.__module__.startswith("wandb.") for c in type(err).__mro__):
         return None
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    first = scrub(next((line.strip() for line in str(err).splitlines() if line.strip()), ""))  # never echo a key
     return (f"W&B failed ({type(err).__name__}: {first[:300]}): log in with `wandb login` or export "
             f"WANDB_API_KEY, check the network to the W&B server, or log without it: WANDB_MODE=offline "
             f"(then `wandb sync <default_root_dir>/wandb/offline-run-*`) or a CSV logger")
