@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -31,8 +32,9 @@ from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_
 from gpt2dist.launch import check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import (Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint, checkpoint_progress,
-                             install_early_handler, newest_checkpoint, resolve_ckpt_path, resolve_eval_ckpt_path)
+from gpt2dist.resume import (DeepSpeedFolderIO, Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint,
+                             checkpoint_progress, install_early_handler, is_deepspeed_folder, newest_checkpoint,
+                             resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb, wandb_error_message
 
 
@@ -127,6 +129,9 @@ class GPT2CLI(LightningCLI):
             best={"dirpath": cb.dirpath, "filename": cb.filename, "monitor": cb.monitor, "mode": cb.mode})
         self.config_init[sub]["ckpt_path"] = ckpt_path
         check_checkpoint_fits_strategy(ckpt_path, self.trainer.strategy, self.trainer.world_size, sub)
+        if is_deepspeed_folder(ckpt_path) and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            # One process or DDP (what check_checkpoint_fits_strategy lets through): Lightning would torch.load a folder.
+            self.trainer.strategy.checkpoint_io = DeepSpeedFolderIO()
         if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
             rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "
                            f"evaluates a randomly initialised model; pass --ckpt_path last (or best, or a file)")

@@ -49,6 +49,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gpt2dist.errors import CheckpointError
 
@@ -320,11 +321,15 @@ def check_checkpoint_fits_strategy(ckpt_path: str | None, strategy, world_size: 
               f"--model.model_name_or_path OUT --model.from_scratch false")
     deepspeed = isinstance(strategy, DeepSpeedStrategy)
     if p.is_dir() and (p / "latest").is_file():
+        if subcommand != "fit" and not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+            return  # evaluation reads the consolidated weights: any DeepSpeed stage, one process or DDP (DeepSpeedFolderIO)
         if not deepspeed:
+            how = "use the configs/strategy/deepspeed_* overlay that wrote it" if subcommand == "fit" else \
+                "evaluate it under one process, DDP or a configs/strategy/deepspeed_* overlay"
             raise CheckpointError(f"--ckpt_path {ckpt_path} is a DeepSpeed checkpoint folder, which {name} cannot load; "
-                                  f"use the configs/strategy/deepspeed_* overlay that wrote it, {export}")
+                                  f"{how}, {export}")
         meta, _ = _meta(p)
-        if meta is None or subcommand != "fit":  # evaluation reads the weights only
+        if meta is None:
             return
         stage = (meta.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
         if stage is not None and (stage == 3) != bool(strategy.zero_stage_3):
@@ -370,6 +375,24 @@ def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
         connector.received_sigterm = True
 
     current.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
+
+
+def is_deepspeed_folder(ckpt_path: str | None) -> bool:
+    """True for a DeepSpeed checkpoint folder (its `latest` file names the tag folder)."""
+    return bool(ckpt_path) and (Path(ckpt_path) / "latest").is_file()
+
+
+class DeepSpeedFolderIO(TorchCheckpointIO):
+    """TorchCheckpointIO that also reads a DeepSpeed folder, as one checkpoint with its consolidated fp32
+    weights (DeepSpeed's zero_to_fp32, as tools/export_hf.py): validate/test/predict of a ZeRO checkpoint
+    under one process or DDP. Every process reads the whole folder (optimizer shards included)."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        if not is_deepspeed_folder(str(path)):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        from gpt2dist.export import load_deepspeed_folder
+
+        return load_deepspeed_folder(Path(path))
 
 
 class Preemption(Callback):

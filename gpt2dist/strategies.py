@@ -152,6 +152,61 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
 
         save_distributed_atomically(self, super().save_checkpoint, checkpoint, filepath)
 
+    def _evaluating(self) -> bool:
+        """validate / test / predict of a DeepSpeed folder (not Lightning's load_full_weights file)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        # load_full_weights: Lightning's own single-file route (ZeRO-3 only), left as it is.
+        return self.lightning_module.trainer.state.fn != TrainerFn.FITTING and not self.load_full_weights
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Fit: Lightning's (DeepSpeed resumes its own folders). validate/test/predict: the folder's
+        consolidated fp32 weights on rank 0, whatever ZeRO stage and number of processes wrote it."""
+        if not self._evaluating():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # Not engine.load_checkpoint: an inference engine has no optimizer, which ZeRO-3 loading calls
+        # (AttributeError '_restore_from_bit16_weights'), and ZeRO-1/2 engines cannot read a ZeRO-3 folder.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from gpt2dist.errors import CheckpointError
+        from gpt2dist.resume import _meta
+
+        path = self.broadcast(str(checkpoint_path))
+        checkpoint, why = _meta(path)  # Lightning's client state (trainer progress, gpt2_config, ...)
+        if checkpoint is None:
+            raise CheckpointError(f"--ckpt_path {path}: not a complete DeepSpeed checkpoint folder ({why}); pass an older one")
+        deepspeed_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps",
+                          "global_steps", "dp_world_size", "mp_world_size", "buffer_names", "param_shapes",
+                          "frozen_param_shapes", "frozen_param_fragments", "shared_params", "ds_config", "ds_version"}
+        checkpoint = {k: v for k, v in checkpoint.items() if k not in deepspeed_keys}
+        # DeepSpeed's zero_to_fp32 (as tools/export_hf.py) on rank 0 only: it reads every rank's
+        # optimizer shard, and load_model_state_dict writes from rank 0.
+        checkpoint["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(path) if self.is_global_zero else {}
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        """Evaluation: rank 0's consolidated weights into every rank's (partitioned or whole) parameters."""
+        if not self._evaluating():
+            return super().load_model_state_dict(checkpoint, strict)
+        from gpt2dist.errors import CheckpointError
+
+        module = self.lightning_module
+        state = checkpoint["state_dict"]
+        problem = ""
+        if self.is_global_zero:
+            expected = set(module.state_dict().keys())
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            if missing or (strict and unexpected):
+                problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        problem = self.broadcast(problem)  # every rank stops together (the loads below are collective)
+        if problem:
+            raise CheckpointError(f"the DeepSpeed checkpoint does not fit this model ({problem}); use the model config it was trained with")
+        # Lightning's ZeRO-3 loader: per module, gather, write on rank 0, re-partition.
+        self._restore_zero_state(checkpoint, strict=strict)
+        if not self.zero_stage_3:  # whole copies per rank (ZeRO-1/2): rank 0's weights to every rank
+            for tensor in [*module.parameters(), *module.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+
 
 def _gpt2_block_class():
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block

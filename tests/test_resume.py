@@ -221,7 +221,12 @@ def test_checkpoint_the_strategy_cannot_load_is_one_line(tmp_path):
             check_checkpoint_fits_strategy(str(path), strategy, world)
         msg = str(err.value)
         assert needle in msg and f"tools/export_hf.py {path} OUT" in msg and "\n" not in msg, (path, msg)
-    # What loads: each its own kind, FSDP2 any file or folder, DeepSpeed evaluating on another world size.
+    with pytest.raises(CheckpointError) as err:  # evaluation reads a DeepSpeed folder anywhere but under FSDP
+        check_checkpoint_fits_strategy(str(ds), fsdp, 2, "validate")
+    assert "evaluate it under one process, DDP or a configs/strategy/deepspeed_* overlay" in str(err.value)
+    # What loads: each its own kind, FSDP2 any file or folder, a DeepSpeed folder evaluated under any ZeRO
+    # stage and world size, one process or DDP (its consolidated weights).
     for path, strategy, world, sub in [(single, one, 1, "fit"), (single, ddp, 2, "fit"), (single, fsdp, 2, "fit"),
-                                       (sharded, fsdp, 1, "fit"), (ds, zero2, 2, "fit"), (ds, zero2, 1, "validate")]:
+                                       (sharded, fsdp, 1, "fit"), (ds, zero2, 2, "fit"), (ds, zero2, 1, "validate"),
+                                       (ds, zero3, 1, "test"), (ds, one, 1, "validate"), (ds, ddp, 2, "predict")]:
         check_checkpoint_fits_strategy(str(path), strategy, world, sub)

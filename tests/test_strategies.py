@@ -288,6 +288,67 @@ def test_gpu_only_strategy_checkpoint_resumes_and_exports(ds_runs, name, tmp_pat
     assert not torch.allclose(_logits(tmp_path / "hf5"), trained)
 
 
+def ds_eval(sub: str, run: Path, overlay: str | None, devices: int, *args: str) -> subprocess.CompletedProcess:
+    """`gpt2dist SUB` of a ds_runs run under `overlay` (None: no strategy overlay) with `devices` processes."""
+    from cpu_strategies import cpu_overlay
+
+    strategy = ["--config", str(cpu_overlay(overlay, run))] if overlay else []
+    return run_cli(sub, "--config", str(run / "config.yaml"), *strategy, "--trainer.devices", str(devices),
+                   "--data.batch_size", str(GLOBAL_BATCH // devices), *args, timeout=300,
+                   env={"PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.parametrize("sub, name, overlay, devices, version", [
+    ("validate", "deepspeed_zero3", "deepspeed_zero3", 2, 20),  # as written
+    ("validate", "deepspeed_zero3", "deepspeed_zero3_offload", 1, 21),  # another world size, offloaded
+    ("test", "deepspeed_zero3", "deepspeed_zero2", 2, 22),  # another ZeRO stage
+    ("validate", "deepspeed_zero2", None, 1, 23),  # one process without DeepSpeed
+])
+def test_deepspeed_checkpoint_evaluates_the_trained_weights(ds_runs, sub, name, overlay, devices, version):
+    """validate/test of a DeepSpeed folder (`last`) gives the val/loss the fit logged at its last step: the
+    trained fp32 weights, whatever overlay and number of processes evaluate it. ZeRO-3 inference engines
+    have no optimizer, and DeepSpeed's own load failed there ('_restore_from_bit16_weights')."""
+    limit = ["--trainer.limit_test_batches", "2"] if sub == "test" else []  # `test` evaluates the validation split
+    p = ds_eval(sub, ds_runs / name, overlay, devices, "--ckpt_path", "last", "--trainer.logger.init_args.version", str(version),
+                *limit)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    fitted = train_losses(ds_runs / name, key="val/loss")
+    assert sorted(fitted) == [STEPS - 1]
+    loss = train_losses(ds_runs / name, version=version, key=f"{'val' if sub == 'validate' else 'test'}/loss")
+    assert len(loss) == 1 and abs(next(iter(loss.values())) - fitted[STEPS - 1]) < 1e-5, (loss, fitted)
+    assert fitted[STEPS - 1] < train_losses(ds_runs / name)[0] - 0.05  # it trained: other weights give another loss
+
+
+def test_deepspeed_zero3_predict_gives_what_one_process_gives_from_the_export(ds_runs, tmp_path):
+    """`gpt2dist predict --ckpt_path last` under ZeRO-3 x2 generates what one process generates from the
+    end-of-fit Hugging Face export of the same run."""
+    import json
+
+    prompts = ["def ", "import os\n", "class "]
+    args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8"]
+    run = ds_runs / "deepspeed_zero3"
+    p = ds_eval("predict", run, "deepspeed_zero3", 2, "--ckpt_path", "last", "--trainer.logger.init_args.version", "24", *args)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    zero3 = [json.loads(line) for line in (run / "predictions-rank0.jsonl").read_text().splitlines()]
+    p = run_cli("predict", "--config", str(ds_runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                "--model.model_name_or_path", str(run / "hf_model"), *args, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    single = [json.loads(line) for line in (tmp_path / "predictions-rank0.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in zero3] == prompts and zero3 == single
+    assert all(len(r["text"]) > len(r["prompt"]) for r in zero3)
+
+
+def test_deepspeed_folder_under_fsdp2_evaluation_is_one_line(ds_runs):
+    """FSDP2 cannot read a DeepSpeed folder: one line before launch naming it, where it evaluates, and the export."""
+    ckpt = ds_runs / "deepspeed_zero3" / "checkpoints" / "step0000010.ckpt"
+    p = run_cli("validate", "--config", str(ds_runs / "deepspeed_zero3" / "config.yaml"), "--config",
+                str(REPO / "configs/strategy/fsdp.yaml"), "--ckpt_path", str(ckpt), timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error:")]
+    assert len(line) == 1 and str(ckpt) in line[0] and "DeepSpeed checkpoint folder" in line[0], p.stderr[-2000:]
+    assert "deepspeed_*" in line[0] and "tools/export_hf.py" in line[0]
+
+
 @pytest.mark.parametrize("name", ["fsdp", "fsdp1", "deepspeed_zero2", "deepspeed_zero3"])
 def test_bf16_mixed_exports_fp32_master_weights(ds_runs, corpus_dir, tokenizer_dir, name, tmp_path):
     """As on a GPU: bf16-mixed. DeepSpeed trains bf16 copies of the weights, FSDP1 computes in bf16;
