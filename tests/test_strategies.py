@@ -329,11 +329,11 @@ def test_deepspeed_zero3_predict_gives_what_one_process_gives_from_the_export(ds
     run = ds_runs / "deepspeed_zero3"
     p = ds_eval("predict", run, "deepspeed_zero3", 2, "--ckpt_path", "last", "--trainer.logger.init_args.version", "24", *args)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    zero3 = [json.loads(line) for line in (run / "predictions-rank0.jsonl").read_text().splitlines()]
+    zero3 = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     p = run_cli("predict", "--config", str(ds_runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
                 "--model.model_name_or_path", str(run / "hf_model"), *args, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    single = [json.loads(line) for line in (tmp_path / "predictions-rank0.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in zero3] == prompts and zero3 == single
     assert all(len(r["text"]) > len(r["prompt"]) for r in zero3)
 
