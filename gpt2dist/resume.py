@@ -352,14 +352,20 @@ def check_checkpoint_fits_strategy(ckpt_path: str | None, strategy, world_size: 
                               f"fsdp.yaml or one process), {export}")
 
 
-def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
-    """Lightning's SIGTERM handler, minus the broadcast it runs inside the handler (lightning 2.6).
+_sigterm: list[int] = []  # SIGTERMs recorded by `record_sigterm_without_collectives`, consumed by Preemption
 
-    A signal handler runs wherever the main thread is, e.g. inside an all_reduce's Python wrapper:
-    its broadcast then pairs with another rank's all_reduce and every rank waits forever (seen on
-    the local SLURM cluster, 2 nodes: `scancel --signal=TERM` hung the job; preemption and time
-    limits end only with SIGKILL). Recording the signal is enough: Lightning's per-batch broadcast
-    of the flag (its training loop) stops all ranks together, at a batch boundary."""
+
+def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
+    """Lightning's SIGTERM handling, minus its collectives (lightning 2.6).
+
+    Lightning's handler runs a broadcast inside the signal handler. A signal handler runs wherever
+    the main thread is, e.g. inside an all_reduce's Python wrapper: its broadcast then pairs with
+    another rank's all_reduce and every rank waits forever (seen on the local SLURM cluster, 2 nodes:
+    `scancel --signal=TERM` hung the job). Lightning's loop also broadcasts the flag from rank 0 on
+    the GPU before every training micro-batch and reads it back: a host sync per micro-batch in
+    every multi-process run (Lightning issue #21487). Here the handler only records the signal (and
+    forwards it to processes Lightning started), the per-batch broadcast is off, and `Preemption`
+    has the ranks agree at the next optimizer step, on the CPU, saves there, and stops them together."""
     if os.name == "nt":
         return
     connector = trainer._signal_connector
@@ -370,11 +376,44 @@ def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
 
     def record(signum, frame) -> None:
         log.info("[rank: %d] Received SIGTERM: %d", trainer.global_rank, signum)
-        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+        if not _sigterm and trainer.strategy.launcher is not None:
             trainer.strategy.launcher.kill(signum)  # processes Lightning started itself (no collective)
-        connector.received_sigterm = True
+        _sigterm.append(signum)
 
     current.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
+    # An instance attribute shadows the loop's method: the decision is Preemption's, on the CPU.
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
+_FLAG_GROUPS: dict = {}
+
+
+def cpu_flag_group():
+    """A gloo process group for 0/1 flags (None: not distributed). Under NCCL, all-reducing a flag
+    means a GPU tensor read back with .item(): the host waits for the GPU queue to drain (a sync)
+    each time; a gloo all-reduce of a CPU tensor leaves the GPU queue alone. Collective: every rank
+    calls it the first time."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if "gloo" not in _FLAG_GROUPS:
+        _FLAG_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _FLAG_GROUPS["gloo"]
+
+
+def agree_on_flags(flags: list[bool]) -> list[bool]:
+    """Each flag true on any rank, on every rank (one CPU all-reduce; no GPU sync)."""
+    import torch.distributed as dist
+
+    group = cpu_flag_group()
+    if group is None:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
 
 
 def is_deepspeed_folder(ckpt_path: str | None) -> bool:
@@ -396,15 +435,17 @@ class DeepSpeedFolderIO(TorchCheckpointIO):
 
 
 class Preemption(Callback):
-    """On SLURM's SIGUSR1: at the next optimizer step, all ranks save `hpc_ckpt_N.ckpt` and the job is
-    requeued (Lightning's routine, plus the requeue's outcome), then training stops without exporting."""
+    """Stop signals, acted on at the next optimizer step by all ranks together. SLURM's SIGUSR1: save
+    `hpc_ckpt_N.ckpt` and requeue the job (Lightning's routine, plus the requeue's outcome). SIGTERM
+    (a scheduler's preemption or time limit, `kill`, anywhere): save `last.ckpt` and stop (the CLI
+    exits 143). Either way training stops without exporting."""
 
     def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
         """
         Args:
-            enabled: Take over SLURM's requeue signal (off: Lightning's handler, mid-step).
+            enabled: Take over SLURM's requeue signal and SIGTERM (off: Lightning's handlers, which stop mid-step without saving).
             check_every_n_steps: Optimizer steps between the ranks' agreement on a received signal
-                (one all-reduce of one number each time; 90 s of warning covers many steps).
+                (one CPU all-reduce of two numbers each time; 90 s of warning covers many steps).
         """
         if check_every_n_steps < 1:
             raise ValueError(f"preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
@@ -412,14 +453,18 @@ class Preemption(Callback):
         self.requeued = False
         self.hpc_path: str | None = None
         self.requeue_error: str | None = None  # rank 0: why `scontrol requeue` failed
-        self._active = False
+        self._active = False  # SLURM requeue on SIGUSR1
         self._last_step = -1
+        self.sigterm_path: str | None = None  # the checkpoint saved on SIGTERM
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        record_sigterm_without_collectives(trainer)  # Lightning registers its handlers just before this
+        if self.enabled:
+            record_sigterm_without_collectives(trainer)  # Lightning registers its handlers just before this
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        record_sigterm_without_collectives(trainer)  # again: no sanity check ran (num_sanity_val_steps 0)
+        if self.enabled:
+            record_sigterm_without_collectives(trainer)  # again: no sanity check ran (num_sanity_val_steps 0)
+            cpu_flag_group()  # collective: created here, by every rank, not at the first signal
         env = trainer._accelerator_connector.cluster_environment
         self._active = self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt"
         if self._active:
@@ -435,17 +480,22 @@ class Preemption(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Only at optimizer-step boundaries: a mid-accumulation checkpoint would lose the partial gradients.
-        if not self._active or self.requeued or trainer.global_step == self._last_step:
+        if not self.enabled or self.requeued or self.sigterm_path or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
         if trainer.global_step % self.check_every_n_steps:
             return
-        if not trainer.strategy.reduce_boolean_decision(bool(_received), all=False):
-            return
-        signum = _received[0] if _received else signal.SIGUSR1
-        _received.clear()
-        self._save_and_requeue(trainer, signum)
-        self.requeued = True
+        usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
+        if usr1:
+            signum = _received[0] if _received else signal.SIGUSR1
+            _received.clear()
+            self._save_and_requeue(trainer, signum)
+            self.requeued = True
+        elif term and not trainer.fit_loop.epoch_loop._is_training_done:
+            _sigterm.clear()
+            self._save_on_sigterm(trainer)
+        else:
+            return  # nothing, or a SIGTERM at the last step: the run finishes (and exports) as usual
         for cb in trainer.callbacks:
             if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
                 cb.enabled = False  # the job is not finished: no Hugging Face export this time
@@ -453,7 +503,21 @@ class Preemption(Callback):
                 # Stopping would make it save this same step again (train end): a second full write
                 # of a large model inside SLURM's 90 s warning, for nothing.
                 cb._last_global_step_saved = trainer.global_step
-        trainer.should_stop = True
+        if term and not usr1:
+            # Every rank at once: Lightning raises SIGTERMException at the end of this batch (exit 143).
+            trainer._signal_connector.received_sigterm = True
+        else:
+            trainer.should_stop = True
+
+    def _save_on_sigterm(self, trainer: pl.Trainer) -> None:
+        """Save `last.ckpt` at this step boundary (all ranks; atomic), so a resume loses nothing."""
+        cb = trainer.checkpoint_callback
+        folder = getattr(cb, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        self.sigterm_path = os.path.join(folder, f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}")
+        rank_zero_info(f"SIGTERM: saving {self.sigterm_path} at step {trainer.global_step}, then stopping")
+        trainer.save_checkpoint(self.sigterm_path)  # ends with a barrier: every rank's part is written
+        if isinstance(cb, ModelCheckpoint):
+            cb.last_model_path = self.sigterm_path
 
     def _save_and_requeue(self, trainer: pl.Trainer, signum: int) -> None:
         """Lightning's requeue routine (finalize loggers, save hpc_ckpt_N, rank 0 runs `scontrol

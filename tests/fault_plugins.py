@@ -106,13 +106,14 @@ class RecordSaves(Callback):
 
 
 class TermAt(Callback):
-    """SIGTERM to this process after optimizer step `step` (a scheduler or `kill` stopping the run)."""
+    """SIGTERM to this process after optimizer step `step` (a scheduler or `kill` stopping the run);
+    with `rank`, only that rank's process gets it."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None):
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGTERM)
 
 

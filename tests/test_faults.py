@@ -345,18 +345,22 @@ def test_oom_message(tmp, corpus_dir, tokenizer_dir):
         assert needle in line, needle
 
 
-def test_sigterm_exits_143_naming_the_checkpoint_and_the_last_step_is_saved(tmp, corpus_dir, tokenizer_dir):
+def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_bitwise(tmp, corpus_dir, tokenizer_dir, reference):
+    """SIGTERM after step 3 (a checkpoint only every 4 steps): the run saves last.ckpt at that optimizer-step
+    boundary, exits 143 naming it, and `--ckpt_path last` ends bitwise equal to the uninterrupted run.
+    Before, the work since the last periodic checkpoint (step 0) was lost."""
     config = write_config(tmp, corpus_dir, tokenizer_dir, "sigterm")
     root = run_dir(config)
-    # A checkpoint every 4 steps: SIGTERM after step 5 stops the run with step 4 on disk.
-    p = cli(config, "--checkpoint.every_n_train_steps", "4", "--trainer.max_steps", "20",
-            "--config", str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 5}})))
+    p = cli(config, "--checkpoint.every_n_train_steps", "4",
+            "--config", str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 3}})))
     assert p.returncode == 143, (p.returncode, p.stderr[-3000:])  # not 0: the run did not finish
     line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error: stopped by SIGTERM")][0]
-    assert "step0000004.ckpt (step 4)" in line and "--ckpt_path last" in line and "Traceback" not in p.stderr
+    # Saved at the first optimizer-step boundary after the signal (3, if the callbacks see it in the same batch).
+    assert "last.ckpt (step 3)" in line and "--ckpt_path last" in line and "Traceback" not in p.stderr, line
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     assert not (root / "hf_model").exists()
-    # Finishing at max_steps 6, not a multiple of 4: last.ckpt is saved at step 6 (it was left at step 4),
-    # and holds the weights that were exported.
+    # Finishing at max_steps 6, not a multiple of 4: last.ckpt is saved at step 6 too, and holds the
+    # weights that were exported.
     ok(cli(config, "--checkpoint.every_n_train_steps", "4", "--ckpt_path", "last"))
     last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == STEPS
@@ -364,6 +368,28 @@ def test_sigterm_exits_143_naming_the_checkpoint_and_the_last_step_is_saved(tmp,
     exported = weights(root)
     assert torch.equal(last["state_dict"]["model.transformer.h.0.mlp.c_fc.weight"],
                        exported["transformer.h.0.mlp.c_fc.weight"])
+    assert_bitwise(exported, reference)
+
+
+def test_ddp_sigterm_to_one_rank_stops_both_at_a_step_saves_and_resumes_bitwise(tmp, corpus_dir, tokenizer_dir):
+    """DDP x2, SIGTERM to rank 1 only (a `kill` of one process): the ranks agree at the next optimizer
+    step (a CPU all-reduce, not Lightning's per-batch GPU broadcast from rank 0, which ignored rank 1's
+    signal while rank 1 alone raised and left rank 0 waiting), save last.ckpt, and both exit; the
+    resume is bitwise the uninterrupted run."""
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")]
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_ref", devices=2)
+    if not (run_dir(ref) / "hf_model").exists():  # shared with test_ddp_kill_resume_is_bitwise_exact
+        ok(cli(ref, *ddp))
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_sigterm", devices=2)
+    root = run_dir(config)
+    p = cli(config, *ddp, "--checkpoint.every_n_train_steps", "4", "--config",
+            str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 3, "rank": 1}})), timeout=180)
+    assert p.returncode == 143, (p.returncode, p.stderr[-3000:])
+    step = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert step in (3, 4) and f"last.ckpt (step {step})" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    resumed = resume(config, *ddp)
+    assert f"(global_step {step}" in resumed.stderr
+    assert_bitwise(weights(root), weights(run_dir(ref)))
 
 
 def test_oom_plan_command_describes_the_run():
