@@ -28,7 +28,7 @@ time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's ow
 instruction each rank happens to be executing (between `optimizer.step()` and the step counter,
 in the middle of a gradient accumulation window, or before training has started, where the
 default action of SIGUSR1 kills the process). Here the handler only records the signal; at the
-next optimizer-step boundary the ranks agree (one all-reduce of a 0/1 flag) and then all run
+next optimizer-step boundary the ranks agree (one CPU all-reduce of a 0/1 flag, `agree_on_flags`) and then all run
 Lightning's requeue routine together, so the checkpoint is a consistent state from which the
 resumed losses equal an uninterrupted run's. A requeue SLURM refuses ends the run with one line and
 exit 138 (`cli.main`), not exit 0 at the preemption step.
