@@ -184,9 +184,10 @@ def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_do
     prompts = ["def ", "import os\n", "class "]
     args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8"]
     # One process, from the same weights (the end-of-fit export of the FSDP2 run).
+    # No logger: the fixtures' configs pin logs/version_0, which a run writing there would empty.
     p = run_cli("predict", "--config", str(runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
-                "--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false", *args,
-                timeout=300)
+                "--trainer.logger", "false", "--model.model_name_or_path", str(runs / "fsdp" / "hf_model"),
+                "--model.from_scratch", "false", *args, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in single] == prompts and [r["index"] for r in single] == [0, 1, 2]
@@ -196,7 +197,7 @@ def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_do
             ("ddp", "ddp.yaml", ["--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false"])):
         out = tmp_path / name
         p = run_cli("predict", "--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy" / overlay),
-                    "--trainer.default_root_dir", str(out), *weights, *args, timeout=300)
+                    "--trainer.default_root_dir", str(out), "--trainer.logger", "false", *weights, *args, timeout=300)
         assert p.returncode == 0, (name, p.stderr[-3000:])
         assert sorted(f.name for f in out.glob("predictions*")) == ["predictions.jsonl"], name
         assert [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()] == single, name
@@ -331,7 +332,7 @@ def test_deepspeed_zero3_predict_gives_what_one_process_gives_from_the_export(ds
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     zero3 = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     p = run_cli("predict", "--config", str(ds_runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
-                "--model.model_name_or_path", str(run / "hf_model"), *args, timeout=300)
+                "--trainer.logger", "false", "--model.model_name_or_path", str(run / "hf_model"), *args, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in zero3] == prompts and zero3 == single
@@ -342,7 +343,7 @@ def test_deepspeed_folder_under_fsdp2_evaluation_is_one_line(ds_runs):
     """FSDP2 cannot read a DeepSpeed folder: one line before launch naming it, where it evaluates, and the export."""
     ckpt = ds_runs / "deepspeed_zero3" / "checkpoints" / "step0000010.ckpt"
     p = run_cli("validate", "--config", str(ds_runs / "deepspeed_zero3" / "config.yaml"), "--config",
-                str(REPO / "configs/strategy/fsdp.yaml"), "--ckpt_path", str(ckpt), timeout=300)
+                str(REPO / "configs/strategy/fsdp.yaml"), "--trainer.logger", "false", "--ckpt_path", str(ckpt), timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error:")]
     assert len(line) == 1 and str(ckpt) in line[0] and "DeepSpeed checkpoint folder" in line[0], p.stderr[-2000:]
