@@ -14,6 +14,9 @@
 #   BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # without rows 3 and 4
 #   LIGER=1 tools/gpu_check_perf.sh         # + GPT-2 Large with Liger's fused linear cross-entropy (memory vs row 1)
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
+#   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
+#                                           # under 45 s, so one device call ends in time (rows run in
+#                                           # priority order: large, small, bf16-true, data, liger, ckpt)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
 # Only where they are missing (the GPU machine); a full environment keeps its own.
 if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
@@ -42,8 +45,14 @@ fi
 $PY -c "import accelerate; print('accelerate', accelerate.__version__)" 2>/dev/null \
   || echo "NOTE: accelerate is missing: the hf-trainer rows will fail (carry accelerate-1.15.0-py3-none-any.whl in .whl/)"
 
+DEADLINE=${DEADLINE:-0}  # 0: no overall limit
 row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log + JSON in $OUT
   local name=$1 secs=$2; shift 2
+  if [ "$DEADLINE" -gt 0 ]; then  # keep 15 s for the summary and the planner
+    local left=$(( DEADLINE - ($(date +%s) - START) - 15 ))
+    if [ $left -lt 45 ]; then echo "=== $name: skipped, ${left}s left of DEADLINE=$DEADLINE ===" | tee "$OUT/$name.log"; return; fi
+    [ $left -lt "$secs" ] && secs=$left
+  fi
   echo "=== $name (timeout ${secs}s) ==="
   timeout -k 10 "$secs" $PY tools/bench.py "$@" --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/$name.json" \
     >"$OUT/$name.log" 2>&1
