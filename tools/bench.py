@@ -110,10 +110,13 @@ class Meter:
     work while the GPU still runs this one. (A sync per step would expose the CPU-side loop between
     steps, which training otherwise hides.) The events are read after the last step. The timed
     steps also run under `torch.cuda.set_sync_debug_mode("warn")`: each host sync the training
-    loop makes is counted (`syncs_per_step`)."""
+    loop makes is counted (`syncs_per_step`), from the end of the last warm-up step to the end of
+    the last timed step: exactly `steps` iterations. (Counting until `result()` also counted the
+    end of fit: Lightning's teardown moves the module and the optimizer state to the CPU, one sync
+    per tensor: 175 "syncs/step" for GPT-2 Large on the H200, where the steps made ~2.)"""
 
-    def __init__(self, device: torch.device, warmup: int = 0):
-        self.device, self.warmup = device, warmup
+    def __init__(self, device: torch.device, warmup: int = 0, steps: int | None = None):
+        self.device, self.warmup, self.steps = device, warmup, steps
         self.ends: list[float] = []
         self.events: list = []
         self.rss = 0
@@ -139,6 +142,8 @@ class Meter:
             self.events.append(event)
             if len(self.events) - 1 == self.warmup:
                 self._count_syncs(True)
+            elif self.steps is not None and len(self.events) - 1 == self.warmup + self.steps:
+                self._count_syncs(False)
             return
         self.ends.append(time.perf_counter())
         import psutil
@@ -253,7 +258,7 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool 
     NaN guard of FaultTolerance) and its progress bar, to show what they cost."""
     import lightning.pytorch as pl
 
-    meter = Meter(device, args.warmup)
+    meter = Meter(device, args.warmup, args.steps)
 
     class StepTimer(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -319,7 +324,7 @@ def run_torch(cfg: dict, args, device: torch.device) -> Meter:
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     clip = cfg["trainer"].get("gradient_clip_val")
     loader = synthetic_loader(steps, args.batch, args.block, model_config(cfg).vocab_size, device)
-    meter = Meter(device, args.warmup)
+    meter = Meter(device, args.warmup, args.steps)
     meter.begin()
     for batch in loader:
         ids = batch["input_ids"].to(device, non_blocking=True)
@@ -355,7 +360,7 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
     if precision.startswith("bf16") and precision.endswith("-true"):
         model.to(torch.bfloat16)
     steps = args.warmup + args.steps
-    meter = Meter(device, args.warmup)
+    meter = Meter(device, args.warmup, args.steps)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -445,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {dev_name}; torch {torch.__version__}; peak {peak or 'unknown'} TFLOP/s; model "
           f"{m.get('model_name_or_path', 'gpt2')} L{config.n_layer} d{config.n_embd} V{config.vocab_size}; "
           f"micro-batch {args.batch} x seq {args.block} = {tokens_per_step} tokens/step; precision {precision}; "
-          f"compile {bool(m.get('compile'))}; pad_vocab {m.get('pad_vocab_to_multiple_of', 1)}; "
+          f"compile {bool(m.get('compile'))}{' ' + m['compile_mode'] if m.get('compile') and m.get('compile_mode') else ''}; pad_vocab {m.get('pad_vocab_to_multiple_of', 1)}; "
           f"act-ckpt {bool(m.get('activation_checkpointing'))}; fused CE {bool(m.get('fused_cross_entropy'))}; "
           f"{fpt / 1e9:.3f} GFLOP/token; steps {args.warmup} warmup + {args.steps} timed", flush=True)
 

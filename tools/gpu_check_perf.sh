@@ -13,6 +13,8 @@
 #   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
 #   BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # without rows 3 and 4
 #   LIGER=1 tools/gpu_check_perf.sh         # + GPT-2 Large with Liger's fused linear cross-entropy (memory vs row 1)
+#   TUNE=1 BASE=0 BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # only the compile_mode A/B: Large and
+#                                           # small, default vs max-autotune-no-cudagraphs, same call
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 #   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
 #                                           # under 45 s, so one device call ends in time (rows run in
@@ -62,9 +64,20 @@ row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log
 }
 
 START=$(date +%s)
-row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer
-row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer --callbacks
-VALIDATE=("$OUT/large.json" "$OUT/small.json")
+VALIDATE=()
+if [ "${BASE:-1}" = 1 ]; then
+  row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer
+  row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer --callbacks
+  VALIDATE+=("$OUT/large.json" "$OUT/small.json")
+fi
+if [ "${TUNE:-0}" = 1 ]; then  # Inductor's max-autotune: Triton GEMM templates, epilogues fused (slower compile)
+  AT=(-o model.compile_mode=max-autotune-no-cudagraphs)
+  T_TUNE=${T_TUNE:-150} T_TUNE0=${T_TUNE0:-70}
+  row large-default "$T_TUNE0" "${LARGE[@]}" --baseline none
+  row large-autotune "$T_TUNE" "${LARGE[@]}" "${AT[@]}" --baseline none
+  row small-default "$T_TUNE0" "${SMALL[@]}" --baseline none
+  row small-autotune "$T_TUNE" "${SMALL[@]}" "${AT[@]}" --baseline none
+fi
 if [ "${BF16TRUE:-1}" = 1 ]; then
   row large-bf16true "$T_BF16" "${LARGE[@]}" -o trainer.precision=bf16-true --baseline none
   VALIDATE+=("$OUT/large-bf16true.json")  # the planner's bf16-true column (fp32 masters, bf16 stream)
@@ -83,7 +96,7 @@ fi
 {
   echo
   echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
-  for name in large small large-bf16true small-data large-liger large-ckpt; do
+  for name in large small large-default large-autotune small-default small-autotune large-bf16true small-data large-liger large-ckpt; do
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then
@@ -93,5 +106,5 @@ fi
     fi
   done
   echo; echo "### memory planner vs measured (tools/plan.py --validate)"
-  $PY tools/plan.py --validate "${VALIDATE[@]}" --json "$OUT/plan_validation.json" 2>&1
+  [ ${#VALIDATE[@]} -gt 0 ] && $PY tools/plan.py --validate "${VALIDATE[@]}" --json "$OUT/plan_validation.json" 2>&1
 } | tee "$OUT/summary.md"
