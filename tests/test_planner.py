@@ -111,6 +111,10 @@ def test_strategy_states_hand_computed():
     # 4N params + 4N grads + 8N Adam + (2N autocast copies + 4N DDP buckets) = 22N
     assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (4 * N, 4 * N, 8 * N, 6 * N)
     assert estimate("DDP", HAND, 1, 32).other == 2 * N  # one GPU: no DDP buckets
+    # Checkpointed: the autocast copies kept are the root's and one recomputed block's, 2 x (36,992 + 49,984)
+    assert ddp.states_at(True) == 16 * N + 2 * (36_992 + 49_984) + 4 * N
+    assert estimate("DDP", HAND, 1, 32).total(3, True) == 16 * N + 2 * (36_992 + 49_984) + 3 * 102_400
+    assert estimate("DDP", HAND, 1, 32, precision="bf16-true").states_at(True) == 20 * N  # no autocast copies
     z2 = estimate("ZeRO-2", HAND, 4, 32)
     assert z2.states == pytest.approx(2 * N + 2 * N / 4 + 12 * N / 4 + 2 * DEEPSPEED_BUCKET_ELEMS * 2)
     z1 = estimate("ZeRO-1", HAND, 4, 32)
@@ -148,7 +152,8 @@ def test_max_micro_batch_and_recommendation():
     per = ddp.act_per_sample  # 225,280
     assert ddp.max_micro_batch(ddp.states + 3.5 * per, ckpt=False) == 3
     assert ddp.max_micro_batch(ddp.states - 1, ckpt=False) == 0
-    assert ddp.total(2, ckpt=True) == ddp.states + 2 * 102_400
+    assert ddp.total(2, ckpt=True) == ddp.states - 2 * N + 2 * (36_992 + 49_984) + 2 * 102_400
+    assert ddp.max_micro_batch(ddp.states_at(True) + 2.5 * 102_400, ckpt=True) == 2
     ests = [estimate(s, HAND, 8, 32) for s in STRATEGIES]
     assert recommend(ests, 1e12, 4) == ("DDP", False, ddp.max_micro_batch(1e12, False))
     # A budget where DDP (22N = 3.01 MB states) cannot hold 4 sequences but FSDP2 can (ZeRO-* carry 800 MB buckets).

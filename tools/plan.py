@@ -36,6 +36,7 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     for e in ests:
         rows.append({"strategy": e.strategy, "params_gb": e.params / GB, "grads_gb": e.grads / GB,
                      "optimizer_gb": e.optimizer / GB, "other_gb": e.other / GB, "states_gb": e.states / GB,
+                     "other_ckpt_gb": (e.other if e.other_ckpt is None else e.other_ckpt) / GB,
                      "act_per_seq_gb": e.act_per_sample / GB, "act_per_seq_ckpt_gb": e.act_per_sample_ckpt / GB,
                      "total_gb": e.total(micro_batch, False) / GB, "total_ckpt_gb": e.total(micro_batch, True) / GB,
                      "max_micro_batch": e.max_micro_batch(budget, False),
