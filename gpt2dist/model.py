@@ -142,6 +142,7 @@ class GPT2Module(pl.LightningModule):
         tf32: bool = True,
         fused_cross_entropy: bool = False,
         master_weights: bool = True,
+        bias_after_matmul: bool = False,
     ):
         """
         Args:
@@ -160,10 +161,11 @@ class GPT2Module(pl.LightningModule):
             max_new_tokens: Tokens generated per prompt by `predict`.
             pad_vocab_to_multiple_of: Pad embedding/lm_head rows to a multiple of this (128 on GPUs: 50257 -> 50304); padded logits are never predicted and the export is unpadded. 1: no padding.
             compile: torch.compile each GPT2Block ("regional": compile time of one block).
-            compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs" tunes matmuls, slower to compile).
+            compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs" tunes matmuls: on an H200 its compile ran past 150 s for GPT-2 Large and did not finish).
             activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
             tf32: Allow TF32 for fp32 matmuls on Ampere+ GPUs.
             fused_cross_entropy: Liger fused linear cross-entropy (CUDA + `pip install liger-kernel`): no vocab-wide logits in memory.
+            bias_after_matmul: Blocks compute x @ W then + bias, not cuBLAS addmm (1.5x slower per GEMM on an H200; see perf.BiasAfterMatmul).
             master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights and sums accumulated micro-batch gradients in fp32 (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()

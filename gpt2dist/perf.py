@@ -13,6 +13,8 @@ with `tools/bench.py`:
 - `tf32`: TF32 for fp32 matmuls (the fp32 parts under bf16-mixed, and 32-true runs).
 - `fused_cross_entropy`: Liger's fused linear + cross-entropy (GPU only, optional import):
   the (tokens x vocab) logits are never materialised.
+- `bias_after_matmul`: each block's Conv1D runs as a plain matmul, then `+ bias`, instead of
+  cuBLAS `addmm` with the bias in its epilogue (see `BiasAfterMatmul`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import math
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from gpt2dist.errors import ConfigError
 
@@ -92,6 +95,35 @@ def blocks(model) -> list[torch.nn.Module]:
     return list(model.transformer.h)
 
 
+class BiasAfterMatmul(Conv1D):
+    """transformers' GPT-2 `Conv1D` (same weight (nx, nf), bias (nf), state_dict), computed as
+    `x @ weight`, then `+ bias`, instead of `addmm(bias, x, weight)`.
+
+    Why: on the H200 (torch 2.11, bf16, Inductor's GEMM autotune log), cuBLAS addmm took 0.440 ms
+    for GPT-2 Large's MLP-in GEMM (16384 x 1280 @ 1280 x 5120) where a plain mm of the same shape
+    took 0.285 ms; the QKV, attention-out and MLP-out addmms were 0.333 / 0.125 / 0.312 ms. Inductor
+    re-fuses `mm + bias` into addmm when the sum feeds backward, so the add follows a view of the
+    mm (`matmul` on 3-D input), which its pattern does not match; the add then fuses into the next
+    elementwise kernel (GELU, the residual add). The bias is added in the matmul's dtype (bf16
+    under autocast), as addmm does, but after the product is rounded: up to 1 bf16 ulp apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)
+        return y + self.bias.to(y.dtype)
+
+
+def bias_after_matmul(model) -> int:
+    """Turn each block's Conv1D into `BiasAfterMatmul` in place (class swap: parameters, hooks and
+    sharding stay as they are); returns how many."""
+    n = 0
+    for block in blocks(model):
+        for m in block.modules():
+            if type(m) is Conv1D:
+                m.__class__ = BiasAfterMatmul
+                n += 1
+    return n
+
+
 def apply_activation_checkpointing(model) -> None:
     """Recompute each GPT2Block in backward (non-reentrant, so it composes with compile and FSDP2)."""
     model.config.use_cache = False  # a KV cache during training would be kept alive by checkpointing
@@ -160,6 +192,8 @@ def apply_perf_options(module) -> None:
             "model.fused_cross_entropy=true needs a CUDA GPU and the liger-kernel package; "
             "`pip install liger-kernel` on the GPU machine, or set model.fused_cross_entropy=false"
         )
+    if hp.get("bias_after_matmul"):
+        bias_after_matmul(model)
     if hp.activation_checkpointing:
         apply_activation_checkpointing(model)
     if hp.compile:

@@ -161,3 +161,45 @@ def test_compiled_blocks_share_one_graph_and_generation_stays_eager(tokenizer):
 def test_fused_cross_entropy_without_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="fused_cross_entropy=true needs a CUDA GPU and the liger-kernel"):
         module(fused_cross_entropy=True)
+
+
+def test_bias_after_matmul_same_loss_grads_and_checkpoint():
+    from transformers.pytorch_utils import Conv1D
+
+    from gpt2dist.perf import BiasAfterMatmul
+
+    a, b = module(), module(bias_after_matmul=True)
+    swapped = [m for m in b.model.modules() if isinstance(m, BiasAfterMatmul)]
+    assert len(swapped) == 4 * TINY["n_layer"] and all(isinstance(m, Conv1D) for m in swapped)
+    assert not any(isinstance(m, BiasAfterMatmul) for m in a.model.modules())
+    assert list(a.state_dict()) == list(b.state_dict())  # same keys: checkpoints and exports unchanged
+    ids = torch.randint(0, V, (2, 32))
+    la, lb = a.token_losses(ids).mean(), b.token_losses(ids).mean()
+    la.backward(), lb.backward()
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)  # fp32: addmm vs mm + add, rounding only
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+    # Under bf16 autocast the output stays bf16 (an fp32 bias must not promote the activations).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = swapped[0](torch.randn(2, 5, TINY["n_embd"]))
+    assert y.dtype == torch.bfloat16
+
+
+def test_bias_after_matmul_compiles_to_mm_not_addmm():
+    """The reason for the switch: Inductor must not fuse `mm + bias` back into addmm (which it does
+    when the sum is saved for backward and the add takes the mm's output directly)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    def addmm_and_mm(**kw):
+        torch._dynamo.reset()
+        m = module(compile=True, **kw)
+        ids = torch.randint(0, V, (2, 32))
+        _, code = run_and_get_code(lambda: m.token_losses(ids).mean().backward())
+        text = "\n".join(code)
+        return len(re.findall(r"\baddmm\(", text)), len(re.findall(r"\bmm\(", text))
+
+    plain, swapped = addmm_and_mm(), addmm_and_mm(bias_after_matmul=True)
+    assert plain[0] > 0, plain  # the probe sees addmm where it is used
+    assert swapped[0] == 0 and swapped[1] > plain[1], swapped
