@@ -35,7 +35,7 @@ from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.resume import (DeepSpeedFolderIO, Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint,
                              checkpoint_progress, install_early_handler, is_deepspeed_folder, newest_checkpoint,
                              resolve_ckpt_path, resolve_eval_ckpt_path)
-from gpt2dist.tracking import RunConfig, prepare_wandb, wandb_error_message
+from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_error_message
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -116,6 +116,7 @@ class GPT2CLI(LightningCLI):
             rank_zero_warn(f"resume: {ckpt_path} is at step {progress[0]}, already at trainer.max_steps="
                            f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to continue")
         prepare_wandb(self.trainer, ckpt_path)
+        start_wandb_runs(self.trainer)  # W&B's refusals before data preparation, not after
 
 
     def _before_eval(self) -> None:

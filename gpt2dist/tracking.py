@@ -189,3 +189,11 @@ def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     if run_id:
         os.environ["WANDB_RUN_ID"] = run_id
         log.info("W&B run id %s (from %s)", run_id, source)
+
+
+def start_wandb_runs(trainer) -> None:
+    """Start the W&B run now, on global rank 0 (Lightning knows the ranks from Trainer init),
+    instead of at the first log: a missing login or an unreachable server then fails in seconds,
+    before `prepare_data` tokenizes the corpus, not after it."""
+    for logger in _wandb_loggers(trainer):
+        logger.experiment  # noqa: B018 (rank_zero_experiment: a no-op stand-in on the other ranks)

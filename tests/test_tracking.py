@@ -117,3 +117,5 @@ def test_wandb_not_logged_in_or_unreachable_is_one_line(tmp_path, corpus_dir, to
     errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2dist: error:")]
     assert len(errors) == 1 and f"W&B failed ({error}" in errors[0] and "WANDB_MODE=offline" in errors[0], p.stderr[-3000:]
     assert "Traceback" not in p.stderr and SECRET not in p.stderr + p.stdout
+    # Refused before data preparation: nothing was tokenized or packed first.
+    assert not (tmp_path / "cache" / "blocks").exists(), sorted((tmp_path / "cache").rglob("*"))
