@@ -350,6 +350,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         val_files: list[str] | None = None,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
+        dataset_revision: str | None = None,
         split: str = "train",
         val_split: str | None = None,
         text_field: str = "text",
@@ -372,6 +373,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             val_files: Validation files or globs; if unset, `val_fraction` of the training documents is held out.
             dataset_name: A Hugging Face dataset id (needs the network) or local folder (data files, or `save_to_disk` output), used instead of `train_files`.
             dataset_config: The dataset's configuration name (e.g. `wikitext-103-raw-v1`).
+            dataset_revision: Hub dataset revision (commit sha, tag or branch) to load; part of the block cache key. Unset: the default branch, cached by name.
             split: The dataset split to train on.
             val_split: The dataset split to validate on; if unset, `val_fraction` of `split` is held out.
             text_field: The JSON key or table column holding each document's text.
@@ -402,6 +404,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError(f"data.batch_size={batch_size} must be at least 1 (sequences per device per micro-batch)")
         self.train_files, self.val_files = train_files or [], val_files or []
         self.dataset_name, self.dataset_config, self.split, self.val_split = dataset_name, dataset_config, split, val_split
+        self.dataset_revision = dataset_revision
         self.text_field, self.text_unit, self.val_fraction = text_field, text_unit, val_fraction
         self.tokenizer_name, self.train_tokenizer_vocab_size = tokenizer, train_tokenizer_vocab_size
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
@@ -452,7 +455,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
             ds = self._saved_dataset(datasets, local, split)  # load_dataset refuses save_to_disk folders
         else:
             try:
-                ds = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split)
+                # A local folder has no revisions; a hub id loads the pinned one (None: default branch).
+                revision = self.dataset_revision if local is None else None
+                ds = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split, revision=revision)
             except Exception as e:
                 raise DataError(
                     f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}, split {split!r}): "
@@ -507,6 +512,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
         if self.dataset_name:
             fp = {"dataset": [self.dataset_name, self.dataset_config, self.split, self.val_split]}
             local = self._local_dataset_dir()
+            if local is None and self.dataset_revision:
+                fp["revision"] = self.dataset_revision  # only when set: unpinned caches keep their keys
             if local is not None:
                 # A local folder's content changes under the same name: key on its files, as for train_files
                 # (the name alone reused the blocks of the folder's old content).

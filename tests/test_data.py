@@ -328,6 +328,16 @@ def test_hf_dataset_source_offline_from_a_local_folder(tmp_path, tokenizer_dir, 
                          cache_dir=str(tmp_path / "c2")))
 
 
+def test_hub_dataset_revision_is_part_of_the_cache_keys(tmp_path, tokenizer_dir):
+    """A pinned hub revision keys the block and trained-tokenizer caches (another revision is
+    re-tokenized, not served from the old one's cache); unpinned keys are what they were."""
+    kw = dict(dataset_name="Salesforce/wikitext", dataset_config="wikitext-103-raw-v1", train_tokenizer_vocab_size=512)
+    dms = {rev: make_dm(tmp_path, tokenizer_dir, dataset_revision=rev, **kw) for rev in (None, "b08601e", "main")}
+    assert len({dm._tokenizer_dir() for dm in dms.values()}) == 3
+    assert "revision" not in dms[None]._source_fingerprint()  # caches made before the knob stay valid
+    assert dms["b08601e"]._source_fingerprint()["revision"] == "b08601e"
+
+
 def test_local_dataset_folder_edited_is_repacked_not_served_from_cache(tmp_path, tokenizer_dir, tokenizer):
     """`dataset_name` as a local folder: its files are part of the cache key (as train_files' are), so
     blocks packed from the folder's old content are never reused for its new content."""
