@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".parquet", ".csv"}
-CACHE_VERSION = 3  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys; 3: blank lines with spaces/CRLF split paragraphs)
+CACHE_VERSION = 4  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys; 3: blank lines with spaces/CRLF split paragraphs; 4: hold-out by text)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -547,9 +547,20 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return load_tokenizer(str(tok_dir))
 
     def _val_keys(self) -> set[str]:
-        """A first, cheap pass over the documents (no tokenizing) to pick the held-out ones."""
-        sizes = {key: len(text) for key, text in self._split_streams()["both"]}
-        return choose_val_docs(sizes, self.val_fraction, self.seed)
+        """A first, cheap pass over the documents (no tokenizing) to pick the held-out ones.
+
+        Chosen by the text, not the path: a path key is relative to the files' common folder, which
+        a file added in a new folder moves, and then every document's rank (and the whole
+        hold-out) changed, putting former validation text into training. Exact duplicates are one
+        unit, so a copy of a validation document never lands in training."""
+        units: dict[str, int] = {}  # text digest -> characters (all copies)
+        digest_of: dict[str, str] = {}
+        for key, text in self._split_streams()["both"]:
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+            units[digest] = units.get(digest, 0) + len(text)
+            digest_of[key] = digest
+        chosen = choose_val_docs(units, self.val_fraction, self.seed)
+        return {key for key, digest in digest_of.items() if digest in chosen}
 
     def _train_docs_for_tokenizer(self) -> Iterator[tuple[str, str]]:
         streams = self._split_streams()

@@ -111,6 +111,28 @@ def test_val_fraction_holds_out_whole_documents_deterministically(tmp_path, toke
     assert n_val == 10
 
 
+def test_val_hold_out_follows_the_text_not_the_folder_layout(tmp_path, tokenizer_dir):
+    """A file added in a new folder widens the files' common folder, which changed every path key and
+    so the whole hold-out (former validation text went into training). The hold-out now ranks the
+    text: the same documents stay out, and an exact copy of one sits on the same side."""
+    a = tmp_path / "corpus" / "a"
+    a.mkdir(parents=True)
+    for i in range(40):
+        (a / f"doc{i:02d}.txt").write_text(f"document number {i:02d} " * 30)
+    held = lambda dm: {k.split("#")[0].rsplit("/", 1)[-1] for k in dm._val_keys()}
+    before = held(make_dm(tmp_path, tokenizer_dir, train_files=[str(a / "*.txt")], val_fraction=0.25))
+    assert len(before) == 10
+    b = tmp_path / "corpus" / "b"
+    b.mkdir()
+    (b / "extra.txt").write_text("another short document " * 2)
+    copied = sorted(before)[0]
+    (b / "copy.txt").write_text((a / copied).read_text())
+    after = held(make_dm(tmp_path, tokenizer_dir, train_files=[str(a / "*.txt"), str(b / "*.txt")], val_fraction=0.25))
+    # The copy weighs two documents, so one fewer may be needed to reach 25%; otherwise the same.
+    assert len(before - after) <= 1 and after - before <= {"copy.txt", "extra.txt"}, (before, after)
+    assert copied in after and "copy.txt" in after
+
+
 def test_second_prepare_uses_cache_without_tokenizing(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
     dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")])
     dm.prepare_data()
