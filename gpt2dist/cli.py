@@ -32,9 +32,10 @@ from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_
 from gpt2dist.launch import check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.resume import (DeepSpeedFolderIO, Preemption, check_checkpoint_fits_strategy, check_explicit_checkpoint,
-                             checkpoint_progress, install_early_handler, is_deepspeed_folder, newest_checkpoint,
-                             resolve_ckpt_path, resolve_eval_ckpt_path)
+from gpt2dist.preemption import Preemption, install_early_handler
+from gpt2dist.resume import (DeepSpeedFolderIO, check_checkpoint_fits_strategy, check_explicit_checkpoint,
+                             checkpoint_progress, is_deepspeed_folder, newest_checkpoint, resolve_ckpt_path,
+                             resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_error_message
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gpt2dist.errors import CheckpointError
-from gpt2dist.resume import (Preemption, checkpoint_progress, newest_checkpoint, prune_requeue_checkpoints,
-                             resolve_ckpt_path, set_aside_other_runs)
+from gpt2dist.resume import (checkpoint_progress, newest_checkpoint, prune_requeue_checkpoints, resolve_ckpt_path,
+                             set_aside_other_runs)
 
 
 def save(path, step: int, batches: int) -> None:
@@ -139,11 +139,6 @@ def test_a_new_requeue_checkpoint_replaces_the_older_ones(root):
     assert prune_requeue_checkpoints(root, root / "hpc_ckpt_6.ckpt") == []  # a new one that does not load: keep all
     assert prune_requeue_checkpoints(root, root / "hpc_ckpt_4.ckpt") == [root / "hpc_ckpt_6.ckpt"]
     assert (root / "hpc_ckpt_5.ckpt").is_file()
-
-
-def test_preemption_knob_is_checked():
-    with pytest.raises(ValueError, match="check_every_n_steps=0"):
-        Preemption(check_every_n_steps=0)
 
 
 def save_deepspeed_folder(path, step: int, batches: int, tag: str = "checkpoint", zero3: bool = False) -> None:

@@ -1,0 +1,230 @@
+"""Stop signals: SLURM's requeue signal and SIGTERM, acted on at a step boundary by all ranks together.
+
+Preemption (`Preemption` callback + `install_early_handler`): SLURM sends SIGUSR1 90 s before the
+time limit (`--signal=SIGUSR1@90`) or on `scancel --signal=USR1`. Lightning's own handler saves
+`hpc_ckpt_N.ckpt` and runs `scontrol requeue` from inside the signal handler, i.e. at whatever
+instruction each rank happens to be executing (between `optimizer.step()` and the step counter,
+in the middle of a gradient accumulation window, or before training has started, where the
+default action of SIGUSR1 kills the process). Here the handler only records the signal; at the
+next optimizer-step boundary the ranks agree (one CPU all-reduce of a 0/1 flag, `agree_on_flags`) and then all run
+Lightning's requeue routine together, so the checkpoint is a consistent state from which the
+resumed losses equal an uninterrupted run's. A requeue SLURM refuses ends the run with one line and
+exit 138 (`cli.main`), not exit 0 at the preemption step.
+
+Which checkpoint a restarted job loads is `gpt2dist/resume.py`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+from gpt2dist.resume import prune_requeue_checkpoints
+
+log = logging.getLogger(__name__)
+
+_received: list[int] = []  # signals recorded by the early handler, consumed by Preemption
+
+
+def _record(signum, frame) -> None:
+    _received.append(signum)
+
+
+def install_early_handler() -> bool:
+    """Under SLURM, record SIGUSR1 from process start instead of dying on it. Lightning then sees a
+    handler in place and does not install its own; `Preemption` does the requeue."""
+    if os.name == "nt" or not SLURMEnvironment.detect():
+        return False
+    signal.signal(signal.SIGUSR1, _record)
+    return True
+
+
+_sigterm: list[int] = []  # SIGTERMs recorded by `record_sigterm_without_collectives`, consumed by Preemption
+
+
+def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
+    """Lightning's SIGTERM handling, minus its collectives (lightning 2.6).
+
+    Lightning's handler runs a broadcast inside the signal handler. A signal handler runs wherever
+    the main thread is, e.g. inside an all_reduce's Python wrapper: its broadcast then pairs with
+    another rank's all_reduce and every rank waits forever (seen on the local SLURM cluster, 2 nodes:
+    `scancel --signal=TERM` hung the job). Lightning's loop also broadcasts the flag from rank 0 on
+    the GPU before every training micro-batch and reads it back: a host sync per micro-batch in
+    every multi-process run (Lightning issue #21487). Here the handler only records the signal (and
+    forwards it to processes Lightning started), the per-batch broadcast is off, and `Preemption`
+    has the ranks agree at the next optimizer step, on the CPU, saves there, and stops them together."""
+    if os.name == "nt":
+        return
+    connector = trainer._signal_connector
+    current = signal.getsignal(signal.SIGTERM)
+    handlers = getattr(current, "signal_handlers", None)  # Lightning's _HandlersCompose
+    if not isinstance(handlers, list) or connector._sigterm_notifier_fn not in handlers:
+        return
+
+    def record(signum, frame) -> None:
+        log.info("[rank: %d] Received SIGTERM: %d", trainer.global_rank, signum)
+        if not _sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # processes Lightning started itself (no collective)
+        _sigterm.append(signum)
+
+    current.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
+    # An instance attribute shadows the loop's method: the decision is Preemption's, on the CPU.
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
+_FLAG_GROUPS: dict = {}
+
+
+def cpu_flag_group():
+    """A gloo process group for 0/1 flags (None: not distributed). Under NCCL, all-reducing a flag
+    means a GPU tensor read back with .item(): the host waits for the GPU queue to drain (a sync)
+    each time; a gloo all-reduce of a CPU tensor leaves the GPU queue alone. Collective: every rank
+    calls it the first time."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if "gloo" not in _FLAG_GROUPS:
+        _FLAG_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _FLAG_GROUPS["gloo"]
+
+
+def agree_on_flags(flags: list[bool]) -> list[bool]:
+    """Each flag true on any rank, on every rank (one CPU all-reduce; no GPU sync)."""
+    import torch.distributed as dist
+
+    group = cpu_flag_group()
+    if group is None:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
+class Preemption(Callback):
+    """Stop signals, acted on at the next optimizer step by all ranks together. SLURM's SIGUSR1: save
+    `hpc_ckpt_N.ckpt` and requeue the job (Lightning's routine, plus the requeue's outcome). SIGTERM
+    (a scheduler's preemption or time limit, `kill`, anywhere): save `last.ckpt` and stop (the CLI
+    exits 143). Either way training stops without exporting."""
+
+    def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
+        """
+        Args:
+            enabled: Take over SLURM's requeue signal and SIGTERM (off: Lightning's handlers, which stop mid-step without saving).
+            check_every_n_steps: Optimizer steps between the ranks' agreement on a received signal
+                (one CPU all-reduce of two numbers each time; 90 s of warning covers many steps).
+        """
+        if check_every_n_steps < 1:
+            raise ValueError(f"preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
+        self.enabled, self.check_every_n_steps = enabled, check_every_n_steps
+        self.requeued = False
+        self.hpc_path: str | None = None
+        self.requeue_error: str | None = None  # rank 0: why `scontrol requeue` failed
+        self._active = False  # SLURM requeue on SIGUSR1
+        self._last_step = -1
+        self.sigterm_path: str | None = None  # the checkpoint saved on SIGTERM
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            record_sigterm_without_collectives(trainer)  # Lightning registers its handlers just before this
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            record_sigterm_without_collectives(trainer)  # again: no sanity check ran (num_sanity_val_steps 0)
+            cpu_flag_group()  # collective: created here, by every rank, not at the first signal
+        env = trainer._accelerator_connector.cluster_environment
+        self._active = self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt"
+        if self._active:
+            signal.signal(env.requeue_signal or signal.SIGUSR1, _record)
+        elif not self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt":
+            # install_early_handler kept Lightning from installing its own: put Lightning's back.
+            signal.signal(env.requeue_signal or signal.SIGUSR1, trainer._signal_connector._slurm_sigusr_handler_fn)
+        self._last_step = trainer.global_step
+        if trainer.is_global_zero:
+            how = "at the next optimizer step" if self._active else "off"
+            log.info("cluster environment: %s (world size %d); requeue on preemption signal: %s",
+                     type(env).__name__, trainer.world_size, how)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Only at optimizer-step boundaries: a mid-accumulation checkpoint would lose the partial gradients.
+        if not self.enabled or self.requeued or self.sigterm_path or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
+        if usr1:
+            signum = _received[0] if _received else signal.SIGUSR1
+            _received.clear()
+            self._save_and_requeue(trainer, signum)
+            self.requeued = True
+        elif term and not trainer.fit_loop.epoch_loop._is_training_done:
+            _sigterm.clear()
+            self._save_on_sigterm(trainer)
+        else:
+            return  # nothing, or a SIGTERM at the last step: the run finishes (and exports) as usual
+        for cb in trainer.callbacks:
+            if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
+                cb.enabled = False  # the job is not finished: no Hugging Face export this time
+            if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_global_step_saved"):
+                # Stopping would make it save this same step again (train end): a second full write
+                # of a large model inside SLURM's 90 s warning, for nothing.
+                cb._last_global_step_saved = trainer.global_step
+        if term and not usr1:
+            # Every rank at once: Lightning raises SIGTERMException at the end of this batch (exit 143).
+            trainer._signal_connector.received_sigterm = True
+        else:
+            trainer.should_stop = True
+
+    def _save_on_sigterm(self, trainer: pl.Trainer) -> None:
+        """Save `last.ckpt` at this step boundary (all ranks; atomic), so a resume loses nothing."""
+        cb = trainer.checkpoint_callback
+        folder = getattr(cb, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        self.sigterm_path = os.path.join(folder, f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}")
+        rank_zero_info(f"SIGTERM: saving {self.sigterm_path} at step {trainer.global_step}, then stopping")
+        trainer.save_checkpoint(self.sigterm_path)  # ends with a barrier: every rank's part is written
+        if isinstance(cb, ModelCheckpoint):
+            cb.last_model_path = self.sigterm_path
+
+    def _save_and_requeue(self, trainer: pl.Trainer, signum: int) -> None:
+        """Lightning's requeue routine (finalize loggers, save hpc_ckpt_N, rank 0 runs `scontrol
+        requeue`), except that a failed requeue is recorded in `requeue_error`: Lightning only logs a
+        warning, and the run would then end with exit 0 (COMPLETED in SLURM) at this step."""
+        rank_zero_info(f"Handling auto-requeue signal: {signum}")
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        self.hpc_path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(self.hpc_path)  # ends with a barrier: every rank's part is written
+        if not trainer.is_global_zero:
+            return
+        prune_requeue_checkpoints(trainer.default_root_dir, self.hpc_path)
+        array_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job_id = f"{array_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_id else os.environ["SLURM_JOB_ID"]
+        try:
+            r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            why = "" if r.returncode == 0 else (r.stderr.strip() or r.stdout.strip() or f"exit code {r.returncode}")
+        except (OSError, subprocess.SubprocessError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            self.requeue_error = f"`scontrol requeue {job_id}` failed ({why.splitlines()[0]})"
+            log.warning("Requeuing SLURM job %s failed: %s", job_id, why)
+        else:
+            log.info("Requeued SLURM job: %s", job_id)
+
+    def stopped_message(self, step: int) -> str | None:
+        """One line for `cli.main` when this callback stopped the run but the job was not requeued."""
+        if not (self.requeued and self.requeue_error):
+            return None
+        return (f"stopped by SLURM's preemption signal at step {step} and saved {self.hpc_path}, but {self.requeue_error}: "
+                f"the job will not restart by itself; submit the same command again to resume from that "
+                f"checkpoint (--ckpt_path auto, slurm/fit.sbatch's default)")
