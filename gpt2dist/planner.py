@@ -12,7 +12,7 @@ Lightning:
     (With activation checkpointing the blocks' bf16 copies are not saved for backward: they go when
     autocast exits, and backward recasts one block at a time, so 2N becomes 2 x (root + one block):
     GPT-2 Large 1.55 GB -> 0.17 GB. H200, b16 x 1024, checkpointed: 20.38 GB planned with 2N,
-    17.60 GB measured (+15.8%); 19.00 GB (+8.0%) with this.)
+    17.60 GB measured (+15.8%); 19.00 GB (+7.9%) with this.)
     FSDP2 / FSDP1    4N/G          4N/G         8N/G                       gathered bf16 blocks in flight
     ZeRO-1           2N (bf16)     2N (bf16)    12N/G (m, v, fp32 master)  reduce + all-gather buckets
     ZeRO-2           2N            2N/G         12N/G                      buckets

@@ -18,7 +18,7 @@
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 #   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
 #                                           # under 45 s, so one device call ends in time (rows run in
-#                                           # priority order: large, small, bf16-true, data, liger, ckpt)
+#                                           # priority order: large, small, TUNE, bf16-true, data, liger, ckpt)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
 # Only where they are missing (the GPU machine); a full environment keeps its own.
 if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
