@@ -242,8 +242,10 @@ def ds_runs(tmp_path_factory, corpus_dir, tokenizer_dir, tokenizer):
 
 
 def end_of_fit_sample(log: Path) -> str:
-    """The greedy sample HFExport prints after the export (from the gathered model when sharded)."""
-    return log.read_text().split("sample ('import ', greedy):\n", 1)[1].split("\n")[0]
+    """The greedy sample HFExport prints after the export (from the gathered model when sharded): the
+    fit's last output, so all of the log after its header. Whole, not its first line: a tiny model's
+    continuation may start with newlines (then the first line was only the prompt)."""
+    return log.read_text().split("sample ('import ', greedy):\n", 1)[1].rstrip("\n")
 
 
 @pytest.mark.parametrize("name", GPU_ONLY)
