@@ -4,7 +4,6 @@ to one DDP rank, SLURM's SIGUSR1 requeue, 2-node scancel) are in test_faults.py 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
@@ -25,8 +24,8 @@ def test_outside_slurm_and_without_a_process_group_nothing_is_taken_over(monkeyp
     assert cpu_flag_group() is None and agree_on_flags([True, False]) == [True, False]
 
 
-def _agree(rank: int, port: int, out) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _agree(rank: int, init_file: str, out) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         # Rank 1 alone got SIGTERM; nobody got SIGUSR1: both ranks must see (False, True).
         out.put((rank, agree_on_flags([False, rank == 1]), cpu_flag_group() is dist.group.WORLD))
@@ -34,13 +33,10 @@ def _agree(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-def test_flags_are_agreed_across_ranks_on_a_gloo_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_flags_are_agreed_across_ranks_on_a_gloo_group(tmp_path):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_agree, args=(r, str(tmp_path / "init"), out)) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(out.get(timeout=120) for _ in procs)
