@@ -460,8 +460,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
                 ds = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split, revision=revision)
             except Exception as e:
                 raise DataError(
-                    f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}, split {split!r}): "
-                    f"{type(e).__name__}: {str(e).splitlines()[0][:160]}; check the name/network or use data.train_files"
+                    f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}, split {split!r}"
+                    f"{f', revision {revision!r}' if revision else ''}): {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+                    "check the name/revision/network or use data.train_files"
                 ) from None
         if self.text_field not in ds.column_names:
             raise DataError(f"dataset {self.dataset_name!r} has no column {self.text_field!r} (has {ds.column_names}); set data.text_field")
