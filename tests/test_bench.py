@@ -27,6 +27,7 @@ def test_bench_rows_and_json(tmp_path, capsys, baseline):
     assert "| gpt2dist |" in out and f"| {baseline} |" in out
     saved = json.loads((tmp_path / "b.json").read_text())
     runs = ["gpt2dist", *(["gpt2dist + fit callbacks"] if extra else []), baseline]
+    assert saved["attention"] == "attention: flash"  # the kernel SDPA picks, named in the header too
     assert saved["tokens_per_step"] == 64 and [r["run"] for r in saved["rows"]] == runs
     for r in res["rows"]:
         assert "error" not in r, r
@@ -41,3 +42,24 @@ def test_bench_rows_and_json(tmp_path, capsys, baseline):
 def test_bench_bad_override_exits_with_message():
     with pytest.raises(SystemExit, match="must be key.path=value"):
         bench.main([*MICRO, "-o", "model.compile"])
+
+
+def test_sdpa_backend_is_named_and_forced_process_wide():
+    from types import SimpleNamespace
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gpt2 = SimpleNamespace(n_embd=64, n_head=4)
+    cpu = torch.device("cpu")
+    assert bench.use_sdpa_backend("auto", gpt2, 32, cpu, torch.float32) == "attention: flash"  # CPU's own kernel
+    everything = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(everything):  # its exit restores the flags the forced choices leave set
+        assert bench.use_sdpa_backend("math", gpt2, 32, cpu, torch.float32) == "attention: math (--sdpa math)"
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+        q = torch.randn(1, 4, 8, 16)
+        assert torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).isfinite().all()
+        # cuDNN attention is CUDA's: on CPU nothing is left, said in the header (the rows then fail)
+        assert bench.use_sdpa_backend("cudnn", gpt2, 32, cpu, torch.float32) == "attention: none viable (--sdpa cudnn)"
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()

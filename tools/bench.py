@@ -94,6 +94,33 @@ def model_config(cfg: dict):
 # ----------------------------------------------------------------------------- measuring
 
 
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def use_sdpa_backend(name: str, config, block: int, device: torch.device, dtype: torch.dtype) -> str:
+    """Restrict SDPA to backend `name` for the rest of the process (every row, eager and compiled:
+    the compiled graph takes the kernel chosen when it is traced), and say which kernel SDPA picks
+    for this model's causal attention shape, e.g. "attention: flash (--sdpa flash); cuDNN 91500"."""
+    from torch.nn.attention import SDPBackend
+
+    if SDPA_BACKENDS[name]:
+        # The flags themselves: sdpa_kernel(...).__enter__() would be undone when its generator is collected.
+        for key, setter in (("flash", torch.backends.cuda.enable_flash_sdp), ("cudnn", torch.backends.cuda.enable_cudnn_sdp),
+                            ("efficient", torch.backends.cuda.enable_mem_efficient_sdp), ("math", torch.backends.cuda.enable_math_sdp)):
+            setter(key == name)
+    hd = config.n_embd // config.n_head
+    q = torch.zeros(1, config.n_head, block, hd, device=device, dtype=dtype)  # GPT-2's (b, heads, seq, head_dim)
+    try:
+        picked = SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
+        short = {v: k for k, v in SDPA_BACKENDS.items() if v}.get(picked, picked.lower())
+    except RuntimeError:  # the forced backend cannot take this shape or device: the rows fail as well
+        short = "none viable"
+    cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
+    asked = "" if name == "auto" else f" (--sdpa {name})"
+    return f"attention: {short}{asked}{f'; cuDNN {cudnn}' if cudnn else ''}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -426,6 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "shields the comparison from other processes on a shared machine")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card (default: looked up by name)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    ap.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="auto",
+                    help="attention kernel for every row (auto: SDPA's own priority; on Hopper torch may "
+                         "put cuDNN before flash): the A/B of the attention backend")
     ap.add_argument("--out", help="write all rows as JSON here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(set_vital|LeafSpec|does not have many workers|tokens.*EOS).*")
@@ -447,7 +477,9 @@ def main(argv: list[str] | None = None) -> dict:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     precision = cfg["trainer"].get("precision", "bf16-mixed" if device.type == "cuda" else "32-true")
     m = cfg["model"]
-    print(f"device: {dev_name}; torch {torch.__version__}; peak {peak or 'unknown'} TFLOP/s; model "
+    attention = use_sdpa_backend(args.sdpa, config, args.block, device,
+                                 torch.bfloat16 if "bf16" in str(precision) else torch.float32)
+    print(f"device: {dev_name}; torch {torch.__version__}; {attention}; peak {peak or 'unknown'} TFLOP/s; model "
           f"{m.get('model_name_or_path', 'gpt2')} L{config.n_layer} d{config.n_embd} V{config.vocab_size}; "
           f"micro-batch {args.batch} x seq {args.block} = {tokens_per_step} tokens/step; precision {precision}; "
           f"compile {bool(m.get('compile'))}{' ' + m['compile_mode'] if m.get('compile') and m.get('compile_mode') else ''}; pad_vocab {m.get('pad_vocab_to_multiple_of', 1)}; "
@@ -530,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(n)
     result = {"device": dev_name, "torch": torch.__version__, "config": args.config, "overrides": args.override,
               "precision": precision, "micro_batch": args.batch, "seq": args.block, "tokens_per_step": tokens_per_step,
-              "flops_per_token": fpt, "peak_tflops": peak, "model": cfg["model"], **extra, "rows": rows, "notes": notes}
+              "flops_per_token": fpt, "peak_tflops": peak, "attention": attention, "model": cfg["model"], **extra, "rows": rows, "notes": notes}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))

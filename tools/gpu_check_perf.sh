@@ -13,8 +13,9 @@
 #   EXTRA=1 tools/gpu_check_perf.sh         # + GPT-2 Large with activation checkpointing (3rd planner row)
 #   BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # without rows 3 and 4
 #   LIGER=1 tools/gpu_check_perf.sh         # + GPT-2 Large with Liger's fused linear cross-entropy (memory vs row 1)
-#   TUNE=1 BASE=0 BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # only the A/B of model.bias_after_matmul,
-#                                           # Large and small, default vs on, same call (~4 min)
+#   TUNE=1 BASE=0 BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # only the A/Bs: model.bias_after_matmul
+#                                           # (Large and small, default vs on) and Large's attention
+#                                           # kernel (flash vs cuDNN), same call (~6 min)
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 #   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
 #                                           # under 45 s, so one device call ends in time (rows run in
@@ -70,12 +71,16 @@ if [ "${BASE:-1}" = 1 ]; then
   row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer --callbacks
   VALIDATE+=("$OUT/large.json" "$OUT/small.json")
 fi
-if [ "${TUNE:-0}" = 1 ]; then  # same-call A/B of model.bias_after_matmul (mm + fused bias add, not cuBLAS addmm)
+if [ "${TUNE:-0}" = 1 ]; then  # same-call A/Bs: model.bias_after_matmul (mm + fused bias add, not cuBLAS addmm), SDPA kernel
   # (compile_mode=max-autotune-no-cudagraphs was tried here first: on the H200 its compile ran past
   # 150 s for Large and 92 s for small and never reached a timed step.)
   T_TUNE=${T_TUNE:-70}
   row large-default "$T_TUNE" "${LARGE[@]}" --baseline none
   row large-biasmm "$T_TUNE" "${LARGE[@]}" -o model.bias_after_matmul=true --baseline none
+  # The attention kernel: the header of each row names the one SDPA picks (torch may put cuDNN first on
+  # Hopper); these two force each, so one of them repeats large-default (a measure of the noise).
+  row large-flash "$T_TUNE" "${LARGE[@]}" --sdpa flash --baseline none
+  [ $SMOKE = 1 ] || row large-cudnn "$T_TUNE" "${LARGE[@]}" --sdpa cudnn --baseline none  # CUDA only
   row small-default "$T_TUNE" "${SMALL[@]}" --baseline none
   row small-biasmm "$T_TUNE" "${SMALL[@]}" -o model.bias_after_matmul=true --baseline none
 fi
@@ -97,7 +102,7 @@ fi
 {
   echo
   echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
-  for name in large small large-default large-biasmm small-default small-biasmm large-bf16true small-data large-liger large-ckpt; do
+  for name in large small large-default large-biasmm large-flash large-cudnn small-default small-biasmm large-bf16true small-data large-liger large-ckpt; do
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then
