@@ -63,3 +63,32 @@ def test_sdpa_backend_is_named_and_forced_process_wide():
         # cuDNN attention is CUDA's: on CPU nothing is left, said in the header (the rows then fail)
         assert bench.use_sdpa_backend("cudnn", gpt2, 32, cpu, torch.float32) == "attention: none viable (--sdpa cudnn)"
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+
+
+def test_profile_steps_come_after_the_timed_ones_and_are_split_by_kind(capsys):
+    res = bench.main([*MICRO, "--baseline", "none", "--profile", "2"])
+    row = res["rows"][0]
+    assert "error" not in row and row["steps_timed"] == 2 and len(row["step_times_s"]) == 3  # profiled steps: untimed
+    prof = res["profile"]
+    assert prof["steps"] == 2 and prof["clock"] == "CPU ops (self time)"
+    assert sum(prof["kinds"].values()) == pytest.approx(prof["total_ms_per_step"])
+    assert prof["kinds"]["matmul"] > 0 and prof["kinds"]["optimizer"] > 0  # aten::mm/addmm, fused AdamW
+    top = {t["name"]: t for t in prof["top"]}
+    assert top["aten::_fused_adamw_"]["calls_per_step"] == 2  # one call per parameter group, every step
+    out = capsys.readouterr().out
+    assert "| kind | ms/step | share |" in out and "| matmul |" in out
+
+
+def test_kernels_are_sorted_into_kinds():
+    import re
+
+    def kind(name):
+        return next((k for k, pat in bench.KERNEL_KINDS if re.search(pat, name, re.I)), "other")
+
+    assert kind("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0") == "attention"
+    assert kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == "attention"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_NNT") == "matmul"
+    assert kind("triton_per_fused_native_layer_norm_0") == "fused elementwise (Inductor)"
+    assert kind("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert kind("Memcpy HtoD (Pageable -> Device)") == "copy / cast"

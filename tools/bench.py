@@ -163,6 +163,8 @@ class Meter:
             self.events[0].record()
 
     def step_end(self) -> None:
+        if self.steps is not None and max(len(self.events) - 1, len(self.ends)) >= self.warmup + self.steps:
+            return  # a profiled step after the timed ones (--profile): not timed
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -280,6 +282,51 @@ def trainer_kwargs(cfg: dict, device: torch.device, max_steps: int, callbacks: l
                 accumulate_grad_batches=1)
 
 
+KERNEL_KINDS = [  # first match wins: cuDNN's attention kernels are named sm90_... too
+    ("attention", r"flash|fmha|sdpa|attention"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|^sm\d+_|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("fused elementwise (Inductor)", r"triton"),
+    ("copy / cast", r"copy|memcpy|memset|to_copy|cast|fill"),
+]
+
+
+def kernel_table(prof, device: torch.device, steps: int, top: int = 12) -> dict:
+    """Where a step's time goes, from a torch.profiler run of `steps` steps: GPU kernel time (on CPU:
+    the ops' own CPU time) summed per kind of kernel, and the top kernels. Printed as two tables."""
+    import re
+
+    from torch.autograd import DeviceType
+
+    cuda = device.type == "cuda"
+    rows = []
+    for e in prof.key_averages():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append((e.key, e.count, us))
+    total = sum(us for _, _, us in rows) or 1.0
+    kinds: dict[str, float] = {}
+    for name, _, us in rows:
+        kind = next((k for k, pat in KERNEL_KINDS if re.search(pat, name, re.I)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    ms = 1e3 * steps  # microseconds over all steps -> ms per step
+    out = {"steps": steps, "clock": "GPU kernels" if cuda else "CPU ops (self time)",
+           "total_ms_per_step": total / ms,
+           "kinds": {k: v / ms for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+           "top": [{"name": n, "calls_per_step": c / steps, "ms_per_step": us / ms}
+                   for n, c, us in sorted(rows, key=lambda r: -r[2])[:top]]}
+    lines = [f"profile of the gpt2dist row: {steps} step(s) after the timed ones, {out['clock']}, "
+             f"{out['total_ms_per_step']:.1f} ms/step in all", "", "| kind | ms/step | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.2f} | {100 * v / out['total_ms_per_step']:.1f}% |" for k, v in out["kinds"].items()]
+    lines += ["", "| kernel | calls/step | ms/step | share |", "|---|---:|---:|---:|"]
+    lines += [f"| `{t['name'][:90]}` | {t['calls_per_step']:g} | {t['ms_per_step']:.2f} | "
+              f"{100 * t['ms_per_step'] / out['total_ms_per_step']:.1f}% |" for t in out["top"]]
+    out["text"] = "\n".join(lines)
+    return out
+
+
 def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool = False) -> tuple[dict, Meter]:
     """`callbacks`: also the per-step callbacks `gpt2dist fit` adds by default (TrainMonitor, the
     NaN guard of FaultTolerance) and its progress bar, to show what they cost."""
@@ -294,15 +341,37 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             meter.step_end()
 
+    profiled: dict = {}
+    timed_steps = args.warmup + args.steps
+    profile = getattr(args, "profile", 0) if not (real or callbacks) else 0
+
+    class Profile(pl.Callback):  # --profile: steps after the timed ones, under torch.profiler
+        prof = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == timed_steps:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.prof is not None and batch_idx == timed_steps + profile - 1:
+                sync(device)
+                self.prof.__exit__(None, None, None)
+                profiled.update(kernel_table(self.prof, device, profile))
+                self.prof = None
+
     pl.seed_everything(cfg.get("seed_everything", 1234), verbose=False)
-    steps = args.warmup + args.steps
+    steps = timed_steps + profile
     extra = []
     if callbacks:
         from gpt2dist.faults import FaultTolerance
         from gpt2dist.monitor import TrainMonitor
 
         extra = [TrainMonitor(), FaultTolerance()]
-    kw = trainer_kwargs(cfg, device, steps, [*extra, StepTimer()])
+    kw = trainer_kwargs(cfg, device, steps, [*extra, StepTimer(), *([Profile()] if profile else [])])
     kw["enable_progress_bar"] = callbacks  # the bar `gpt2dist fit` shows reads metrics every batch
     trainer = pl.Trainer(**kw)
     vocab = model_config(cfg).vocab_size
@@ -315,6 +384,9 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool 
         module = make_module(cfg)
         trainer.fit(module, train_dataloaders=synthetic_loader(steps, args.batch, args.block, vocab, device))
     info = {"vocab_rows": module.model.config.vocab_size, "vocab": module.vocab_size}
+    if profiled:
+        print(profiled["text"], flush=True)  # at once: a later row that times out must not take it along
+        info["profile"] = {k: v for k, v in profiled.items() if k != "text"}
     del trainer, module
     return info, meter
 
@@ -453,6 +525,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "shields the comparison from other processes on a shared machine")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card (default: looked up by name)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="K more steps of the gpt2dist row, after the timed ones, under torch.profiler: "
+                         "kernel time per step by kind (matmul, attention, Inductor's fused kernels, optimizer) "
+                         "and the top kernels")
     ap.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="auto",
                     help="attention kernel for every row (auto: SDPA's own priority; on Hopper torch may "
                          "put cuDNN before flash): the A/B of the attention backend")

@@ -75,13 +75,15 @@ if [ "${TUNE:-0}" = 1 ]; then  # same-call A/Bs: model.bias_after_matmul (mm + f
   # (compile_mode=max-autotune-no-cudagraphs was tried here first: on the H200 its compile ran past
   # 150 s for Large and 92 s for small and never reached a timed step.)
   T_TUNE=${T_TUNE:-70}
-  row large-default "$T_TUNE" "${LARGE[@]}" --baseline none
+  # The default rows also profile 2 more steps: GPU kernel time per step by kind (matmul, attention,
+  # Inductor's fused kernels, optimizer, copies) and the top kernels: where the rest of the step goes.
+  row large-default "$T_TUNE" "${LARGE[@]}" --baseline none --profile 2
   row large-biasmm "$T_TUNE" "${LARGE[@]}" -o model.bias_after_matmul=true --baseline none
   # The attention kernel: the header of each row names the one SDPA picks (torch may put cuDNN first on
   # Hopper); these two force each, so one of them repeats large-default (a measure of the noise).
   row large-flash "$T_TUNE" "${LARGE[@]}" --sdpa flash --baseline none
   [ $SMOKE = 1 ] || row large-cudnn "$T_TUNE" "${LARGE[@]}" --sdpa cudnn --baseline none  # CUDA only
-  row small-default "$T_TUNE" "${SMALL[@]}" --baseline none
+  row small-default "$T_TUNE" "${SMALL[@]}" --baseline none --profile 2
   row small-biasmm "$T_TUNE" "${SMALL[@]}" -o model.bias_after_matmul=true --baseline none
 fi
 if [ "${BF16TRUE:-1}" = 1 ]; then
@@ -106,7 +108,7 @@ fi
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then
-      sed -n '/^device:/p;/^| run/,$p' "$OUT/$name.log"
+      sed -n '/^device:/p;/^profile of/,/^row done/p;/^| run/,$p' "$OUT/$name.log"
     else
       echo "(no result: timed out or failed; last lines of $OUT/$name.log)"; tail -n 3 "$OUT/$name.log"
     fi
