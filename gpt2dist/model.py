@@ -138,6 +138,7 @@ class GPT2Module(pl.LightningModule):
         pad_vocab_to_multiple_of: int = 1,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_options: dict[str, Any] | None = None,
         activation_checkpointing: bool = False,
         tf32: bool = True,
         fused_cross_entropy: bool = False,
@@ -162,6 +163,7 @@ class GPT2Module(pl.LightningModule):
             pad_vocab_to_multiple_of: Pad embedding/lm_head rows to a multiple of this (128 on GPUs: 50257 -> 50304); padded logits are never predicted and the export is unpadded. 1: no padding.
             compile: torch.compile each GPT2Block ("regional": compile time of one block).
             compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs" tunes matmuls: on an H200 its compile ran past 150 s for GPT-2 Large and did not finish).
+            compile_options: Inductor options for the compiled blocks, e.g. {coordinate_descent_tuning: true} (tunes Inductor's own kernels; see torch._inductor.list_options()); not with compile_mode.
             activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
             tf32: Allow TF32 for fp32 matmuls on Ampere+ GPUs.
             fused_cross_entropy: Liger fused linear cross-entropy (CUDA + `pip install liger-kernel`): no vocab-wide logits in memory.
@@ -169,6 +171,10 @@ class GPT2Module(pl.LightningModule):
             master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights and sums accumulated micro-batch gradients in fp32 (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()
+        if compile_options:  # a typo must stop the run now, not at the first compiled forward
+            from gpt2dist.perf import check_compile_options
+
+            check_compile_options(compile_mode, compile_options)
         self.save_hyperparameters()
         self.model = None  # built in configure_model
 

@@ -134,16 +134,37 @@ def apply_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_blocks(model, mode: str | None = None) -> int:
+def check_compile_options(mode: str | None, options: dict | None) -> None:
+    """model.compile_options: known Inductor options, and not together with model.compile_mode
+    (torch.compile takes one or the other; it would only say so at the first forward)."""
+    if not options:
+        return
+    if mode is not None:
+        raise ConfigError(f"model.compile_mode={mode!r} and model.compile_options cannot both be set "
+                          "(torch.compile takes one); drop one of them")
+    from torch._inductor import list_options
+
+    known = set(list_options())
+    bad = sorted(set(options) - known)
+    if bad:
+        import difflib
+
+        near = difflib.get_close_matches(bad[0], known, n=1)
+        raise ConfigError(f"model.compile_options: {bad[0]!r} is not an Inductor option"
+                          f"{f' (did you mean {near[0]!r}?)' if near else ''}; see torch._inductor.list_options()")
+
+
+def compile_blocks(model, mode: str | None = None, options: dict | None = None) -> int:
     """`torch.compile` each block in place ("regional"); returns how many were compiled.
 
     All blocks have the same code and shapes, so Dynamo compiles one graph and reuses it; the
     embeddings, final LayerNorm and lm_head stay eager (the loss is compiled apart, see
     `compiled_shifted_token_losses`).
     """
+    check_compile_options(mode, options)
     n = 0
     for block in blocks(model):
-        block.compile(mode=mode, dynamic=False)
+        block.compile(dynamic=False, **({"options": dict(options)} if options else {"mode": mode}))
         n += 1
     return n
 
@@ -197,5 +218,6 @@ def apply_perf_options(module) -> None:
     if hp.activation_checkpointing:
         apply_activation_checkpointing(model)
     if hp.compile:
-        n = compile_blocks(model, hp.compile_mode)
-        log.info("torch.compile: %d GPT2Blocks compiled regionally (mode=%s)", n, hp.compile_mode)
+        options = hp.get("compile_options")
+        n = compile_blocks(model, hp.compile_mode, options)
+        log.info("torch.compile: %d GPT2Blocks compiled regionally (mode=%s, options=%s)", n, hp.compile_mode, options)

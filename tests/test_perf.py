@@ -203,3 +203,21 @@ def test_bias_after_matmul_compiles_to_mm_not_addmm():
     plain, swapped = addmm_and_mm(), addmm_and_mm(bias_after_matmul=True)
     assert plain[0] > 0, plain  # the probe sees addmm where it is used
     assert swapped[0] == 0 and swapped[1] > plain[1], swapped
+
+
+def test_compile_options_reach_inductor_and_a_bad_one_is_one_line():
+    from torch._inductor.utils import run_and_get_code
+
+    def block_code(**kw):  # the forward alone: only the blocks' graph (the loss region keeps its defaults)
+        torch._dynamo.reset()
+        m = module(compile=True, **kw)
+        _, code = run_and_get_code(lambda: m(torch.randint(0, V, (2, 32))))
+        return "\n".join(code)
+
+    assert "assert_size_stride(" in block_code()  # Inductor's default: size_asserts on
+    assert "assert_size_stride(" not in block_code(compile_options={"size_asserts": False})
+    with pytest.raises(ConfigError, match=r"^model.compile_options: 'coordinate_descent_tunning' is not an Inductor "
+                                          r"option \(did you mean 'coordinate_descent_tuning'\?\)"):
+        GPT2Module(compile=True, compile_options={"coordinate_descent_tunning": True})
+    with pytest.raises(ConfigError, match="cannot both be set"):
+        GPT2Module(compile=True, compile_mode="max-autotune", compile_options={"coordinate_descent_tuning": True})

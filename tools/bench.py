@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"compile {bool(m.get('compile'))}{' ' + m['compile_mode'] if m.get('compile') and m.get('compile_mode') else ''}; pad_vocab {m.get('pad_vocab_to_multiple_of', 1)}; "
           f"act-ckpt {bool(m.get('activation_checkpointing'))}; fused CE {bool(m.get('fused_cross_entropy'))}; "
           f"{'bias after matmul; ' if m.get('bias_after_matmul') else ''}"
+          f"{'compile options ' + str(m['compile_options']) + '; ' if m.get('compile_options') else ''}"
           f"{fpt / 1e9:.3f} GFLOP/token; steps {args.warmup} warmup + {args.steps} timed", flush=True)
 
     plan = [("gpt2dist", "ours-synthetic")] if args.data in ("synthetic", "both") else []

@@ -15,7 +15,9 @@
 #   LIGER=1 tools/gpu_check_perf.sh         # + GPT-2 Large with Liger's fused linear cross-entropy (memory vs row 1)
 #   TUNE=1 BASE=0 BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # only the A/Bs: model.bias_after_matmul
 #                                           # (Large and small, default vs on) and Large's attention
-#                                           # kernel (flash vs cuDNN), same call (~6 min)
+#                                           # kernel (flash vs cuDNN), Inductor's coordinate-descent
+#                                           # tuning on Large, same call (~7 min; DEADLINE cuts the last);
+#                                           # the default rows also print a kernel-time profile
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 #   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
 #                                           # under 45 s, so one device call ends in time (rows run in
@@ -74,7 +76,7 @@ fi
 if [ "${TUNE:-0}" = 1 ]; then  # same-call A/Bs: model.bias_after_matmul (mm + fused bias add, not cuBLAS addmm), SDPA kernel
   # (compile_mode=max-autotune-no-cudagraphs was tried here first: on the H200 its compile ran past
   # 150 s for Large and 92 s for small and never reached a timed step.)
-  T_TUNE=${T_TUNE:-70}
+  T_TUNE=${T_TUNE:-90}  # a Large row: ~10 s imports, ~10 s building 774M weights, ~15 s compile, steps
   # The default rows also profile 2 more steps: GPU kernel time per step by kind (matmul, attention,
   # Inductor's fused kernels, optimizer, copies) and the top kernels: where the rest of the step goes.
   row large-default "$T_TUNE" "${LARGE[@]}" --baseline none --profile 2
@@ -85,6 +87,8 @@ if [ "${TUNE:-0}" = 1 ]; then  # same-call A/Bs: model.bias_after_matmul (mm + f
   [ $SMOKE = 1 ] || row large-cudnn "$T_TUNE" "${LARGE[@]}" --sdpa cudnn --baseline none  # CUDA only
   row small-default "$T_TUNE" "${SMALL[@]}" --baseline none --profile 2
   row small-biasmm "$T_TUNE" "${SMALL[@]}" -o model.bias_after_matmul=true --baseline none
+  # Inductor tunes the launch configs of its own fused kernels (compiles longer; not the GEMMs).
+  row large-coord "$T_TUNE" "${LARGE[@]}" -o "model.compile_options={coordinate_descent_tuning: true}" --baseline none
 fi
 if [ "${BF16TRUE:-1}" = 1 ]; then
   row large-bf16true "$T_BF16" "${LARGE[@]}" -o trainer.precision=bf16-true --baseline none
@@ -104,7 +108,7 @@ fi
 {
   echo
   echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
-  for name in large small large-default large-biasmm large-flash large-cudnn small-default small-biasmm large-bf16true small-data large-liger large-ckpt; do
+  for name in large small large-default large-biasmm large-flash large-cudnn small-default small-biasmm large-coord large-bf16true small-data large-liger large-ckpt; do
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then
