@@ -90,5 +90,6 @@ def test_kernels_are_sorted_into_kinds():
     assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert kind("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_NNT") == "matmul"
     assert kind("triton_per_fused_native_layer_norm_0") == "fused elementwise (Inductor)"
+    assert kind("## Call CompiledFxGraph f6tmtf72jircdiralkvfthn4z2nxwgyj3j6iyfldgf4kwehe4yoz ##") == "fused elementwise (Inductor)"
     assert kind("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
     assert kind("Memcpy HtoD (Pageable -> Device)") == "copy / cast"

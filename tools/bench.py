@@ -286,7 +286,7 @@ KERNEL_KINDS = [  # first match wins: cuDNN's attention kernels are named sm90_.
     ("attention", r"flash|fmha|sdpa|attention"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|^sm\d+_|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("fused elementwise (Inductor)", r"triton"),
+    ("fused elementwise (Inductor)", r"triton|CompiledFxGraph"),  # CPU: Inductor's C++ runs inside this range
     ("copy / cast", r"copy|memcpy|memset|to_copy|cast|fill"),
 ]
 
