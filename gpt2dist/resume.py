@@ -30,14 +30,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpt2dist.errors import CheckpointError
+from gpt2dist.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +323,92 @@ def check_checkpoint_fits_strategy(ckpt_path: str | None, strategy, world_size: 
         raise CheckpointError(f"--ckpt_path {ckpt_path} is a single-file checkpoint, and DeepSpeed resumes only its own "
                               f"checkpoint folders; use the strategy that wrote it (configs/strategy/ddp.yaml, "
                               f"fsdp.yaml or one process), {export}")
+
+
+def _ranks(ranks: list[int], hosts: list[str]) -> str:
+    """'ranks 8-15 (node2), 17 (node3)': consecutive ranks on one host as a range."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][-1] + 1 and hosts[r] == hosts[runs[-1][0]]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    parts = [f"{g[0]}{'-' + str(g[-1]) if len(g) > 1 else ''} ({hosts[g[0]]})" for g in runs]
+    return ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(parts)
+
+
+def check_ranks_share_the_run(folders: list[str | Path], ckpt_path: str | None = "unknown", wait_s: float = 10.0) -> None:
+    """Every rank sees the same run folders and resumes the same training progress; else all ranks
+    raise the same one-line error. Collective (all ranks call it); nothing to do without a process
+    group of 2+ ranks.
+
+    Checkpoints are written into one folder by rank 0 (sharded ones by every rank) and a requeued job
+    may land on other nodes, so a node-local trainer.default_root_dir (/tmp, a local scratch disk) loses
+    or splits them; and ranks that resolved `--ckpt_path auto` in different folders would resume
+    different steps (one fresh, one at step 500): replicas that silently diverge. Rank 0 writes a token
+    file in each folder and every rank looks for it (up to `wait_s`: a network filesystem may show a new
+    file late). `ckpt_path` is this rank's resolved checkpoint (None: fresh; "unknown": not resolved
+    by the CLI, so not compared)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    own = list(dict.fromkeys(str(f) for f in folders if "://" not in str(f)))  # remote (s3://...): one store
+    shared = [(f".gpt2dist-shared-{uuid.uuid4().hex}", own) if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # the token's name, and rank 0's folders for the message
+    name, named = shared[0]
+    tokens = [Path(f) / name for f in own]
+    unwritable = ""  # rank 0's failure to write a token: reported by every rank below, none left waiting
+    try:
+        if rank == 0:
+            for t in tokens:
+                try:
+                    t.parent.mkdir(parents=True, exist_ok=True)
+                    t.write_text(socket.gethostname())
+                except OSError as e:
+                    unwritable = f"cannot write in {t.parent} ({e.strerror or type(e).__name__})"
+                    break
+        dist.barrier()
+        deadline = time.monotonic() + wait_s
+        while not all(t.exists() for t in tokens) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        progress = None
+        if ckpt_path not in (None, "unknown") and os.path.exists(ckpt_path):
+            progress = checkpoint_progress(ckpt_path)
+        mine = (socket.gethostname(), [t.exists() for t in tokens], ckpt_path, progress, unwritable)
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine)  # after every rank has looked: rank 0 may remove the tokens
+    finally:
+        if rank == 0:
+            for t in tokens:
+                try:
+                    t.unlink()
+                except OSError:  # never written (reported below)
+                    pass
+    hosts = [e[0] for e in everyone]
+    if everyone[0][4]:
+        raise ConfigError(f"rank 0 ({hosts[0]}) {everyone[0][4]}: the run folder must be writable; "
+                          "fix its permissions or pick another trainer.default_root_dir")
+    for i, folder in enumerate(named):
+        blind = [r for r, e in enumerate(everyone) if not e[1][i]]
+        if blind:
+            raise ConfigError(
+                f"{folder} is not one folder for all ranks: {_ranks(blind, hosts)} cannot see the file rank 0 "
+                f"({hosts[0]}) wrote there; checkpoints and requeue need storage every node shares: put "
+                "trainer.default_root_dir (and the checkpoint dirpath) on a shared filesystem, not /tmp or a local disk")
+    if any(e[2] == "unknown" for e in everyone):  # decided on what all ranks gathered: all return, or all raise
+        return
+    resumes = [(e[3][0] if e[3] else None) if e[2] else "fresh" for e in everyone]  # the step, or "fresh"
+    odd = [r for r in range(world) if resumes[r] != resumes[0]]
+    if odd:
+        def what(r: int) -> str:
+            return "starts fresh" if resumes[r] == "fresh" else f"resumes {everyone[r][2]} (step {resumes[r]})"
+
+        raise CheckpointError(
+            f"ranks disagree on the checkpoint: rank 0 ({hosts[0]}) {what(0)}, {_ranks(odd, hosts)} {what(odd[0])}; "
+            "each rank resolves --ckpt_path in the run folder it sees: check that every node sees the same "
+            "trainer.default_root_dir, and that no other job writes there")
 
 
 def is_deepspeed_folder(ckpt_path: str | None) -> bool:

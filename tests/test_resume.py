@@ -225,3 +225,69 @@ def test_checkpoint_the_strategy_cannot_load_is_one_line(tmp_path):
                                        (sharded, fsdp, 1, "fit"), (ds, zero2, 2, "fit"), (ds, zero2, 1, "validate"),
                                        (ds, zero3, 1, "test"), (ds, one, 1, "validate"), (ds, ddp, 2, "predict")]:
         check_checkpoint_fits_strategy(str(path), strategy, world, sub)
+
+
+def _share_check(rank: int, init_file: str, folder: str, ckpt, out) -> None:
+    import torch.distributed as dist
+
+    from gpt2dist.resume import check_ranks_share_the_run
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_ranks_share_the_run([folder], ckpt, wait_s=1.0)
+        out.put((rank, "ok"))
+    except Exception as e:  # every rank must raise the same line (none may be left in a collective)
+        out.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_ranks(tmp_path, folders, ckpts) -> list:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = tmp_path / f"init-{len(list(tmp_path.glob('init-*')))}"
+    procs = [ctx.Process(target=_share_check, args=(r, str(init), str(folders[r]), ckpts[r], out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [msg for _, msg in results]
+
+
+def test_ranks_must_see_one_run_folder_and_resume_the_same_step(tmp_path, root):
+    import socket
+
+    host = socket.gethostname()
+    save(root / "checkpoints" / "last.ckpt", 40, 80)
+    last = str(root / "checkpoints" / "last.ckpt")
+    # One shared folder, the same checkpoint: passes, and the token file is gone afterwards.
+    assert _run_two_ranks(tmp_path, [root, root], [last, last]) == ["ok", "ok"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints"]
+    # Node-local disks: rank 1's folder of the same name is another one (here: another path).
+    local = tmp_path / "node2-local" / "run"
+    local.mkdir(parents=True)
+    msgs = _run_two_ranks(tmp_path, [root, local], [last, None])
+    assert msgs[0] == msgs[1] and msgs[0] == (
+        f"ConfigError: {root} is not one folder for all ranks: rank 1 ({host}) cannot see the file rank 0 ({host}) "
+        "wrote there; checkpoints and requeue need storage every node shares: put trainer.default_root_dir (and the "
+        "checkpoint dirpath) on a shared filesystem, not /tmp or a local disk")
+    assert not any(p.name.startswith(".gpt2dist-shared") for p in [*root.iterdir(), *local.iterdir()])
+    # A shared folder, but rank 1 resolved no checkpoint (e.g. it looked before rank 0's job wrote one).
+    msgs = _run_two_ranks(tmp_path, [root, root], [last, None])
+    assert msgs[0] == msgs[1] and msgs[0] == (
+        f"CheckpointError: ranks disagree on the checkpoint: rank 0 ({host}) resumes {last} (step 40), rank 1 ({host}) "
+        "starts fresh; each rank resolves --ckpt_path in the run folder it sees: check that every node sees the same "
+        "trainer.default_root_dir, and that no other job writes there")
+    # The Python API (no CLI resolution): only the folder is checked.
+    assert _run_two_ranks(tmp_path, [root, root], ["unknown", None]) == ["ok", "ok"]
+    # Rank 0 cannot write there (here: a file where a folder should be): every rank says so, none hangs.
+    (tmp_path / "a-file").write_text("")
+    bad = tmp_path / "a-file" / "run"
+    msgs = _run_two_ranks(tmp_path, [bad, bad], ["unknown", "unknown"])
+    assert msgs[0] == msgs[1] and msgs[0] == (
+        f"ConfigError: rank 0 ({host}) cannot write in {bad} (Not a directory): the run folder must be writable; "
+        "fix its permissions or pick another trainer.default_root_dir")
