@@ -299,13 +299,12 @@ def kernel_table(prof, device: torch.device, steps: int, top: int = 12) -> dict:
     from torch.autograd import DeviceType
 
     cuda = device.type == "cuda"
-    rows = []
-    for e in prof.key_averages():
-        if cuda and e.device_type != DeviceType.CUDA:
-            continue
-        us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if us > 0:
-            rows.append((e.key, e.count, us))
+    events = prof.key_averages()
+    rows = [(e.key, e.count, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events
+            if not cuda or e.device_type == DeviceType.CUDA]
+    if cuda and not any(us > 0 for *_, us in rows):  # kernels not listed apart: the ops' own device time
+        rows = [(e.key, e.count, e.self_device_time_total) for e in events]
+    rows = [r for r in rows if r[2] > 0]
     total = sum(us for _, _, us in rows) or 1.0
     kinds: dict[str, float] = {}
     for name, _, us in rows:
