@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gpt2dist.preemption import Preemption, agree_on_flags, cpu_flag_group, install_early_handler
 
@@ -24,8 +23,8 @@ def test_outside_slurm_and_without_a_process_group_nothing_is_taken_over(monkeyp
     assert cpu_flag_group() is None and agree_on_flags([True, False]) == [True, False]
 
 
-def _agree(rank: int, init_file: str, out) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def _agree(rank: int, world: int, init_file: str, out) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         # Rank 1 alone got SIGTERM; nobody got SIGUSR1: both ranks must see (False, True).
         out.put((rank, agree_on_flags([False, rank == 1]), cpu_flag_group() is dist.group.WORLD))
@@ -34,13 +33,7 @@ def _agree(rank: int, init_file: str, out) -> None:
 
 
 def test_flags_are_agreed_across_ranks_on_a_gloo_group(tmp_path):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(r, str(tmp_path / "init"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    from conftest import spawn_ranks
+
+    results = sorted(spawn_ranks(_agree, 2, str(tmp_path / "init"), timeout=120))
     assert results == [(0, [False, True], True), (1, [False, True], True)]

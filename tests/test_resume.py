@@ -227,14 +227,14 @@ def test_checkpoint_the_strategy_cannot_load_is_one_line(tmp_path):
         check_checkpoint_fits_strategy(str(path), strategy, world, sub)
 
 
-def _share_check(rank: int, init_file: str, folder: str, ckpt, out) -> None:
+def _share_check(rank: int, world: int, init_file: str, folders: list, ckpts: list, out) -> None:
     import torch.distributed as dist
 
     from gpt2dist.resume import check_ranks_share_the_run
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        check_ranks_share_the_run([folder], ckpt, wait_s=1.0)
+        check_ranks_share_the_run([folders[rank]], ckpts[rank], wait_s=1.0)
         out.put((rank, "ok"))
     except Exception as e:  # every rank must raise the same line (none may be left in a collective)
         out.put((rank, f"{type(e).__name__}: {e}"))
@@ -243,19 +243,11 @@ def _share_check(rank: int, init_file: str, folder: str, ckpt, out) -> None:
 
 
 def _run_two_ranks(tmp_path, folders, ckpts) -> list:
-    import torch.multiprocessing as mp
+    from conftest import spawn_ranks
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init = tmp_path / f"init-{len(list(tmp_path.glob('init-*')))}"
-    procs = [ctx.Process(target=_share_check, args=(r, str(init), str(folders[r]), ckpts[r], out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return [msg for _, msg in results]
+    init = tmp_path / f"init-{len(list(tmp_path.glob('init-*')))}"  # a new rendezvous file per group
+    results = spawn_ranks(_share_check, 2, str(init), [str(f) for f in folders], ckpts, timeout=120)
+    return [msg for _, msg in sorted(results)]
 
 
 def test_ranks_must_see_one_run_folder_and_resume_the_same_step(tmp_path, root):

@@ -436,23 +436,31 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
 
 
 def _fp32_reduce_worker(rank, world, init_file, out_q):
+    import gc
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from gpt2dist.strategies import fp32_allreduce_hook
 
+    # In a function, so DDP's Reducer dies when it returns, while the process group lives on. Kept alive
+    # past destroy_process_group, it was the group's last owner: ~ProcessGroupGloo then joined gloo's
+    # worker thread at exit with the GIL held, while that thread waited for the GIL to free the barrier's
+    # work (a rank hung for good, seen once; py-spy showed both threads).
+    def reduced_grad(hook, row: torch.Tensor) -> torch.Tensor:
+        layer = torch.nn.Linear(4096, 1, bias=False).to(torch.bfloat16)
+        ddp = DistributedDataParallel(layer)
+        if hook is not None:
+            ddp.register_comm_hook(None, hook)
+        # Through DDP's forward: d(w . g_rank)/dw = g_rank, each rank contributes its own bf16 row.
+        ddp(row.unsqueeze(0)).sum().backward()
+        return layer.weight.grad.detach().clone().view(-1)
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         grads = torch.randn(world, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        results = []
-        for hook in (None, fp32_allreduce_hook):
-            layer = torch.nn.Linear(4096, 1, bias=False).to(torch.bfloat16)
-            ddp = DistributedDataParallel(layer)
-            if hook is not None:
-                ddp.register_comm_hook(None, hook)
-            # Through DDP's forward: d(w . g_rank)/dw = g_rank, each rank contributes its own bf16 row.
-            ddp(grads[rank].unsqueeze(0)).sum().backward()
-            results.append(ddp.module.weight.grad.detach().clone().view(-1))
+        results = [reduced_grad(hook, grads[rank]) for hook in (None, fp32_allreduce_hook)]
+        gc.collect()  # and any DDP object a reference cycle kept
         exact = grads.float().mean(0).to(torch.bfloat16)
         out_q.put((rank, *(t.float().tolist() for t in (results[0], results[1], exact))))  # plain lists: no shared memory
         dist.barrier()
