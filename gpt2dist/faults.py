@@ -203,9 +203,9 @@ class FaultTolerance(Callback):
             from gpt2dist.resume import check_ranks_share_the_run
 
             # Before the checkpoint is restored: a rank that sees another run folder stops every rank here.
-            root, ckpt_dir = Path(trainer.default_root_dir), getattr(trainer.checkpoint_callback, "dirpath", None)
-            outside = ckpt_dir and not Path(ckpt_dir).resolve().is_relative_to(root.resolve())
-            check_ranks_share_the_run([root, *([ckpt_dir] if outside else [])], self.fit_ckpt_path)
+            root, ckpt_dir = str(trainer.default_root_dir), getattr(trainer.checkpoint_callback, "dirpath", None)
+            outside = ckpt_dir and ("://" in str(ckpt_dir) or not Path(ckpt_dir).resolve().is_relative_to(Path(root).resolve()))
+            check_ranks_share_the_run([root, *([str(ckpt_dir)] if outside else [])], self.fit_ckpt_path)  # URLs: skipped there
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         if self.fit_ckpt_path != "unknown":
