@@ -22,6 +22,10 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   another folder's) first moves what `auto`/`last` would prefer over its own checkpoints into
   `checkpoints/set-aside-*/` (`set_aside_other_runs`, called by FaultTolerance.on_train_start).
 
+Every rank resolves the choice itself, so a fit on 2+ ranks first checks that all of them see one run
+folder and resume the same step (`check_ranks_share_the_run`, from FaultTolerance.setup): a node-local
+default_root_dir would otherwise let one node resume while another starts fresh.
+
 Stop signals (SLURM's SIGUSR1, SIGTERM) are handled in `gpt2dist/preemption.py`.
 """
 

@@ -546,3 +546,43 @@ def test_nan_guard_stops_before_the_next_checkpoint(tmp_path):
         _nan_fit(tmp_path, "stop", log_every=50, checkpoint_every=3, nan_steps=(4,))
     saved = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert saved == ["epoch=0-step=3.ckpt"], saved  # step 3 (good), and nothing after the bad step
+
+
+def _fault_tolerance_setup(rank: int, world: int, init_file: str, roots: list, ckpt_dirs: list, out) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from gpt2dist.faults import FaultTolerance
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # What setup reads of the Trainer: its run folder and the checkpoint callback's folder.
+        trainer = SimpleNamespace(default_root_dir=roots[rank], checkpoint_callback=SimpleNamespace(dirpath=ckpt_dirs[rank]))
+        FaultTolerance().setup(trainer, None, "fit")
+        out.put((rank, "ok"))
+    except Exception as e:
+        out.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_setup_checks_that_all_ranks_see_the_run_and_checkpoint_folders(tmp_path):
+    """The wiring of gpt2dist.resume.check_ranks_share_the_run (tested there) into every fit: the run
+    folder, and the checkpoint folder too when it lies outside it (e.g. on another mount)."""
+    from conftest import spawn_ranks
+
+    def run(name, roots, ckpt_dirs):
+        results = spawn_ranks(_fault_tolerance_setup, 2, str(tmp_path / f"init-{name}"),
+                              [str(r) for r in roots], [str(c) for c in ckpt_dirs], timeout=120)
+        return [msg for _, msg in sorted(results)]
+
+    root, elsewhere = tmp_path / "run", tmp_path / "ckpts"
+    assert run("same", [root, root], [root / "checkpoints"] * 2) == ["ok", "ok"]
+    assert run("outside", [root, root], [elsewhere] * 2) == ["ok", "ok"]
+    # Rank 1's checkpoint folder (outside the run folder) is another one: caught, named.
+    msgs = run("split-ckpt", [root, root], [elsewhere, tmp_path / "node2" / "ckpts"])
+    assert msgs[0] == msgs[1] and msgs[0].startswith(f"ConfigError: {elsewhere} is not one folder for all ranks: rank 1 ")
+    # Rank 1's run folder is another one.
+    msgs = run("split-root", [root, tmp_path / "node2" / "run"], [root / "checkpoints"] * 2)
+    assert msgs[0] == msgs[1] and msgs[0].startswith(f"ConfigError: {root} is not one folder for all ranks: rank 1 ")
