@@ -1,7 +1,8 @@
-"""The `gpt2dist` command: LightningCLI with fit / validate / test / predict.
+"""The `gpt2dist` command: LightningCLI with fit / validate / test / predict, plus prepare.
 
     gpt2dist fit --config configs/quickstart.yaml
     gpt2dist fit --config configs/gpt2-large.yaml --config configs/strategy/fsdp.yaml
+    gpt2dist prepare --config configs/gpt2-large.yaml   # only fit's tokenizing + packing, no GPU
 
 Later `--config` files override earlier ones; `--print_config` shows the merged result.
 """
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 
 import torch
@@ -44,7 +46,20 @@ def _checkpoint_dir(root: str | None) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
 
 
+PREPARE_HELP = ("Tokenize and pack the data of `fit` with the same arguments into data.cache_dir, and "
+                "nothing else (no Trainer, GPU or process group): run it on a CPU node before a large job.")
+
+
 class GPT2CLI(LightningCLI):
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `prepare` parses fit's whole command line (configs, overrides, --ckpt_path), so the cache key
+        # it writes is the one `fit` with the same arguments reads, and one command line serves both.
+        sub = self._prepare_subcommand_parser(self.trainer_class, "fit", **{**kwargs.get("fit", {}),
+                                                                            "description": PREPARE_HELP})
+        self._subcommand_parsers["prepare"] = sub
+        parser._subcommands_action.add_subcommand("prepare", sub, help=PREPARE_HELP)  # jsonargparse's, from super
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}",
@@ -72,11 +87,13 @@ class GPT2CLI(LightningCLI):
         # --model.* values (max_new_tokens, lr, ...) would be dropped silently. The config is the
         # spec, whatever the spelling; a checkpoint of another shape fails to load, naming it.
         sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        ckpt_path = self.config[sub].get("ckpt_path") if sub and sub != "prepare" else None
         if ckpt_path and ckpt_path not in ("auto", "last", "best"):
             check_explicit_checkpoint(ckpt_path)  # missing/corrupt: one line, before anything else
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand == "prepare":
+            return  # writes nothing in the run folder
         config = self.config.get(str(self.subcommand), self.config)
         trainer = config.get("trainer", {})
         check_writable(trainer.get("default_root_dir"))
@@ -87,6 +104,14 @@ class GPT2CLI(LightningCLI):
                 check_writable(str(save_dir), "trainer.logger.init_args.save_dir")
 
     def instantiate_classes(self) -> None:
+        if self.subcommand == "prepare":
+            # The two sections prepare needs, and no Trainer: an accelerator=gpu config must not need a
+            # GPU here, nor start a process group or a logger's run.
+            config = self.config["prepare"]
+            self.datamodule = TokenBlockDataModule(**config.data.as_dict())
+            self.model = GPT2Module(**config.model.as_dict())
+            self.model.check_block_size(self.datamodule.block_size)
+            return
         super().instantiate_classes()
         if isinstance(self.trainer._accelerator_connector.cluster_environment, SLURMEnvironment):
             # srun's task count is the world size; a trainer that disagrees must not start (launch.py).
@@ -139,6 +164,20 @@ class GPT2CLI(LightningCLI):
                            f"evaluates a randomly initialised model; pass --ckpt_path last (or best, or a file)")
 
     before_validate = before_test = before_predict = _before_eval
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "prepare":
+            return super()._run_subcommand(subcommand)
+        data, model = self.datamodule, self.model
+        start = time.perf_counter()
+        data.load_tokenizer()
+        model.resolve_config(data)  # the model's checks of fit (vocabulary, block size), before any tokenizing
+        cached = data.is_prepared()
+        data.prepare_data()
+        data.setup("fit")
+        print("\n".join(data.describe()))
+        how = "found in the cache" if cached else f"prepared in {time.perf_counter() - start:.1f} s"
+        print(f"gpt2dist prepare: {how}; `gpt2dist fit` with these arguments reads it without tokenizing", flush=True)
 
 
 _RUN: dict = {}  # what an out-of-memory message reports (filled before fit)

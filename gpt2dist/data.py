@@ -595,12 +595,21 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError(f"data.cache_dir={str(self.cache_dir)!r} is not a writable folder "
                             f"({e.strerror or type(e).__name__}); set data.cache_dir to a folder you can write to") from None
 
-    def prepare_data(self) -> None:
-        """Tokenize + pack once per node (local rank 0) into the on-disk cache."""
+    def load_tokenizer(self):
+        """The tokenizer: loaded, or trained once and cached (train_tokenizer_vocab_size). Checks cache_dir first."""
         self._check_cache_dir()
         self.tokenizer = self._load_or_train_tokenizer(train_if_missing=True)
+        return self.tokenizer
+
+    def is_prepared(self) -> bool:
+        """The packed blocks of this data section are in the cache (after `load_tokenizer`)."""
+        return (self._blocks_dir() / "meta.json").exists()
+
+    def prepare_data(self) -> None:
+        """Tokenize + pack once per node (local rank 0) into the on-disk cache."""
+        self.load_tokenizer()
         out = self._blocks_dir()
-        if (out / "meta.json").exists():
+        if self.is_prepared():
             log.info("using cached blocks %s", out)
             return
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -691,6 +700,17 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.train_set = TokenBlocks(out / "train.bin", self.block_size, dtype)
         self.val_set = TokenBlocks(out / "val.bin", self.block_size, dtype)
         log.info("blocks: train %d, val %d (block_size %d)", len(self.train_set), len(self.val_set), self.block_size)
+
+    def describe(self) -> list[str]:
+        """What the cache holds, after `setup`: one line per split (blocks, tokens, documents, dropped)."""
+        out = [f"token cache {self._blocks_dir()}: block_size {self.block_size}, {self.stats['dtype']} ids, "
+               f"tokenizer of {self.stats['vocab_size']:,} tokens"]
+        for split in ("train", "val"):
+            s = self.stats[split]
+            out.append(f"  {split + ':':6} {s['blocks']:,} blocks = {s['blocks'] * self.block_size:,} tokens, from "
+                       f"{s['documents']:,} documents ({s['tokens']:,} tokens with an EOS after each; the last "
+                       f"{s['dropped_tokens']:,} fill no whole block)")
+        return out
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is None:

@@ -184,11 +184,12 @@ class GPT2Module(pl.LightningModule):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
-    def resolve_config(self):
-        """The GPT2Config this run trains, checked against the data (vocab and block size)."""
+    def resolve_config(self, datamodule=None):
+        """The GPT2Config this run trains, checked against the data (vocab and block size): the trainer's
+        datamodule, or `datamodule` where there is no trainer (`gpt2dist prepare`)."""
         hp = self.hparams
         overrides = dict(hp.config_overrides or {})
-        dm = self._datamodule()
+        dm = datamodule if datamodule is not None else self._datamodule()
         tokenizer = getattr(dm, "tokenizer", None)
         if hp.from_scratch and tokenizer is not None:
             overrides.setdefault("vocab_size", len(tokenizer))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, corpus_texts, run_cli
 
 
 def write_config(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
@@ -171,6 +171,61 @@ def test_print_config_and_overlay_merge(tmp_path, corpus_dir, tokenizer_dir):
 
 
 # Bad CLI input (unknown key, block_size > n_positions, empty glob, ...): tests/test_bad_input.py.
+
+
+def test_prepare_packs_what_fit_reads_without_a_trainer(tmp_path, corpus_dir, tokenizer_dir, tokenizer):
+    """`gpt2dist prepare` is fit's data preparation alone: given a GPU/FSDP config and fit's --ckpt_path on
+    this GPU-less machine it builds no Trainer, writes no run folder, packs every token of the corpus,
+    and `fit` with the same arguments then reads that cache instead of tokenizing again."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, accelerator="gpu", devices=8, strategy="fsdp")
+    r = run_cli("prepare", "--config", str(cfg), "--ckpt_path", "auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+    [blocks] = list((tmp_path / "cache" / "blocks").iterdir())
+    meta = json.loads((blocks / "meta.json").read_text())
+    # Every document of the corpus, each followed by EOS, split between train and val as whole documents.
+    ids = [len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in corpus_texts()]
+    assert meta["train"]["documents"] + meta["val"]["documents"] == len(ids)
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] == sum(ids)
+    for split in ("train", "val"):
+        m = meta[split]
+        assert m["blocks"] == m["tokens"] // 64 and m["dropped_tokens"] == m["tokens"] % 64
+        assert (blocks / f"{split}.bin").stat().st_size == m["blocks"] * 64 * 2  # uint16
+        assert (f"{split}:".ljust(7) + f"{m['blocks']:,} blocks = {m['blocks'] * 64:,} tokens, from {m['documents']:,} "
+                f"documents ({m['tokens']:,} tokens") in r.stdout, r.stdout
+    assert f"token cache {blocks}: block_size 64, uint16 ids" in r.stdout
+    assert "gpt2dist prepare: prepared in" in r.stdout
+
+    again = run_cli("prepare", "--config", str(cfg))
+    assert again.returncode == 0 and "gpt2dist prepare: found in the cache" in again.stdout, again.stderr[-2000:]
+    written = {p.name: p.stat().st_mtime_ns for p in blocks.iterdir()}
+    fit = run_cli("fit", "--config", str(cfg), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                  "--trainer.strategy", "auto", "--trainer.max_steps", "2")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert f"using cached blocks {blocks}" in fit.stderr, fit.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in blocks.iterdir()} == written
+    assert list((tmp_path / "cache" / "blocks").iterdir()) == [blocks]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--data.block_size", "128"],
+     "data.block_size=128 exceeds the model's n_positions=64; lower data.block_size to at most 64"),
+    (["--model.config_overrides", json.dumps({**TINY, "vocab_size": 100})],
+     "the tokenizer has 512 tokens but the model's vocab_size is 100; use the model's own tokenizer or set "
+     "model.config_overrides.vocab_size"),
+])
+def test_prepare_refuses_a_data_section_the_model_cannot_train_before_tokenizing(tmp_path, corpus_dir, tokenizer_dir,
+                                                                                 override, message):
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    r = run_cli("prepare", "--config", str(cfg), *override)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"gpt2dist: error: {message}", r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "cache" / "blocks").exists()  # nothing tokenized
+
+
+def test_help_lists_prepare():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "prepare" in r.stdout and "Tokenize and pack the data of `fit`" in r.stdout, r.stdout
 
 
 def test_quickstart_config_is_valid():

@@ -122,6 +122,9 @@ def test_fit_sbatch_runs_multi_process(layout, reference, slurm, tmp_path, corpu
     assert f"= 16 seqs x 32 tokens = 512 tokens/step" in submit_err
     assert f"{nodes} node(s) x {tasks} task(s)" in text
     assert "cluster environment: SLURMEnvironment" in text
+    # One task tokenized (the prepare step) and the fit's processes only read its cache, one per node.
+    assert len(re.findall(r"^gpt2dist prepare: (prepared in|found in the cache)", text, re.M)) == 1, text[-4000:]
+    assert text.count("using cached blocks") == nodes, text[-4000:]
     # Both ranks joined one process group of 2 (Lightning prints one line per rank).
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text
     assert (d / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -266,6 +269,22 @@ def test_job_array_tasks_get_their_own_run_folders(slurm, tmp_path, corpus_dir, 
         assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"], text[-4000:]
         assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_fails_the_job_once_before_training_starts(slurm, tmp_path, corpus_dir, tokenizer_dir):
+    """An empty corpus on 2 nodes: the job's prepare step stops it with one error line, not one per rank,
+    and no training process starts."""
+    (tmp_path / "empty.txt").write_text("")
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    r = submit(slurm, tmp_path, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", str(cfg),
+               "--data.train_files", f"[{tmp_path / 'empty.txt'}]")
+    assert r.returncode == 0, r.stderr
+    j = slurm.wait_job(r.stdout.strip(), timeout=120)
+    text = job_log(tmp_path, r.stdout.strip())[0].read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("FAILED", "2:0"), text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("gpt2dist: error:")]
+    assert len(errors) == 1 and "empty corpus" in errors[0], text[-4000:]
+    assert "MEMBER:" not in text and "Traceback" not in text
 
 
 def test_bad_submissions_fail_before_queueing(slurm, tmp_path, corpus_dir, tokenizer_dir):
