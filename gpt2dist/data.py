@@ -348,11 +348,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self,
         train_files: list[str] | None = None,
         val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
         dataset_revision: str | None = None,
         split: str = "train",
         val_split: str | None = None,
+        test_split: str | None = None,
         text_field: str = "text",
         text_unit: Literal["file", "paragraph"] = "file",
         val_fraction: float = 0.05,
@@ -371,11 +373,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
         Args:
             train_files: Training files or globs (.txt .md .py .rst .jsonl .json .parquet .csv); `{stdlib}` = Python's stdlib folder.
             val_files: Validation files or globs; if unset, `val_fraction` of the training documents is held out.
+            test_files: Test files or globs for `gpt2dist test` (packed in a cache of their own); if unset, it evaluates the validation split.
             dataset_name: A Hugging Face dataset id (needs the network) or local folder (data files, or `save_to_disk` output), used instead of `train_files`.
             dataset_config: The dataset's configuration name (e.g. `wikitext-103-raw-v1`).
             dataset_revision: Hub dataset revision (commit sha, tag or branch) to load; part of the block cache key. Unset: the default branch, cached by name.
             split: The dataset split to train on.
             val_split: The dataset split to validate on; if unset, `val_fraction` of `split` is held out.
+            test_split: The dataset split for `gpt2dist test` (e.g. `test`); if unset, it evaluates the validation split.
             text_field: The JSON key or table column holding each document's text.
             text_unit: For plain-text files: one document per `file`, or per blank-line separated `paragraph`.
             val_fraction: Fraction of documents held out for validation when no validation source is given.
@@ -396,14 +400,26 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError("no training data: set data.train_files (paths or globs) or data.dataset_name")
         if train_files and dataset_name:
             raise DataError("set either data.train_files or data.dataset_name, not both")
+        for files, knob in ((val_files, "val_files"), (test_files, "test_files")):
+            if files and dataset_name:
+                raise DataError(f"data.{knob} goes with data.train_files, not data.dataset_name; "
+                                f"use data.{knob.replace('files', 'split')} to name the data set's split")
+        for name, knob in ((val_split, "val_split"), (test_split, "test_split")):
+            if name and not dataset_name:
+                raise DataError(f"data.{knob} names a split of data.dataset_name, which is unset; "
+                                f"use data.{knob.replace('split', 'files')} with data.train_files")
+            if name and name == split:  # evaluating on text the model trained on reads as a better model than it is
+                raise DataError(f"data.{knob}={name!r} is the training split (data.split); name a held-out split, "
+                                f"or unset data.{knob}")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if block_size < 2:
             raise DataError(f"data.block_size={block_size} must be at least 2")
         if batch_size < 1:
             raise DataError(f"data.batch_size={batch_size} must be at least 1 (sequences per device per micro-batch)")
-        self.train_files, self.val_files = train_files or [], val_files or []
+        self.train_files, self.val_files, self.test_files = train_files or [], val_files or [], test_files or []
         self.dataset_name, self.dataset_config, self.split, self.val_split = dataset_name, dataset_config, split, val_split
+        self.test_split = test_split
         self.dataset_revision = dataset_revision
         self.text_field, self.text_unit, self.val_fraction = text_field, text_unit, val_fraction
         self.tokenizer_name, self.train_tokenizer_vocab_size = tokenizer, train_tokenizer_vocab_size
@@ -414,6 +430,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
+        self.test_set: TokenBlocks | None = None  # only with data.test_files / data.test_split
         self.stats: dict = {}
         self._skipped: set[str] = set()  # bad files already warned about
 
@@ -423,8 +440,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
         if self.dataset_name:
             return {}
         out = {"train": resolve_files(self.train_files, "data.train_files")}
-        if self.val_files:
-            out["val"] = resolve_files(self.val_files, "data.val_files")
+        for split, files in (("val", self.val_files), ("test", self.test_files)):
+            if files:
+                out[split] = resolve_files(files, f"data.{split}_files")
+                shared = sorted(set(out[split]) & set(out["train"]))
+                if shared:  # evaluating on text the model trained on reads as a better model than it is
+                    raise DataError(f"data.{split}_files and data.train_files share {len(shared)} file(s), e.g. "
+                                    f"{shared[0]}; take them out of data.train_files (its globs match them)")
         return out
 
     def _documents(self, files: list[Path]) -> Iterator[tuple[str, str]]:
@@ -487,6 +509,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError(f"saved data set {str(folder)!r} is a single Dataset with no splits, so data.val_split="
                             f"{split!r} cannot be read from it; set data.val_split=null (data.val_fraction holds out "
                             f"documents) or save a DatasetDict")
+        if split == self.test_split:
+            raise DataError(f"saved data set {str(folder)!r} is a single Dataset with no splits, so data.test_split="
+                            f"{split!r} cannot be read from it; set data.test_split=null or save a DatasetDict")
         return ds
 
     def _split_streams(self) -> dict[str, Iterator[tuple[str, str]]]:
@@ -523,7 +548,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
             return fp
         fp = {}
         for name, files in self._sources().items():
-            fp[name] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+            if name != "test":  # packed on its own (_test_blocks_dir): adding one re-packs nothing else
+                fp[name] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         return fp
 
     def _key(self, payload: dict) -> str:
@@ -577,6 +603,19 @@ class TokenBlockDataModule(pl.LightningDataModule):
                    "val": [self.val_fraction, self.seed], "v": CACHE_VERSION}
         return self.cache_dir / "blocks" / self._key(payload)
 
+    def _test_blocks_dir(self) -> Path | None:
+        """The test split's own cache (None without one): keyed by its source, not the training data's."""
+        if self.dataset_name and self.test_split:
+            src = {"dataset": [self.dataset_name, self.dataset_config, self.test_split], **{
+                k: v for k, v in self._source_fingerprint().items() if k != "dataset"}}  # revision / local files
+        elif self.test_files:
+            src = {"test": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self._sources()["test"]]}
+        else:
+            return None
+        payload = {"test_src": src, "tok": tokenizer_fingerprint(self.tokenizer), "block": self.block_size,
+                   "unit": self.text_unit, "field": self.text_field, "v": CACHE_VERSION}
+        return self.cache_dir / "blocks" / self._key(payload)
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer can emit (the model's vocabulary must cover it)."""
@@ -602,20 +641,25 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return self.tokenizer
 
     def is_prepared(self) -> bool:
-        """The packed blocks of this data section are in the cache (after `load_tokenizer`)."""
-        return (self._blocks_dir() / "meta.json").exists()
+        """The packed blocks of this data section (and of its test split) are in the cache (after `load_tokenizer`)."""
+        return all((out / "meta.json").exists() for out in (self._blocks_dir(), self._test_blocks_dir()) if out)
 
     def prepare_data(self) -> None:
-        """Tokenize + pack once per node (local rank 0) into the on-disk cache."""
+        """Tokenize + pack once per node (local rank 0) into the on-disk cache: train/val, then test if given."""
         self.load_tokenizer()
-        out = self._blocks_dir()
-        if self.is_prepared():
+        self._write_cache(self._blocks_dir(), self._pack_into)
+        if self._test_blocks_dir() is not None:
+            self._write_cache(self._test_blocks_dir(), self._pack_test)
+
+    def _write_cache(self, out: Path, pack) -> None:
+        """`pack(tmp) -> meta` into a temporary folder, renamed to `out` once complete."""
+        if (out / "meta.json").exists():
             log.info("using cached blocks %s", out)
             return
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
         try:
-            meta = self._pack_into(tmp)
+            meta = pack(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             from gpt2dist.export import apply_umask
 
@@ -628,36 +672,54 @@ class TokenBlockDataModule(pl.LightningDataModule):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _feed(self, docs_iter, route, writers: dict) -> None:
+        """Tokenize (key, text) documents in ~4 MB batches into writers[route(key)]."""
+        batch_chars = 4_000_000  # big enough for the Rust tokenizer's parallelism
+        pending: dict[str, list[str]] = {s: [] for s in writers}
+        size = 0
+        for key, text in docs_iter:
+            pending[route(key)].append(text)
+            size += len(text)
+            if size >= batch_chars:
+                for s, docs in pending.items():
+                    writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype), len(docs))
+                    docs.clear()
+                size = 0
+        for s, docs in pending.items():
+            writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype), len(docs))
+
+    def _meta(self, splits: dict, dtype: np.dtype) -> dict:
+        return {**splits, "block_size": self.block_size, "dtype": dtype.name, "eos_token_id": self.tokenizer.eos_token_id,
+                "vocab_size": len(self.tokenizer), "version": CACHE_VERSION}
+
     def _pack_into(self, tmp: Path) -> dict:
         dtype = token_dtype(len(self.tokenizer))
         writers = {s: _BlockWriter(tmp / f"{s}.bin", dtype) for s in ("train", "val")}
         streams = self._split_streams()
-        batch_chars = 4_000_000  # tokenize ~4 MB of text per call: big enough for Rust parallelism
-
-        def feed(docs_iter, route):
-            pending: dict[str, list[str]] = {"train": [], "val": []}
-            size = 0
-            for key, text in docs_iter:
-                pending[route(key)].append(text)
-                size += len(text)
-                if size >= batch_chars:
-                    for s, docs in pending.items():
-                        writers[s].write(encode_documents(docs, self.tokenizer, dtype), len(docs))
-                        docs.clear()
-                    size = 0
-            for s, docs in pending.items():
-                writers[s].write(encode_documents(docs, self.tokenizer, dtype), len(docs))
-
         if "both" in streams:
             val = self._val_keys()
-            feed(streams["both"], lambda k: "val" if k in val else "train")
+            self._feed(streams["both"], lambda k: "val" if k in val else "train", writers)
         else:
-            feed(streams["train"], lambda k: "train")
-            feed(streams["val"], lambda k: "val")
-        meta = {s: w.close(self.block_size) for s, w in writers.items()}
-        meta.update(block_size=self.block_size, dtype=dtype.name, eos_token_id=self.tokenizer.eos_token_id,
-                    vocab_size=len(self.tokenizer), version=CACHE_VERSION)
+            self._feed(streams["train"], lambda k: "train", writers)
+            self._feed(streams["val"], lambda k: "val", writers)
+        meta = self._meta({s: w.close(self.block_size) for s, w in writers.items()}, dtype)
         self._check_sizes(meta)
+        return meta
+
+    def _pack_test(self, tmp: Path) -> dict:
+        dtype = token_dtype(len(self.tokenizer))
+        writer = _BlockWriter(tmp / "test.bin", dtype)
+        if self.dataset_name:
+            docs, src = self._hf_documents(self.test_split), f"data.test_split={self.test_split!r}"
+        else:
+            docs, src = self._documents(self._sources()["test"]), "data.test_files"
+        self._feed(docs, lambda k: "test", {"test": writer})
+        meta = self._meta({"test": writer.close(self.block_size)}, dtype)
+        m = meta["test"]
+        if m["blocks"] == 0:
+            what = "no non-empty documents" if m["documents"] == 0 else f"{m['tokens']} tokens in {m['documents']} documents"
+            raise DataError(f"test split too small: {what} in {src}, fewer than data.block_size={self.block_size}; "
+                            f"add text to {src.split('=')[0]} or lower data.block_size")
         return meta
 
     def _check_sizes(self, meta: dict) -> None:
@@ -699,17 +761,28 @@ class TokenBlockDataModule(pl.LightningDataModule):
         dtype = np.dtype(self.stats["dtype"])
         self.train_set = TokenBlocks(out / "train.bin", self.block_size, dtype)
         self.val_set = TokenBlocks(out / "val.bin", self.block_size, dtype)
-        log.info("blocks: train %d, val %d (block_size %d)", len(self.train_set), len(self.val_set), self.block_size)
+        test = self._test_blocks_dir()
+        if test is not None:
+            if not (test / "meta.json").exists():
+                raise DataError(f"token cache {test} (the test split) is missing: prepare_data has not run "
+                                "(on a shared cache_dir, every node must see it)")
+            self.stats["test"] = json.loads((test / "meta.json").read_text())["test"]
+            self.test_set = TokenBlocks(test / "test.bin", self.block_size, dtype)
+        log.info("blocks: train %d, val %d%s (block_size %d)", len(self.train_set), len(self.val_set),
+                 f", test {len(self.test_set)}" if self.test_set is not None else "", self.block_size)
 
     def describe(self) -> list[str]:
         """What the cache holds, after `setup`: one line per split (blocks, tokens, documents, dropped)."""
         out = [f"token cache {self._blocks_dir()}: block_size {self.block_size}, {self.stats['dtype']} ids, "
                f"tokenizer of {self.stats['vocab_size']:,} tokens"]
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
+            if split not in self.stats:
+                continue
             s = self.stats[split]
             out.append(f"  {split + ':':6} {s['blocks']:,} blocks = {s['blocks'] * self.block_size:,} tokens, from "
                        f"{s['documents']:,} documents ({s['tokens']:,} tokens with an EOS after each; the last "
-                       f"{s['dropped_tokens']:,} fill no whole block)")
+                       f"{s['dropped_tokens']:,} fill no whole block)"
+                       + (f"; cached in {self._test_blocks_dir()}" if split == "test" else ""))
         return out
 
     def _world(self) -> tuple[int, int]:
@@ -748,9 +821,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, BlockSampler(len(self.val_set), False, self.seed, world, rank, pad=True), False)
 
     def test_dataloader(self):
-        # No separate test source: `gpt2dist test` evaluates the held-out validation split; say so.
-        rank_zero_info("gpt2dist test: evaluating on the validation split (data.val_files / data.val_fraction)")
-        return self.val_dataloader()
+        if self.test_set is None:
+            # No test source: `gpt2dist test` evaluates the held-out validation split; say so.
+            rank_zero_info("gpt2dist test: evaluating on the validation split (data.val_files / data.val_fraction); "
+                           "set data.test_files or data.test_split for a test split of its own")
+            return self.val_dataloader()
+        world, rank = self._world()
+        return self._loader(self.test_set, BlockSampler(len(self.test_set), False, self.seed, world, rank, pad=True), False)
 
     def predict_dataloader(self):
         if not self.predict_prompts:

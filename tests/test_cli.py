@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY, corpus_texts, run_cli
+from conftest import REPO, STDLIB, TINY, corpus_texts, run_cli
 
 
 def write_config(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
@@ -115,6 +115,28 @@ def test_validate_test_predict_from_checkpoint(fitted):
     preds = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in preds] == ["def main(", "import "]
     assert all(p["text"].startswith(p["prompt"]) and len(p["text"]) > len(p["prompt"]) for p in preds)
+
+
+def test_test_subcommand_evaluates_a_test_split_of_its_own(fitted, tmp_path, tokenizer):
+    """--data.test_files: `gpt2dist test` reports the loss of those files' blocks (checked against the
+    exported Hugging Face model on the same blocks), not the validation split's."""
+    from transformers import GPT2LMHeadModel
+
+    tmp, cfg, _ = fitted
+    text = (STDLIB / "operator.py").read_text()  # not in the training corpus
+    (tmp_path / "operator.txt").write_text(text)
+    r = run_cli("test", "--config", str(cfg), "--ckpt_path", "last", "--data.test_files", f"[{tmp_path / 'operator.txt'}]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluating on the validation split" not in r.stdout + r.stderr
+    newest = max((tmp / "run").glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    [got] = [float(x["test/loss"]) for x in csv.DictReader(newest.open()) if x.get("test/loss")]
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    blocks = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+    model = GPT2LMHeadModel.from_pretrained(tmp / "run" / "hf_model").eval()
+    with torch.no_grad():  # every block predicts 63 tokens: the mean of block means is the token mean
+        expected = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean().item()
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert f"test/loss {got:.4f}" in r.stdout, r.stdout[-2000:]  # the one-line report says the same
 
 
 def test_explicit_checkpoint_keeps_the_command_line_model_settings(fitted, tokenizer_dir):
@@ -250,4 +272,8 @@ def test_model_configs_parse_and_compose_with_local_jsonl(name):
     cfg = yaml.safe_load(r.stdout)
     assert cfg["trainer"]["precision"] == "bf16-mixed"
     assert cfg["data"]["dataset_name"] is None and cfg["data"]["train_files"] == ["data/train/*.jsonl"]
+    assert cfg["data"]["val_split"] is None and cfg["data"]["test_split"] is None
+    from gpt2dist.data import TokenBlockDataModule
+
+    TokenBlockDataModule(**cfg["data"])  # the composed data section passes the DataModule's own checks
     assert cfg["model"]["model_name_or_path"] == name.replace("gpt2-small", "gpt2")

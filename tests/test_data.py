@@ -329,6 +329,57 @@ def test_single_document_hint_names_fixes_that_work(tmp_path, corpus_dir, tokeni
         assert para.stats["val"]["blocks"] > 0
 
 
+def test_test_files_are_packed_in_a_cache_of_their_own(tmp_path, corpus_dir, tokenizer_dir, tokenizer):
+    """data.test_files: every token of those files in test.bin, none of them in train/val, and the train/val
+    cache is the one without a test split (adding or changing test files re-packs nothing else)."""
+    test_names = ["colorsys.txt", "keyword.txt"]
+    train = [str(p) for p in sorted(corpus_dir.glob("*.txt")) if p.name not in test_names]
+    kw = dict(train_files=train, val_fraction=0.2)
+    plain = prepared(make_dm(tmp_path, tokenizer_dir, **kw))
+    assert plain.test_set is None and "test" not in plain.stats
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, **kw, test_files=[str(corpus_dir / n) for n in test_names]))
+    assert dm._blocks_dir() == plain._blocks_dir() and dm.stats["train"] == plain.stats["train"]
+    ids = np.concatenate([encode_documents([(corpus_dir / n).read_text()], tokenizer, np.dtype(np.uint16))
+                          for n in test_names])
+    st = dm.stats["test"]
+    assert (st["documents"], st["tokens"], st["blocks"]) == (2, len(ids), len(ids) // 64)
+    got = np.concatenate([dm.test_set[i]["input_ids"].numpy() for i in range(len(dm.test_set))])
+    np.testing.assert_array_equal(got, ids[: st["blocks"] * 64])
+    everything = sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in corpus_texts())
+    assert dm.stats["train"]["tokens"] + dm.stats["val"]["tokens"] + st["tokens"] == everything
+    assert any(f"  test:  {st['blocks']:,} blocks" in line for line in dm.describe())
+    # `gpt2dist test` reads the test blocks, in order, each once (padding to equal shards is weighted 0).
+    dm.trainer = None
+    batches = list(dm.test_dataloader())
+    seen = torch.cat([b["input_ids"][b["loss_weight"] > 0] for b in batches])
+    np.testing.assert_array_equal(seen.flatten().numpy(), got)
+
+
+@pytest.mark.parametrize("kw, needles", [
+    (lambda c, t: dict(train_files=[f"{c}/*.txt"], test_files=[f"{c}/keyword.txt"]),
+     ["data.test_files and data.train_files share 1 file(s), e.g. {c}/keyword.txt; take them out of data.train_files"]),
+    (lambda c, t: dict(train_files=[f"{c}/*.txt"], val_files=[f"{c}/abc.txt", f"{c}/copy.txt"]),
+     ["data.val_files and data.train_files share 2 file(s), e.g. {c}/abc.txt"]),
+    (lambda c, t: dict(train_files=[f"{c}/abc.txt"], test_split="test"),
+     ["data.test_split names a split of data.dataset_name, which is unset; use data.test_files"]),
+    (lambda c, t: dict(dataset_name="wikitext", test_split="train"),
+     ["data.test_split='train' is the training split (data.split); name a held-out split, or unset data.test_split"]),
+    (lambda c, t: dict(dataset_name="wikitext", split="validation", val_split="validation"),
+     ["data.val_split='validation' is the training split (data.split)"]),
+    (lambda c, t: dict(dataset_name="wikitext", test_files=[f"{c}/abc.txt"]),
+     ["data.test_files goes with data.train_files, not data.dataset_name; use data.test_split"]),
+    (lambda c, t: dict(train_files=[f"{c}/*.txt"], test_files=[f"{t}/x.txt"]),
+     ["test split too small: ", " tokens in 1 documents in data.test_files, fewer than data.block_size=64; "
+      "add text to data.test_files or lower data.block_size"]),
+])
+def test_test_and_val_sources_that_would_mislead_are_refused(tmp_path, corpus_dir, tokenizer_dir, kw, needles):
+    (tmp_path / "x.txt").write_text("def f(): pass")
+    with pytest.raises(DataError) as err:
+        prepared(make_dm(tmp_path, tokenizer_dir, **kw(corpus_dir, tmp_path)))
+    msg = str(err.value)
+    assert all(n.format(c=corpus_dir) in msg for n in needles) and "\n" not in msg, msg
+
+
 def test_hf_dataset_source_offline_from_a_local_folder(tmp_path, tokenizer_dir, tokenizer):
     """The `dataset_name` path (datasets.load_dataset) without the hub: a local data set folder."""
     import pyarrow as pa
@@ -388,20 +439,25 @@ def test_dataset_saved_with_save_to_disk(tmp_path, tokenizer_dir, tokenizer):
     count = lambda docs: sum(len(tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in docs)
     train = [f"training document {i}: " + "words " * (i % 7 + 5) for i in range(60)]
     val = [f"held-out document {i}: " + "more words " * 6 for i in range(20)]
+    test = [f"test document {i}: " + "other words " * 5 for i in range(10)]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": train}),
-                          "validation": datasets.Dataset.from_dict({"body": val})}).save_to_disk(str(tmp_path / "dict"))
+                          "validation": datasets.Dataset.from_dict({"body": val}),
+                          "test": datasets.Dataset.from_dict({"body": test})}).save_to_disk(str(tmp_path / "dict"))
     dm = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "dict"), val_split="validation",
-                          text_field="body", block_size=16))
+                          test_split="test", text_field="body", block_size=16))
     assert dm.stats["train"]["documents"] == 60 and dm.stats["train"]["tokens"] == count(train)
     assert dm.stats["val"]["documents"] == 20 and dm.stats["val"]["tokens"] == count(val)
+    assert dm.stats["test"]["documents"] == 10 and dm.stats["test"]["tokens"] == count(test)
+    assert len(dm.test_set) == count(test) // 16
 
     datasets.Dataset.from_dict({"body": train}).save_to_disk(str(tmp_path / "single"))
     one = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "single"), text_field="body",
                            val_fraction=0.0, block_size=16))
     assert one.stats["train"]["documents"] == 60 and one.stats["train"]["tokens"] == count(train)
-    for kw, needle in [({"val_split": "validation"}, "single Dataset with no splits"),
-                       ({"split": "test"}, "has no split 'test' (has ['train', 'validation'])")]:
-        name = "single" if "val_split" in kw else "dict"
+    for kw, needle in [({"val_split": "validation"}, "single Dataset with no splits, so data.val_split"),
+                       ({"test_split": "test"}, "single Dataset with no splits, so data.test_split"),
+                       ({"split": "valid"}, "has no split 'valid' (has ['test', 'train', 'validation'])")]:
+        name = "dict" if "split" in kw else "single"
         with pytest.raises(DataError) as err:
             prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / name), text_field="body", **kw))
         assert needle in str(err.value) and "\n" not in str(err.value)
