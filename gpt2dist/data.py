@@ -30,7 +30,8 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset, Sampler
 
 from gpt2dist.errors import DataError
@@ -770,6 +771,38 @@ class TokenBlockDataModule(pl.LightningDataModule):
             self.test_set = TokenBlocks(test / "test.bin", self.block_size, dtype)
         log.info("blocks: train %d, val %d%s (block_size %d)", len(self.train_set), len(self.val_set),
                  f", test {len(self.test_set)}" if self.test_set is not None else "", self.block_size)
+
+    # --- what a checkpoint records of the data -----------------------------------
+
+    def _train_identity(self) -> dict:
+        """The training blocks as a resume sees them: their counts, a digest of up to 64 blocks spread over
+        the file (cheap on any corpus size; catches edited text of equal length too), and the shuffle."""
+        blocks = self.train_set
+        picks = sorted({i * (len(blocks) - 1) // 63 for i in range(64)}) if len(blocks) > 1 else range(len(blocks))
+        digest = hashlib.blake2b(digest_size=8)
+        for i in picks:
+            digest.update(np.ascontiguousarray(blocks.blocks[i]).tobytes())
+        st = self.stats["train"]
+        return {"blocks": len(blocks), "tokens": st["tokens"], "documents": st["documents"], "block_size": self.block_size,
+                "digest": digest.hexdigest(), "shuffle": self.shuffle, "seed": self.seed}
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint (Lightning's datamodule state): which training data the loader's
+        position (epoch, samples consumed) indexes, so a resume can tell when that is no longer true."""
+        return {"train_data": self._train_identity()} if self.train_set is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING  # validate/test: no position to resume
+        saved, now = state.get("train_data"), self._train_identity() if fitting and self.train_set is not None else None
+        if not saved or now is None:
+            return  # a checkpoint from before this was recorded, or nothing here trains
+        changed = [f"{k} {saved[k]} -> {now.get(k)}" for k in saved if saved[k] != now.get(k)]
+        if changed:
+            # A warning, not an error: continuing on more or other data is a legitimate choice. It must
+            # not pass for an exact resume, though: the restored position now points into other blocks.
+            rank_zero_warn(f"resume: the training data is not the checkpoint's ({', '.join(changed)}): the run goes on "
+                           "from its step, but its place in the epoch now indexes other blocks, so this is not an "
+                           "exact resume; resume with the same data section and files for one")
 
     def describe(self) -> list[str]:
         """What the cache holds, after `setup`: one line per split (blocks, tokens, documents, dropped)."""

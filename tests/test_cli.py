@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,22 @@ def test_test_subcommand_evaluates_a_test_split_of_its_own(fitted, tmp_path, tok
         expected = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean().item()
     assert got == pytest.approx(expected, rel=1e-4)
     assert f"test/loss {got:.4f}" in r.stdout, r.stdout[-2000:]  # the one-line report says the same
+
+
+def test_checkpoints_record_the_training_data_and_a_resume_on_other_data_says_so(fitted, tmp_path):
+    tmp, cfg, _ = fitted
+    ckpt = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    recorded = ckpt["TokenBlockDataModule"]["train_data"]
+    [meta] = [m for m in (json.loads(f.read_text()) for f in (tmp / "cache" / "blocks").glob("*/meta.json")) if "train" in m]
+    assert (recorded["blocks"], recorded["tokens"], recorded["seed"]) == (meta["train"]["blocks"], meta["train"]["tokens"], 1234)
+    # Resumed in a copy of the run, once in another order (warned), then again in that same order (not).
+    shutil.copytree(tmp / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    root = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger.init_args.save_dir", str(tmp_path / "run")]
+    for steps, warned in (("32", True), ("34", False)):
+        r = run_cli("fit", "--config", str(cfg), *root, "--ckpt_path", "last", "--trainer.max_steps", steps, "--data.shuffle", "false")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("resume: the training data is not the checkpoint's (shuffle True -> False): " in r.stderr) == warned, r.stderr[-3000:]
+        assert ("not the checkpoint's" in r.stderr) == warned
 
 
 def test_explicit_checkpoint_keeps_the_command_line_model_settings(fitted, tokenizer_dir):

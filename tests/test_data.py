@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,35 @@ def test_test_and_val_sources_that_would_mislead_are_refused(tmp_path, corpus_di
         prepared(make_dm(tmp_path, tokenizer_dir, **kw(corpus_dir, tmp_path)))
     msg = str(err.value)
     assert all(n.format(c=corpus_dir) in msg for n in needles) and "\n" not in msg, msg
+
+
+def test_checkpointed_data_state_tells_a_resume_on_other_data(tmp_path, corpus_dir, tokenizer_dir, tokenizer):
+    """The DataModule's checkpoint state names its training blocks: the same data resumes silently; more
+    files, another shuffle seed, or edited text of the same length each get a warning naming what changed."""
+    files = [str(p) for p in sorted(corpus_dir.glob("*.txt"))]
+    kw = dict(train_files=files[:-1], val_fraction=0.0)
+    state = prepared(make_dm(tmp_path, tokenizer_dir, **kw)).state_dict()
+    assert state["train_data"]["blocks"] == len(prepared(make_dm(tmp_path, tokenizer_dir, **kw)).train_set)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared(make_dm(tmp_path, tokenizer_dir, **kw)).load_state_dict(state)  # same data: nothing to say
+        prepared(make_dm(tmp_path, tokenizer_dir, **kw)).load_state_dict({})  # a checkpoint without it
+    more = prepared(make_dm(tmp_path, tokenizer_dir, train_files=files, val_fraction=0.0))
+    with pytest.warns(UserWarning, match=r"^resume: the training data is not the checkpoint's \(blocks \d+ -> \d+, "
+                                         r"tokens \d+ -> \d+, documents 11 -> 12, digest \w+ -> \w+\): .* not an exact resume"):
+        more.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"the checkpoint's \(seed 1234 -> 5\)"):
+        prepared(make_dm(tmp_path, tokenizer_dir, **kw, seed=5)).load_state_dict(state)
+    # Same number of documents and tokens, other text: only the digest of the blocks tells.
+    a, b = "alpha = 1\n" * 300, "gamma = 2\n" * 300
+    assert len(tokenizer(a).input_ids) == len(tokenizer(b).input_ids)  # the premise of this case
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "doc.txt").write_text(a)
+    one = dict(train_files=[str(tmp_path / "one" / "doc.txt")], val_fraction=0.0)
+    state = prepared(make_dm(tmp_path, tokenizer_dir, **one)).state_dict()
+    (tmp_path / "one" / "doc.txt").write_text(b)
+    with pytest.warns(UserWarning, match=r"the checkpoint's \(digest \w+ -> \w+\)"):
+        prepared(make_dm(tmp_path, tokenizer_dir, **one)).load_state_dict(state)
 
 
 def test_hf_dataset_source_offline_from_a_local_folder(tmp_path, tokenizer_dir, tokenizer):

@@ -99,7 +99,9 @@ def kill(config: Path, kill: dict, *strategy: str) -> subprocess.CompletedProces
 
 
 def resume(config: Path, *strategy: str) -> subprocess.CompletedProcess:
-    return ok(cli(config, *strategy, "--ckpt_path", "last"))
+    p = ok(cli(config, *strategy, "--ckpt_path", "last"))
+    assert "the training data is not the checkpoint's" not in p.stderr, p.stderr[-3000:]  # same data: no false alarm
+    return p
 
 
 @pytest.fixture(scope="module")
