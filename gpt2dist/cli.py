@@ -176,8 +176,27 @@ class GPT2CLI(LightningCLI):
         data.prepare_data()
         data.setup("fit")
         print("\n".join(data.describe()))
+        print(_epoch_line(data, self.config["prepare"]["trainer"]))
         how = "found in the cache" if cached else f"prepared in {time.perf_counter() - start:.1f} s"
         print(f"gpt2dist prepare: {how}; `gpt2dist fit` with these arguments reads it without tokenizing", flush=True)
+
+
+def _epoch_line(data: TokenBlockDataModule, trainer) -> str:
+    """What one epoch of these blocks is in optimizer steps at the trainer's world size, and what
+    trainer.max_steps amounts to: the number to set max_steps by (and to see overfitting coming)."""
+    devices = len(trainer.devices) if isinstance(trainer.devices, (list, tuple)) else trainer.devices
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    if not isinstance(devices, int) or devices < 1:  # "auto", -1: only the machine that runs fit knows
+        return (f"steps per epoch: trainer.devices={trainer.devices!r} is not a count here; pass --trainer.devices N "
+                "(and --trainer.num_nodes) for them")
+    world, accum = trainer.num_nodes * devices, trainer.accumulate_grad_batches
+    steps = data.optimizer_steps_per_epoch(world, accum)
+    seqs = data.batch_size * accum * world
+    line = (f"one epoch = {steps:,} optimizer steps of {data.batch_size} seqs x {accum} accum x {world} process(es) "
+            f"= {seqs:,} seqs x {data.block_size} tokens = {seqs * data.block_size:,} tokens/step")
+    if trainer.max_steps and trainer.max_steps > 0:
+        line += f"; trainer.max_steps={trainer.max_steps:,} is {trainer.max_steps / steps:.2f} epochs"
+    return line
 
 
 _RUN: dict = {}  # what an out-of-memory message reports (filled before fit)

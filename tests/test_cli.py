@@ -234,16 +234,27 @@ def test_prepare_packs_what_fit_reads_without_a_trainer(tmp_path, corpus_dir, to
                 f"documents ({m['tokens']:,} tokens") in r.stdout, r.stdout
     assert f"token cache {blocks}: block_size 64, uint16 ids" in r.stdout
     assert "gpt2dist prepare: prepared in" in r.stdout
+    # The epoch at the config's world size: 8 processes x 8 blocks per micro-batch, max_steps 30.
+    steps = meta["train"]["blocks"] // 8 // 8
+    assert (f"one epoch = {steps:,} optimizer steps of 8 seqs x 1 accum x 8 process(es) = 64 seqs x 64 tokens = "
+            f"4,096 tokens/step; trainer.max_steps=30 is {30 / steps:.2f} epochs") in r.stdout, r.stdout
 
-    again = run_cli("prepare", "--config", str(cfg))
+    one = ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "3", "--trainer.max_epochs", "1",
+           "--trainer.max_steps", "-1"]
+    again = run_cli("prepare", "--config", str(cfg), *one)
     assert again.returncode == 0 and "gpt2dist prepare: found in the cache" in again.stdout, again.stderr[-2000:]
+    steps = -(-(meta["train"]["blocks"] // 8) // 3)  # micro-batches / 3, the last partial one steps too
+    assert f"one epoch = {steps:,} optimizer steps of 8 seqs x 3 accum x 1 process(es)" in again.stdout, again.stdout
     written = {p.name: p.stat().st_mtime_ns for p in blocks.iterdir()}
-    fit = run_cli("fit", "--config", str(cfg), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                  "--trainer.strategy", "auto", "--trainer.max_steps", "2")
+    fit = run_cli("fit", "--config", str(cfg), *one, "--trainer.accelerator", "cpu", "--trainer.strategy", "auto",
+                  "--export.enabled", "false")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert f"using cached blocks {blocks}" in fit.stderr, fit.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in blocks.iterdir()} == written
     assert list((tmp_path / "cache" / "blocks").iterdir()) == [blocks]
+    # The epoch prepare announced is the one Lightning trained (max_epochs 1: it stopped at the epoch's end).
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == steps, last["global_step"]
 
 
 @pytest.mark.parametrize("override, message", [
