@@ -118,7 +118,7 @@ class PredictionWriter(BasePredictionWriter):
         self._rows: list[dict] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        if not self._own_prompts(trainer):
+        if not self._own_prompts(trainer) or prediction.get("pad"):
             return
         self._rows.append(prediction)
         print(f"--- {prediction['prompt']!r}\n{prediction['text']}", flush=True)

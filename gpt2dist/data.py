@@ -837,14 +837,21 @@ class TokenBlockDataModule(pl.LightningDataModule):
             persistent_workers=False,
         )
 
-    def train_dataloader(self):
-        world, rank = self._world()
-        sampler = BlockSampler(len(self.train_set), self.shuffle, self.seed, world, rank, pad=False)
-        if len(sampler) < self.batch_size:
+    def optimizer_steps_per_epoch(self, world: int, accumulate: int) -> int:
+        """Optimizer steps in one epoch, as the loaders and Lightning count them: each of `world` ranks takes
+        n // world blocks in whole micro-batches (the loader drops a partial one), and Lightning steps every
+        `accumulate` micro-batches and at the epoch's last. Refuses data that cannot fill one micro-batch."""
+        if len(self.train_set) // world < self.batch_size:
             raise DataError(
                 f"{len(self.train_set)} training blocks cannot fill one step of {self.batch_size} x {world} ranks; "
                 "lower data.batch_size or data.block_size, or add data"
             )
+        return math.ceil(len(self.train_set) // world // self.batch_size / accumulate)
+
+    def train_dataloader(self):
+        world, rank = self._world()
+        self.optimizer_steps_per_epoch(world, 1)  # enough blocks for one micro-batch per rank
+        sampler = BlockSampler(len(self.train_set), self.shuffle, self.seed, world, rank, pad=False)
         return self._loader(self.train_set, sampler, drop_last=True)
 
     def val_dataloader(self):
@@ -872,6 +879,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
             # Sharded weights: each forward of `generate` gathers them collectively, so every rank runs every
             # prompt in the same order (other prompts or fewer of them hang or crash the gathers); rank 0 writes.
             world, rank = 1, 0
-        # Each prompt with its index: the writer puts the ranks' shares back in prompt order.
-        prompts = [{"index": i, "prompt": p} for i, p in enumerate(self.predict_prompts)][rank::world]
+        # Each prompt with its index: the writer puts the ranks' shares back in prompt order. Shares are
+        # padded to equal length (3 prompts, 2 ranks: rank 1 gets a "pad" item, not generated or written),
+        # so every rank runs the same batches and per-batch collectives (a stop signal's agreement) pair up.
+        n = len(self.predict_prompts)
+        items = [{"index": i % n, "prompt": self.predict_prompts[i % n], **({"pad": True} if i >= n else {})}
+                 for i in range(math.ceil(n / world) * world)]
+        prompts = items[rank::world]
         return torch.utils.data.DataLoader(prompts, batch_size=1, collate_fn=lambda x: x[0])

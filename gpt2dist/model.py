@@ -401,6 +401,8 @@ class GPT2Module(pl.LightningModule):
         from gpt2dist.monitor import generate_samples
 
         index, prompt = (batch["index"], batch["prompt"]) if isinstance(batch, dict) else (batch_idx, batch)
+        if isinstance(batch, dict) and batch.get("pad"):
+            return {"index": index, "prompt": prompt, "pad": True}  # evens the ranks' shares; not generated (DDP)
 
         # Through generate_samples: under FSDP2 `generate` calls self.model, not the root's forward, so the
         # root's parameters (embeddings, ln_f, tied head) must be unsharded there (greedy: the seed is unused).

@@ -25,7 +25,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt2dist.resume import prune_requeue_checkpoints
 
@@ -115,7 +117,8 @@ class Preemption(Callback):
     """Stop signals, acted on at the next optimizer step by all ranks together. SLURM's SIGUSR1: save
     `hpc_ckpt_N.ckpt` and requeue the job (Lightning's routine, plus the requeue's outcome). SIGTERM
     (a scheduler's preemption or time limit, `kill`, anywhere): save `last.ckpt` and stop (the CLI
-    exits 143). Either way training stops without exporting."""
+    exits 143). Either way training stops without exporting. In validate / test / predict, SIGTERM
+    stops every rank after the same batch, with nothing reported for the unfinished split (exit 143)."""
 
     def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
         """
@@ -185,6 +188,31 @@ class Preemption(Callback):
             trainer._signal_connector.received_sigterm = True
         else:
             trainer.should_stop = True
+
+    # --- validate / test / predict on their own (fit's validation stops at fit's next step boundary)
+
+    def _eval_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.enabled and trainer.state.fn != TrainerFn.FITTING:
+            record_sigterm_without_collectives(trainer)  # Lightning's broadcast inside the handler hung DDP
+            cpu_flag_group()  # collective: every rank, now
+
+    on_validation_start = on_test_start = on_predict_start = _eval_start
+
+    def _eval_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """After each evaluation batch the ranks agree on a SIGTERM (their shares are padded to equal
+        batch counts) and all stop after that batch: the CLI exits 143, and no partial mean is reported
+        as the split's loss. After the last batch the result is whole, and stands."""
+        if not self.enabled or trainer.state.fn == TrainerFn.FITTING:
+            return
+        if agree_on_flags([bool(_sigterm)])[0]:
+            _sigterm.clear()
+            if trainer.state.fn == TrainerFn.PREDICTING:  # its loop has no SIGTERM check of its own
+                if not trainer.predict_loop.batch_progress.is_last_batch:
+                    raise SIGTERMException
+            else:
+                trainer._signal_connector.received_sigterm = True  # the evaluation loop raises after this batch
+
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _eval_batch_end
 
     def _save_on_sigterm(self, trainer: pl.Trainer) -> None:
         """Save `last.ckpt` at this step boundary (all ranks; atomic), so a resume loses nothing."""

@@ -117,6 +117,27 @@ class TermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class TermAtEval(Callback):
+    """SIGTERM to this process after evaluation batch `batch` of validate / test / predict (scancel of an
+    evaluation job); with `rank`, only that rank's process gets it."""
+
+    def __init__(self, batch: int = 0, rank: int | None = None):
+        self.batch, self.rank = batch, rank
+
+    def _maybe(self, trainer, batch_idx: int) -> None:
+        if batch_idx == self.batch and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._maybe(trainer, batch_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._maybe(trainer, batch_idx)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._maybe(trainer, batch_idx)
+
+
 class RecordBatches(Callback):
     """Append `global_step epoch batch_idx digest` to `path` for every training micro-batch (rank 0):
     which data a run saw, in which order."""

@@ -59,10 +59,10 @@ def overlay(root: Path, *callbacks: dict, **sections) -> Path:
     return path
 
 
-def cli(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(config: Path, *args: str, timeout: int = 300, sub: str = "fit") -> subprocess.CompletedProcess:
     """The real CLI in its own session (so a plugin's SIGKILL takes the whole process group)."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}:{REPO}", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "gpt2dist", "fit", "--config", str(config), *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "gpt2dist", sub, "--config", str(config), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
@@ -417,6 +417,35 @@ def test_ddp_sigterm_to_one_rank_stops_both_at_a_step_saves_and_resumes_bitwise(
     resumed = resume(config, *ddp)
     assert f"(global_step {step}" in resumed.stderr
     assert_bitwise(weights(root), weights(run_dir(ref)))
+
+
+@pytest.mark.parametrize("sub, devices, rank", [("validate", 1, None), ("predict", 1, None), ("test", 2, 1),
+                                               ("predict", 2, 1)])
+def test_sigterm_stops_an_evaluation_after_a_batch_on_every_rank_with_no_partial_result(
+        tmp, corpus_dir, tokenizer_dir, reference, sub, devices, rank):
+    """validate / test / predict, SIGTERM after the first batch (under DDP to rank 1 only, as a `kill` of one
+    process): every rank stops after that batch, exit 143 with one line, and nothing is reported for the
+    unfinished split (no metric line, no predictions file). Before, Lightning's handler broadcast from
+    inside the signal handler (DDP could hang) and its prediction loop never looked at the signal."""
+    config = tmp / "reference.yaml"  # the `reference` fixture's run: its last.ckpt is evaluated
+    root, out = run_dir(config), tmp / f"eval_{sub}_{devices}"
+    args = ["--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir", str(out),
+            "--trainer.devices", str(devices), "--trainer.limit_val_batches", "4", "--trainer.limit_test_batches", "4",
+            "--data.predict_prompts", '["def ", "import ", "class ", "x = "]', "--model.max_new_tokens", "4",
+            "--config", str(overlay(out, {"class_path": "fault_plugins.TermAtEval", "init_args": {"batch": 0, "rank": rank}}))]
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
+    p = cli(config, *ddp, *args, sub=sub, timeout=180)
+    assert p.returncode == 143, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2dist: error:")]
+    assert errors == ["gpt2dist: error: stopped by SIGTERM before the end"] * devices, p.stderr[-3000:]  # each rank
+    assert "Traceback" not in p.stderr
+    assert "val/loss" not in p.stdout and "test/loss" not in p.stdout  # no report of a partial split
+    assert not (out / "predictions.jsonl").exists()
+    # Without the signal the same command finishes (the check above can fail).
+    if devices == 1:
+        done = cli(config, *args[:-2], sub=sub, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (out / "predictions.jsonl").exists() if sub == "predict" else "val/loss" in done.stdout
 
 
 def test_oom_plan_command_describes_the_run():
