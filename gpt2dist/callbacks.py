@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.export import check_export_target, model_from_lightning_state, save_hf_folder
-from gpt2dist.model import greedy_text
+from gpt2dist.generation import greedy_text
 from gpt2dist.strategies import full_state_dict, needs_gather
 
 
@@ -118,10 +118,14 @@ class PredictionWriter(BasePredictionWriter):
         self._rows: list[dict] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        if not self._own_prompts(trainer) or prediction.get("pad"):
+        if not self._own_prompts(trainer):
             return
-        self._rows.append(prediction)
-        print(f"--- {prediction['prompt']!r}\n{prediction['text']}", flush=True)
+        for row in prediction if isinstance(prediction, list) else [prediction]:
+            if row.get("pad"):
+                continue
+            self._rows.append(row)
+            sample = f" (sample {row['sample']})" if row.get("sample") else ""
+            print(f"--- {row['prompt']!r}{sample}\n{row['text']}", flush=True)
 
     # Each run replaces the file (appending mixed two runs' lines in one file): written at the end under a
     # temporary name renamed onto it, so an interrupted run leaves the previous file whole.
@@ -133,7 +137,7 @@ class PredictionWriter(BasePredictionWriter):
             rows = [r for share in shares for r in share]
         if not trainer.is_global_zero:
             return
-        rows.sort(key=lambda r: r.get("index", 0))  # stable: rows without an index keep their order
+        rows.sort(key=lambda r: (r.get("index", 0), r.get("sample", 0)))  # stable: rows without an index keep their order
         path = self._path(trainer)
         os.makedirs(path.parent, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing

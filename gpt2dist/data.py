@@ -369,6 +369,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
         cache_dir: str = "~/.cache/gpt2dist",
         on_bad_file: Literal["error", "skip"] = "error",
         predict_prompts: list[str] | None = None,
+        predict_file: str | None = None,
+        predict_text_field: str = "prompt",
+        predict_batch_size: int = 8,
     ):
         """
         Args:
@@ -394,6 +397,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
             cache_dir: Where tokenized blocks (and trained tokenizers) are cached.
             on_bad_file: A binary or non-UTF-8 file: `error` names it and stops; `skip` warns and leaves it out.
             predict_prompts: Prompts for `gpt2dist predict` (the model continues each one).
+            predict_file: A file of prompts for `gpt2dist predict` instead: .txt one per line, or .jsonl/.json/.csv/.parquet records (`predict_text_field`).
+            predict_text_field: The JSON key or table column holding each prompt in `predict_file`.
+            predict_batch_size: Prompts per `generate` call per device (left-padded; similar lengths are batched together).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -416,6 +422,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if block_size < 2:
             raise DataError(f"data.block_size={block_size} must be at least 2")
+        if predict_prompts and predict_file:
+            raise DataError("set either data.predict_prompts or data.predict_file, not both; "
+                            "unset one (e.g. --data.predict_prompts null)")
+        if predict_batch_size < 1:
+            raise DataError(f"data.predict_batch_size={predict_batch_size} must be at least 1")
         if batch_size < 1:
             raise DataError(f"data.batch_size={batch_size} must be at least 1 (sequences per device per micro-batch)")
         self.train_files, self.val_files, self.test_files = train_files or [], val_files or [], test_files or []
@@ -428,6 +439,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.shuffle, self.seed, self.on_bad_file = shuffle, seed, on_bad_file
         self.cache_dir = Path(expand_pattern(cache_dir))
         self.predict_prompts = predict_prompts or []
+        self.predict_file, self.predict_text_field, self.predict_batch_size = predict_file, predict_text_field, predict_batch_size
         self.tokenizer = None
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
@@ -869,9 +881,29 @@ class TokenBlockDataModule(pl.LightningDataModule):
         world, rank = self._world()
         return self._loader(self.test_set, BlockSampler(len(self.test_set), False, self.seed, world, rank, pad=True), False)
 
+    def prompts_with_origin(self) -> list[tuple[str, str]]:
+        """(where, prompt) for every `predict` prompt, in order: `data.predict_prompts[i]`, or the file and
+        line (or record) of `data.predict_file`, so an error can name it."""
+        if not self.predict_file:
+            return [(f"data.predict_prompts[{i}]", p) for i, p in enumerate(self.predict_prompts)]
+        if getattr(self, "_file_prompts", None) is None:
+            [path] = resolve_files([self.predict_file], "data.predict_file")
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                # One prompt per line; blank lines separate nothing and are not prompts.
+                lines = _decode(path, path.read_bytes()).splitlines()
+                found = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+            else:
+                found = [(f"{path} record {n}", t) for n, t in enumerate(read_documents(path, self.predict_text_field), 1)]
+            if not found:
+                raise DataError(f"data.predict_file {path} holds no prompt; write one per line (.txt) or one record "
+                                f"with a {self.predict_text_field!r} field each (.jsonl)")
+            self._file_prompts = found
+        return self._file_prompts
+
     def predict_dataloader(self):
-        if not self.predict_prompts:
-            raise DataError("gpt2dist predict needs prompts: set data.predict_prompts")
+        if not self.predict_prompts and not self.predict_file:
+            raise DataError("gpt2dist predict needs prompts: set data.predict_prompts or data.predict_file")
+        prompts = [p for _, p in self.prompts_with_origin()]
         world, rank = self._world()
         from gpt2dist.monitor import generation_mode
 
@@ -879,11 +911,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
             # Sharded weights: each forward of `generate` gathers them collectively, so every rank runs every
             # prompt in the same order (other prompts or fewer of them hang or crash the gathers); rank 0 writes.
             world, rank = 1, 0
-        # Each prompt with its index: the writer puts the ranks' shares back in prompt order. Shares are
-        # padded to equal length (3 prompts, 2 ranks: rank 1 gets a "pad" item, not generated or written),
-        # so every rank runs the same batches and per-batch collectives (a stop signal's agreement) pair up.
-        n = len(self.predict_prompts)
-        items = [{"index": i % n, "prompt": self.predict_prompts[i % n], **({"pad": True} if i >= n else {})}
+        # Longest first, so a batch holds similar lengths (little padding) and an out-of-memory comes at once.
+        # Each prompt keeps its index: the writer puts rows back in prompt order. Shares are padded to equal
+        # length (3 prompts, 2 ranks: rank 1 gets a "pad" item, not generated or written), so every rank runs
+        # the same batches and per-batch collectives (a stop signal's agreement) pair up.
+        lengths = [len(self.tokenizer(p).input_ids) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        n = len(order)
+        items = [{"index": order[i % n], "prompt": prompts[order[i % n]], **({"pad": True} if i >= n else {})}
                  for i in range(math.ceil(n / world) * world)]
-        prompts = items[rank::world]
-        return torch.utils.data.DataLoader(prompts, batch_size=1, collate_fn=lambda x: x[0])
+        return torch.utils.data.DataLoader(items[rank::world], batch_size=self.predict_batch_size, collate_fn=list)

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from gpt2dist.errors import CheckpointError, ConfigError
+from gpt2dist.generation import Sampling, generate_texts, prompt_ids, row_seed
 
 log = logging.getLogger(__name__)
 
@@ -83,40 +84,6 @@ def _check_block_size(block_size: int | None, n_positions: int) -> None:
         )
 
 
-def prompt_ids(tokenizer, prompt: str, n_positions: int, what: str = "prompt") -> list[int]:
-    """The token ids generation starts from. An empty prompt starts from EOS, which precedes every packed
-    document (an empty input cannot be run); one that leaves no position to generate into is refused."""
-    ids = tokenizer(prompt).input_ids or [tokenizer.eos_token_id]
-    if len(ids) >= n_positions:
-        shown = prompt[:40] + ("..." if len(prompt) > 40 else "")
-        raise ConfigError(f"{what} {shown!r} is {len(ids)} tokens, which leaves none of the model's n_positions="
-                          f"{n_positions} to generate into; shorten it to at most {n_positions - 1} tokens")
-    return ids
-
-
-def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.0,
-                real_vocab: int | None = None) -> str:
-    """Greedy continuation of `prompt` by a GPT2LMHeadModel (on its own device); vocabulary rows from
-    `real_vocab` up (padding) are never generated."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt, model.config.n_positions)], device=device)
-    limit = model.config.n_positions - ids.shape[1]
-    real_vocab = real_vocab or model.config.vocab_size
-    # Eager even where the blocks are compiled: every new length and KV-cache state would recompile
-    # them (a few tokens of text are not worth it), and would spend dynamo's recompile limit.
-    with torch.compiler.set_stance("force_eager"):
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max(1, min(max_new_tokens, limit)),
-            do_sample=False,
-            repetition_penalty=repetition_penalty,
-            pad_token_id=tokenizer.eos_token_id,
-            suppress_tokens=list(range(real_vocab, model.config.vocab_size)) or None,
-        )
-    return tokenizer.decode(out[0], skip_special_tokens=True)
-
-
 class GPT2Module(pl.LightningModule):
     """Fine-tunes (or pre-trains) GPT-2 with AdamW and a warmup + cosine schedule."""
 
@@ -135,6 +102,13 @@ class GPT2Module(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        samples_per_prompt: int = 1,
+        generation_seed: int = 0,
         pad_vocab_to_multiple_of: int = 1,
         compile: bool = False,
         compile_mode: str | None = None,
@@ -160,6 +134,13 @@ class GPT2Module(pl.LightningModule):
             betas: AdamW betas.
             eps: AdamW epsilon.
             max_new_tokens: Tokens generated per prompt by `predict`.
+            do_sample: `predict` samples each token (temperature, top_k, top_p) instead of taking the most likely one.
+            temperature: Sampling temperature: logits are divided by it (< 1 sharper, > 1 flatter).
+            top_k: Sample only among the k most likely tokens (0: no cut).
+            top_p: Sample only from the smallest set of tokens whose probability reaches top_p (1: no cut).
+            repetition_penalty: `predict`'s CTRL penalty on tokens already in the row (1: none; ~1.2 keeps small models from looping).
+            samples_per_prompt: Continuations per prompt in `predict` (each its own line and seed; with do_sample).
+            generation_seed: Seed of `predict`'s sampling; a row's draws depend only on it, the prompt's index and the sample number.
             pad_vocab_to_multiple_of: Pad embedding/lm_head rows to a multiple of this (128 on GPUs: 50257 -> 50304); padded logits are never predicted and the export is unpadded. 1: no padding.
             compile: torch.compile each GPT2Block ("regional": compile time of one block).
             compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs" tunes matmuls: on an H200 its compile ran past 150 s for GPT-2 Large and did not finish).
@@ -171,6 +152,10 @@ class GPT2Module(pl.LightningModule):
             master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights and sums accumulated micro-batch gradients in fp32 (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()
+        Sampling(do_sample, temperature, top_k, top_p, repetition_penalty).check()
+        if samples_per_prompt < 1 or (samples_per_prompt > 1 and not do_sample):
+            raise ConfigError(f"model.samples_per_prompt={samples_per_prompt} needs model.do_sample=true (greedy "
+                              "continuations of one prompt are all the same) and must be at least 1")
         if compile_options:  # a typo must stop the run now, not at the first compiled forward
             from gpt2dist.perf import check_compile_options
 
@@ -382,32 +367,49 @@ class GPT2Module(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
 
+    def sampling(self) -> Sampling:
+        hp = self.hparams
+        return Sampling(hp.do_sample, hp.temperature, hp.top_k, hp.top_p, hp.repetition_penalty)
+
     @torch.no_grad()
     def generate_text(self, tokenizer, prompt: str, max_new_tokens: int | None = None,
                       repetition_penalty: float = 1.0) -> str:
         """Greedy continuation of `prompt` (deterministic); a penalty > 1 keeps small models from looping."""
-        return greedy_text(self.model, tokenizer, prompt, max_new_tokens or self.hparams.max_new_tokens,
-                           repetition_penalty, self.vocab_size)
+        return self.generate_batch(tokenizer, [prompt], max_new_tokens, Sampling(repetition_penalty=repetition_penalty))[0]
+
+    @torch.no_grad()
+    def generate_batch(self, tokenizer, prompts: list[str], max_new_tokens: int | None = None,
+                       sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[str]:
+        """Continuations of `prompts` in one batch (gpt2dist/generation.py); greedy unless `sampling` says so."""
+        return generate_texts(self.model, tokenizer, prompts, max_new_tokens or self.hparams.max_new_tokens,
+                              sampling or Sampling(), seeds, self.vocab_size)
 
     def on_predict_start(self) -> None:
         # Every prompt, on every rank, before any is generated: a bad one fails the run at once on all ranks
         # (not after the others, with a rank left waiting in a collective).
         dm = self._datamodule()
-        for i, prompt in enumerate(getattr(dm, "predict_prompts", None) or []):
-            prompt_ids(dm.tokenizer, prompt, self.model.config.n_positions, f"data.predict_prompts[{i}]")
+        for where, prompt in dm.prompts_with_origin() if hasattr(dm, "prompts_with_origin") else []:
+            prompt_ids(dm.tokenizer, prompt, self.model.config.n_positions, where)
 
-    def predict_step(self, batch: dict | str, batch_idx: int) -> dict:
-        """{"index", "prompt", "text"} for one prompt: {"index": i, "prompt": p} (the DataModule's) or a bare string."""
+    def predict_step(self, batch: list[dict] | dict | str, batch_idx: int) -> list[dict]:
+        """One row {"index", "sample", "prompt", "text"} per continuation of each prompt in the batch: a list of
+        the DataModule's {"index": i, "prompt": p} items (or one item, or a bare string)."""
         from gpt2dist.monitor import generate_samples
 
-        index, prompt = (batch["index"], batch["prompt"]) if isinstance(batch, dict) else (batch_idx, batch)
-        if isinstance(batch, dict) and batch.get("pad"):
-            return {"index": index, "prompt": prompt, "pad": True}  # evens the ranks' shares; not generated (DDP)
-
+        items = batch if isinstance(batch, list) else [batch]
+        items = [x if isinstance(x, dict) else {"index": batch_idx, "prompt": x} for x in items]
+        hp = self.hparams
+        # Pad items even out the ranks' shares (DDP): not generated, not written.
+        rows = [{"index": x["index"], "sample": j, "prompt": x["prompt"]}
+                for x in items if not x.get("pad") for j in range(hp.samples_per_prompt)]
+        if not rows:
+            return []
+        seeds = [row_seed(hp.generation_seed, r["index"], r["sample"]) for r in rows]
         # Through generate_samples: under FSDP2 `generate` calls self.model, not the root's forward, so the
-        # root's parameters (embeddings, ln_f, tied head) must be unsharded there (greedy: the seed is unused).
-        text = generate_samples(self, self._datamodule().tokenizer, [prompt], self.hparams.max_new_tokens, seed=0)[0]
-        return {"index": index, "prompt": prompt, "text": text}
+        # root's parameters (embeddings, ln_f, tied head) must be unsharded there.
+        texts = generate_samples(self, self._datamodule().tokenizer, [r["prompt"] for r in rows], hp.max_new_tokens,
+                                 seed=hp.generation_seed, sampling=self.sampling(), seeds=seeds)
+        return [{**r, "text": t} for r, t in zip(rows, texts)]
 
     # --- optimisation --------------------------------------------------------
 

@@ -244,13 +244,14 @@ def generation_mode(trainer) -> str:
 
 @torch.no_grad()
 def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                     strategy=None) -> list[str]:
-    """Greedy continuations of `prompts` with a fixed seed, without disturbing training's RNG.
+                     strategy=None, sampling=None, seeds: list[int] | None = None) -> list[str]:
+    """Continuations of `prompts` in one batch (greedy unless `sampling` says so; sampled rows draw from
+    their own `seeds`), with a fixed seed, without disturbing training's RNG.
 
     Under FSDP2 (`fully_shard` applied to the LightningModule root and to each block), the
     root's parameters (embeddings, ln_f, tied head) are unsharded explicitly here because
     `generate` calls `pl_module.model`, not the root's forward; the blocks gather their own.
-    Under FSDP1 (pass its `strategy`), each prompt goes through the FSDP wrapper's forward, as
+    Under FSDP1 (pass its `strategy`), the batch goes through the FSDP wrapper's forward, as
     Lightning routes `validation_step`: the root's flat parameters are gathered there, in the
     training compute dtype. Either way every rank must call it (the gathers are collective).
     """
@@ -258,23 +259,18 @@ def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: i
 
     devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     root_fsdp = isinstance(pl_module, FSDPModule)
-    wrapped = strategy is not None and strategy.model is not pl_module
-
-    def one(prompt: str) -> str:
-        if wrapped:
-            return strategy._forward_redirection(strategy.model, pl_module, "generate_text", tokenizer, prompt,
-                                                 max_new_tokens)
-        return pl_module.generate_text(tokenizer, prompt, max_new_tokens)
-
+    args = (tokenizer, prompts, max_new_tokens, sampling, seeds)
     was_training = pl_module.training
     pl_module.eval()
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            if strategy is not None and strategy.model is not pl_module:
+                return strategy._forward_redirection(strategy.model, pl_module, "generate_batch", *args)
             if root_fsdp:
                 pl_module.unshard()
             try:
-                return [one(p) for p in prompts]
+                return pl_module.generate_batch(*args)
             finally:
                 if root_fsdp:
                     pl_module.reshard()

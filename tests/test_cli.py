@@ -305,3 +305,59 @@ def test_model_configs_parse_and_compose_with_local_jsonl(name):
 
     TokenBlockDataModule(**cfg["data"])  # the composed data section passes the DataModule's own checks
     assert cfg["model"]["model_name_or_path"] == name.replace("gpt2-small", "gpt2")
+
+
+def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted, tmp_path):
+    """`--data.predict_file`: a .txt file (one prompt per line) or .jsonl records. Batching the prompts
+    (longest first, left-padded) changes no row, greedy or sampled; sampling writes samples_per_prompt rows
+    per prompt in prompt order, each with its own seed, and another generation_seed draws other text."""
+    tmp, cfg, _ = fitted
+    ckpt = str(tmp / "run" / "checkpoints" / "last.ckpt")
+    lines = ["def main(", "import os", "", "class Parser(object):", "x", "for i in range(10):"]
+    prompts = [line for line in lines if line]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+
+    def predict(name, *args):
+        out = tmp_path / name
+        r = run_cli("predict", "--config", str(cfg), "--ckpt_path", ckpt, "--trainer.default_root_dir", str(out),
+                    "--trainer.logger", "false", "--data.predict_prompts", "null", "--model.max_new_tokens", "6", *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    txt = str(tmp_path / "prompts.txt")
+    one = predict("greedy1", "--data.predict_file", txt, "--data.predict_batch_size", "1")
+    assert [(r["index"], r["sample"], r["prompt"]) for r in one] == [(i, 0, p) for i, p in enumerate(prompts)]
+    assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in one)
+    assert predict("greedy4", "--data.predict_file", str(tmp_path / "prompts.jsonl"), "--data.predict_batch_size", "4") == one
+    sample = ["--model.do_sample", "true", "--model.temperature", "1.3", "--model.samples_per_prompt", "2"]
+    s1 = predict("sampled1", "--data.predict_file", txt, "--data.predict_batch_size", "1", *sample)
+    assert [(r["index"], r["sample"]) for r in s1] == [(i, j) for i in range(len(prompts)) for j in (0, 1)]
+    assert sum(a["text"] != b["text"] for a, b in zip(s1[::2], s1[1::2])) >= 3  # two samples of a prompt differ
+    assert sum(a["text"] != b["text"] for a, b in zip(s1[::2], one)) >= 3  # and sampling is not greedy
+    assert predict("sampled3", "--data.predict_file", txt, "--data.predict_batch_size", "3", *sample) == s1
+    other = predict("seed9", "--data.predict_file", txt, *sample, "--model.generation_seed", "9")
+    assert sum(a["text"] != b["text"] for a, b in zip(other, s1)) >= 6
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--data.predict_file", "{d}/prompts.txt"], "set either data.predict_prompts or data.predict_file, not both; "
+                                                 "unset one (e.g. --data.predict_prompts null)"),
+    (["--data.predict_prompts", "null", "--data.predict_file", "{d}/missing.txt"],
+     "data.predict_file: file '{d}/missing.txt' does not exist"),
+    (["--data.predict_prompts", "null", "--data.predict_file", "{d}/blank.txt"], "data.predict_file {d}/blank.txt holds no prompt"),
+    (["--data.predict_prompts", "null", "--data.predict_file", "{d}/prompts.jsonl"], "{d}/prompts.jsonl:2: record has no field 'prompt'"),
+    (["--model.samples_per_prompt", "3"], "model.samples_per_prompt=3 needs model.do_sample=true"),
+    (["--model.do_sample", "true", "--model.top_p", "1.5"], "model.top_p=1.5 must be in (0, 1]"),
+])
+def test_bad_predict_input_is_one_line(fitted, tmp_path, args, says):
+    tmp, cfg, _ = fitted
+    (tmp_path / "prompts.txt").write_text("def \n")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "def "}\n{"text": "import "}\n')
+    r = run_cli("predict", "--config", str(cfg), "--ckpt_path", str(tmp / "run/checkpoints/last.ckpt"), "--trainer.default_root_dir", str(tmp_path / "out"),
+                "--trainer.logger", "false", *[a.replace("{d}", str(tmp_path)) for a in args])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gpt2dist: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and says.replace("{d}", str(tmp_path)) in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "predictions.jsonl").exists()
+

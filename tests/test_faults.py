@@ -432,6 +432,7 @@ def test_sigterm_stops_an_evaluation_after_a_batch_on_every_rank_with_no_partial
     args = ["--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir", str(out),
             "--trainer.devices", str(devices), "--trainer.limit_val_batches", "4", "--trainer.limit_test_batches", "4",
             "--data.predict_prompts", '["def ", "import ", "class ", "x = "]', "--model.max_new_tokens", "4",
+            "--data.predict_batch_size", "1",  # 4 batches: the signal comes after the first, not the last
             "--config", str(overlay(out, {"class_path": "fault_plugins.TermAtEval", "init_args": {"batch": 0, "rank": rank}}))]
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     p = cli(config, *ddp, *args, sub=sub, timeout=180)

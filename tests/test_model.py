@@ -126,7 +126,7 @@ def test_decay_groups_survive_zero3_partitioning_and_fsdp1_names():
 def test_greedy_text_empty_prompt_starts_from_eos_and_a_full_prompt_is_refused(tokenizer):
     """An empty prompt is an unconditional sample (from EOS, as every packed document starts); a prompt
     that fills n_positions leaves nothing to generate: one line naming it, not an index error."""
-    from gpt2dist.model import greedy_text
+    from gpt2dist.generation import greedy_text
 
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id

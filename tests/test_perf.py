@@ -140,7 +140,7 @@ def test_compiled_blocks_share_one_graph_and_generation_stays_eager(tokenizer):
     each block's first cache write recompile, so blocks 9+ ran eager (found on an H200)."""
     from torch._dynamo.utils import counters
 
-    from gpt2dist.model import greedy_text
+    from gpt2dist.generation import greedy_text
 
     torch._dynamo.reset()
     counters.clear()

@@ -176,13 +176,15 @@ def test_fsdp2_checkpoint_exports_the_trained_model(runs, tmp_path):
 
 
 def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_does(runs, tmp_path):
-    """`gpt2dist predict` x2 ranks, 3 prompts (uneven): under DDP each rank generates its share and rank 0
+    """`gpt2dist predict` x2 ranks, 3 prompts (uneven), sampled: under DDP each rank generates its share and rank 0
     writes them all back in prompt order; under FSDP2 `generate` needs the root's parameters unsharded,
     and every rank runs every prompt (each forward gathers collectively). One file, as one process writes."""
     import json
 
     prompts = ["def ", "import os\n", "class "]
-    args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8"]
+    # Sampled, 2 rows per prompt, in batches of 2: each row's draws are its own, whatever rank runs it.
+    args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8", "--model.do_sample", "true",
+            "--model.samples_per_prompt", "2", "--data.predict_batch_size", "2"]
     # One process, from the same weights (the end-of-fit export of the FSDP2 run).
     # No logger: the fixtures' configs pin logs/version_0, which a run writing there would empty.
     p = run_cli("predict", "--config", str(runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
@@ -190,7 +192,7 @@ def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_do
                 "--model.from_scratch", "false", *args, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in single] == prompts and [r["index"] for r in single] == [0, 1, 2]
+    assert [(r["index"], r["sample"], r["prompt"]) for r in single] == [(i, j, p) for i, p in enumerate(prompts) for j in (0, 1)]
     assert all(len(r["text"]) > len(r["prompt"]) for r in single)
     for name, overlay, weights in (
             ("fsdp", "fsdp.yaml", ["--ckpt_path", str(runs / "fsdp" / "checkpoints" / "last.ckpt")]),
@@ -323,12 +325,14 @@ def test_deepspeed_checkpoint_evaluates_the_trained_weights(ds_runs, sub, name, 
 
 
 def test_deepspeed_zero3_predict_gives_what_one_process_gives_from_the_export(ds_runs, tmp_path):
-    """`gpt2dist predict --ckpt_path last` under ZeRO-3 x2 generates what one process generates from the
-    end-of-fit Hugging Face export of the same run."""
+    """`gpt2dist predict --ckpt_path last` under ZeRO-3 x2 (sampled, in batches) generates what one process
+    generates from the end-of-fit Hugging Face export of the same run."""
     import json
 
     prompts = ["def ", "import os\n", "class "]
-    args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8"]
+    # Sampled, 2 rows per prompt, in batches of 2: each row's draws are its own, whatever rank runs it.
+    args = ["--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8", "--model.do_sample", "true",
+            "--model.samples_per_prompt", "2", "--data.predict_batch_size", "2"]
     run = ds_runs / "deepspeed_zero3"
     p = ds_eval("predict", run, "deepspeed_zero3", 2, "--ckpt_path", "last", "--trainer.logger.init_args.version", "24", *args)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -337,7 +341,8 @@ def test_deepspeed_zero3_predict_gives_what_one_process_gives_from_the_export(ds
                 "--trainer.logger", "false", "--model.model_name_or_path", str(run / "hf_model"), *args, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in zero3] == prompts and zero3 == single
+    assert [(r["index"], r["sample"], r["prompt"]) for r in zero3] == [(i, j, p) for i, p in enumerate(prompts) for j in (0, 1)]
+    assert zero3 == single
     assert all(len(r["text"]) > len(r["prompt"]) for r in zero3)
 
 

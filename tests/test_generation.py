@@ -1,0 +1,130 @@
+"""gpt2dist/generation.py: batched generation gives each prompt what it gets alone, greedy or sampled,
+and sampling draws from the tempered, cut distribution with one seed per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import TINY
+from gpt2dist.errors import ConfigError
+from gpt2dist.generation import RowSampler, Sampling, generate_ids, generate_texts, row_seed
+
+PROMPTS = ["def main(", "", "import os\nimport sys\n\nclass Parser(", "x", "return self."]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    # A random model with large weights: peaked, prompt-dependent next-token choices (a default init
+    # predicts nearly uniformly and repeats itself, which would let a wrong position go unseen).
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, initializer_range=0.3, **TINY)
+    return GPT2LMHeadModel(config).eval()
+
+
+def alone(model, tokenizer, prompts, n, sampling=Sampling(), seeds=None):
+    return [generate_ids(model, tokenizer, [p], n, sampling, None if seeds is None else [s])[0]
+            for p, s in zip(prompts, seeds or [None] * len(prompts))]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_batch_of_prompts_gets_what_each_prompt_gets_alone(model, tokenizer, penalty):
+    """Left padding (masked, with positions from the mask) and a repetition penalty that skips it: the
+    same tokens as one prompt at a time, for prompts of 0 to 13 tokens in one batch."""
+    sampling = Sampling(repetition_penalty=penalty)
+    batched = generate_ids(model, tokenizer, PROMPTS, 12, sampling)
+    assert batched == alone(model, tokenizer, PROMPTS, 12, sampling)
+    news = [b[len(tokenizer(p).input_ids or [0]):] for b, p in zip(batched, PROMPTS)]
+    assert all(len(n) >= 3 for n in news) and len({tuple(n) for n in news}) == len(PROMPTS)  # real, varied output
+    texts = generate_texts(model, tokenizer, PROMPTS, 12, sampling)
+    assert all(t.startswith(p) for t, p in zip(texts, PROMPTS))
+
+
+def test_sampling_depends_on_the_row_seed_only(model, tokenizer):
+    hot = Sampling(do_sample=True, temperature=1.5)
+    seeds = [row_seed(7, i) for i in range(len(PROMPTS))]
+    batched = generate_ids(model, tokenizer, PROMPTS, 12, hot, seeds)
+    assert batched == alone(model, tokenizer, PROMPTS, 12, hot, seeds)  # any batch, any order
+    assert generate_ids(model, tokenizer, PROMPTS[::-1], 12, hot, seeds[::-1]) == batched[::-1]
+    # Other seeds, other continuations; top_k=1 leaves only the most likely token: greedy.
+    again = generate_ids(model, tokenizer, PROMPTS, 12, hot, [row_seed(8, i) for i in range(len(PROMPTS))])
+    assert sum(a != b for a, b in zip(again, batched)) >= 3
+    assert generate_ids(model, tokenizer, PROMPTS, 12, Sampling(do_sample=True, top_k=1), seeds) == \
+        generate_ids(model, tokenizer, PROMPTS, 12)
+    # One prompt, several samples: each (index, sample) has its own seed.
+    many = generate_ids(model, tokenizer, ["def "] * 6, 12, hot, [row_seed(7, 0, j) for j in range(6)])
+    assert len({tuple(m) for m in many}) >= 4
+
+
+def test_row_sampler_draws_from_the_tempered_top_k_and_top_p_distribution():
+    """4,000 rows of the same logits: the sampled frequencies match softmax(logits / T) renormalised over
+    the top k (within 0.03), and tokens outside the cut are never drawn."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0])
+    rows = 4000
+    for warpers, allowed in (([TemperatureLogitsWarper(2.0), TopKLogitsWarper(4)], 4),
+                             ([TopPLogitsWarper(0.8)], None)):
+        scores = logits.repeat(rows, 1)
+        for w in warpers:
+            scores = w(None, scores)
+        expected = torch.softmax(scores[0], -1)
+        if allowed is None:  # top_p 0.8: the smallest prefix of the sorted tokens reaching 0.8
+            probs = torch.softmax(logits, -1)
+            allowed = int((probs.cumsum(0) < 0.8).sum()) + 1
+        picks = RowSampler([row_seed(1, i) for i in range(rows)], torch.device("cpu"))(None, scores).argmax(-1)
+        freq = torch.bincount(picks, minlength=len(logits)).float() / rows
+        assert freq[allowed:].sum() == 0 and (freq - expected).abs().max() < 0.03, (freq, expected)
+
+
+def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
+    """A vocabulary padded by 64 rows whose logits would dominate: at temperature 5 none is drawn."""
+    torch.manual_seed(0)
+    eos, real = tokenizer.eos_token_id, len(tokenizer)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=real + 64, bos_token_id=eos, eos_token_id=eos, **TINY)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[real:] = model.lm_head.weight[:64] * 5  # tied: their logits outgrow the real ones
+    out = generate_ids(model, tokenizer, ["def "] * 32, 16, Sampling(do_sample=True, temperature=5.0),
+                       [row_seed(0, i) for i in range(32)], real_vocab=real)
+    assert max(max(o) for o in out) < real
+    unpadded = generate_ids(model, tokenizer, ["def "] * 32, 16, Sampling(do_sample=True, temperature=5.0),
+                            [row_seed(0, i) for i in range(32)])
+    assert max(max(o) for o in unpadded) >= real  # without real_vocab they are drawn: the check can fail
+
+
+def test_a_long_prompt_does_not_shorten_its_batch(model, tokenizer):
+    """Each row's budget is its own (n_positions - prompt length): a prompt 2 short of n_positions gets 2
+    tokens, and the short prompts beside it their full 12, as alone."""
+    n_pos = TINY["n_positions"]
+    long = tokenizer.decode([tokenizer("a").input_ids[0]] * (n_pos - 2))
+    assert len(tokenizer(long).input_ids) == n_pos - 2
+    prompts = ["def main(", long, "x"]
+    batched = generate_ids(model, tokenizer, prompts, 12)
+    assert batched == alone(model, tokenizer, prompts, 12)
+    assert len(batched[1]) <= n_pos and len(batched[0]) > len(tokenizer("def main(").input_ids) + 2
+
+
+@pytest.mark.parametrize("bad, says", [(dict(temperature=0.0), "model.temperature=0.0 must be > 0"),
+                                       (dict(top_p=0.0), "model.top_p=0.0 must be in (0, 1]"),
+                                       (dict(top_k=-1), "model.top_k=-1 must be >= 0"),
+                                       (dict(repetition_penalty=0.0), "model.repetition_penalty=0.0 must be > 0")])
+def test_bad_sampling_settings_are_one_line(bad, says):
+    with pytest.raises(ConfigError) as err:
+        Sampling(do_sample=True, **bad).check()
+    assert str(err.value) == says + {"temperature": "", "top_p": " (1: no cut)", "top_k": " (0: no cut)",
+                                     "repetition_penalty": " (1: none)"}[next(iter(bad))]
+
+
+def test_repetition_penalty_skips_the_left_padding():
+    """Row 0 is padded with two EOS (id 0) before its tokens 5, 6; row 1 really holds an EOS. The penalty
+    (divide a positive logit, multiply a negative one) falls on each row's own tokens only."""
+    from gpt2dist.generation import RepetitionPenaltyAfterPadding
+
+    ids = torch.tensor([[0, 0, 5, 6], [0, 5, 7, 7]])
+    scores = torch.tensor([[2.0, 1.0, 1.0, 1.0, 1.0, 4.0, -4.0, 1.0]] * 2)
+    out = RepetitionPenaltyAfterPadding(2.0, [2, 0])(ids, scores)
+    assert out[0].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0, 2.0, -8.0, 1.0]
+    assert out[1].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, -4.0, 0.5]
+    assert scores[0, 5] == 4.0  # the caller's scores are left as they were
