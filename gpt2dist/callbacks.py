@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gpt2dist.errors import GPT2DistError
-from gpt2dist.export import check_export_target, model_from_lightning_state, save_hf_folder
+from gpt2dist.export import check_export_target, load_any_checkpoint, model_from_lightning_state, save_hf_folder
 from gpt2dist.generation import greedy_text
 from gpt2dist.strategies import full_state_dict, needs_gather
 
@@ -22,17 +23,18 @@ class HFExport(Callback):
     """At the end of a completed `fit`, write `<default_root_dir>/<dirname>` as a Hugging Face
     folder (safetensors, config, tokenizer) and print a greedy sample from `sample_prompt`."""
 
-    def __init__(self, enabled: bool = True, dirname: str = "hf_model", sample_prompt: str | None = "def ",
-                 sample_tokens: int = 48, sample_repetition_penalty: float = 1.3):
+    def __init__(self, enabled: bool = True, dirname: str = "hf_model", source: Literal["final", "best"] = "final",
+                 sample_prompt: str | None = "def ", sample_tokens: int = 48, sample_repetition_penalty: float = 1.3):
         """
         Args:
             enabled: Export at the end of fit.
             dirname: Folder name under trainer.default_root_dir.
+            source: `final`: the weights at the end of fit; `best`: the best_checkpoint's (lowest val/loss), as Trainer's load_best_model_at_end.
             sample_prompt: Prompt for the sample printed after export (None: no sample).
             sample_tokens: Tokens to generate for the sample.
             sample_repetition_penalty: Greedy decoding's repetition penalty (1.0: plain greedy).
         """
-        self.enabled, self.dirname = enabled, dirname
+        self.enabled, self.dirname, self.source = enabled, dirname, source
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.sample_repetition_penalty = sample_repetition_penalty
         self.path: Path | None = None
@@ -60,7 +62,10 @@ class HFExport(Callback):
             return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         self.path = Path(trainer.default_root_dir) / self.dirname
-        if needs_gather(trainer):
+        best = self._best_checkpoint(trainer) if self.source == "best" else None
+        if best is not None:
+            self._export_checkpoint(trainer, best, tokenizer)
+        elif needs_gather(trainer):
             # Every rank joins the gather; rank 0 rebuilds a plain fp32 GPT2LMHeadModel from it.
             state = full_state_dict(trainer, pl_module)
             if trainer.is_global_zero:
@@ -89,6 +94,32 @@ class HFExport(Callback):
                 pl_module.train(was_training)
                 rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
         trainer.strategy.barrier("hf_export")
+
+    @staticmethod
+    def _best_checkpoint(trainer: pl.Trainer) -> tuple[str, str, float] | None:
+        """(path, monitor, score) of the best checkpoint by validation (the CLI's best_checkpoint), or None
+        (with a warning) when no validation has saved one."""
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.monitor not in (None, "step") and cb.best_model_path:
+                return cb.best_model_path, cb.monitor, float(cb.best_model_score)
+        rank_zero_warn("export.source=best, but no validation saved a best checkpoint (best_checkpoint.monitor "
+                       "val/loss): exporting the final weights; validate during fit (trainer.val_check_interval)")
+        return None
+
+    def _export_checkpoint(self, trainer: pl.Trainer, best: tuple[str, str, float], tokenizer) -> None:
+        """Rank 0 rebuilds the model from the best checkpoint file or folder (any strategy's; bf16-true:
+        its fp32 masters) and exports it; the other ranks wait. No weights leave the GPUs."""
+        path, monitor, score = best
+        if trainer.is_global_zero:
+            checkpoint = load_any_checkpoint(path)
+            model = model_from_lightning_state(checkpoint, str(path))
+            save_hf_folder(model, tokenizer, self.path, self.fix)
+            rank_zero_info(f"exported Hugging Face model to {self.path} from the best checkpoint {path} "
+                           f"(step {checkpoint.get('global_step', '?')}, {monitor} {score:.4f})")
+            if self.sample_prompt and tokenizer is not None:
+                text = greedy_text(model.eval(), tokenizer, self.sample_prompt, self.sample_tokens,
+                                   self.sample_repetition_penalty, getattr(model.config, "unpadded_vocab_size", None))
+                rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -361,3 +361,24 @@ def test_bad_predict_input_is_one_line(fitted, tmp_path, args, says):
     assert r.returncode == 2 and len(errors) == 1 and says.replace("{d}", str(tmp_path)) in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "out" / "predictions.jsonl").exists()
 
+
+def test_export_source_best_exports_the_best_checkpoint(fitted, tmp_path):
+    """`export.source: best` exports the best_checkpoint's weights, not the final ones. best_checkpoint.mode
+    max makes the worse of the two validations (step 15) the "best", so the two cannot coincide."""
+    from safetensors.torch import load_file
+
+    from gpt2dist.export import export_checkpoint
+
+    _, cfg, _ = fitted
+    root = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false"]
+    r = run_cli("fit", "--config", str(cfg), *root, "--export.source", "best", "--best_checkpoint.mode", "max")
+    assert r.returncode == 0, r.stderr[-3000:]
+    [best] = (tmp_path / "run" / "checkpoints").glob("best-*.ckpt")
+    assert best.name == "best-step0000015.ckpt"
+    assert f"exported Hugging Face model to {tmp_path / 'run' / 'hf_model'} from the best checkpoint {best} (step 15, val/loss" \
+        in r.stdout + r.stderr
+    export_checkpoint(best, tmp_path / "from_best")
+    export_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "from_last")
+    got, want, last = (load_file(tmp_path / d / "model.safetensors") for d in ("run/hf_model", "from_best", "from_last"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not all(torch.equal(got[k], last[k]) for k in got)  # the final weights differ: the check can fail

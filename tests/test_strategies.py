@@ -175,6 +175,31 @@ def test_fsdp2_checkpoint_exports_the_trained_model(runs, tmp_path):
     assert not torch.allclose(_logits(tmp_path / "hf5"), trained)  # step 5 differs: the check can fail
 
 
+@pytest.mark.parametrize("overlay", ["fsdp", "deepspeed_zero3"])
+def test_export_source_best_exports_a_sharded_best_checkpoint(overlay, tmp_path, corpus_dir, tokenizer_dir):
+    """`export.source: best` under FSDP2 / ZeRO-3 x2: rank 0 consolidates the best checkpoint folder (step 5;
+    best_checkpoint.mode max makes the worse validation "best") while the other waits, and exports it."""
+    from safetensors.torch import load_file
+
+    from gpt2dist.export import export_checkpoint
+
+    config = write_config(tmp_path, corpus_dir, tokenizer_dir, overlay, 2, val_check_interval=5)
+    args = ["--export.source", "best", "--best_checkpoint.mode", "max"]
+    if overlay == "fsdp":
+        p = fit(config, "--config", str(REPO / "configs/strategy/fsdp.yaml"), *args)
+    else:
+        p = ds_fit(config, overlay, *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+    [best] = (tmp_path / overlay / "checkpoints").glob("best-*.ckpt")
+    assert best.name == "best-step0000005.ckpt" and best.is_dir()
+    assert f"from the best checkpoint {best} (step 5, val/loss" in p.stdout + p.stderr
+    export_checkpoint(best, tmp_path / "from_best")
+    export_checkpoint(tmp_path / overlay / "checkpoints" / "last.ckpt", tmp_path / "from_last")
+    got, want, last = (load_file(tmp_path / d / "model.safetensors") for d in (f"{overlay}/hf_model", "from_best", "from_last"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not all(torch.equal(got[k], last[k]) for k in got)  # the final weights differ: the check can fail
+
+
 def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_does(runs, tmp_path):
     """`gpt2dist predict` x2 ranks, 3 prompts (uneven), sampled: under DDP each rank generates its share and rank 0
     writes them all back in prompt order; under FSDP2 `generate` needs the root's parameters unsharded,
