@@ -458,7 +458,45 @@ class GPT2Module(pl.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)
+        self._schedule = {"lr": hp.lr, "min_lr": hp.min_lr, "warmup_steps": hp.warmup_steps, "decay_steps": total}
+        self._group_settings = [{"betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": g["weight_decay"]} for g in named_groups]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._config_over_restored_optimizer()
+
+    def _config_over_restored_optimizer(self) -> None:
+        """After a resume, the config's optimizer settings and schedule apply, not the checkpoint's.
+
+        Restoring a checkpoint puts back the optimizer's param-group settings (betas, eps, weight_decay)
+        and the scheduler's base_lrs (the old peak lr): a `--model.lr 1e-4` resume of a 3e-3 run stepped
+        at 30x the asked-for rate, and a new weight_decay was ignored. Unchanged settings recompute the same
+        floats (LambdaLR's own base_lr * lambda(step)), so an exact resume stays bitwise exact."""
+        saved = getattr(self, "_saved_schedule", None)
+        if saved is None or not self.trainer.optimizers or not getattr(self, "_group_settings", None):
+            return  # not a resume (or not our optimizer)
+        optimizer, scheduler = self.trainer.optimizers[0], self.lr_schedulers()
+        changes = [f"{k} {saved[k]} -> {v}" for k, v in self._schedule.items() if k in saved and saved[k] != v]
+        for group, want in zip(optimizer.param_groups, self._group_settings):
+            for key, value in want.items():
+                if key not in group:
+                    continue
+                old = tuple(group[key]) if key == "betas" else group[key]
+                if old != value:
+                    changes.append(f"{key} {old} -> {value}")
+                    group[key] = value
+        if scheduler is not None:
+            scheduler.base_lrs = [self.hparams.lr] * len(scheduler.base_lrs)
+            step = scheduler.last_epoch
+            for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * fn(step)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        if changes:
+            hint = (f"; model.decay_steps={saved['decay_steps']} keeps the checkpoint's decay"
+                    if saved.get("decay_steps") != self._schedule["decay_steps"] else "")
+            rank_zero_warn(f"resume: the optimizer settings are the config's, not the checkpoint's "
+                           f"({', '.join(dict.fromkeys(changes))}); lr at step {self.trainer.global_step} is "
+                           f"{optimizer.param_groups[0]['lr']:.3g}{hint}")
 
     # --- checkpoints ---------------------------------------------------------
 
@@ -476,6 +514,8 @@ class GPT2Module(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gpt2_config"] = self.model.config.to_dict()
+        if getattr(self, "_schedule", None):  # what a resume compares its config with
+            checkpoint["lr_schedule"] = dict(self._schedule)
         masters = self.master_state_dict()
         if masters:
             # The fp32 masters are the weights (the bf16 ones are their rounding): stored once, here,
@@ -489,6 +529,7 @@ class GPT2Module(pl.LightningModule):
             checkpoint["tokenizer_name_or_path"] = str(tokenizer.name_or_path)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_schedule = checkpoint.get("lr_schedule", {})
         for state in checkpoint.get("optimizer_states", []):
             # Masters stored in the state_dict (see on_save_checkpoint); from a checkpoint saved
             # without them (bf16-mixed), its fp32 weights are the masters. Plain AdamW ignores the key.

@@ -153,7 +153,33 @@ def test_checkpoints_record_the_training_data_and_a_resume_on_other_data_says_so
         r = run_cli("fit", "--config", str(cfg), *root, "--ckpt_path", "last", "--trainer.max_steps", steps, "--data.shuffle", "false")
         assert r.returncode == 0, r.stderr[-3000:]
         assert ("resume: the training data is not the checkpoint's (shuffle True -> False): " in r.stderr) == warned, r.stderr[-3000:]
-        assert ("not the checkpoint's" in r.stderr) == warned
+        assert ("the training data is not the checkpoint's" in r.stderr) == warned  # one warning, not one per rank
+
+
+def test_a_resume_trains_with_the_configs_optimizer_settings_and_schedule(fitted, tmp_path):
+    """Resumed with another lr, weight_decay and max_steps, every later step's lr is the config's
+    schedule (before: Lightning restored the old peak lr as the scheduler's base, 30x too high here) and
+    the optimizer decays with the new weight_decay; a warning names each change."""
+    from gpt2dist.model import GPT2Module
+
+    tmp, cfg, _ = fitted
+    shutil.copytree(tmp / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    root = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger.init_args.save_dir", str(tmp_path / "run")]
+    r = run_cli("fit", "--config", str(cfg), *root, "--ckpt_path", "last", "--trainer.max_steps", "40",
+                "--model.lr", "1e-4", "--model.min_lr", "1e-5", "--model.weight_decay", "0.05", "--export.enabled", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    schedule = GPT2Module(lr=1e-4, min_lr=1e-5, warmup_steps=5)
+    assert ("resume: the optimizer settings are the config's, not the checkpoint's (lr 0.003 -> 0.0001, decay_steps 30 -> 40, "
+            f"weight_decay 0.1 -> 0.05); lr at step 30 is {schedule.lr_at(30, 40):.3g}; model.decay_steps=30 keeps the "
+            "checkpoint's decay") in " ".join(r.stderr.split()), r.stderr[-3000:]
+    logged = {int(x["step"]): float(x["lr"]) for x in metrics(tmp_path / "run") if x.get("lr")}
+    resumed = {s: v for s, v in logged.items() if s >= 30}
+    assert len(resumed) == 2  # steps 34 and 39 (log_every_n_steps 5): lr after step s+1's update
+    for step, lr in resumed.items():
+        assert lr == pytest.approx(schedule.lr_at(step, 40), rel=1e-6), (step, lr)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [g["weight_decay"] for g in saved["optimizer_states"][0]["param_groups"]] == [0.05, 0.0]
+    assert saved["lr_schedule"] == {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 5, "decay_steps": 40}
 
 
 def test_explicit_checkpoint_keeps_the_command_line_model_settings(fitted, tokenizer_dir):

@@ -101,6 +101,7 @@ def kill(config: Path, kill: dict, *strategy: str) -> subprocess.CompletedProces
 def resume(config: Path, *strategy: str) -> subprocess.CompletedProcess:
     p = ok(cli(config, *strategy, "--ckpt_path", "last"))
     assert "the training data is not the checkpoint's" not in p.stderr, p.stderr[-3000:]  # same data: no false alarm
+    assert "optimizer settings are the config's" not in p.stderr, p.stderr[-3000:]  # same settings: none either
     return p
 
 
