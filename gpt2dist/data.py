@@ -264,6 +264,42 @@ class TokenBlocks(Dataset):
         return {"input_ids": ids, "loss_weight": torch.tensor(1.0 if i < self.n else 0.0)}
 
 
+class StridedWindows:
+    """Overlapping evaluation windows over a split's token stream (its blocks end to end): window k
+    starts at k x stride, and a last one ends at the stream's end. Each window scores only the targets
+    the previous one did not reach, so (at stride < block_size) every token after the first is predicted exactly once, with up to
+    block_size - stride tokens of context before it (Hugging Face's "perplexity of fixed-length models").
+
+    1,024-token windows at stride 512 over 100,000 tokens: 194 windows, ~2x the compute of 97 blocks."""
+
+    def __init__(self, blocks: TokenBlocks, stride: int):
+        self.blocks, self.block_size, self.stride = blocks, blocks.block_size, stride
+        self.tokens = blocks.blocks.reshape(-1) if blocks.n else np.zeros(0, blocks.dtype)
+        total = len(self.tokens)
+        starts = list(range(0, total - self.block_size + 1, stride)) if total >= self.block_size else []
+        if starts and starts[-1] + self.block_size < total:
+            starts.append(total - self.block_size)  # the tail, with as much context as fits
+        self.starts = starts
+        self.n = len(starts)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def scored(self, k: int) -> int:
+        """How many of window k's block_size - 1 targets are new (the last ones): all in window 0."""
+        if k == 0:
+            return self.block_size - 1
+        # A window's first token is context only: at stride block_size (disjoint) it is never predicted.
+        return min(self.starts[k] - self.starts[k - 1], self.block_size - 1)
+
+    def __getitem__(self, i: int) -> dict:
+        k = i % self.n
+        start = self.starts[k]
+        ids = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
+        return {"input_ids": ids, "loss_weight": torch.tensor(1.0 if i < self.n else 0.0),
+                "scored": torch.tensor(self.scored(k))}
+
+
 class BlockSampler(Sampler[int]):
     """This rank's share of a seeded, per-epoch permutation of block indices.
 
@@ -372,6 +408,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         predict_file: str | None = None,
         predict_text_field: str = "prompt",
         predict_batch_size: int = 8,
+        eval_stride: int | None = None,
     ):
         """
         Args:
@@ -400,6 +437,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             predict_file: A file of prompts for `gpt2dist predict` instead: .txt one per line, or .jsonl/.json/.csv/.parquet records (`predict_text_field`).
             predict_text_field: The JSON key or table column holding each prompt in `predict_file`.
             predict_batch_size: Prompts per `generate` call per device (left-padded; similar lengths are batched together).
+            eval_stride: Validate/test on overlapping windows this many tokens apart, each scoring only its new tokens (more context per token, block_size/stride x the compute); None: disjoint blocks.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -425,6 +463,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
         if predict_prompts and predict_file:
             raise DataError("set either data.predict_prompts or data.predict_file, not both; "
                             "unset one (e.g. --data.predict_prompts null)")
+        if eval_stride is not None and not 1 <= eval_stride <= block_size:
+            raise DataError(f"data.eval_stride={eval_stride} must be in [1, data.block_size={block_size}] (tokens between "
+                            f"evaluation windows; e.g. {block_size // 2}); unset it for disjoint blocks")
         if predict_batch_size < 1:
             raise DataError(f"data.predict_batch_size={predict_batch_size} must be at least 1")
         if batch_size < 1:
@@ -440,6 +481,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.cache_dir = Path(expand_pattern(cache_dir))
         self.predict_prompts = predict_prompts or []
         self.predict_file, self.predict_text_field, self.predict_batch_size = predict_file, predict_text_field, predict_batch_size
+        self.eval_stride = eval_stride
         self.tokenizer = None
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
@@ -869,8 +911,12 @@ class TokenBlockDataModule(pl.LightningDataModule):
     def val_dataloader(self):
         if not len(self.val_set):
             return []  # no validation source: Lightning skips validation
+        return self._eval_loader(self.val_set)
+
+    def _eval_loader(self, blocks: TokenBlocks):
+        data = StridedWindows(blocks, self.eval_stride) if self.eval_stride else blocks
         world, rank = self._world()
-        return self._loader(self.val_set, BlockSampler(len(self.val_set), False, self.seed, world, rank, pad=True), False)
+        return self._loader(data, BlockSampler(len(data), False, self.seed, world, rank, pad=True), False)
 
     def test_dataloader(self):
         if self.test_set is None:
@@ -878,8 +924,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             rank_zero_info("gpt2dist test: evaluating on the validation split (data.val_files / data.val_fraction); "
                            "set data.test_files or data.test_split for a test split of its own")
             return self.val_dataloader()
-        world, rank = self._world()
-        return self._loader(self.test_set, BlockSampler(len(self.test_set), False, self.seed, world, rank, pad=True), False)
+        return self._eval_loader(self.test_set)
 
     def prompts_with_origin(self) -> list[tuple[str, str]]:
         """(where, prompt) for every `predict` prompt, in order: `data.predict_prompts[i]`, or the file and

@@ -332,6 +332,12 @@ class GPT2Module(pl.LightningModule):
     def _eval_step(self, batch: dict) -> None:
         losses = self.token_losses(batch["input_ids"])
         weight = batch["loss_weight"].to(losses.dtype)  # 0 for padding blocks of uneven shards
+        if "scored" in batch:  # overlapping windows (data.eval_stride): only each window's last `scored` targets
+            position = torch.arange(losses.shape[1], device=losses.device)
+            mask = (position[None, :] >= losses.shape[1] - batch["scored"][:, None]).to(losses.dtype)
+            self._eval_sum += ((losses * mask).sum(dim=1) * weight).sum().detach()
+            self._eval_tokens += (mask.sum(dim=1) * weight).sum()
+            return
         self._eval_sum += (losses.sum(dim=1) * weight).sum().detach()
         self._eval_tokens += weight.sum() * losses.shape[1]
 

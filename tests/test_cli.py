@@ -140,6 +140,40 @@ def test_test_subcommand_evaluates_a_test_split_of_its_own(fitted, tmp_path, tok
     assert f"test/loss {got:.4f}" in r.stdout, r.stdout[-2000:]  # the one-line report says the same
 
 
+def test_test_with_eval_stride_scores_each_token_once_with_overlapping_context(fitted, tmp_path, tokenizer):
+    """--data.eval_stride 16: `test/loss` equals Hugging Face's strided perplexity recipe (labels -100 on each
+    window's context), computed here with the exported model on the same token stream."""
+    from transformers import GPT2LMHeadModel
+
+    tmp, cfg, _ = fitted
+    text = (STDLIB / "operator.py").read_text()
+    (tmp_path / "operator.txt").write_text(text)
+    r = run_cli("test", "--config", str(cfg), "--ckpt_path", "last", "--data.test_files", f"[{tmp_path / 'operator.txt'}]",
+                "--data.eval_stride", "16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    newest = max((tmp / "run").glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    [got] = [float(x["test/loss"]) for x in csv.DictReader(newest.open()) if x.get("test/loss")]
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    stream = torch.tensor(ids[: len(ids) // 64 * 64])
+    starts = list(range(0, len(stream) - 64 + 1, 16))
+    starts += [len(stream) - 64] if starts[-1] + 64 < len(stream) else []
+    model = GPT2LMHeadModel.from_pretrained(tmp / "run" / "hf_model").eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for k, start in enumerate(starts):
+            window = stream[start:start + 64][None]
+            new = 63 if k == 0 else start - starts[k - 1]  # targets no earlier window predicted
+            labels = window.clone()
+            labels[:, : 64 - new] = -100
+            total += model(input_ids=window, labels=labels).loss.item() * new
+            count += new
+    assert count == len(stream) - 1  # every token but the first, once
+    assert got == pytest.approx(total / count, rel=1e-5)
+    with torch.no_grad():  # disjoint blocks (no eval_stride) score less context: another number, so the check can fail
+        disjoint = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in stream.view(-1, 64)]).mean().item()
+    assert abs(disjoint - got) > 5e-4, (disjoint, got)  # a 30-step model uses little context: close, yet 50x apart
+
+
 def test_checkpoints_record_the_training_data_and_a_resume_on_other_data_says_so(fitted, tmp_path):
     tmp, cfg, _ = fitted
     ckpt = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")

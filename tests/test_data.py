@@ -503,3 +503,32 @@ def test_paragraphs_split_on_blank_lines_with_spaces_or_crlf(tmp_path):
         got = list(data_mod.read_documents(tmp_path / name, text_unit="paragraph"))
         assert [d.replace("\r\n", "\n") for d in got] == paras, (name, got)
         assert not any(d.endswith(("\r", "\n")) for d in got), (name, got)
+
+
+@pytest.mark.parametrize("stride, windows", [(3, 7), (5, 5), (7, 4), (8, 3)])
+def test_strided_windows_predict_every_token_once(tmp_path, stride, windows):
+    """3 blocks of 8 tokens = a stream of 24. Windows every `stride` tokens (plus one ending at the stream's
+    end) score only their new targets: below block_size every token but the first is scored exactly once,
+    with the most context a window gives; at stride 8 the windows are the blocks, first tokens unscored."""
+    from gpt2dist.data import StridedWindows, TokenBlocks
+
+    stream = np.arange(24, dtype=np.uint16)
+    stream.tofile(tmp_path / "val.bin")
+    view = StridedWindows(TokenBlocks(tmp_path / "val.bin", 8, np.uint16), stride)
+    assert len(view) == windows
+    scored = []
+    for k in range(len(view)):
+        item = view[k]
+        ids, n = item["input_ids"].tolist(), int(item["scored"])
+        assert len(ids) == 8 and ids == list(range(ids[0], ids[0] + 8)) and item["loss_weight"] == 1.0
+        scored += ids[8 - n:]  # targets: the tokens the last n positions predict
+    expected = [t for t in range(1, 24) if t % 8] if stride == 8 else list(range(1, 24))
+    assert scored == expected
+    assert view[len(view)]["loss_weight"] == 0.0  # padding past the end (uneven shards) weighs nothing
+
+
+def test_eval_stride_is_checked_against_block_size(corpus_dir, tokenizer_dir, tmp_path):
+    for bad in (0, 65):
+        with pytest.raises(DataError, match=rf"^data.eval_stride={bad} must be in \[1, data.block_size=64\]"):
+            TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], tokenizer=str(tokenizer_dir), block_size=64,
+                                 cache_dir=str(tmp_path), eval_stride=bad)
