@@ -19,19 +19,22 @@ from gpt2dist.errors import ConfigError
 
 @dataclass(frozen=True)
 class Sampling:
-    """How tokens are chosen: greedy (do_sample false) or sampled from the tempered, top-k/top-p cut softmax."""
+    """How tokens are chosen: greedy (do_sample false) or sampled from the tempered, top-k/top-p cut softmax;
+    and where a row stops early (EOS, or the token that completes one of `stop_strings`)."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    stop_strings: tuple[str, ...] = ()
 
     def check(self, where: str = "model") -> None:
         bad = [(f"{where}.temperature={self.temperature}", "must be > 0", self.temperature > 0),
                (f"{where}.top_k={self.top_k}", "must be >= 0 (0: no cut)", self.top_k >= 0),
                (f"{where}.top_p={self.top_p}", "must be in (0, 1] (1: no cut)", 0 < self.top_p <= 1),
                (f"{where}.repetition_penalty={self.repetition_penalty}", "must be > 0 (1: none)", self.repetition_penalty > 0)]
+        bad.append((f"{where}.stop_strings", "must not hold an empty string", all(self.stop_strings)))
         for what, rule, ok in bad:
             if not ok:
                 raise ConfigError(f"{what} {rule}")
@@ -129,10 +132,12 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
         with torch.compiler.set_stance("force_eager"):
             out = model.generate(batch, attention_mask=mask, max_new_tokens=limit, do_sample=False,
                                  logits_processor=processors, pad_token_id=eos,
-                                 repetition_penalty=1.0)  # a saved generation_config's own penalty would count twice
+                                 repetition_penalty=1.0,  # a saved generation_config's own penalty would count twice
+                                 **({"stop_strings": list(sampling.stop_strings), "tokenizer": tokenizer}
+                                    if sampling.stop_strings else {}))
         for r, i in enumerate(rows):
             new = out[r, width:].tolist()
-            if eos in new:  # a finished row is padded with EOS: it ends at its first one, as it would alone
+            if eos in new:  # a finished row (EOS, a stop string) is padded with EOS: it ends at its first one, as alone
                 new = new[: new.index(eos) + 1]
             result[i] = ids[i] + new
     return result

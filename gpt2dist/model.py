@@ -108,6 +108,7 @@ class GPT2Module(pl.LightningModule):
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         samples_per_prompt: int = 1,
+        stop_strings: list[str] | None = None,
         generation_seed: int = 0,
         pad_vocab_to_multiple_of: int = 1,
         compile: bool = False,
@@ -139,7 +140,8 @@ class GPT2Module(pl.LightningModule):
             top_k: Sample only among the k most likely tokens (0: no cut).
             top_p: Sample only from the smallest set of tokens whose probability reaches top_p (1: no cut).
             repetition_penalty: `predict`'s CTRL penalty on tokens already in the row (1: none; ~1.2 keeps small models from looping).
-            samples_per_prompt: Continuations per prompt in `predict` (each its own line and seed; with do_sample).
+            samples_per_prompt: Continuations per prompt in `predict` (each its own line and seed; with do_sample); a batch generates predict_batch_size x this many rows.
+            stop_strings: `predict` ends a continuation at the token that completes any of these (e.g. "\n\n"); the text keeps it.
             generation_seed: Seed of `predict`'s sampling; a row's draws depend only on it, the prompt's index and the sample number.
             pad_vocab_to_multiple_of: Pad embedding/lm_head rows to a multiple of this (128 on GPUs: 50257 -> 50304); padded logits are never predicted and the export is unpadded. 1: no padding.
             compile: torch.compile each GPT2Block ("regional": compile time of one block).
@@ -152,7 +154,7 @@ class GPT2Module(pl.LightningModule):
             master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights and sums accumulated micro-batch gradients in fp32 (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()
-        Sampling(do_sample, temperature, top_k, top_p, repetition_penalty).check()
+        Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, tuple(stop_strings or ())).check()
         if samples_per_prompt < 1 or (samples_per_prompt > 1 and not do_sample):
             raise ConfigError(f"model.samples_per_prompt={samples_per_prompt} needs model.do_sample=true (greedy "
                               "continuations of one prompt are all the same) and must be at least 1")
@@ -375,7 +377,7 @@ class GPT2Module(pl.LightningModule):
 
     def sampling(self) -> Sampling:
         hp = self.hparams
-        return Sampling(hp.do_sample, hp.temperature, hp.top_k, hp.top_p, hp.repetition_penalty)
+        return Sampling(hp.do_sample, hp.temperature, hp.top_k, hp.top_p, hp.repetition_penalty, tuple(hp.stop_strings or ()))
 
     @torch.no_grad()
     def generate_text(self, tokenizer, prompt: str, max_new_tokens: int | None = None,

@@ -390,6 +390,10 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
     assert [(r["index"], r["sample"], r["prompt"]) for r in one] == [(i, 0, p) for i, p in enumerate(prompts)]
     assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in one)
     assert predict("greedy4", "--data.predict_file", str(tmp_path / "prompts.jsonl"), "--data.predict_batch_size", "4") == one
+    stop = one[0]["text"][len(prompts[0])]  # the first new character: row 0 stops after its first token
+    stopped = predict("stopped", "--data.predict_file", txt, "--model.stop_strings", json.dumps([stop]))
+    assert all(b["text"].startswith(a["text"]) for a, b in zip(stopped, one))
+    assert len(stopped[0]["text"]) < len(one[0]["text"]) and stopped[0]["text"].endswith(stop)
     sample = ["--model.do_sample", "true", "--model.temperature", "1.3", "--model.samples_per_prompt", "2"]
     s1 = predict("sampled1", "--data.predict_file", txt, "--data.predict_batch_size", "1", *sample)
     assert [(r["index"], r["sample"]) for r in s1] == [(i, j) for i in range(len(prompts)) for j in (0, 1)]
@@ -409,6 +413,7 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
     (["--data.predict_prompts", "null", "--data.predict_file", "{d}/prompts.jsonl"], "{d}/prompts.jsonl:2: record has no field 'prompt'"),
     (["--model.samples_per_prompt", "3"], "model.samples_per_prompt=3 needs model.do_sample=true"),
     (["--model.do_sample", "true", "--model.top_p", "1.5"], "model.top_p=1.5 must be in (0, 1]"),
+    (["--model.stop_strings", '["\\n\\n", ""]'], "model.stop_strings must not hold an empty string"),
 ])
 def test_bad_predict_input_is_one_line(fitted, tmp_path, args, says):
     tmp, cfg, _ = fitted

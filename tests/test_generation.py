@@ -128,3 +128,23 @@ def test_repetition_penalty_skips_the_left_padding():
     assert out[0].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0, 2.0, -8.0, 1.0]
     assert out[1].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, -4.0, 0.5]
     assert scores[0, 5] == 4.0  # the caller's scores are left as they were
+
+
+def test_stop_strings_end_each_row_where_it_completes_one(model, tokenizer):
+    """A row stops at the token that completes a stop string, keeping it: its text is a prefix of the
+    unstopped text, ending within one token after the string's first appearance; rows without it run on."""
+    full = generate_texts(model, tokenizer, PROMPTS, 24)
+    # A stop string from the middle of the first row's continuation: 2 printable, non-space characters.
+    tail = full[0][len(PROMPTS[0]):]
+    stop = next(tail[i:i + 2] for i in range(4, len(tail) - 1) if tail[i:i + 2].isprintable() and not tail[i:i + 2].isspace()
+                and " " not in tail[i:i + 2])
+    stopped = generate_texts(model, tokenizer, PROMPTS, 24, Sampling(stop_strings=(stop,)))
+    assert stopped == [generate_texts(model, tokenizer, [p], 24, Sampling(stop_strings=(stop,)))[0] for p in PROMPTS]
+    for p, f, s in zip(PROMPTS, full, stopped):
+        assert f.startswith(s)
+        at = f.find(stop, len(p))
+        if at < 0:
+            assert s == f  # never completed: the whole continuation
+        else:
+            end = at + len(stop)
+            assert end <= len(s) < len(f) and stop not in s[len(p): end - 1]
