@@ -134,6 +134,47 @@ def test_fit_sbatch_runs_multi_process(layout, reference, slurm, tmp_path, corpu
     assert len(job_log(d, job_id)) == 1
 
 
+def test_eval_sbatch_tests_and_predicts_on_two_nodes_as_one_process(reference, slurm, tmp_path):
+    """slurm/eval.sbatch `test` and `predict` on 2 nodes x 1 task, from the reference fit's last.ckpt: the
+    loss line and the predictions file one process gives. A first argument that is not a subcommand stops
+    the job at once (exit 2), before any srun."""
+    from conftest import run_cli
+
+    d, _, _, _ = reference
+    ckpt = d / "run" / "checkpoints" / "last.ckpt"
+    prompts = '["def ", "import os", "x"]'
+    common = ["--config", str(d / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false",
+              "--data.predict_prompts", prompts, "--model.max_new_tokens", "6"]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+    layout = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+    sbatch = ["sbatch", "--parsable", *layout, str(REPO / "slurm" / "eval.sbatch")]
+    jobs = {sub: slurm.run(*sbatch, sub, *common, "--trainer.default_root_dir", str(tmp_path / sub), env=env,
+                           cwd=tmp_path).stdout.strip() for sub in ("test", "predict", "fit")}
+    texts = {}
+    for sub, job_id in jobs.items():
+        j = slurm.wait_job(job_id, timeout=300)
+        texts[sub] = job_log(tmp_path, job_id)[0].read_text()
+        want = ("FAILED", "2:0") if sub == "fit" else ("COMPLETED", "0:0")
+        assert (j["JobState"], j["ExitCode"]) == want, texts[sub][-4000:]
+    assert "eval.sbatch: error: the first argument must be validate, test or predict (got 'fit')" in texts["fit"]
+    assert "MEMBER:" not in texts["fit"] and "gpt2dist prepare" not in texts["fit"]
+    for sub in ("test", "predict"):
+        assert "GLOBAL_RANK: 0, MEMBER: 1/2" in texts[sub] and "GLOBAL_RANK: 1, MEMBER: 2/2" in texts[sub], texts[sub][-4000:]
+        one = run_cli(sub, *common, "--trainer.default_root_dir", str(tmp_path / f"{sub}-single"), "--trainer.devices", "1")
+        assert one.returncode == 0, one.stderr[-3000:]
+        if sub == "test":
+            report = f"test {ckpt} (step {MAX_STEPS})  test/loss "  # the one-line report: checkpoint, step, loss
+
+            def loss(text: str) -> float:
+                [line] = [x for x in text.splitlines() if x.startswith(report)]
+                return float(line[len(report):].split()[0])
+            assert loss(texts[sub]) == pytest.approx(loss(one.stdout), abs=2e-4), texts[sub][-3000:]  # 4 decimals
+        else:
+            single = (tmp_path / "predict-single" / "predictions.jsonl").read_text()
+            assert (tmp_path / "predict" / "predictions.jsonl").read_text() == single and single.count("\n") == 3
+
+
 def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_factory, corpus_dir, tokenizer_dir):
     ref_dir, _, _, _ = reference
     d = tmp_path_factory.mktemp("slurm_preempt") / "job"
