@@ -124,7 +124,7 @@ class GPT2CLI(LightningCLI):
         # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).
         if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        _RUN.update(_run_info(self.trainer, self.datamodule, self.model))
+        _RUN.update(_run_info(self.trainer, self.datamodule, self.model), stage="fit")
         check_strategy_accelerator(self.trainer)
         # Before the logger creates its W&B run: pick the run id a resume must continue.
         config = self.config.get(str(self.subcommand), self.config)
@@ -159,6 +159,10 @@ class GPT2CLI(LightningCLI):
         if is_deepspeed_folder(ckpt_path) and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # One process or DDP (what check_checkpoint_fits_strategy lets through): Lightning would torch.load a folder.
             self.trainer.strategy.checkpoint_io = DeepSpeedFolderIO()
+        hp = self.model.hparams  # what an out-of-memory message of this stage reports
+        _RUN.update(_run_info(self.trainer, self.datamodule, self.model), stage=sub,
+                    predict_batch_size=getattr(self.datamodule, "predict_batch_size", None),
+                    samples_per_prompt=hp.get("samples_per_prompt"), max_new_tokens=hp.get("max_new_tokens"))
         if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
             rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "
                            f"evaluates a randomly initialised model; pass --ckpt_path last (or best, or a file)")
@@ -199,12 +203,12 @@ def _epoch_line(data: TokenBlockDataModule, trainer) -> str:
     return line
 
 
-_RUN: dict = {}  # what an out-of-memory message reports (filled before fit)
+_RUN: dict = {}  # what an out-of-memory message reports (filled before fit / validate / test / predict)
 
 
 def _resume_hint() -> str:
     root = _RUN.get("root")
-    if root is None:  # not a fit, or stopped before it began
+    if root is None or _RUN.get("stage") != "fit":  # not a fit (an evaluation has nothing to resume), or not begun
         return ""
     try:
         found = newest_checkpoint(root, _RUN.get("checkpoint_dir"))

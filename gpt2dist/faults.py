@@ -394,8 +394,21 @@ def check_strategy_accelerator(trainer: pl.Trainer) -> None:
 
 
 def oom_message(info: dict) -> str:
-    """One paragraph for `cli.main` when CUDA runs out of memory."""
+    """One paragraph for `cli.main` when CUDA runs out of memory: what the failing stage held per process,
+    and what to lower for it (generation and evaluation have knobs of their own)."""
     strategy = info.get("strategy", "?")
+    stage = info.get("stage", "fit")
+    sharded = "a sharded strategy for a model one GPU cannot hold (configs/strategy/fsdp.yaml)"
+    if stage == "predict":
+        return (f"out of memory generating (data.predict_batch_size={info.get('predict_batch_size')} prompts x "
+                f"model.samples_per_prompt={info.get('samples_per_prompt')} rows per generate call, each up to "
+                f"model.max_new_tokens={info.get('max_new_tokens')} new tokens, strategy {strategy}, "
+                f"{info.get('world_size')} process(es)). Try: lower data.predict_batch_size (the KV cache grows with "
+                f"rows x tokens); bf16 precision; {sharded}")
+    if stage in ("validate", "test"):
+        return (f"out of memory evaluating (data.batch_size={info.get('batch_size')} x data.block_size="
+                f"{info.get('block_size')} tokens per process, strategy {strategy}, {info.get('world_size')} "
+                f"process(es)). Try: lower data.batch_size (evaluation uses the training micro-batch); bf16 precision; {sharded}")
     return (f"out of memory (micro-batch data.batch_size={info.get('batch_size')} x data.block_size={info.get('block_size')} "
             f"tokens per process, trainer.accumulate_grad_batches={info.get('accumulate')}, strategy {strategy}, "
             f"{info.get('world_size')} process(es)). Try: halve data.batch_size and double "

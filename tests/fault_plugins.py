@@ -73,10 +73,13 @@ class InjectNaN(Callback):
 
 
 class RaiseOOM(Callback):
-    """Raise the error CUDA raises when memory runs out (torch.OutOfMemoryError), at train start."""
+    """Raise the error CUDA raises when memory runs out (torch.OutOfMemoryError), at train (or test, or
+    predict) start."""
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def _raise(self, trainer, pl_module) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    on_train_start = on_test_start = on_predict_start = _raise
 
 
 class DiskFullAt(Callback):

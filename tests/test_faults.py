@@ -368,6 +368,18 @@ def test_oom_message(tmp, corpus_dir, tokenizer_dir):
     for needle in ("data.batch_size=2", "data.block_size=32", "accumulate_grad_batches=2", "SingleDeviceStrategy",
                    "tools/plan.py", "--micro-batch 2"):
         assert needle in line, needle
+    # test and predict say what those stages hold, and name their own knobs (before: "batch_size=None").
+    oom = ["--config", str(overlay(run_dir(config), {"class_path": "fault_plugins.RaiseOOM"}))]
+    for sub, needles in (("test", ["out of memory evaluating (data.batch_size=2 x data.block_size=32 tokens per process",
+                                   "lower data.batch_size"]),
+                         ("predict", ["out of memory generating (data.predict_batch_size=3 prompts x model.samples_per_prompt=2 "
+                                      "rows per generate call, each up to model.max_new_tokens=5 new tokens",
+                                      "lower data.predict_batch_size"])):
+        p = cli(config, *oom, "--data.predict_prompts", '["def "]', "--data.predict_batch_size", "3",
+                "--model.do_sample", "true", "--model.samples_per_prompt", "2", "--model.max_new_tokens", "5", sub=sub)
+        assert p.returncode == 3, p.stderr[-3000:]
+        [line] = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error: out of memory")]
+        assert all(n in line for n in needles) and "None" not in line, line
 
 
 def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_bitwise(tmp, corpus_dir, tokenizer_dir, reference):
