@@ -109,6 +109,23 @@ def test_single_ddp_fsdp2_losses_agree(runs):
     assert single[STEPS - 1] < single[0] - 0.05  # it trained: equal losses are not equal constants
 
 
+def test_strided_evaluation_under_ddp_gives_one_processs_loss(runs, tmp_path):
+    """`test --data.eval_stride 8` on DDP x2 from the single run's checkpoint: the windows are shared out
+    with a padded, weight-0 tail and each window's scored count travels with it, so the token-weighted
+    loss is one process's."""
+    def test_loss(*args: str) -> float:
+        p = run_cli("test", "--config", str(runs / "single" / "config.yaml"), "--ckpt_path",
+                    str(runs / "single" / "checkpoints" / "last.ckpt"), "--trainer.logger", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--data.eval_stride", "8", *args, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        [line] = [x for x in p.stdout.splitlines() if x.startswith("test ") and "test/loss " in x]
+        return float(line.split("test/loss ")[1].split()[0])
+
+    one = test_loss()
+    assert test_loss("--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.devices", "2") == pytest.approx(one, abs=1e-4)
+    assert abs(test_loss("--data.eval_stride", "32") - one) > 1e-3  # disjoint blocks score another loss: the check can fail
+
+
 def test_fsdp2_sharded_checkpoint_resumes_exactly(runs):
     ckpt = runs / "fsdp" / "checkpoints" / "step0000005.ckpt"
     assert ckpt.is_dir() and (ckpt / ".metadata").is_file()
