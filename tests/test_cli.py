@@ -393,7 +393,7 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
     stop = one[0]["text"][len(prompts[0])]  # the first new character: row 0 stops after its first token
     stopped = predict("stopped", "--data.predict_file", txt, "--model.stop_strings", json.dumps([stop]))
     assert all(b["text"].startswith(a["text"]) for a, b in zip(stopped, one))
-    assert len(stopped[0]["text"]) < len(one[0]["text"]) and stopped[0]["text"].endswith(stop)
+    assert len(stopped[0]["text"]) < len(one[0]["text"]) and stop in stopped[0]["text"][len(prompts[0]):]
     sample = ["--model.do_sample", "true", "--model.temperature", "1.3", "--model.samples_per_prompt", "2"]
     s1 = predict("sampled1", "--data.predict_file", txt, "--data.predict_batch_size", "1", *sample)
     assert [(r["index"], r["sample"]) for r in s1] == [(i, j) for i in range(len(prompts)) for j in (0, 1)]
