@@ -869,6 +869,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
                        f"{s['documents']:,} documents ({s['tokens']:,} tokens with an EOS after each; the last "
                        f"{s['dropped_tokens']:,} fill no whole block)"
                        + (f"; cached in {self._test_blocks_dir()}" if split == "test" else ""))
+        if self.eval_stride:
+            sets = [(name, blocks) for name, blocks in (("val", self.val_set), ("test", self.test_set)) if blocks is not None]
+            windows = ", ".join(f"{name} {len(StridedWindows(blocks, self.eval_stride)):,} windows ({len(blocks):,} blocks)"
+                                for name, blocks in sets)
+            out.append(f"  eval_stride {self.eval_stride}: {windows}; trainer.limit_val_batches counts batches of windows")
         return out
 
     def _world(self) -> tuple[int, int]:
