@@ -141,7 +141,7 @@ class GPT2Module(pl.LightningModule):
             top_p: Sample only from the smallest set of tokens whose probability reaches top_p (1: no cut).
             repetition_penalty: `predict`'s CTRL penalty on tokens already in the row (1: none; ~1.2 keeps small models from looping).
             samples_per_prompt: Continuations per prompt in `predict` (each its own line and seed; with do_sample); a batch generates predict_batch_size x this many rows.
-            stop_strings: `predict` ends a continuation at the token that completes any of these (e.g. "\n\n"); the text keeps it.
+            stop_strings: `predict` ends a continuation at the token that completes any of these (e.g. a blank line, "\\n\\n"); the text keeps it.
             generation_seed: Seed of `predict`'s sampling; a row's draws depend only on it, the prompt's index and the sample number.
             pad_vocab_to_multiple_of: Pad embedding/lm_head rows to a multiple of this (128 on GPUs: 50257 -> 50304); padded logits are never predicted and the export is unpadded. 1: no padding.
             compile: torch.compile each GPT2Block ("regional": compile time of one block).
