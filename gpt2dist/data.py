@@ -937,12 +937,15 @@ class TokenBlockDataModule(pl.LightningDataModule):
             return [(f"data.predict_prompts[{i}]", p) for i, p in enumerate(self.predict_prompts)]
         if getattr(self, "_file_prompts", None) is None:
             [path] = resolve_files([self.predict_file], "data.predict_file")
-            if path.suffix.lower() in TEXT_SUFFIXES:
-                # One prompt per line; blank lines separate nothing and are not prompts.
-                lines = _decode(path, path.read_bytes()).splitlines()
-                found = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
-            else:
-                found = [(f"{path} record {n}", t) for n, t in enumerate(read_documents(path, self.predict_text_field), 1)]
+            try:
+                if path.suffix.lower() in TEXT_SUFFIXES:
+                    # One prompt per line; blank lines separate nothing and are not prompts.
+                    lines = _decode(path, path.read_bytes()).splitlines()
+                    found = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+                else:
+                    found = [(f"{path} record {n}", t) for n, t in enumerate(read_documents(path, self.predict_text_field), 1)]
+            except BadFileError as e:  # its advice (data.on_bad_file=skip) is for training files, not this one
+                raise DataError(f"data.predict_file {e.problem}; give UTF-8 text (one prompt per line) or JSON lines") from None
             if not found:
                 raise DataError(f"data.predict_file {path} holds no prompt; write one per line (.txt) or one record "
                                 f"with a {self.predict_text_field!r} field each (.jsonl)")

@@ -413,6 +413,8 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
      "data.predict_file: file '{d}/missing.txt' does not exist"),
     (["--data.predict_prompts", "null", "--data.predict_file", "{d}/blank.txt"], "data.predict_file {d}/blank.txt holds no prompt"),
     (["--data.predict_prompts", "null", "--data.predict_file", "{d}/prompts.jsonl"], "{d}/prompts.jsonl:2: record has no field 'prompt'"),
+    (["--data.predict_prompts", "null", "--data.predict_file", "{d}/binary.txt"],
+     "data.predict_file {d}/binary.txt: looks binary (NUL bytes); give UTF-8 text (one prompt per line) or JSON lines"),
     (["--model.samples_per_prompt", "3"], "model.samples_per_prompt=3 needs model.do_sample=true"),
     (["--model.do_sample", "true", "--model.top_p", "1.5"], "model.top_p=1.5 must be in (0, 1]"),
     (["--model.stop_strings", '["\\n\\n", ""]'], "model.stop_strings must not hold an empty string"),
@@ -421,6 +423,7 @@ def test_bad_predict_input_is_one_line(fitted, tmp_path, args, says):
     tmp, cfg, _ = fitted
     (tmp_path / "prompts.txt").write_text("def \n")
     (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(b"def \x00\x01\x02\n")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "def "}\n{"text": "import "}\n')
     r = run_cli("predict", "--config", str(cfg), "--ckpt_path", str(tmp / "run/checkpoints/last.ckpt"), "--trainer.default_root_dir", str(tmp_path / "out"),
                 "--trainer.logger", "false", *[a.replace("{d}", str(tmp_path)) for a in args])
