@@ -1,4 +1,4 @@
-"""Callbacks: export a Hugging Face folder at the end of fit, and write predictions."""
+"""Callbacks: export a Hugging Face folder at the end of fit, write predictions, stop early."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gpt2dist.errors import GPT2DistError
+from gpt2dist.errors import ConfigError, GPT2DistError
 from gpt2dist.export import check_export_target, load_any_checkpoint, model_from_lightning_state, save_hf_folder
 from gpt2dist.generation import greedy_text
 from gpt2dist.strategies import full_state_dict, needs_gather
@@ -212,3 +212,96 @@ class ValidationReport(Callback):
                      f"{trainer.state.fn.value} (no checkpoint: the model as configured)")
         parts = [where] + [f"{key} {float(m[key]):.4f}" for key in keys if key in m]
         print("  ".join(parts), flush=True)
+
+
+class EarlyStop(EarlyStopping):
+    """Stop `fit` when the validation metric has stopped improving (off unless `patience` or a
+    threshold is set). Lightning's EarlyStopping, made resumable: a stopped run stays stopped on
+    `--ckpt_path last|auto`, and the config's patience wins over the checkpoint's."""
+
+    def __init__(self, patience: int | None = None, monitor: str = "val/loss", mode: Literal["min", "max"] = "min",
+                 min_delta: float = 0.0, stopping_threshold: float | None = None,
+                 divergence_threshold: float | None = None):
+        """
+        Args:
+            patience: Stop after this many validations in a row without a new best (None: off); counts validations, not steps.
+            monitor: The metric compared at each validation (val/ppl orders as val/loss).
+            mode: min: lower is better; max: higher is better.
+            min_delta: A new best must beat the old one by more than this.
+            stopping_threshold: Stop as soon as the metric is better than this (None: no target).
+            divergence_threshold: Stop as soon as the metric is worse than this (None: no limit).
+        """
+        if patience is not None and patience < 1:
+            raise ConfigError(f"early_stopping.patience={patience} must be >= 1 (validations without a new best), "
+                              f"or null to turn early stopping off")
+        if min_delta < 0:
+            raise ConfigError(f"early_stopping.min_delta={min_delta} must be >= 0 (the margin a new best must beat)")
+        self.enabled = patience is not None or stopping_threshold is not None or divergence_threshold is not None
+        # No patience with a threshold: only the threshold stops (a patience no run reaches).
+        super().__init__(monitor=monitor, min_delta=min_delta, patience=patience or 2**62, mode=mode, strict=True,
+                         check_finite=True, stopping_threshold=stopping_threshold,
+                         divergence_threshold=divergence_threshold,
+                         check_on_train_epoch_end=False)  # after each validation, whatever its interval
+        self.config_patience = self.patience
+        self.stopped_step: int | None = None  # the optimizer step this run stopped at
+        self._stopped_in_checkpoint: tuple[int, str] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not self.enabled or stage != "fit":
+            return
+        # Without validation the check never runs: the run would silently train to max_steps.
+        val_set = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule is not None else None
+        why = ("trainer.limit_val_batches=0 turns validation off" if trainer.limit_val_batches == 0 else
+               "the data has no validation split" if val_set is not None and not len(val_set) else None)
+        if why:
+            raise ConfigError(f"early_stopping needs validation during fit, and {why}; set data.val_files (or "
+                              f"data.val_fraction > 0) and trainer.limit_val_batches > 0, or set "
+                              f"early_stopping.patience=null")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stopped_step": self.stopped_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.patience = self.config_patience  # the config's, as for every other knob on resume
+        stopped = state_dict.get("stopped_step")
+        self._stopped_in_checkpoint = (stopped, state_dict.get("stopping_reason_message") or "") if stopped is not None else None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stopped_in_checkpoint is None:
+            return
+        step, reason = self._stopped_in_checkpoint
+        self._stopped_in_checkpoint = None
+        if not self.enabled or trainer.global_step != step:
+            return  # early stopping turned off: the run goes on
+        if self.stopping_reason == self.stopping_reason.PATIENCE_EXHAUSTED and self.wait_count < self.patience:
+            return  # a larger patience: the run goes on, counting from the checkpoint's validations
+        self.stopped_step = step
+        trainer.should_stop = True
+        rank_zero_warn(f"resume: this run stopped early at step {step} ({reason}); nothing left to train. To go on, "
+                       f"raise early_stopping.patience (now {self.patience if self.patience < 2**62 else None}) "
+                       f"or set early_stopping.patience=null and no thresholds")
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        if should_stop and self.stopping_reason == self.stopping_reason.PATIENCE_EXHAUSTED:
+            reason = (f"{self.monitor} has not improved on its best, {float(self.best_score):.4f}, for "
+                      f"{self.wait_count} validations (early_stopping.patience={self.patience}, "
+                      f"min_delta={self.min_delta})")
+        return should_stop, reason
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        stopped_before = trainer.should_stop
+        super().on_validation_end(trainer, pl_module)
+        if trainer.should_stop and not stopped_before and self.stopping_reason_message:
+            self.stopped_step = trainer.global_step
+            why = self.stopping_reason_message.replace(" Signaling Trainer to stop.", "")
+            rank_zero_info(f"early stopping at step {trainer.global_step}: {why}")
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                    # This step's checkpoint was written before its validation: last.ckpt is written
+                    # again at the end of fit (FaultTolerance.on_train_end), holding that the run stopped.
+                    cb._last_global_step_saved = -1

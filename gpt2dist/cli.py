@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from gpt2dist.callbacks import HFExport, PredictionWriter, ValidationReport
+from gpt2dist.callbacks import EarlyStop, HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator, check_writable,
@@ -73,6 +73,7 @@ class GPT2CLI(LightningCLI):
                              "best_checkpoint.save_top_k": 1, "best_checkpoint.filename": "best-step{step:07d}",
                              "best_checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("trainer.default_root_dir", "best_checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(EarlyStop, "early_stopping")
         parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(ValidationReport, "report")

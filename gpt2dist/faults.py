@@ -164,6 +164,7 @@ class FaultTolerance(Callback):
         self._pending_rng: dict | None = None
         self._train_rng: dict | None = None
         self._trainer = None
+        self._redoing_validation = False
         # The fit's resolved --ckpt_path (None: fresh), set by the CLI: checkpoints that `last`/`auto`
         # would prefer over this fit's are set aside at setup. "unknown" (Python API): nothing moves.
         self.fit_ckpt_path: str | None = "unknown"
@@ -226,6 +227,7 @@ class FaultTolerance(Callback):
                             "run's (%s: an earlier run's, or the continuation this rollback abandons) to %s; nothing "
                             "was deleted", how, len(paths), ", ".join(p.name for p in paths), dest)
         if trainer.global_step > 0:
+            self._redo_validation_of_resumed_step(trainer)
             # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step
             # and would save it again after the next micro-batch, mid-accumulation, over the good one.
             for cb in trainer.checkpoint_callbacks:
@@ -238,7 +240,35 @@ class FaultTolerance(Callback):
                     if os.path.exists(last):
                         cb.last_model_path = last
 
+    def _redo_validation_of_resumed_step(self, trainer: pl.Trainer) -> None:
+        """A step's checkpoint is written at the end of its training batch, before that step's
+        validation. Lightning, resuming from it, skips the validation: a SIGTERM or requeue save at a
+        validation step lost that validation for good (no val/loss there, no best checkpoint
+        considered, early stopping one check short). Here it runs first, as Lightning does for a
+        checkpoint written mid-validation, from the first batch. No effect when the step has no
+        validation, or when the checkpoint is the end-of-fit last.ckpt."""
+        from lightning.pytorch.loops.evaluation_loop import RestartStage
+
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end):
+            return
+        val_loop = epoch_loop.val_loop
+        # Lightning's restart consults this only where a validation is due (`advance`), and then
+        # returns before the next training batch so that `on_advance_end` validates.
+        val_loop._restart_stage = RestartStage.RESTARTED_MID_EVALUATION
+        val_loop.batch_progress.current.reset()  # from the first batch, not the previous validation's end
+        self._redoing_validation = True  # until the first training batch: see on_validation_start
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._redoing_validation and trainer.state.fn == "fit":
+            self._redoing_validation = False
+            # The resumed loop already counted the checkpoint's batch for the loggers' step, and counts
+            # it again after this validation: without this, val metrics and every later row would be
+            # logged one step later than in the uninterrupted run.
+            trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._redoing_validation = False  # the resumed step had no validation due
         if self._pending_rng is None:
             if self._train_rng is not None:
                 _set_rng_state(self._train_rng)

@@ -118,3 +118,19 @@ def test_each_predict_run_replaces_the_predictions_file(tmp_path):
     assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == ["d", "e"]  # still whole
     assert predict(["h"]) == ["h"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # the stale temporary is gone
+
+
+def test_early_stop_is_off_by_default_and_the_config_patience_wins_over_the_checkpoints():
+    from gpt2dist.callbacks import EarlyStop
+    from gpt2dist.errors import ConfigError
+
+    assert not EarlyStop().enabled  # the CLI always adds it: off unless asked
+    assert EarlyStop(patience=3).enabled and EarlyStop(stopping_threshold=2.5).enabled
+    # Lightning's load_state_dict takes the checkpoint's patience: a raised patience would be ignored.
+    es = EarlyStop(patience=5)
+    es.load_state_dict(EarlyStop(patience=2).state_dict())
+    assert es.patience == 5
+    with pytest.raises(ConfigError, match="early_stopping.patience=0 must be >= 1"):
+        EarlyStop(patience=0)
+    with pytest.raises(ConfigError, match="early_stopping.min_delta=-0.1 must be >= 0"):
+        EarlyStop(patience=1, min_delta=-0.1)

@@ -243,7 +243,7 @@ def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
     run = tmp / "run"
     # `best`: the best_checkpoint file with the best stored val/loss (Lightning's `best` would fail here).
     best = min(run.glob("checkpoints/best-*.ckpt"), key=lambda p: float(torch.load(p, weights_only=False)["callbacks"][
-        next(k for k in torch.load(p, weights_only=False)["callbacks"] if "val/loss" in k)]["best_model_score"]))
+        next(k for k in torch.load(p, weights_only=False)["callbacks"] if k.startswith("ModelCheckpoint") and "val/loss" in k)]["best_model_score"]))
     r = run_cli("validate", "--config", str(cfg), "--ckpt_path", "best")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"best checkpoint: {best}" in r.stderr + r.stdout

@@ -632,3 +632,139 @@ def test_fit_setup_checks_that_all_ranks_see_the_run_and_checkpoint_folders(tmp_
     # Rank 1's run folder is another one.
     msgs = run("split-root", [root, tmp_path / "node2" / "run"], [root / "checkpoints"] * 2)
     assert msgs[0] == msgs[1] and msgs[0].startswith(f"ConfigError: {root} is not one folder for all ranks: rank 1 ")
+
+
+# --- the validation of the step a run resumed at -------------------------------------------------
+# A step's checkpoint is written before that step's validation: Lightning, resuming from it, skipped
+# the validation for good (a SIGTERM at a validation step left no val/loss there; early stopping and
+# the best checkpoint missed a check). FaultTolerance now runs it first.
+
+EVERY_STEP = ["--trainer.val_check_interval", "2", "--checkpoint.every_n_train_steps", "2"]  # 2 micro-batches = 1 step
+STOP_WHEN_NOT_RISING = ["--early_stopping.patience", "2", "--early_stopping.mode", "max"]  # val/loss falls here
+
+
+def csv_logger(root: Path) -> list[str]:
+    return ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+            "--trainer.logger.name", "logs"]
+
+
+def val_rows(root: Path) -> list[tuple[int, float]]:
+    """(logger step, val/loss) of every validation, over all of the run's CSV logs in order."""
+    import csv
+
+    rows = []
+    for f in sorted(root.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        rows += [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(f.open()) if r.get("val/loss")]
+    return rows
+
+
+def stop_step(vals: list[float], patience: int, rising: bool) -> int:
+    """The optimizer step (validation i after step i + 1) at which `patience` validations in a row
+    have not beaten the best: early stopping's rule, recomputed from the logged values."""
+    best, wait = None, 0
+    for i, v in enumerate(vals):
+        if best is None or (v > best if rising else v < best):
+            best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return i + 1
+    raise AssertionError(f"no stop in {vals}")
+
+
+@pytest.fixture(scope="module")
+def stopped_early(tmp, corpus_dir, tokenizer_dir):
+    """Uninterrupted: validation and a checkpoint every step, early stopping with patience 2."""
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "stop_ref")
+    root = run_dir(config)
+    p = ok(cli(config, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root)))
+    vals = val_rows(root)
+    step = stop_step([v for _, v in vals], 2, rising=True)
+    assert step < STEPS and len(vals) == step, vals  # it stopped, after the validation of that step
+    assert f"early stopping at step {step}: val/loss has not improved on its best" in p.stderr + p.stdout
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    return step, vals, weights(root)
+
+
+@pytest.mark.parametrize("fault", ["sigterm", "kill"])
+def test_resume_redoes_the_validation_of_its_step_so_early_stopping_and_logs_match(tmp, corpus_dir, tokenizer_dir,
+                                                                                  stopped_early, fault):
+    """sigterm: SIGTERM after step 2 saves last.ckpt before step 2's validation and exits; that
+    validation never ran. kill: SIGKILL mid-step 3, after step 2's validation ran; the resume starts
+    from step 2's checkpoint, written before it (the best checkpoint's mode is max, so no file of step 2
+    was written after its validation: `last` would take that one and need no redo). Either way the resumed run validates step 2 first, so
+    every validation row (logger step and value) equals the uninterrupted run's, early stopping stops
+    at the same step, and the weights are the same. Without the redo it stopped a step later."""
+    step, ref_vals, ref_weights = stopped_early
+    config = write_config(tmp, corpus_dir, tokenizer_dir, f"stop_{fault}")
+    root = run_dir(config)
+    args = [*EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root)]
+    if fault == "sigterm":
+        p = cli(config, *args, "--config", str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 2}})))
+        assert p.returncode == 143, p.stderr[-3000:]
+        assert val_rows(root) == ref_vals[:1]  # step 1's only
+    else:
+        args += ["--best_checkpoint.mode", "max"]
+        kill(config, {"step": 3}, *args)
+        assert val_rows(root) == ref_vals[:2]
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    p = resume(config, *args)
+    resumed = sorted(root.glob("logs/version_*"), key=lambda d: int(d.name[8:]))[-1]
+    import csv
+
+    rows = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader((resumed / "metrics.csv").open()) if r.get("val/loss")]
+    assert rows == ref_vals[1:], (rows, ref_vals)  # step 2's validation first, then the rest, as uninterrupted
+    assert f"early stopping at step {step}:" in p.stderr + p.stdout
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    assert_bitwise(weights(root), ref_weights)
+
+
+def test_an_early_stopped_run_stays_stopped_on_resume_unless_patience_is_raised(tmp, corpus_dir, tokenizer_dir,
+                                                                               stopped_early):
+    """`--ckpt_path last|auto` on a run that stopped early (a rerun of the same job script) trains no
+    further: before, Lightning restored the counters but not the decision, and the run went on until
+    the next validation. A larger `early_stopping.patience` in the config (not the checkpoint's) goes on."""
+    import shutil
+
+    step, ref_vals, ref_weights = stopped_early
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "stop_again")
+    root = run_dir(config)
+    shutil.copytree(tmp / "stop_ref", root, dirs_exist_ok=True)
+    args = [*EVERY_STEP, "--early_stopping.mode", "max", *csv_logger(root)]
+    p = resume(config, *args, "--early_stopping.patience", "2")
+    assert f"resume: this run stopped early at step {step} (val/loss has not improved" in p.stderr, p.stderr[-3000:]
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    assert val_rows(root) == ref_vals  # not one more validation
+    assert_bitwise(weights(root), ref_weights)  # the export is the stopped run's weights
+
+    p = resume(config, *args, "--early_stopping.patience", "3")
+    assert "stopped early" not in p.stderr
+    vals = val_rows(root)
+    assert vals[: len(ref_vals)] == ref_vals and len(vals) > len(ref_vals)
+    again = stop_step([v for _, v in vals], 3, rising=True)
+    assert f"early stopping at step {again}: val/loss has not improved on its best" in p.stderr + p.stdout
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == again > step
+
+
+def test_ddp_sigterm_at_a_validation_step_resumes_with_that_validation(tmp, corpus_dir, tokenizer_dir):
+    """DDP x2, SIGTERM to rank 1 after step 2: both ranks save before that step's validation and exit;
+    the resumed ranks validate that step first, together, and the run stops early where the
+    uninterrupted DDP run did, with its validation rows and weights."""
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")]
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_stop_ref", devices=2)
+    ok(cli(ref, *ddp, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(run_dir(ref))))
+    ref_vals = val_rows(run_dir(ref))
+    stop = stop_step([v for _, v in ref_vals], 2, rising=True)
+    assert len(ref_vals) == stop < STEPS
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_stop_sigterm", devices=2)
+    root = run_dir(config)
+    args = [*ddp, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root)]
+    p = cli(config, *args, "--config",
+            str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 2, "rank": 1}})), timeout=180)
+    assert p.returncode == 143, (p.returncode, p.stderr[-3000:])
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved in (2, 3) and saved <= stop and val_rows(root) == ref_vals[: saved - 1]
+    resume(config, *args)
+    assert val_rows(root) == ref_vals  # the saved step's validation included, none twice
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
+    assert_bitwise(weights(root), weights(run_dir(ref)))
