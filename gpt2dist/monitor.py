@@ -1,7 +1,8 @@
 """Training telemetry callbacks, logged under the same names whatever the logger (W&B, CSV, TB).
 
 `TrainMonitor`: `throughput/tokens_per_sec_per_device`, `throughput/tokens_per_sec` (job),
-`throughput/mfu`, `train/grad_norm` (before clipping, sharding-aware), and on CUDA
+`throughput/mfu`, `train/tokens` (trained so far, all ranks), `train/grad_norm` (before clipping,
+sharding-aware), and on CUDA
 `memory/peak_allocated_gib` / `memory/peak_reserved_gib` (max over devices).
 
 No host sync on the steps in between logging steps. Each sync drains the GPU's queue, so the
@@ -114,7 +115,16 @@ class TrainMonitor(Callback):
         self.grad_norm, self.skip_first_steps = grad_norm, skip_first_steps
         self.flops_per_token: int | None = None
         self.peak_flops: float | None = None
+        # Tokens trained by all ranks since step 0: an x axis that compares runs of other batch sizes.
+        # Kept in checkpoints (counted, not step x batch: an epoch's last step may hold fewer micro-batches).
+        self.tokens_trained: int | None = 0
         self._reset()
+
+    def state_dict(self) -> dict:
+        return {"tokens_trained": self.tokens_trained}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens_trained = state_dict.get("tokens_trained")  # None: a checkpoint from before it was kept
 
     def _reset(self) -> None:
         self._t_ref: float | None = None  # start of the open timing segment; None while paused
@@ -140,6 +150,12 @@ class TrainMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
         self._last_step = trainer.global_step
+        if trainer.global_step == 0:
+            self.tokens_trained = 0  # a fresh fit (this callback may have run one before)
+        elif self.tokens_trained is None:  # resumed from a checkpoint older than the count: full steps assumed
+            dm = trainer.datamodule
+            self.tokens_trained = (trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size *
+                                   getattr(dm, "batch_size", 0) * getattr(dm, "block_size", 0))
         if not self.enabled:
             return
         device = pl_module.device
@@ -184,7 +200,9 @@ class TrainMonitor(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled:
             return
-        self._tokens += int(batch["input_ids"].numel())  # every micro-batch of the window counts
+        tokens = int(batch["input_ids"].numel())
+        self._tokens += tokens  # every micro-batch of the window counts
+        self.tokens_trained += tokens * trainer.world_size  # every rank's micro-batch has this shape
         if trainer.global_step == self._last_step:
             return  # accumulating: no optimizer step yet
         self._last_step = trainer.global_step
@@ -192,6 +210,9 @@ class TrainMonitor(Callback):
         logging = logs_this_step(trainer)
         if logging:
             self._log_norm_and_memory(trainer, pl_module)
+            # float64 (exact to 2^53 tokens); Lightning's float32 would round above 16.7M.
+            pl_module.log("train/tokens", torch.tensor(float(self.tokens_trained), dtype=torch.float64),
+                          on_step=True, on_epoch=False)
         if self._steps_seen <= self.skip_first_steps:  # warm-up: the window opens after it
             self._tokens, self._pending, self._t_ref = 0, 0.0, self._now(pl_module)
             return

@@ -658,6 +658,16 @@ def val_rows(root: Path) -> list[tuple[int, float]]:
     return rows
 
 
+def token_rows(root: Path) -> list[tuple[int, int]]:
+    """(logger step, train/tokens) over all of the run's CSV logs in order."""
+    import csv
+
+    rows = []
+    for f in sorted(root.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        rows += [(int(r["step"]), int(float(r["train/tokens"]))) for r in csv.DictReader(f.open()) if r.get("train/tokens")]
+    return rows
+
+
 def stop_step(vals: list[float], patience: int, rising: bool) -> int:
     """The optimizer step (validation i after step i + 1) at which `patience` validations in a row
     have not beaten the best: early stopping's rule, recomputed from the logged values."""
@@ -683,6 +693,8 @@ def stopped_early(tmp, corpus_dir, tokenizer_dir):
     assert step < STEPS and len(vals) == step, vals  # it stopped, after the validation of that step
     assert f"early stopping at step {step}: val/loss has not improved on its best" in p.stderr + p.stdout
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    # train/tokens: every rank's tokens so far, logged at each step (logger step k = after optimizer step k + 1).
+    assert token_rows(root) == [(k, (k + 1) * GLOBAL_BATCH * 32) for k in range(step)]
     return step, vals, weights(root)
 
 
@@ -717,6 +729,9 @@ def test_resume_redoes_the_validation_of_its_step_so_early_stopping_and_logs_mat
     assert f"early stopping at step {step}:" in p.stderr + p.stdout
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
     assert_bitwise(weights(root), ref_weights)
+    # The token count is restored with the checkpoint: the resumed rows continue the uninterrupted run's.
+    ref_tokens = token_rows(tmp / "stop_ref")
+    assert token_rows(root)[-len(ref_tokens) + 1:] == ref_tokens[1:]
 
 
 def test_an_early_stopped_run_stays_stopped_on_resume_unless_patience_is_raised(tmp, corpus_dir, tokenizer_dir,
@@ -766,5 +781,8 @@ def test_ddp_sigterm_at_a_validation_step_resumes_with_that_validation(tmp, corp
     assert saved in (2, 3) and saved <= stop and val_rows(root) == ref_vals[: saved - 1]
     resume(config, *args)
     assert val_rows(root) == ref_vals  # the saved step's validation included, none twice
+    # Tokens of both ranks: 4 sequences x 32 tokens per step, as with one process; counted on across the resume.
+    assert token_rows(run_dir(ref)) == [(k, (k + 1) * GLOBAL_BATCH * 32) for k in range(stop)]
+    assert token_rows(root)[-2:] == token_rows(run_dir(ref))[-2:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
     assert_bitwise(weights(root), weights(run_dir(ref)))

@@ -54,6 +54,7 @@ def test_offline_run_has_metrics_config_and_samples(wandb_run):
     assert "throughput/mfu" not in summary  # CPU: no peak FLOP/s, so no MFU (and a warning)
     assert "no MFU on cpu" in wandb_run.proc.stderr
     assert summary["trainer/global_step"] == 5  # Lightning logs step index 5 for the 6th optimizer step
+    assert summary["train/tokens"] == 6 * 4 * 32 * 2  # 6 steps x (4 seqs x 32 tokens x 2 accumulated), exact
     cfg = s["config"]
     # The resolved LightningCLI config, every section, with the values this run used.
     assert {"trainer", "model", "data", "checkpoint", "monitor", "samples", "seed_everything"} <= set(cfg)
@@ -78,6 +79,7 @@ def test_resume_continues_the_same_run_and_step_axis(wandb_run, wandb_resumed):
     steps = [r["history"]["item"]["trainer/global_step"] for r in inspect(wandb_resumed.run_dir, summary=False)
              if r.get("type") == "history" and "train/loss" in r["history"]["item"]]
     assert steps and min(steps) >= 6 and max(steps) == 8  # continues after step 6, not from 0
+    assert inspect(wandb_resumed.run_dir)["summary"]["train/tokens"] == 9 * 4 * 32 * 2  # counted on, not from 0
     table = inspect(wandb_resumed.run_dir)["summary"]["samples"]
     assert table["nrows"] == 6  # steps 3 and 6 restored from the checkpoint, step 9 added
 
