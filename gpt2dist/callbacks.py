@@ -179,6 +179,11 @@ class PredictionWriter(BasePredictionWriter):
             f.flush()
             os.fsync(f.fileno())  # durable before it gets the name
         os.replace(tmp, path)
+        from gpt2dist.tracking import wandb_loggers
+
+        for logger in wandb_loggers(trainer):  # the same rows as a W&B table, beside the run's other panels
+            logger.log_table("predictions", columns=["index", "sample", "prompt", "text"],
+                             data=[[r.get("index", i), r.get("sample", 0), r["prompt"], r["text"]] for i, r in enumerate(rows)])
 
 
 class ValidationReport(Callback):
@@ -297,8 +302,12 @@ class EarlyStop(EarlyStopping):
         stopped_before = trainer.should_stop
         super().on_validation_end(trainer, pl_module)
         if trainer.should_stop and not stopped_before and self.stopping_reason_message:
-            self.stopped_step = trainer.global_step
             why = self.stopping_reason_message.replace(" Signaling Trainer to stop.", "")
+            if not trainer.fit_loop._can_stop_early:  # Lightning trains on to trainer.min_steps / min_epochs
+                rank_zero_info(f"early stopping at step {trainer.global_step} deferred: {why}; trainer.min_steps="
+                               f"{trainer.min_steps} / min_epochs={trainer.fit_loop.min_epochs} not reached yet")
+                return
+            self.stopped_step = trainer.global_step
             rank_zero_info(f"early stopping at step {trainer.global_step}: {why}")
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.save_last:

@@ -38,7 +38,7 @@ from gpt2dist.preemption import Preemption, install_early_handler
 from gpt2dist.resume import (DeepSpeedFolderIO, check_checkpoint_fits_strategy, check_explicit_checkpoint,
                              checkpoint_progress, is_deepspeed_folder, newest_checkpoint, resolve_ckpt_path,
                              resolve_eval_ckpt_path)
-from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_error_message
+from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_dir_in_run_folder, wandb_error_message
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -164,6 +164,7 @@ class GPT2CLI(LightningCLI):
         _RUN.update(_run_info(self.trainer, self.datamodule, self.model), stage=sub,
                     predict_batch_size=getattr(self.datamodule, "predict_batch_size", None),
                     samples_per_prompt=hp.get("samples_per_prompt"), max_new_tokens=hp.get("max_new_tokens"))
+        wandb_dir_in_run_folder(self.trainer)  # not the working directory (README: <dir>/wandb/)
         if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
             rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "
                            f"evaluates a randomly initialised model; pass --ckpt_path last (or best, or a file)")

@@ -77,7 +77,7 @@ def run_facts(trainer) -> dict:
     return facts
 
 
-def _wandb_loggers(trainer) -> list:
+def wandb_loggers(trainer) -> list:
     from lightning.pytorch.loggers import WandbLogger
 
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -110,7 +110,7 @@ class RunConfig(SaveConfigCallback):
             self.already_saved = trainer.strategy.broadcast(True)
         run_id = None
         if trainer.is_global_zero:
-            for logger in _wandb_loggers(trainer):
+            for logger in wandb_loggers(trainer):
                 run_id = logger.experiment.id
         self.run_id = trainer.strategy.broadcast(run_id)
 
@@ -171,17 +171,24 @@ def wandb_error_message(err: BaseException) -> str | None:
             f"(then `wandb sync <default_root_dir>/wandb/offline-run-*`) or a CSV logger")
 
 
+def wandb_dir_in_run_folder(trainer) -> None:
+    """W&B writes its run under WANDB_DIR, else the working directory: with no logger save_dir, put it
+    in the run folder (fit, and validate/test/predict, whose W&B runs are their own)."""
+    loggers = wandb_loggers(trainer)
+    if loggers and loggers[0].save_dir is None and not os.environ.get("WANDB_DIR"):
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        os.environ["WANDB_DIR"] = os.path.abspath(trainer.default_root_dir)
+
+
 def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     """Before `fit`: choose the W&B run id and folder through W&B's own environment variables
     (WANDB_RUN_ID, WANDB_DIR), which `wandb.init` reads; a logger given an explicit
     `id`/`version` keeps it."""
-    loggers = _wandb_loggers(trainer)
+    loggers = wandb_loggers(trainer)
     if not loggers:
         return
     logger = loggers[0]
-    if logger.save_dir is None and not os.environ.get("WANDB_DIR"):
-        os.makedirs(trainer.default_root_dir, exist_ok=True)
-        os.environ["WANDB_DIR"] = os.path.abspath(trainer.default_root_dir)
+    wandb_dir_in_run_folder(trainer)
     if logger.version:
         return
     ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
@@ -195,5 +202,5 @@ def start_wandb_runs(trainer) -> None:
     """Start the W&B run now, on global rank 0 (Lightning knows the ranks from Trainer init),
     instead of at the first log: a missing login or an unreachable server then fails in seconds,
     before `prepare_data` tokenizes the corpus, not after it."""
-    for logger in _wandb_loggers(trainer):
+    for logger in wandb_loggers(trainer):
         logger.experiment  # noqa: B018 (rank_zero_experiment: a no-op stand-in on the other ranks)

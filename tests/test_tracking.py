@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +123,24 @@ def test_wandb_not_logged_in_or_unreachable_is_one_line(tmp_path, corpus_dir, to
     assert "Traceback" not in p.stderr and SECRET not in p.stderr + p.stdout
     # Refused before data preparation: nothing was tokenized or packed first.
     assert not (tmp_path / "cache" / "blocks").exists(), sorted((tmp_path / "cache").rglob("*"))
+
+
+def test_predict_writes_its_rows_as_a_wandb_table_too(wandb_run, tmp_path, corpus_dir, tokenizer_dir):
+    """`gpt2dist predict` with the W&B overlay: the W&B run holds a `predictions` table with exactly the
+    rows of predictions.jsonl (index, sample, prompt, text), sampled, 2 per prompt."""
+    root = tmp_path / "pred"
+    shutil.copytree(wandb_run.root / "checkpoints", root / "checkpoints")
+    args = fit_args(root, corpus_dir, tokenizer_dir)[1:]  # fit's model and data arguments, for predict
+    env = {"WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET, "WANDB_MODE": "offline"}
+    p = run_cli("predict", *args, "--config", str(REPO / "configs/logging/wandb.yaml"), "--ckpt_path", "last",
+                '--data.predict_prompts=["def ", "import", "class "]', "--model.do_sample=true",
+                "--model.samples_per_prompt=2", "--model.max_new_tokens=6", env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    (run,) = sorted((root / "wandb").glob("offline-run-*"))
+    table_ref = inspect(run)["summary"]["predictions"]
+    assert table_ref["_type"] == "table-file" and table_ref["nrows"] == 6
+    table = json.loads((run / "files" / table_ref["path"]).read_text())
+    assert table["columns"] == ["index", "sample", "prompt", "text"]
+    assert table["data"] == [[r["index"], r["sample"], r["prompt"], r["text"]] for r in rows]
