@@ -249,6 +249,7 @@ class EarlyStop(EarlyStopping):
                          check_on_train_epoch_end=False)  # after each validation, whatever its interval
         self.config_patience = self.patience
         self.stopped_step: int | None = None  # the optimizer step this run stopped at
+        self._deferred = False  # a stop held back by trainer.min_steps / min_epochs was announced
         self._stopped_in_checkpoint: tuple[int, str] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -299,18 +300,24 @@ class EarlyStop(EarlyStopping):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        stopped_before = trainer.should_stop
         super().on_validation_end(trainer, pl_module)
-        if trainer.should_stop and not stopped_before and self.stopping_reason_message:
-            why = self.stopping_reason_message.replace(" Signaling Trainer to stop.", "")
-            if not trainer.fit_loop._can_stop_early:  # Lightning trains on to trainer.min_steps / min_epochs
-                rank_zero_info(f"early stopping at step {trainer.global_step} deferred: {why}; trainer.min_steps="
-                               f"{trainer.min_steps} / min_epochs={trainer.fit_loop.min_epochs} not reached yet")
-                return
-            self.stopped_step = trainer.global_step
-            rank_zero_info(f"early stopping at step {trainer.global_step}: {why}")
-            for cb in trainer.checkpoint_callbacks:
-                if isinstance(cb, ModelCheckpoint) and cb.save_last:
-                    # This step's checkpoint was written before its validation: last.ckpt is written
-                    # again at the end of fit (FaultTolerance.on_train_end), holding that the run stopped.
-                    cb._last_global_step_saved = -1
+        if self.stopped_step is not None or not trainer.should_stop or self.stopping_reason == self.stopping_reason.NOT_STOPPED:
+            return  # going on, or stopped already, or stopping for another reason (a requeue)
+        why = (self.stopping_reason_message or "").replace(" Signaling Trainer to stop.", "")
+        if trainer.fit_loop._can_stop_early:
+            self._stopped(trainer, why)
+        elif not self._deferred:
+            # Lightning trains on to trainer.min_steps / min_epochs, then validates once more (a stop
+            # request asks for it) and stops there: that validation lands in the branch above.
+            self._deferred = True
+            rank_zero_info(f"early stopping at step {trainer.global_step} deferred: {why}; trainer.min_steps="
+                           f"{trainer.min_steps} / min_epochs={trainer.fit_loop.min_epochs} not reached yet")
+
+    def _stopped(self, trainer: pl.Trainer, why: str) -> None:
+        self.stopped_step = trainer.global_step
+        rank_zero_info(f"early stopping at step {trainer.global_step}: {why}")
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                # This step's checkpoint was written before its validation: last.ckpt is written
+                # again at the end of fit (FaultTolerance.on_train_end), holding that the run stopped.
+                cb._last_global_step_saved = -1

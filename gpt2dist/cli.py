@@ -74,6 +74,9 @@ class GPT2CLI(LightningCLI):
                              "best_checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("trainer.default_root_dir", "best_checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(EarlyStop, "early_stopping")
+        # Lightning turns min_epochs=None into 1 when min_steps is set: `--trainer.min_steps 1000` would
+        # hold an early stop back for a whole epoch. min_steps alone means min_steps here.
+        parser.set_defaults({"trainer.min_epochs": 0})
         parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(ValidationReport, "report")

@@ -188,6 +188,10 @@ class Preemption(Callback):
             trainer._signal_connector.received_sigterm = True
         else:
             trainer.should_stop = True
+            # A stop request makes Lightning run a validation at once (meant for early stopping): here it
+            # would spend SLURM's warning window before the exit, off schedule. The resumed run
+            # validates this step first if one was due (FaultTolerance).
+            trainer.fit_loop.epoch_loop._skip_next_val = True
 
     # --- validate / test / predict on their own (fit's validation stops at fit's next step boundary)
 

@@ -786,3 +786,20 @@ def test_ddp_sigterm_at_a_validation_step_resumes_with_that_validation(tmp, corp
     assert token_rows(root)[-2:] == token_rows(run_dir(ref))[-2:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
     assert_bitwise(weights(root), weights(run_dir(ref)))
+
+
+def test_early_stopping_waits_for_min_steps_and_says_so(tmp, corpus_dir, tokenizer_dir, stopped_early):
+    """With `trainer.min_steps` past the step where patience ran out, the run says the stop is deferred,
+    trains on to min_steps, and stops there (last.ckpt, and a resume that stays stopped, at that step)."""
+    step = stopped_early[0]
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "stop_min_steps")
+    root = run_dir(config)
+    args = [*EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root), "--trainer.min_steps", str(step + 2)]
+    p = ok(cli(config, *args))
+    out = p.stderr + p.stdout
+    assert f"early stopping at step {step} deferred: val/loss has not improved" in out and "min_steps=5" in out, out[-3000:]
+    # Not min_epochs=1, which Lightning makes of min_epochs=None when min_steps is set (a whole epoch here).
+    assert f"early stopping at step {step + 2}: val/loss has not improved" in out
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 2 < STEPS
+    p = resume(config, *args)
+    assert f"resume: this run stopped early at step {step + 2}" in p.stderr

@@ -87,6 +87,14 @@ def train_losses(run: Path, version: int | None = None) -> dict[int, str]:
     return {int(r["step"]): r["train/loss"] for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("train/loss")}
 
 
+def val_losses(run: Path) -> list[tuple[int, str]]:
+    """(step, val/loss as written) of every validation, over all CSVLogger version folders in order."""
+    rows = []
+    for folder in sorted(run.glob("logs/version_*"), key=lambda p: int(p.name[8:])):
+        rows += [(int(r["step"]), r["val/loss"]) for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("val/loss")]
+    return rows
+
+
 def submit_and_wait(slurm, d: Path, cfg: Path, *layout: str) -> tuple[str, str, str]:
     """Submit on CPU (no GPUs) with `layout`, wait for COMPLETED: (job id, job log, submit.sh stderr)."""
     r = submit(slurm, d, "--gpus-per-node", "0", *layout, "--config", str(cfg))
@@ -214,6 +222,9 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_f
     after = train_losses(run)
     assert sorted(after) == list(range(resumed_at, MAX_STEPS)), sorted(after)
     assert {s: ref[s] for s in after} == after
+    # Validation every 10 steps, as uninterrupted: none off schedule at the requeue (Lightning validated
+    # on any stop request, inside SLURM's warning window), none lost at a requeue on a validation step.
+    assert val_losses(run) == val_losses(ref_dir / "run")
     assert (run / "hf_model" / "model.safetensors").is_file()
     # Both runs of the job wrote to the same W&B run: id slurm-<job id>-<run folder hash>, kept
     # through the checkpoint.
