@@ -117,14 +117,14 @@ class TrainMonitor(Callback):
         self.peak_flops: float | None = None
         # Tokens trained by all ranks since step 0: an x axis that compares runs of other batch sizes.
         # Kept in checkpoints (counted, not step x batch: an epoch's last step may hold fewer micro-batches).
-        self.tokens_trained: int | None = 0
+        self.tokens_trained: int | None = None  # None until on_train_start, or restored
         self._reset()
 
     def state_dict(self) -> dict:
         return {"tokens_trained": self.tokens_trained}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.tokens_trained = state_dict.get("tokens_trained")  # None: a checkpoint from before it was kept
+        self.tokens_trained = state_dict.get("tokens_trained")
 
     def _reset(self) -> None:
         self._t_ref: float | None = None  # start of the open timing segment; None while paused
@@ -152,7 +152,8 @@ class TrainMonitor(Callback):
         self._last_step = trainer.global_step
         if trainer.global_step == 0:
             self.tokens_trained = 0  # a fresh fit (this callback may have run one before)
-        elif self.tokens_trained is None:  # resumed from a checkpoint older than the count: full steps assumed
+        elif self.tokens_trained is None:  # resumed from a checkpoint older than the count (it has no state
+            # for this callback, so load_state_dict never ran): every step full, as it is but at an epoch's end
             dm = trainer.datamodule
             self.tokens_trained = (trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size *
                                    getattr(dm, "batch_size", 0) * getattr(dm, "block_size", 0))

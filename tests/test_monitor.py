@@ -191,3 +191,23 @@ def test_between_logging_steps_only_device_tensors_are_logged(tmp_path):
         if prog_bar:
             assert isinstance(value, torch.Tensor) and value.device.type == "cpu", name
     assert all(isinstance(v, float) for v in trainer.progress_bar_metrics.values() if not isinstance(v, str))
+
+
+def test_tokens_trained_is_restored_or_derived_for_checkpoints_without_it():
+    from types import SimpleNamespace
+
+    from gpt2dist.monitor import TrainMonitor
+
+    trainer = SimpleNamespace(global_step=10, accumulate_grad_batches=2, world_size=4,
+                              datamodule=SimpleNamespace(batch_size=8, block_size=64))
+    restored = TrainMonitor(enabled=False)
+    restored.load_state_dict({"tokens_trained": 12_345})  # counted: an epoch's short last step included
+    restored.on_train_start(trainer, None)
+    assert restored.tokens_trained == 12_345
+    old = TrainMonitor(enabled=False)  # a checkpoint with no state for it: Lightning never calls load_state_dict
+    old.on_train_start(trainer, None)
+    assert old.tokens_trained == 10 * 2 * 4 * 8 * 64  # steps x accumulation x ranks x seqs x tokens
+    fresh = TrainMonitor(enabled=False)
+    fresh.load_state_dict({"tokens_trained": 99})
+    fresh.on_train_start(SimpleNamespace(**{**vars(trainer), "global_step": 0}), None)
+    assert fresh.tokens_trained == 0
