@@ -648,24 +648,21 @@ def csv_logger(root: Path) -> list[str]:
             "--trainer.logger.name", "logs"]
 
 
-def val_rows(root: Path) -> list[tuple[int, float]]:
-    """(logger step, val/loss) of every validation, over all of the run's CSV logs in order."""
+def logged(root: Path, key: str, last_only: bool = False) -> list[tuple[int, float]]:
+    """(logger step, value) of every row logging `key`, over the run's CSV logs in order (or the last one's)."""
     import csv
 
-    rows = []
-    for f in sorted(root.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        rows += [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(f.open()) if r.get("val/loss")]
-    return rows
+    files = sorted(root.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    return [(int(r["step"]), float(r[key])) for f in (files[-1:] if last_only else files)
+            for r in csv.DictReader(f.open()) if r.get(key)]
+
+
+def val_rows(root: Path, last_only: bool = False) -> list[tuple[int, float]]:
+    return logged(root, "val/loss", last_only)
 
 
 def token_rows(root: Path) -> list[tuple[int, int]]:
-    """(logger step, train/tokens) over all of the run's CSV logs in order."""
-    import csv
-
-    rows = []
-    for f in sorted(root.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        rows += [(int(r["step"]), int(float(r["train/tokens"]))) for r in csv.DictReader(f.open()) if r.get("train/tokens")]
-    return rows
+    return [(step, int(v)) for step, v in logged(root, "train/tokens")]
 
 
 def stop_step(vals: list[float], patience: int, rising: bool) -> int:
@@ -721,10 +718,7 @@ def test_resume_redoes_the_validation_of_its_step_so_early_stopping_and_logs_mat
         assert val_rows(root) == ref_vals[:2]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     p = resume(config, *args)
-    resumed = sorted(root.glob("logs/version_*"), key=lambda d: int(d.name[8:]))[-1]
-    import csv
-
-    rows = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader((resumed / "metrics.csv").open()) if r.get("val/loss")]
+    rows = val_rows(root, last_only=True)  # the resumed run's own log
     assert rows == ref_vals[1:], (rows, ref_vals)  # step 2's validation first, then the rest, as uninterrupted
     assert f"early stopping at step {step}:" in p.stderr + p.stdout
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
