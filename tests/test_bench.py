@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -72,11 +73,35 @@ def test_profile_steps_come_after_the_timed_ones_and_are_split_by_kind(capsys):
     prof = res["profile"]
     assert prof["steps"] == 2 and prof["clock"] == "CPU ops (self time)"
     assert sum(prof["kinds"].values()) == pytest.approx(prof["total_ms_per_step"])
+    # The ops' self times fit in a step (their share of the timed median; profiled steps run slower)
+    assert prof["median_step_ms"] == pytest.approx(1e3 * statistics.median(row["step_times_s"][1:]))
     assert prof["kinds"]["matmul"] > 0 and prof["kinds"]["optimizer"] > 0  # aten::mm/addmm, fused AdamW
     top = {t["name"]: t for t in prof["top"]}
     assert top["aten::_fused_adamw_"]["calls_per_step"] == 2  # one call per parameter group, every step
     out = capsys.readouterr().out
-    assert "| kind | ms/step | share |" in out and "| matmul |" in out
+    assert "| kind | ms/step | share |" in out and "| matmul |" in out and "median timed step" in out
+
+
+def test_gpu_profile_leaves_out_user_annotations():
+    """On the H200, `Optimizer.step#AdamW.step` (a range on the GPU timeline, spanning the optimizer's
+    kernels) was summed as a kernel: 371 ms of kernels in a 191 ms step, half of it "optimizer"."""
+    from types import SimpleNamespace as E
+
+    import torch
+    from torch.autograd import DeviceType
+
+    events = [E(key="Optimizer.step#AdamW.step", count=2, self_device_time_total=380e3, device_type=DeviceType.CUDA,
+                is_user_annotation=True),
+              E(key="void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", count=92,
+                self_device_time_total=12e3, device_type=DeviceType.CUDA, is_user_annotation=False),
+              E(key="nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", count=288, self_device_time_total=62e3,
+                device_type=DeviceType.CUDA, is_user_annotation=False),
+              E(key="aten::mm", count=288, self_device_time_total=0.0, device_type=DeviceType.CPU,
+                is_user_annotation=False)]
+    out = bench.kernel_table(E(key_averages=lambda: events), torch.device("cuda"), steps=2, step_ms=40.0)
+    assert out["total_ms_per_step"] == pytest.approx(37.0)  # (12 + 62) ms over 2 steps
+    assert out["kinds"] == pytest.approx({"matmul": 31.0, "optimizer": 6.0})
+    assert "37.0 ms/step in all, 92% of the 40.0 ms median timed step" in out["text"]
 
 
 def test_kernels_are_sorted_into_kinds():
