@@ -150,7 +150,7 @@ class GPT2Module(pl.LightningModule):
             activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
             tf32: Allow TF32 for fp32 matmuls on Ampere+ GPUs.
             fused_cross_entropy: Liger fused linear cross-entropy (CUDA + `pip install liger-kernel`): no vocab-wide logits in memory.
-            bias_after_matmul: Blocks compute x @ W then + bias, not cuBLAS addmm (1.5x slower per GEMM on an H200; see perf.BiasAfterMatmul).
+            bias_after_matmul: Blocks compute x @ W then + bias, not cuBLAS addmm (faster per GEMM, but 4-6% slower per step on an H200; see perf.BiasAfterMatmul).
             master_weights: Under trainer.precision bf16-true (single device, DDP): AdamW steps fp32 master copies of the bf16 weights and sums accumulated micro-batch gradients in fp32 (gpt2dist/optim.py); false: it steps the bf16 weights.
         """
         super().__init__()
@@ -263,8 +263,10 @@ class GPT2Module(pl.LightningModule):
             return fused_linear_token_losses(self.model, input_ids, self.vocab_size)
         from gpt2dist.perf import compiled_shifted_token_losses, shifted_token_losses
 
-        loss_fn = compiled_shifted_token_losses if self.hparams.compile else shifted_token_losses
-        return loss_fn(self(input_ids), input_ids)
+        if self.hparams.compile:  # padded logits in, masked inside the compiled loss (see shifted_token_losses)
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            return compiled_shifted_token_losses(logits, input_ids, real_vocab=self.vocab_size)
+        return shifted_token_losses(self(input_ids), input_ids)  # eager: a slice copies fewer fp32 columns
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.token_losses(batch["input_ids"]).mean()

@@ -4,8 +4,9 @@ Each switch is a typed knob on GPT2Module (so a YAML line turns it on) and each 
 with `tools/bench.py`:
 
 - `pad_vocab_to_multiple_of`: 50257 -> 50304 rows (multiple of 128) so the logits matmul maps
-  onto whole tensor-core tiles. The padded rows are zero, never looked up by the data, sliced
-  off the logits before the loss and suppressed in generation, and sliced off again on export
+  onto whole tensor-core tiles. The padded rows are zero, never looked up by the data, excluded
+  from the loss (-inf inside the compiled loss, sliced off in eager) and suppressed in generation,
+  and sliced off again on export
   so the Hugging Face folder keeps the standard 50257-row shape.
 - `compile`: `torch.compile` per GPT2Block ("regional"): the 12..48 blocks share one compiled
   graph, so compile time is that of one block, not of the whole model. The loss is a second region.
@@ -14,7 +15,8 @@ with `tools/bench.py`:
 - `fused_cross_entropy`: Liger's fused linear + cross-entropy (GPU only, optional import):
   the (tokens x vocab) logits are never materialised.
 - `bias_after_matmul`: each block's Conv1D runs as a plain matmul, then `+ bias`, instead of
-  cuBLAS `addmm` with the bias in its epilogue (see `BiasAfterMatmul`).
+  cuBLAS `addmm` with the bias in its epilogue (see `BiasAfterMatmul`). Off: faster GEMMs, but a
+  slower step (H200: -4% GPT-2 Large, -6% small).
 """
 
 from __future__ import annotations
@@ -105,7 +107,10 @@ class BiasAfterMatmul(Conv1D):
     re-fuses `mm + bias` into addmm when the sum feeds backward, so the add follows a view of the
     mm (`matmul` on 3-D input), which its pattern does not match; the add then fuses into the next
     elementwise kernel (GELU, the residual add). The bias is added in the matmul's dtype (bf16
-    under autocast), as addmm does, but after the product is rounded: up to 1 bf16 ulp apart."""
+    under autocast), as addmm does, but after the product is rounded: up to 1 bf16 ulp apart.
+    Measured per step on the same H200 (tools/gpu_check_perf.sh TUNE=1): slower, 199.4 vs 191.1 ms
+    (Large 16 x 1024) and 78.8 vs 74.1 ms (small 32 x 1024); the bias adds cost more than addmm's
+    epilogue saved. Kept, off by default, for other cuBLAS versions and cards."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.matmul(x, self.weight)
@@ -190,16 +195,24 @@ def fused_linear_token_losses(model, input_ids: torch.Tensor, real_vocab: int) -
     return losses.float().view_as(targets)
 
 
-def shifted_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token loss per position, shape (batch, T-1), in fp32, from logits (batch, T, vocab)."""
+def shifted_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, real_vocab: int | None = None) -> torch.Tensor:
+    """Next-token loss per position, shape (batch, T-1), in fp32, from logits (batch, T, vocab).
+    `real_vocab`: logit columns from it on are padding (pad_vocab_to_multiple_of); they get -inf, so
+    they take no probability mass and no gradient."""
     targets = input_ids[:, 1:]
     logits = logits[:, :-1].flatten(0, 1).float()
+    if real_vocab is not None and real_vocab < logits.shape[-1]:
+        # A mask, not a slice: compiled, it fuses into the log-softmax, and the backward writes the
+        # padded-width gradient in that same kernel. A slice outside made eager slice_backward zero-fill
+        # and copy it instead: 2 kernels over 32 x 1024 x 50304 bf16, ~4 ms of GPT-2 small's 74 ms step (H200).
+        padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab
+        logits = logits.masked_fill(padding, float("-inf"))
     return torch.nn.functional.cross_entropy(logits, targets.flatten(), reduction="none").view_as(targets)
 
 
-# With `compile`, the loss is a compiled region too: the shift, fp32 upcast, log-softmax and gather
-# fuse, so neither the fp32 logits nor their log-softmax is written out (each 32 x 1023 x 50257 x 4 B
-# = 6.6 GB for GPT-2 small at micro-batch 32). Lazy: nothing compiles until the first call.
+# With `compile`, the loss is a compiled region too: the shift, fp32 upcast, padding mask, log-softmax
+# and gather fuse, so neither the fp32 logits nor their log-softmax is written out (each 32 x 1023 x
+# 50257 x 4 B = 6.6 GB for GPT-2 small at micro-batch 32). Lazy: nothing compiles until the first call.
 compiled_shifted_token_losses = torch.compile(shifted_token_losses)
 
 

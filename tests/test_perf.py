@@ -51,6 +51,26 @@ def test_padded_model_has_equal_loss_and_never_predicts_padding():
     assert torch.count_nonzero(g_pad[V:]) == 0
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_loss_of_padded_logits_masks_the_padding_like_a_slice(compiled):
+    """The compiled training loss takes the padded-width logits and masks the padding inside (one
+    fused kernel); it must equal the loss of the sliced logits, and give the padding no gradient."""
+    from gpt2dist.perf import compiled_shifted_token_losses, shifted_token_losses
+
+    fn = compiled_shifted_token_losses if compiled else shifted_token_losses
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, 16))
+    padded = torch.randn(2, 16, 384, requires_grad=True)
+    with torch.no_grad():
+        padded[..., V:] = 30.0  # large padding logits: any leak into the softmax would move the loss
+    sliced = padded.detach()[..., :V].clone().requires_grad_(True)
+    masked, ref = fn(padded, ids, real_vocab=V), shifted_token_losses(sliced, ids)
+    torch.testing.assert_close(masked, ref, rtol=1e-6, atol=1e-6)
+    masked.mean().backward(), ref.mean().backward()
+    torch.testing.assert_close(padded.grad[..., :V], sliced.grad, rtol=1e-5, atol=1e-8)
+    assert torch.count_nonzero(padded.grad[..., V:]) == 0 and padded.grad[:, -1].abs().sum() == 0  # last position: no target
+
+
 def test_generation_suppresses_padded_rows(tokenizer):
     torch.manual_seed(0)
     real = len(tokenizer)  # 512 -> padded to 768
