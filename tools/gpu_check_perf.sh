@@ -74,6 +74,8 @@ if [ "${BASE:-1}" = 1 ]; then
   VALIDATE+=("$OUT/large.json" "$OUT/small.json")
 fi
 if [ "${TUNE:-0}" = 1 ]; then  # same-call A/Bs: model.bias_after_matmul (mm + fused bias add, not cuBLAS addmm), SDPA kernel
+  # H200, 2026-11-28: bias_after_matmul 4% / 6% slower (Large / small), flash = cuDNN, coordinate
+  # descent +1.7% for 4x the compile time: none worth a default (README, "Second H200 run").
   # (compile_mode=max-autotune-no-cudagraphs was tried here first: on the H200 its compile ran past
   # 150 s for Large and 92 s for small and never reached a timed step.)
   T_TUNE=${T_TUNE:-90}  # a Large row: ~10 s imports, ~10 s building 774M weights, ~15 s compile, steps
