@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -118,3 +120,26 @@ def test_kernels_are_sorted_into_kinds():
     assert kind("## Call CompiledFxGraph f6tmtf72jircdiralkvfthn4z2nxwgyj3j6iyfldgf4kwehe4yoz ##") == "fused elementwise (Inductor)"
     assert kind("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
     assert kind("Memcpy HtoD (Pageable -> Device)") == "copy / cast"
+
+
+def test_gpu_check_perf_script_cpu_smoke(tmp_path):
+    """The issue's GPU check, as a GPU session runs it (default rows), on a tiny model on CPU: every
+    row ends with a table, the baselines run, and the planner reads the JSON back."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(REPO / "tools/gpu_check_perf.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                       timeout=900, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    sections = {b.split("\n", 1)[0]: b for b in summary.split("\n### ")[1:]}
+    assert list(sections) == ["large", "small", "large-bf16true", "small-data",
+                              "memory planner vs measured (tools/plan.py --validate)"]
+    runs = {name: [line.split("|")[1].strip() for line in body.splitlines() if line.startswith("| gpt2dist")
+                   or line.startswith("| hf-trainer")] for name, body in sections.items()}
+    assert runs["large"] == ["gpt2dist", "hf-trainer"] and runs["large-bf16true"] == ["gpt2dist"]
+    assert runs["small"] == ["gpt2dist", "gpt2dist + fit callbacks", "hf-trainer"]
+    assert runs["small-data"] == ["gpt2dist", "gpt2dist (real data)"]
+    assert summary.count("speed-up over transformers.Trainer") == 2 and "no result" not in summary
+    for name in ("large", "small", "large-bf16true", "small-data"):
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), name
+    assert "| gpt2 | 8 x 128 | bf16-true | True | False |" in sections["memory planner vs measured (tools/plan.py --validate)"]
