@@ -247,7 +247,14 @@ class GPT2Module(pl.LightningModule):
 
     # --- steps ---------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, per_token_loss: bool = False) -> torch.Tensor:
+        """Logits over the real vocabulary, (batch, T, vocab); with `per_token_loss`, the next-token
+        losses instead, (batch, T-1) in fp32. The loss goes through here, the module's own call, because
+        FSDP2 shards this root: its forward hook gathers the embeddings and the tied head (calling
+        `self.model` directly met a sharded DTensor embedding, compiled FSDP2 x2 on CPU)."""
+        return self._token_losses(input_ids) if per_token_loss else self._logits(input_ids)
+
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         # use_cache=False: GPT-2's config says True, and then every training forward fills a KV cache:
         # memory for nothing, and each block's first cache write makes torch.compile recompile, so past
         # 8 blocks (dynamo's recompile limit) the rest ran eager (GPT-2 small at 0.70x HF Trainer, H200).
@@ -257,6 +264,9 @@ class GPT2Module(pl.LightningModule):
 
     def token_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Per-token next-token loss, shape (batch, block_size - 1), computed in fp32."""
+        return self(input_ids, per_token_loss=True)
+
+    def _token_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.hparams.get("fused_cross_entropy"):
             from gpt2dist.perf import fused_linear_token_losses
 
@@ -266,7 +276,7 @@ class GPT2Module(pl.LightningModule):
         if self.hparams.compile:  # padded logits in, masked inside the compiled loss (see shifted_token_losses)
             logits = self.model(input_ids=input_ids, use_cache=False).logits
             return compiled_shifted_token_losses(logits, input_ids, real_vocab=self.vocab_size)
-        return shifted_token_losses(self(input_ids), input_ids)  # eager: a slice copies fewer fp32 columns
+        return shifted_token_losses(self._logits(input_ids), input_ids)  # eager: a slice copies fewer fp32 columns
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.token_losses(batch["input_ids"]).mean()
