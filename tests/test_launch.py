@@ -18,7 +18,7 @@ def cfg(tmp_path, **sections):
 
 def test_global_batch_arithmetic():
     line = check_submission(2, 8, ["--config", str(REPO / "configs/gpt2-large.yaml"), "--trainer.num_nodes=2"])
-    # 4 seqs x 4 accum x 16 GPUs = 256 seqs x 1024 tokens
+    # 8 seqs x 2 accum x 16 GPUs = 256 seqs x 1024 tokens
     assert line.endswith("= 256 seqs x 1024 tokens = 262,144 tokens/step"), line
 
 

@@ -84,6 +84,8 @@ def test_every_overlay_parses(overlay):
     assert printed["trainer"]["strategy"]["class_path"] == overlay_cfg["trainer"]["strategy"]["class_path"]
     for key, value in overlay_cfg["trainer"]["strategy"]["init_args"].items():
         assert printed["trainer"]["strategy"]["init_args"][key] == value, key
+    for key, value in overlay_cfg.get("model", {}).items():  # compile off where unmeasured, no padding under ZeRO-3
+        assert printed["model"][key] == value, key
     # The rest of the base config is untouched by the overlay.
     base = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
     assert printed["model"]["config_overrides"] == base["model"]["config_overrides"]
@@ -98,6 +100,35 @@ def test_a_later_overlay_replaces_the_earlier_ones_strategy_knobs():
     assert p.returncode == 0, p.stderr[-2000:]
     args = yaml.safe_load("\n".join(l for l in p.stdout.splitlines() if not l.startswith("[20")))["trainer"]["strategy"]["init_args"]
     assert (args["stage"], args["offload_optimizer"], args["offload_parameters"]) == (2, False, False)
+
+
+@pytest.mark.parametrize("overlay, fast", [(None, True), ("fsdp", True), ("deepspeed_zero2", False), ("deepspeed_zero3", False)])
+def test_presets_turn_the_speed_knobs_on_where_they_are_tested(overlay, fast):
+    """configs/gpt2-*.yaml compile and pad the vocabulary; the overlays of strategies where that is not
+    measured turn compile off, and ZeRO-3's (which cannot resize a partitioned embedding) the padding."""
+    extra = ["--config", f"configs/strategy/{overlay}.yaml"] if overlay else []
+    p = run_cli("fit", "--print_config", "--config", "configs/gpt2-large.yaml", *extra, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    model = yaml.safe_load("\n".join(l for l in p.stdout.splitlines() if not l.startswith("[20")))["model"]
+    zero3 = overlay == "deepspeed_zero3"
+    assert (model["compile"], model["pad_vocab_to_multiple_of"], model["tf32"]) == (fast, 1 if zero3 else 128, True)
+
+
+@pytest.mark.parametrize("overlay", ["ddp", "fsdp"])
+def test_compiled_padded_model_under_two_processes_gives_one_eager_processs_losses(runs, overlay, tmp_path, corpus_dir,
+                                                                                  tokenizer_dir):
+    """The presets' speed knobs (regional compile, vocabulary padded 512 -> 768 rows) under DDP x2 and
+    FSDP2 x2, gloo: the 10 losses of the eager, unpadded single process, and the export keeps 512 rows."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, overlay, 2, model={"compile": True, "pad_vocab_to_multiple_of": 384})
+    fit(cfg, "--config", str(REPO / f"configs/strategy/{overlay}.yaml"), timeout=600)
+    single, other = train_losses(runs / "single"), train_losses(tmp_path / overlay)
+    assert sorted(other) == sorted(single) == list(range(STEPS))
+    diff = max(abs(single[s] - other[s]) for s in single)
+    assert diff < 1e-4, (diff, single, other)
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / overlay / "hf_model" / "model.safetensors")
+    assert weights["transformer.wte.weight"].shape[0] == 512
 
 
 def test_single_ddp_fsdp2_losses_agree(runs):
