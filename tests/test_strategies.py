@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -506,10 +507,14 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     tables = [[[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")
                and "---" not in line] for block in p.stdout.split("\n\n")]
     measured, logged = [t for t in tables if t]
-    assert [r[0] for r in measured[1:]] == [r[0] for r in logged[1:]] == ["ddp", "fsdp"]
+    assert [r[0] for r in measured[1:]] == [r[0] for r in logged[1:]] == ["ddp", "fsdp", "fsdp+compile"]
     for r in measured[1:]:
         assert r[1] == "ok" and float(r[2]) > 0 and float(r[3].replace(",", "")) > 0
         assert r[6].startswith("'def "), r  # the last step's greedy sample (6 steps in: mostly EOS, skipped)
+    # The +compile row ran the compiled blocks (its log) and ended on the eager row's loss (fp32, 4 decimals).
+    assert measured[2][2] == measured[3][2], measured
+    assert re.search(r"^fsdp\+compile: ok in \d+s, blocks compiled$", p.stdout, re.M), p.stdout
+    assert re.search(r"^fsdp: ok in \d+s$", p.stdout, re.M), p.stdout
     # TrainMonitor's own numbers: tokens/s and grad norm; no MFU and no GPU memory on a CPU.
     assert logged[0][1:] == ["throughput/tokens_per_sec", "throughput/mfu", "memory/peak_allocated_gib",
                              "memory/peak_reserved_gib", "train/grad_norm"]

@@ -2,7 +2,12 @@
 """Strategy check: one GPT-2 run per strategy, then resume + export checks. Prints one table.
 
     bash tools/gpu_check_strategies.sh              # one GPU: GPT-2 Medium shape (355M), seq 1024, bf16
-    bash tools/gpu_check_strategies.sh --cpu-smoke  # CPU: tiny model, DDP x2 + FSDP2 x2 (CI-sized)
+    bash tools/gpu_check_strategies.sh --cpu-smoke  # CPU: tiny model, DDP x2, FSDP2 x2 eager and compiled (CI-sized)
+    bash tools/gpu_check_strategies.sh --rows fsdp1,fsdp1+compile,deepspeed_zero2,deepspeed_zero2+compile
+
+A row `NAME+compile` is NAME's overlay plus the presets' speed knobs (`model.compile`, the vocabulary
+padded to 128; not padded under ZeRO-3, which cannot resize it): next to NAME in the same call, it
+measures what the overlays that turn compile off would gain.
 
 Each row is `gpt2dist fit` in its own subprocess under its own timeout, so one failure leaves
 the other rows; the table is printed even when rows fail. Results go under $OUT (or a temp dir).
@@ -25,7 +30,18 @@ import lightning.pytorch as pl
 REPO = Path(__file__).resolve().parents[1]
 
 GPU_ROWS = ["ddp", "fsdp", "fsdp1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
-CPU_ROWS = ["ddp", "fsdp"]
+CPU_ROWS = ["ddp", "fsdp", "fsdp+compile"]
+
+
+def row_overlay(name: str) -> tuple[str, list[str]]:
+    """A row name -> (its strategy overlay, extra `fit` arguments): `NAME+compile` compiles and pads."""
+    strategy, _, knob = name.partition("+")
+    if knob not in ("", "compile"):
+        raise SystemExit(f"row {name!r}: the only row suffix is '+compile'")
+    if not knob:
+        return strategy, []
+    pad = "1" if strategy.startswith("deepspeed_zero3") else "128"
+    return strategy, ["--model.compile", "true", "--model.pad_vocab_to_multiple_of", pad]
 
 
 class StepStats(pl.Callback):
@@ -183,9 +199,9 @@ def resume_and_export(name: str, strategy: str, work: Path, cfg: dict, steps: in
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, DDP x2 and FSDP2 x2 on CPU")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, DDP x2 and FSDP2 x2 (eager and compiled) on CPU")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--rows", default=None, help="comma-separated overlay names (default: all for the mode)")
+    ap.add_argument("--rows", default=None, help="comma-separated overlay names, each optionally +compile (default: all for the mode)")
     ap.add_argument("--row-timeout", type=int, default=None, help="seconds per row")
     args = ap.parse_args()
     cpu = args.cpu_smoke
@@ -196,6 +212,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_strategies_"))
     cfg = base_config(work, cpu, steps)
     rows = args.rows.split(",") if args.rows else (CPU_ROWS if cpu else GPU_ROWS)
+    for name in rows:  # a typo stops the script before any row runs
+        row_overlay(name)
     device = "cpu (2 processes)"
     if not cpu:
         import torch
@@ -210,14 +228,16 @@ def main() -> int:
             row_cfg["checkpoint"] = {"save_top_k": 0, "save_last": False}
             row_cfg["export"]["enabled"] = False
         # Rows that also write sharded checkpoints get twice the time (fsdp1 hit 55 s while saving on the H100).
-        rc, secs, root = run_fit(name, name, work, row_cfg, row_timeout * (2 if name in checked else 1), [])
+        strategy, extra = row_overlay(name)
+        rc, secs, root = run_fit(name, strategy, work, row_cfg, row_timeout * (2 if name in checked else 1), extra)
         s = stats(root)
         status = "ok" if rc == 0 and s else ("TIMEOUT" if rc in (124, 137) else f"FAIL rc={rc}")
         if status != "ok":
             tail = (root / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
             print(f"--- {name} {status}:\n" + "\n".join(tail), flush=True)
         results.append((name, status, s, secs))
-        print(f"{name}: {status} in {secs:.0f}s", flush=True)
+        compiled = "GPT2Blocks compiled regionally" in (root / "log.txt").read_text(errors="replace")
+        print(f"{name}: {status} in {secs:.0f}s{', blocks compiled' if compiled else ''}", flush=True)
     checks = []
     for name, strategy in ([("fsdp", "fsdp")] if cpu else [("deepspeed_zero3", "deepspeed_zero3"), ("fsdp1", "fsdp1")]):
         if name in rows:

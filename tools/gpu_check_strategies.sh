@@ -4,7 +4,9 @@
 # tokens/s, peak GPU memory), then resume + export checks of a ZeRO-3 and an FSDP1 checkpoint.
 # Budget: ~5 min on one H100. Everything lands under $OUT (default: a temp dir).
 #   bash tools/gpu_check_strategies.sh               # GPU
-#   bash tools/gpu_check_strategies.sh --cpu-smoke   # CPU: tiny model, DDP x2 + FSDP2 x2
+#   bash tools/gpu_check_strategies.sh --cpu-smoke   # CPU: tiny model, DDP x2, FSDP2 x2 eager and compiled
+#   bash tools/gpu_check_strategies.sh --rows fsdp1,fsdp1+compile,deepspeed_zero2,deepspeed_zero2+compile
+#                                                    # compile's gain where the overlays turn it off (same call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The GPU machine lacks deepspeed, torchdata, jsonargparse, datasets: the lead ships wheels in .whl/.
