@@ -14,6 +14,9 @@
 #   BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # without rows 3 and 4
 #   LIGER=1 tools/gpu_check_perf.sh         # + GPT-2 Large with Liger's fused linear cross-entropy (memory vs row 1)
 #   B32=1 tools/gpu_check_perf.sh           # + GPT-2 Large at micro-batch 32 vs Trainer at 32 (after rows 1-2)
+#   TRY=1 tools/gpu_check_perf.sh           # + not yet measured: CUDA graphs (compile_mode=reduce-overhead)
+#                                           # on Large and small, and Large with every knob that won
+#                                           # (micro-batch 32, bf16-true, coordinate descent)
 #   TUNE=1 BASE=0 BF16TRUE=0 DATA=0 tools/gpu_check_perf.sh  # only the A/Bs: model.bias_after_matmul
 #                                           # (Large and small, default vs on) and Large's attention
 #                                           # kernel (flash vs cuDNN), Inductor's coordinate-descent
@@ -22,7 +25,7 @@
 #   tools/gpu_check_perf.sh --cpu-smoke     # the same rows on a tiny model on CPU (tests the script)
 #   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
 #                                           # under 45 s, so one device call ends in time (rows run in
-#                                           # priority order: large, small, B32, TUNE, bf16-true, data, liger, ckpt)
+#                                           # priority order: large, small, B32, TRY, TUNE, bf16-true, data, liger, ckpt)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
 # Only where they are missing (the GPU machine); a full environment keeps its own.
 if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
@@ -38,7 +41,7 @@ PY=${PYTHON:-python3}
 SMOKE=0; [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
 # Worst case 200 + 130 + 100 + 120 s: inside one 10-minute device call (small took ~65 s on an H200
 # with two rows; the callbacks row adds one more compile of the blocks, ~15 s).
-T_LARGE=${T_LARGE:-200} T_B32=${T_B32:-240} T_SMALL=${T_SMALL:-130} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120} T_LIGER=${T_LIGER:-90}
+T_LARGE=${T_LARGE:-200} T_B32=${T_B32:-240} T_TRY=${T_TRY:-120} T_SMALL=${T_SMALL:-130} T_EXTRA=${T_EXTRA:-90} T_BF16=${T_BF16:-100} T_DATA=${T_DATA:-120} T_LIGER=${T_LIGER:-90}
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-3}
 
 if [ $SMOKE = 1 ]; then
@@ -81,6 +84,16 @@ if [ "${B32:-0}" = 1 ]; then
   row large-b32 "$T_B32" "${LARGE[@]}" -o data.batch_size=32 --baseline hf-trainer
   VALIDATE+=("$OUT/large-b32.json")
 fi
+if [ "${TRY:-0}" = 1 ]; then
+  # The Large profile (H200) had kernels busy 96% of the step, small 97%: the rest is launch gaps between
+  # ~2,000 kernels per step (host syncs: 1). CUDA graphs replay each compiled block's kernels at once.
+  # TORCH_LOGS=cudagraphs: Inductor says why when it runs a region without them (the summary shows it).
+  TORCH_LOGS=cudagraphs row large-cudagraphs "$T_TRY" "${LARGE[@]}" -o model.compile_mode=reduce-overhead --baseline none
+  TORCH_LOGS=cudagraphs row small-cudagraphs "$T_TRY" "${SMALL[@]}" -o model.compile_mode=reduce-overhead --baseline none
+  # Each measured alone on the H200: b32 +3.5%, bf16-true +1.6%, coordinate descent +1.7% (51 s compile).
+  row large-best "$T_TRY" "${LARGE[@]}" -o data.batch_size=32 -o trainer.precision=bf16-true \
+    -o "model.compile_options={coordinate_descent_tuning: true}" --baseline none
+fi
 if [ "${TUNE:-0}" = 1 ]; then  # same-call A/Bs: model.bias_after_matmul (mm + fused bias add, not cuBLAS addmm), SDPA kernel
   # H200, 2026-11-28: bias_after_matmul 4% / 6% slower (Large / small), flash = cuDNN, coordinate
   # descent +1.7% for 4x the compile time: none worth a default (README, "Second H200 run").
@@ -118,11 +131,12 @@ fi
 {
   echo
   echo "## gpu_check_perf summary ($(( $(date +%s) - START )) s of rows; results in $OUT)"
-  for name in large small large-b32 large-default large-biasmm large-flash large-cudnn small-default small-biasmm large-coord large-bf16true small-data large-liger large-ckpt; do
+  for name in large small large-b32 large-cudagraphs small-cudagraphs large-best large-default large-biasmm large-flash large-cudnn small-default small-biasmm large-coord large-bf16true small-data large-liger large-ckpt; do
     [ -f "$OUT/$name.log" ] || continue
     echo; echo "### $name"
     if [ -f "$OUT/$name.json" ]; then
       sed -n '/^device:/p;/^profile of/,/^row done/p;/^| run/,$p' "$OUT/$name.log"
+      grep -o "skipping cudagraphs.*" "$OUT/$name.log" | sort | uniq -c | head -n 3
     else
       echo "(no result: timed out or failed; last lines of $OUT/$name.log)"; tail -n 3 "$OUT/$name.log"
     fi
