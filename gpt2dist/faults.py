@@ -449,9 +449,12 @@ def oom_message(info: dict) -> str:
 
 
 def plan_command(info: dict) -> str:
-    """The `tools/plan.py` command that estimates this run's memory (its shape, precision, compile, padding)."""
+    """The `tools/plan.py` command that estimates this run's memory (its shape, accumulation, precision,
+    compile, padding)."""
     cmd = (f"python tools/plan.py --model {info.get('model', 'gpt2')} --gpus {info.get('world_size')} "
            f"--seq {info.get('block_size')} --micro-batch {info.get('batch_size')}")
+    if int(info.get("accumulate") or 1) > 1:  # the gradients then stay through every micro-batch
+        cmd += f" --accumulate {info['accumulate']}"
     if info.get("precision") == "bf16-true":
         cmd += " --precision bf16-true"
     if int(info.get("pad_vocab") or 1) > 1:

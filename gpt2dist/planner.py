@@ -26,6 +26,17 @@ Lightning:
     FSDP2 / FSDP1    2N/G          2N/G         4N/G (bf16 m, v: no master)  gathered blocks
 The ZeRO rows are the same under both: DeepSpeed casts the weights to bf16 and keeps its own masters.
 
+The peak is the larger of two moments (`Estimate.phases`). With one micro-batch per step (DDP,
+FSDP): the start of backward, with every activation but no gradient yet (Lightning sets them to None
+after each step) except the tied embedding/head's, made first; and the end of backward, with every
+gradient and no activation. With `trainer.accumulate_grad_batches > 1` the gradients stay through
+the next micro-batches, so states + activations; likewise under ZeRO (DeepSpeed's gradient buffers)
+and activation checkpointing (kept conservative, see `phases`). Checked on CPU (tests/memory_probe.py
+states, eager, d512, 8 x 128 tokens), growth per 4 extra layers, measured vs planned MB: one process
+303.3 vs 302.3 (accumulating: 352.8 vs 352.8), DDP x2 354.0 vs 352.8 (403.5 vs 403.2), FSDP2 x2
+193.4 vs 201.5 (219.2 vs 226.7). H200 (tools/bench.py, one micro-batch per step): GPT-2 Large
+b16 38.84 GiB planned, 38.80 measured; with the gradients counted at the activation peak, 41.48.
+
 Activations (bf16 matmuls, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
 
@@ -112,6 +123,9 @@ class Estimate:
     cpu: float = 0.0  # host memory per rank (offload)
     notes: list[str] = field(default_factory=list)
     other_ckpt: float | None = None  # `other` under activation checkpointing, where it differs
+    # Gradient bytes alive while the activations peak (the start of backward); None: all of `grads`
+    # (gradient accumulation keeps them between micro-batches; DeepSpeed keeps its gradient buffers).
+    grads_in_forward: float | None = None
 
     @property
     def states(self) -> float:
@@ -123,12 +137,29 @@ class Estimate:
             return self.states - self.other + self.other_ckpt
         return self.states
 
+    def phases(self, ckpt: bool) -> list[tuple[float, float]]:
+        """(fixed bytes, bytes per sequence) of each candidate peak; the peak is the largest.
+
+        One micro-batch per step, no checkpointing: the activations peak as backward starts, before
+        the gradients exist (Lightning sets them to None after each step), and backward then frees
+        more activation memory per layer than it adds gradients; the other candidate is the end of
+        backward, every gradient and no activations (the end-of-backward states still count the
+        autocast weight copies, freed by then: conservative by 2N). Checkpointed runs keep every
+        gradient next to the activations: their H200 peak (17.60 GB) lay between the gradient-free
+        start of backward (16.2 GB) and that (19.0), for reasons not yet measured.
+        """
+        states = self.states_at(ckpt)
+        if ckpt or self.grads_in_forward is None:
+            return [(states, self.act_per_sample_ckpt if ckpt else self.act_per_sample)]
+        return [(states - self.grads + self.grads_in_forward, self.act_per_sample), (states, 0.0)]
+
     def total(self, b: int, ckpt: bool) -> float:
-        return self.states_at(ckpt) + b * (self.act_per_sample_ckpt if ckpt else self.act_per_sample)
+        return max(fixed + b * per for fixed, per in self.phases(ckpt))
 
     def max_micro_batch(self, budget: float, ckpt: bool) -> int:
-        per = self.act_per_sample_ckpt if ckpt else self.act_per_sample
-        return max(0, math.floor((budget - self.states_at(ckpt)) / per))
+        fits = [math.floor((budget - fixed) / per) if per else (math.inf if fixed <= budget else -1)
+                for fixed, per in self.phases(ckpt)]
+        return max(0, min(fits))
 
 
 def shape_from_config(config, pad_to: int = 1) -> Shape:
@@ -160,8 +191,9 @@ def activation_bytes(shape: Shape, seq: int, compiled: bool = True, fused_ce: bo
 
 
 def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool = True, fused_ce: bool = False,
-             precision: str = "bf16-mixed") -> Estimate:
-    """Per-GPU bytes for `strategy` on `world` data-parallel ranks under `precision` (see the module docstring)."""
+             precision: str = "bf16-mixed", accumulate: int = 1) -> Estimate:
+    """Per-GPU bytes for `strategy` on `world` data-parallel ranks under `precision` (see the module
+    docstring), with `accumulate` micro-batches per optimizer step (trainer.accumulate_grad_batches)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     N, G = shape.params, world
@@ -196,6 +228,11 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
         e.notes.append("optimizer step on CPU: expect several x slower steps")
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if accumulate == 1 and strategy in ("DDP", "FSDP2", "FSDP1"):
+        # At the start of backward only the tied embedding/head's gradient exists (the head is the first
+        # op backward reaches): fp32 under bf16-mixed DDP, bf16 when the weights (or FSDP's gathered
+        # copies) are bf16.
+        e.grads_in_forward = (4 if strategy == "DDP" and not true else 2) * shape.root_params
     return e
 
 

@@ -3,6 +3,16 @@ activation arithmetic with the real model (tests/test_planner.py runs it as a su
 
     MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_probe.py '{"n_layer": 2, ...}' compiled,eager,ckpt 1,2
 
+`states` mode: the whole step's peak (weights, gradients, AdamW moments, activations) under bf16
+autocast, eager, one micro-batch per step and two accumulated, for the planner's model states and
+its choice of peak (gradients at the activation peak or not). Under `torch.distributed.run` (gloo),
+also DDP and FSDP2 (gpt2dist.strategies.shard_fsdp2). Prints one JSON object per rank:
+{strategy: {accumulate: peak bytes}}.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_probe.py states '{"n_layer": 4, ...}' single 8 128
+    MALLOC_MMAP_THRESHOLD_=65536 python -m torch.distributed.run --nproc_per_node 2 tests/memory_probe.py \
+        states '{"n_layer": 4, ...}' ddp,fsdp2 8 128
+
 Modes: compiled, eager, ckpt (compiled + activation checkpointing) under bf16 autocast over fp32
 weights (bf16-mixed); with a `-bf16true` suffix, bf16 weights and no autocast (bf16-true, and
 what DeepSpeed's bf16 runs).
@@ -60,7 +70,73 @@ def peak_step_bytes(overrides: dict, mode: str, batch: int, seq: int, pad: int) 
     return _status("VmHWM") - base
 
 
+def peak_states_bytes(overrides: dict, strategy: str, batch: int, seq: int, accumulate: int) -> int:
+    """Peak bytes of a step's last micro-batch (the earlier ones' gradients kept, as Lightning
+    accumulates), above the resident memory before the model was built."""
+    import torch.distributed as dist
+
+    from gpt2dist.model import GPT2Module
+
+    torch.manual_seed(0)
+    base = _status("VmRSS")
+    module = GPT2Module("gpt2", from_scratch=True, config_overrides=overrides, dropout=0.0)
+    module.configure_model()
+    model = module
+    if strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from gpt2dist.strategies import shard_fsdp2
+
+        shard_fsdp2(module, init_device_mesh("cpu", (dist.get_world_size(),)), "bf16-mixed")
+    elif strategy == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(module)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, overrides["vocab_size"], (batch, seq))
+
+    def micro_batch():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, per_token_loss=True).mean()
+        loss.backward()
+
+    def optimizer_step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # as Lightning does
+
+    for _ in range(2):  # AdamW's moments, every lazily built buffer
+        for _ in range(accumulate):
+            micro_batch()
+        optimizer_step()
+    for _ in range(accumulate - 1):
+        micro_batch()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    micro_batch()
+    optimizer_step()
+    peak = _status("VmHWM") - base
+    del model, module, opt
+    return peak
+
+
+def main_states(argv: list[str]) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    overrides, strategies = json.loads(argv[0]), argv[1].split(",")
+    batch, seq = int(argv[2]), int(argv[3])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    from gpt2dist.model import GPT2Module  # noqa: F401  (imported before any baseline is taken)
+
+    result = {s: {a: peak_states_bytes(overrides, s, batch, seq, a) for a in (1, 2)} for s in strategies}
+    print(json.dumps(result), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
+    if sys.argv[1] == "states":
+        return main_states(sys.argv[2:])
     overrides = json.loads(sys.argv[1])
     modes, batches = sys.argv[2].split(","), [int(b) for b in sys.argv[3].split(",")]
     seq = int(sys.argv[4]) if len(sys.argv) > 4 else overrides["n_positions"]

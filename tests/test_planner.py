@@ -111,6 +111,43 @@ def test_activation_per_layer_matches_the_measured_growth_on_cpu():
         assert abs(est - got) / got < 0.10, (mode, est / (256 * 256), got / (256 * 256))
 
 
+def states_probe(shape_kw: dict, strategies: str, world: int) -> subprocess.Popen:
+    """tests/memory_probe.py states: one process, or `world` gloo ranks under torch.distributed.run."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(world)] if world > 1 else [])
+    return subprocess.Popen([*launch, str(REPO / "tests" / "memory_probe.py"), "states", json.dumps(shape_kw), strategies,
+                             "8", "128"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def states_result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][0])  # rank 0's (ranks agree)
+
+
+@LINUX_PROC
+def test_model_states_and_the_peak_they_make_match_the_measured_growth_on_cpu():
+    """The whole step's peak (weights, gradients, AdamW moments, activations; bf16 autocast, eager), 8 x 128
+    tokens, grows from 4 to 8 layers (d512) as the planner says within 6%: one process, DDP x2 and FSDP2 x2
+    (gloo), one micro-batch per step (the activations peak before any gradient exists) and two accumulated
+    (the gradients stay). Measured (MB per 4 layers): 303.3 / 352.8, DDP 354.0 / 403.5, FSDP2 193.4 / 219.2;
+    planned 302.3 / 352.8, 352.8 / 403.2, 201.5 / 226.7. Counting the gradients at the activation peak
+    would plan 352.8 for the first (+16%): the test tells the two apart."""
+    kw = {"n_embd": 512, "n_head": 8, "n_positions": 128, "vocab_size": 8192}
+    measured = {}
+    for L in (4, 8):  # 4 layers, then 8: three processes at a time on the 2 cores
+        single = states_probe({**kw, "n_layer": L}, "single", 1)
+        dist = states_probe({**kw, "n_layer": L}, "ddp,fsdp2", 2)
+        measured[L] = {**states_result(single), **states_result(dist)}
+    plan = {"single": ("DDP", 1), "ddp": ("DDP", 2), "fsdp2": ("FSDP2", 2)}
+    for name, (strategy, world) in plan.items():
+        for acc in (1, 2):
+            got = measured[8][name][str(acc)] - measured[4][name][str(acc)]
+            est = [estimate(strategy, Shape(L, 512, 8, 8192, 128), world, 128, compiled=False, accumulate=acc).total(8, False)
+                   for L in (4, 8)]
+            assert abs(est[1] - est[0] - got) / got < 0.06, (name, acc, (est[1] - est[0]) / 1e6, got / 1e6)
+
+
 def test_strategy_states_hand_computed():
     ddp = estimate("DDP", HAND, 8, 32)
     # 4N params + 4N grads + 8N Adam + (2N autocast copies + 4N DDP buckets) = 22N
@@ -152,14 +189,33 @@ def test_bf16_true_states_hand_computed():
         estimate("DDP", HAND, 1, 32, precision="fp8")
 
 
+def test_one_micro_batch_per_step_peaks_before_the_gradients_exist():
+    """accumulate=1 (DDP, FSDP): the activation peak (start of backward) holds only the tied head's
+    gradient; the end of backward holds every gradient. Accumulating, or under ZeRO: states + activations."""
+    one, acc = estimate("DDP", HAND, 8, 32), estimate("DDP", HAND, 8, 32, accumulate=2)
+    per = one.act_per_sample  # 225,280
+    assert one.states == acc.states == 22 * N
+    # fp32 grad of the tied wte/lm_head (root 36,992 params) instead of all 4N = 547,840
+    assert one.total(3, ckpt=False) == 22 * N - 4 * N + 4 * 36_992 + 3 * per
+    assert acc.total(3, ckpt=False) == 22 * N + 3 * per
+    assert one.total(0, ckpt=False) == 22 * N  # no activations: the end of backward is the peak
+    # (3.5 per + 4N - root grad) / per = 3.5 + 399,872 / 225,280 -> 5
+    assert one.max_micro_batch(one.states + 3.5 * per, ckpt=False) == 5
+    assert one.max_micro_batch(one.states - 1, ckpt=False) == 0  # the end of backward does not fit
+    assert one.total(2, ckpt=True) == acc.total(2, ckpt=True)  # checkpointed: kept conservative
+    assert estimate("FSDP2", HAND, 4, 32).grads_in_forward == 2 * 36_992  # bf16 unsharded grad (mp policy)
+    assert estimate("DDP", HAND, 1, 32, precision="bf16-true").grads_in_forward == 2 * 36_992
+    assert estimate("ZeRO-2", HAND, 4, 32).grads_in_forward is None  # DeepSpeed's gradient buffers stay
+
+
 def test_max_micro_batch_and_recommendation():
-    ddp = estimate("DDP", HAND, 8, 32)
+    ddp = estimate("DDP", HAND, 8, 32, accumulate=2)
     per = ddp.act_per_sample  # 225,280
     assert ddp.max_micro_batch(ddp.states + 3.5 * per, ckpt=False) == 3
     assert ddp.max_micro_batch(ddp.states - 1, ckpt=False) == 0
     assert ddp.total(2, ckpt=True) == ddp.states - 2 * N + 2 * (36_992 + 49_984) + 2 * 102_400
     assert ddp.max_micro_batch(ddp.states_at(True) + 2.5 * 102_400, ckpt=True) == 2
-    ests = [estimate(s, HAND, 8, 32) for s in STRATEGIES]
+    ests = [estimate(s, HAND, 8, 32, accumulate=2) for s in STRATEGIES]
     assert recommend(ests, 1e12, 4) == ("DDP", False, ddp.max_micro_batch(1e12, False))
     # A budget where DDP (22N = 3.01 MB states) cannot hold 4 sequences but FSDP2 can (ZeRO-* carry 800 MB buckets).
     budget = ddp.states + 2 * per

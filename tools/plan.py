@@ -4,6 +4,7 @@
     python tools/plan.py --model gpt2-xl --gpus 4 --nodes 2 --gpu-mem-gb 40 --micro-batch 4 --json plan.json
     python tools/plan.py --model gpt2 --gpus 1 --gpu-mem-gb 80 --seq 1024 --micro-batch 32   # single GPU
     python tools/plan.py --model gpt2-large --gpus 1 --precision bf16-true     # bf16 weights, fp32 masters
+    python tools/plan.py --model gpt2-large --gpus 8 --accumulate 2            # as configs/gpt2-large.yaml
 
 The formulas are in gpt2dist/planner.py (module docstring and `estimate`). Each row shows the
 model states per GPU, activations for one sequence, the total at --micro-batch with and without
@@ -24,7 +25,7 @@ from gpt2dist.planner import GB, PRECISIONS, STRATEGIES, USABLE_FRACTION, estima
 
 def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_batch: int, pad_vocab: int = 1,
          eager: bool = False, min_micro_batch: int = 4, strategies: list[str] | None = None,
-         precision: str = "bf16-mixed") -> dict:
+         precision: str = "bf16-mixed", accumulate: int = 1) -> dict:
     from gpt2dist.model import build_config
 
     config = build_config(model)
@@ -32,7 +33,8 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     world = gpus * nodes
     budget = gpu_mem_gb * GB * USABLE_FRACTION
     rows = []
-    ests = [estimate(s, shape, world, seq, compiled=not eager, precision=precision) for s in (strategies or STRATEGIES)]
+    ests = [estimate(s, shape, world, seq, compiled=not eager, precision=precision, accumulate=accumulate)
+            for s in (strategies or STRATEGIES)]
     for e in ests:
         rows.append({"strategy": e.strategy, "params_gb": e.params / GB, "grads_gb": e.grads / GB,
                      "optimizer_gb": e.optimizer / GB, "other_gb": e.other / GB, "states_gb": e.states / GB,
@@ -44,13 +46,13 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     rec = recommend(ests, budget, min_micro_batch)
     return {"model": model, "params": shape.params, "vocab_rows": shape.vocab, "world": world, "gpus": gpus,
             "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GB, "seq": seq, "micro_batch": micro_batch,
-            "precision": precision, "rows": rows, "recommendation": rec}
+            "precision": precision, "accumulate": accumulate, "rows": rows, "recommendation": rec}
 
 
 def print_plan(p: dict) -> None:
     print(f"{p['model']}: {p['params'] / 1e6:.1f}M params (vocab rows {p['vocab_rows']}), {p['gpus']} GPU(s) x "
           f"{p['nodes']} node(s) = {p['world']} ranks, {p['gpu_mem_gb']:g} GB/GPU (plan within {p['budget_gb']:.1f} GB), "
-          f"seq {p['seq']}, micro-batch {p['micro_batch']}, {p['precision']}; GB = 1e9 bytes")
+          f"seq {p['seq']}, micro-batch {p['micro_batch']} x {p['accumulate']} accumulated, {p['precision']}; GB = 1e9 bytes")
     print("| strategy | params | grads | optim | other | states | act/seq | act/seq ckpt | "
           f"total b={p['micro_batch']} | total b={p['micro_batch']} ckpt | max b | max b ckpt | CPU/rank |")
     print("|---|" + "---:|" * 12)
@@ -93,7 +95,7 @@ def validate(bench_jsons: list[str]) -> list[dict]:
             rows.append({"bench": path, "error": f"precision {precision}: the planner covers {' and '.join(PRECISIONS)}"})
             continue
         e = estimate("DDP", shape, 1, r["seq"], compiled=bool(m.get("compile")), fused_ce=bool(m.get("fused_cross_entropy")),
-                     precision=precision)
+                     precision=precision)  # bench.py steps the optimizer every micro-batch: accumulate=1
         ckpt = bool(m.get("activation_checkpointing"))
         est = e.total(r["micro_batch"], ckpt) / GB
         ours = next((x for x in r["rows"] if x["run"] == "gpt2dist" and "error" not in x), None)
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=8, help="micro-batch for the total columns")
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="trainer.accumulate_grad_batches: above 1 the gradients stay through every micro-batch's activation peak")
     ap.add_argument("--min-micro-batch", type=int, default=4, help="smallest micro-batch the recommendation accepts")
     ap.add_argument("--pad-vocab", type=int, default=1, help="model.pad_vocab_to_multiple_of (128 on GPUs)")
     ap.add_argument("--eager", action="store_true",
@@ -140,11 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return {"validation": rows}
-    for name in ("gpus", "nodes", "seq", "micro_batch"):
+    for name in ("gpus", "nodes", "seq", "micro_batch", "accumulate"):
         if getattr(args, name) < 1:
             sys.exit(f"plan: error: --{name.replace('_', '-')} must be >= 1")
     p = plan(args.model, args.gpus, args.nodes, args.gpu_mem_gb, args.seq, args.micro_batch, args.pad_vocab,
-             args.eager, args.min_micro_batch, args.strategy, args.precision)
+             args.eager, args.min_micro_batch, args.strategy, args.precision, args.accumulate)
     print_plan(p)
     if args.json:
         Path(args.json).write_text(json.dumps(p, indent=1))
