@@ -372,7 +372,7 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool 
                 sync(device)
                 self.prof.__exit__(None, None, None)
                 step_ms = 1e3 * statistics.median(meter.step_times()[args.warmup:timed_steps])
-                profiled.update(kernel_table(self.prof, device, profile, step_ms))
+                profiled.update(kernel_table(self.prof, device, profile, step_ms, getattr(args, "profile_top", 12)))
                 self.prof = None
 
     pl.seed_everything(cfg.get("seed_everything", 1234), verbose=False)
@@ -541,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="K more steps of the gpt2dist row, after the timed ones, under torch.profiler: "
                          "kernel time per step by kind (matmul, attention, Inductor's fused kernels, optimizer) "
                          "and the top kernels")
+    ap.add_argument("--profile-top", type=int, default=12, metavar="T", help="how many of the top kernels --profile lists")
     ap.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="auto",
                     help="attention kernel for every row (auto: SDPA's own priority; on Hopper torch may "
                          "put cuDNN before flash): the A/B of the attention backend")
