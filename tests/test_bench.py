@@ -45,6 +45,8 @@ def test_bench_rows_and_json(tmp_path, capsys, baseline):
 def test_bench_bad_override_exits_with_message():
     with pytest.raises(SystemExit, match="must be key.path=value"):
         bench.main([*MICRO, "-o", "model.compile"])
+    with pytest.raises(SystemExit, match="--profile-top 0 must be >= 1"):
+        bench.main([*MICRO, "--profile", "2", "--profile-top", "0"])
 
 
 def test_sdpa_backend_is_named_and_forced_process_wide():

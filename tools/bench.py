@@ -547,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "put cuDNN before flash): the A/B of the attention backend")
     ap.add_argument("--out", help="write all rows as JSON here")
     args = ap.parse_args(argv)
+    if args.profile_top < 1:  # a slice by 0 or less would list no kernels, or all but the last few
+        sys.exit(f"bench: error: --profile-top {args.profile_top} must be >= 1")
     warnings.filterwarnings("ignore", message=".*(set_vital|LeafSpec|does not have many workers|tokens.*EOS).*")
 
     from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops
