@@ -27,15 +27,21 @@ Lightning:
 The ZeRO rows are the same under both: DeepSpeed casts the weights to bf16 and keeps its own masters.
 
 The peak is the larger of two moments (`Estimate.phases`). With one micro-batch per step (DDP,
-FSDP): the start of backward, with every activation but no gradient yet (Lightning sets them to None
-after each step) except the tied embedding/head's, made first; and the end of backward, with every
-gradient and no activation. With `trainer.accumulate_grad_batches > 1` the gradients stay through
+FSDP): the start of backward, with every activation but no gradient yet (set to None after the last
+step) except the tied embedding/head's, made first; and the end of backward, with every gradient and
+no activation. With `trainer.accumulate_grad_batches > 1` the gradients stay through
 the next micro-batches, so states + activations; likewise under ZeRO (DeepSpeed's gradient buffers)
 and activation checkpointing (kept conservative, see `phases`). Checked on CPU (tests/memory_probe.py
 states, eager, d512, 8 x 128 tokens), growth per 4 extra layers, measured vs planned MB: one process
 303.3 vs 302.3 (accumulating: 352.8 vs 352.8), DDP x2 354.0 vs 352.8 (403.5 vs 403.2), FSDP2 x2
 193.4 vs 201.5 (219.2 vs 226.7). H200 (tools/bench.py, one micro-batch per step): GPT-2 Large
 b16 38.84 GiB planned, 38.80 measured; with the gradients counted at the activation peak, 41.48.
+Open: Lightning sets the gradients to None only after the next training_step, not after the step
+(the probe above frees them after the step, as a plain loop does). A real `Trainer.fit` on CPU (same
+shape, one process) grew 354.1 MB per 4 layers, the conservative sum's 352.8, not 302.3: the last
+step's gradients stay through the forward. Freeing them in GPT2Module.optimizer_step gave 302.1 (and
+checkpointed 209.9 -> 186.6), but two full runs of tests/test_faults.py then each had one
+single-process resume off by ~1e-4 (alone the same tests passed 6 of 6), so it has not landed.
 
 Activations (bf16 matmuls, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
@@ -141,12 +147,14 @@ class Estimate:
         """(fixed bytes, bytes per sequence) of each candidate peak; the peak is the largest.
 
         One micro-batch per step, no checkpointing: the activations peak as backward starts, before
-        the gradients exist (Lightning sets them to None after each step), and backward then frees
+        the gradients exist (set to None after the last step; but see "Open" in the module
+        docstring: Lightning does it after the next forward), and backward then frees
         more activation memory per layer than it adds gradients; the other candidate is the end of
         backward, every gradient and no activations (the end-of-backward states still count the
         autocast weight copies, freed by then: conservative by 2N). Checkpointed runs keep every
         gradient next to the activations: their H200 peak (17.60 GB) lay between the gradient-free
-        start of backward (16.2 GB) and that (19.0), for reasons not yet measured.
+        start of backward (16.2 GB) and that (19.0); it fits the end of the forward with the last
+        step's gradients still held (12N + 4N + kept inputs + bf16 logits = 17.35 GB, computed).
         """
         states = self.states_at(ckpt)
         if ckpt or self.grads_in_forward is None:

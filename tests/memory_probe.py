@@ -6,7 +6,7 @@ activation arithmetic with the real model (tests/test_planner.py runs it as a su
 `states` mode: the whole step's peak (weights, gradients, AdamW moments, activations) under bf16
 autocast, eager, one micro-batch per step and two accumulated, for the planner's model states and
 its choice of peak (gradients at the activation peak or not). Under `torch.distributed.run` (gloo),
-also DDP and FSDP2 (gpt2dist.strategies.shard_fsdp2). Prints one JSON object per rank:
+also DDP and FSDP2 (gpt2dist.strategies.shard_fsdp2). Rank 0 prints one JSON object:
 {strategy: {accumulate: peak bytes}}.
 
     MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_probe.py states '{"n_layer": 4, ...}' single 8 128
@@ -101,7 +101,7 @@ def peak_states_bytes(overrides: dict, strategy: str, batch: int, seq: int, accu
 
     def optimizer_step():
         opt.step()
-        opt.zero_grad(set_to_none=True)  # as Lightning does
+        opt.zero_grad(set_to_none=True)  # a plain loop's order; Lightning's: after the next forward (planner.py)
 
     for _ in range(2):  # AdamW's moments, every lazily built buffer
         for _ in range(accumulate):
@@ -129,7 +129,8 @@ def main_states(argv: list[str]) -> None:
     from gpt2dist.model import GPT2Module  # noqa: F401  (imported before any baseline is taken)
 
     result = {s: {a: peak_states_bytes(overrides, s, batch, seq, a) for a in (1, 2)} for s in strategies}
-    print(json.dumps(result), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line: two ranks' prints can interleave mid-line
+        print(json.dumps(result), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
