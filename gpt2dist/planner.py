@@ -40,8 +40,9 @@ Open: Lightning sets the gradients to None only after the next training_step, no
 (the probe above frees them after the step, as a plain loop does). A real `Trainer.fit` on CPU (same
 shape, one process) grew 354.1 MB per 4 layers, the conservative sum's 352.8, not 302.3: the last
 step's gradients stay through the forward. Freeing them in GPT2Module.optimizer_step gave 302.1 (and
-checkpointed 209.9 -> 186.6), but two full runs of tests/test_faults.py then each had one
-single-process resume off by ~1e-4 (alone the same tests passed 6 of 6), so it has not landed.
+checkpointed 209.9 -> 186.6) with the same final weights, but two runs of tests/test_faults.py then
+each had one single-process resume off by ~1e-4 (run by themselves, those resume tests passed 5 runs
+of 5), so it has not landed.
 
 Activations (bf16 matmuls, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
