@@ -8,6 +8,7 @@ trained on it by gpt2dist's own trainer.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_MODULES = ["textwrap.py", "string.py", "shlex.py", "fnmatch.py", "bisect.py", "heapq.py",
                   "colorsys.py", "keyword.py", "glob.py", "abc.py", "copy.py", "numbers.py"]
+
+# DeepSpeed on CPU JIT-builds its comm op into TORCH_EXTENSIONS_DIR (75-100 s on 2 cores). One folder per
+# venv: clones with their own venvs (other include paths, so another build hash) sharing ~/.cache rebuilt
+# it over each other on every switch. Subprocesses inherit it.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 # A tiny GPT-2: 2 layers, 64 wide, so CPU tests take seconds.
 TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
@@ -56,8 +63,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
             prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the real `gpt2dist` CLI in a subprocess (python -m gpt2dist, same interpreter), after `prefix`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([*(prefix or []), sys.executable, "-m", "gpt2dist", *args], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_group([*(prefix or []), sys.executable, "-m", "gpt2dist", *args], timeout, cwd=cwd or REPO, env=full_env)
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output, text) in a session of its own; on timeout the whole process group
+    is killed, not only the launcher: a rank left behind (DeepSpeed's CPU comm busy-waits on shared
+    memory) took one of CI's 2 cores for the rest of the suite, timing out every later multi-process run."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise subprocess.TimeoutExpired(p.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def spawn_ranks(target, world: int, init_file: str, *args, timeout: int = 240) -> list:

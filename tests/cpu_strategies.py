@@ -10,8 +10,11 @@ settings. Never used by the package.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,27 @@ def cpu_overlay(name: str, folder: Path) -> Path:
         # DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op (.ci/run installs g++).
         why = "no C++ compiler: DeepSpeed on CPU builds its comm op (apt-get install g++)"
         pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    if "DeepSpeed" in cfg["trainer"]["strategy"]["class_path"]:
+        build_deepspeed_comm_op()
     path = folder / f"{name}-cpu.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@functools.cache
+def build_deepspeed_comm_op() -> None:
+    """Build DeepSpeed's CPU shared-memory comm op once per test session, in a process of its own with
+    a generous timeout, before any DeepSpeed run needs it. torch's cpp_extension builds under a lock
+    file and every other process waits for that file forever: a run killed mid-build (the 300 s limit
+    of a test's run, on a busy 2-core machine) left it behind and hung every later DeepSpeed run. A
+    lock older than any build is such a dead build's, and is removed. Later loads only re-check."""
+    from conftest import run_group
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    for lock in root.glob("**/deepspeed_shm_comm/lock"):
+        if time.time() - lock.stat().st_mtime > 900:
+            print(f"removing {lock}: a dead build's (15+ minutes old; a build takes under 2)")
+            lock.unlink(missing_ok=True)
+    p = run_group([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"], 1800,
+                  env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, f"building DeepSpeed's CPU comm op failed:\n{p.stderr[-3000:]}"

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_group
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 6
@@ -62,8 +62,7 @@ def overlay(root: Path, *callbacks: dict, **sections) -> Path:
 def cli(config: Path, *args: str, timeout: int = 300, sub: str = "fit") -> subprocess.CompletedProcess:
     """The real CLI in its own session (so a plugin's SIGKILL takes the whole process group)."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}:{REPO}", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "gpt2dist", sub, "--config", str(config), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    return run_group([sys.executable, "-m", "gpt2dist", sub, "--config", str(config), *args], timeout, cwd=REPO, env=env)
 
 
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
