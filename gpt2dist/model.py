@@ -482,6 +482,19 @@ class GPT2Module(pl.LightningModule):
         self._group_settings = [{"betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": g["weight_decay"]} for g in named_groups]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients are freed at once (as nanoGPT and llm.c do).
+
+        Lightning sets them to None only after the next training_step, so every forward ran with
+        the last step's gradients still held: 4 bytes x N under bf16-mixed (GPT-2 Large: 3.1 GB)
+        on top of the activations. Nothing reads them after the step (the NaN guard and the
+        gradient norm run before it). DeepSpeed's engine.step() already zeroes its own buffers."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            optimizer.zero_grad(set_to_none=True)
+
     def on_train_start(self) -> None:
         self._config_over_restored_optimizer()
 

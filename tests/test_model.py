@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2dist.errors import ConfigError
@@ -53,6 +55,52 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cosine midpoint
     assert lrs[total] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-4)
 
+
+
+class _GradsAtStepStart(Callback):
+    """Records the weights at train start, and whether every gradient was already freed when each
+    later optimizer step's first micro-batch starts."""
+
+    def __init__(self, accumulate: int):
+        self.accumulate, self.freed, self.start = accumulate, [], None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = copy.deepcopy(pl_module.model.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx % self.accumulate == 0 and trainer.global_step > 0:
+            self.freed.append(all(p.grad is None for p in pl_module.parameters()))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_each_step_and_training_is_unchanged(accumulate):
+    """Lightning sets the gradients to None only after the next training_step, so every forward held
+    the last step's (4 bytes per parameter under bf16-mixed); GPT2Module frees them right after the
+    step. Training is unchanged: the weights equal a plain AdamW loop's over the same micro-batches."""
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    hp = {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1}  # a constant lr
+    batches = [{"input_ids": torch.randint(0, 300, (2, 32))} for _ in range(3 * accumulate)]
+    m, probe = tiny_module(**hp), _GradsAtStepStart(accumulate)
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=accumulate, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[probe]).fit(m, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert probe.freed == [True, True]
+
+    ref = tiny_module(**hp)
+    ref.model.load_state_dict(probe.start)
+    ref.trainer = SimpleNamespace(max_steps=3, estimated_stepping_batches=3, strategy=None)
+    opt = ref.configure_optimizers()["optimizer"]
+    for step in range(3):
+        for b in batches[step * accumulate:(step + 1) * accumulate]:
+            (ref.token_losses(b["input_ids"]).mean() / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+    got = m.model.state_dict()
+    assert any(not torch.equal(got[k], v) for k, v in probe.start.items())  # it trained
+    for k, v in ref.model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
 
 def test_eval_loss_is_token_weighted_and_ignores_padding():
     torch.manual_seed(0)
