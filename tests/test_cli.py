@@ -251,8 +251,13 @@ def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
     r = run_cli("test", "--config", str(cfg), "--ckpt_path", "last")
     assert r.returncode == 0 and f"chosen by --ckpt_path last" in r.stderr + r.stdout, r.stderr[-3000:]
     empty = str(tmp_path / "empty")
-    for sub, how in (("validate", "last"), ("test", "auto"), ("predict", "best")):
-        r = run_cli(sub, "--config", str(cfg), "--trainer.default_root_dir", empty, "--ckpt_path", how)
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = (("validate", "last"), ("test", "auto"), ("predict", "best"))
+    with ThreadPoolExecutor(2) as pool:  # independent, two at a time (each mostly imports, one core)
+        results = list(pool.map(lambda c: run_cli(c[0], "--config", str(cfg), "--trainer.default_root_dir", empty,
+                                                  "--ckpt_path", c[1]), cases))
+    for (sub, how), r in zip(cases, results):
         assert r.returncode == 2, (sub, r.stderr[-2000:])
         errors = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:")]
         assert len(errors) == 1 and f"--ckpt_path {how}" in errors[0] and "Traceback" not in r.stderr
@@ -388,21 +393,28 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
         return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
     txt = str(tmp_path / "prompts.txt")
-    one = predict("greedy1", "--data.predict_file", txt, "--data.predict_batch_size", "1")
+    sample = ["--model.do_sample", "true", "--model.temperature", "1.3", "--model.samples_per_prompt", "2"]
+    runs = {"greedy1": ["--data.predict_file", txt, "--data.predict_batch_size", "1"],
+            "greedy4": ["--data.predict_file", str(tmp_path / "prompts.jsonl"), "--data.predict_batch_size", "4"],
+            "sampled1": ["--data.predict_file", txt, "--data.predict_batch_size", "1", *sample],
+            "sampled3": ["--data.predict_file", txt, "--data.predict_batch_size", "3", *sample],
+            "seed9": ["--data.predict_file", txt, *sample, "--model.generation_seed", "9"]}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time (each mostly imports, one core)
+        got = dict(zip(runs, pool.map(lambda name: predict(name, *runs[name]), runs)))
+    one, s1, other = got["greedy1"], got["sampled1"], got["seed9"]
     assert [(r["index"], r["sample"], r["prompt"]) for r in one] == [(i, 0, p) for i, p in enumerate(prompts)]
     assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in one)
-    assert predict("greedy4", "--data.predict_file", str(tmp_path / "prompts.jsonl"), "--data.predict_batch_size", "4") == one
+    assert got["greedy4"] == one
     stop = one[0]["text"][len(prompts[0])]  # the first new character: row 0 stops after its first token
     stopped = predict("stopped", "--data.predict_file", txt, "--model.stop_strings", json.dumps([stop]))
     assert all(b["text"].startswith(a["text"]) for a, b in zip(stopped, one))
     assert len(stopped[0]["text"]) < len(one[0]["text"]) and stop in stopped[0]["text"][len(prompts[0]):]
-    sample = ["--model.do_sample", "true", "--model.temperature", "1.3", "--model.samples_per_prompt", "2"]
-    s1 = predict("sampled1", "--data.predict_file", txt, "--data.predict_batch_size", "1", *sample)
     assert [(r["index"], r["sample"]) for r in s1] == [(i, j) for i in range(len(prompts)) for j in (0, 1)]
     assert sum(a["text"] != b["text"] for a, b in zip(s1[::2], s1[1::2])) >= 3  # two samples of a prompt differ
     assert sum(a["text"] != b["text"] for a, b in zip(s1[::2], one)) >= 3  # and sampling is not greedy
-    assert predict("sampled3", "--data.predict_file", txt, "--data.predict_batch_size", "3", *sample) == s1
-    other = predict("seed9", "--data.predict_file", txt, *sample, "--model.generation_seed", "9")
+    assert got["sampled3"] == s1
     assert sum(a["text"] != b["text"] for a, b in zip(other, s1)) >= 6
 
 
