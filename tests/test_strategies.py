@@ -68,9 +68,15 @@ def runs(tmp_path_factory, corpus_dir, tokenizer_dir):
     tmp = tmp_path_factory.mktemp("strategies")
     single = write_config(tmp, corpus_dir, tokenizer_dir, "single", 1)
     fit(single)  # also prepares the token cache the two-process runs share
-    fit(write_config(tmp, corpus_dir, tokenizer_dir, "ddp", 2), "--config", str(REPO / "configs/strategy/ddp.yaml"))
-    fit(write_config(tmp, corpus_dir, tokenizer_dir, "fsdp", 2), "--config", str(REPO / "configs/strategy/fsdp.yaml"),
-        "--checkpoint.every_n_train_steps", "5", "--checkpoint.save_top_k", "-1")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # side by side: 4 processes (1 thread each) on 2 cores
+        runs = [pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "ddp", 2), "--config",
+                            str(REPO / "configs/strategy/ddp.yaml")),
+                pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "fsdp", 2), "--config",
+                            str(REPO / "configs/strategy/fsdp.yaml"), "--checkpoint.every_n_train_steps", "5",
+                            "--checkpoint.save_top_k", "-1")]
+        [r.result() for r in runs]
     return tmp
 
 
@@ -157,17 +163,22 @@ def test_strided_evaluation_under_ddp_gives_one_processs_loss(runs, tmp_path):
     """`test --data.eval_stride 8` on DDP x2 from the single run's checkpoint: the windows are shared out
     with a padded, weight-0 tail and each window's scored count travels with it, so the token-weighted
     loss is one process's."""
-    def test_loss(*args: str) -> float:
+    def test_loss(name: str, *args: str) -> float:
         p = run_cli("test", "--config", str(runs / "single" / "config.yaml"), "--ckpt_path",
                     str(runs / "single" / "checkpoints" / "last.ckpt"), "--trainer.logger", "false",
-                    "--trainer.default_root_dir", str(tmp_path), "--data.eval_stride", "8", *args, timeout=300)
+                    "--trainer.default_root_dir", str(tmp_path / name), "--data.eval_stride", "8", *args, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         [line] = [x for x in p.stdout.splitlines() if x.startswith("test ") and "test/loss " in x]
         return float(line.split("test/loss ")[1].split()[0])
 
-    one = test_loss()
-    assert test_loss("--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.devices", "2") == pytest.approx(one, abs=1e-4)
-    assert abs(test_loss("--data.eval_stride", "32") - one) > 1e-3  # disjoint blocks score another loss: the check can fail
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = {"one": [], "ddp": ["--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.devices", "2"],
+             "disjoint": ["--data.eval_stride", "32"]}
+    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time
+        loss = dict(zip(cases, pool.map(lambda name: test_loss(name, *cases[name]), cases)))
+    assert loss["ddp"] == pytest.approx(loss["one"], abs=1e-4)
+    assert abs(loss["disjoint"] - loss["one"]) > 1e-3  # disjoint blocks score another loss: the check can fail
 
 
 def test_fsdp2_sharded_checkpoint_resumes_exactly(runs):
@@ -273,22 +284,27 @@ def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_do
             "--model.samples_per_prompt", "2", "--data.predict_batch_size", "2"]
     # One process, from the same weights (the end-of-fit export of the FSDP2 run).
     # No logger: the fixtures' configs pin logs/version_0, which a run writing there would empty.
-    p = run_cli("predict", "--config", str(runs / "single" / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.logger", "false", "--model.model_name_or_path", str(runs / "fsdp" / "hf_model"),
-                "--model.from_scratch", "false", *args, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    single = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    from concurrent.futures import ThreadPoolExecutor
+
+    hf = ["--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false"]
+    cases = {"single": ["--config", str(runs / "single" / "config.yaml"), *hf],
+             "fsdp": ["--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy/fsdp.yaml"),
+                      "--ckpt_path", str(runs / "fsdp" / "checkpoints" / "last.ckpt")],
+             "ddp": ["--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml"), *hf]}
+    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time
+        done = dict(zip(cases, pool.map(lambda name: run_cli("predict", *cases[name], "--trainer.default_root_dir",
+                                                             str(tmp_path / name), "--trainer.logger", "false", *args,
+                                                             timeout=300), cases)))
+    rows = {}
+    for name, p in done.items():
+        assert p.returncode == 0, (name, p.stderr[-3000:])
+        out = tmp_path / name
+        assert sorted(f.name for f in out.glob("predictions*")) == ["predictions.jsonl"], name
+        rows[name] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    single = rows["single"]
     assert [(r["index"], r["sample"], r["prompt"]) for r in single] == [(i, j, p) for i, p in enumerate(prompts) for j in (0, 1)]
     assert all(len(r["text"]) > len(r["prompt"]) for r in single)
-    for name, overlay, weights in (
-            ("fsdp", "fsdp.yaml", ["--ckpt_path", str(runs / "fsdp" / "checkpoints" / "last.ckpt")]),
-            ("ddp", "ddp.yaml", ["--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false"])):
-        out = tmp_path / name
-        p = run_cli("predict", "--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy" / overlay),
-                    "--trainer.default_root_dir", str(out), "--trainer.logger", "false", *weights, *args, timeout=300)
-        assert p.returncode == 0, (name, p.stderr[-3000:])
-        assert sorted(f.name for f in out.glob("predictions*")) == ["predictions.jsonl"], name
-        assert [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()] == single, name
+    assert rows["fsdp"] == single and rows["ddp"] == single
 
 
 # ----------------------------------------------------------------------------- "GPU-only" strategies on CPU
