@@ -71,12 +71,13 @@ def runs(tmp_path_factory, corpus_dir, tokenizer_dir):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:  # side by side: 4 processes (1 thread each) on 2 cores
-        runs = [pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "ddp", 2), "--config",
-                            str(REPO / "configs/strategy/ddp.yaml")),
-                pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "fsdp", 2), "--config",
-                            str(REPO / "configs/strategy/fsdp.yaml"), "--checkpoint.every_n_train_steps", "5",
-                            "--checkpoint.save_top_k", "-1")]
-        [r.result() for r in runs]
+        futures = [pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "ddp", 2), "--config",
+                               str(REPO / "configs/strategy/ddp.yaml")),
+                   pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "fsdp", 2), "--config",
+                               str(REPO / "configs/strategy/fsdp.yaml"), "--checkpoint.every_n_train_steps", "5",
+                               "--checkpoint.save_top_k", "-1")]
+        for f in futures:
+            f.result()  # a failed run raises here
     return tmp
 
 
