@@ -81,6 +81,15 @@ def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedP
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def two_at_a_time(run, cases) -> dict:
+    """{case: run(case)} for independent runs, two at a time: each CLI run is mostly one core of imports and
+    tiny steps, so a 2-core machine (CI's) does two in about the time of one. An exception in a run raises here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(cases, pool.map(run, cases)))
+
+
 def spawn_ranks(target, world: int, init_file: str, *args, timeout: int = 240) -> list:
     """Run `target(rank, world, init_file, *args, queue)` in `world` spawned processes (a real
     process group each, over `init_file`); returns what each put on the queue, after all exit 0."""

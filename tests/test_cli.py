@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, STDLIB, TINY, corpus_texts, run_cli
+from conftest import REPO, STDLIB, TINY, corpus_texts, run_cli, two_at_a_time
 
 
 def write_config(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
@@ -251,13 +251,11 @@ def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
     r = run_cli("test", "--config", str(cfg), "--ckpt_path", "last")
     assert r.returncode == 0 and f"chosen by --ckpt_path last" in r.stderr + r.stdout, r.stderr[-3000:]
     empty = str(tmp_path / "empty")
-    from concurrent.futures import ThreadPoolExecutor
-
-    cases = (("validate", "last"), ("test", "auto"), ("predict", "best"))
-    with ThreadPoolExecutor(2) as pool:  # independent, two at a time (each mostly imports, one core)
-        results = list(pool.map(lambda c: run_cli(c[0], "--config", str(cfg), "--trainer.default_root_dir", empty,
-                                                  "--ckpt_path", c[1]), cases))
-    for (sub, how), r in zip(cases, results):
+    cases = {"validate": "last", "test": "auto", "predict": "best"}
+    results = two_at_a_time(lambda sub: run_cli(sub, "--config", str(cfg), "--trainer.default_root_dir", empty,
+                                                "--ckpt_path", cases[sub]), cases)
+    for sub, r in results.items():
+        how = cases[sub]
         assert r.returncode == 2, (sub, r.stderr[-2000:])
         errors = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:")]
         assert len(errors) == 1 and f"--ckpt_path {how}" in errors[0] and "Traceback" not in r.stderr
@@ -399,10 +397,7 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
             "sampled1": ["--data.predict_file", txt, "--data.predict_batch_size", "1", *sample],
             "sampled3": ["--data.predict_file", txt, "--data.predict_batch_size", "3", *sample],
             "seed9": ["--data.predict_file", txt, *sample, "--model.generation_seed", "9"]}
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time (each mostly imports, one core)
-        got = dict(zip(runs, pool.map(lambda name: predict(name, *runs[name]), runs)))
+    got = two_at_a_time(lambda name: predict(name, *runs[name]), runs)
     one, s1, other = got["greedy1"], got["sampled1"], got["seed9"]
     assert [(r["index"], r["sample"], r["prompt"]) for r in one] == [(i, 0, p) for i, p in enumerate(prompts)]
     assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in one)

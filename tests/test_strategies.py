@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, run_cli, two_at_a_time
 
 TESTS = Path(__file__).resolve().parent
 
@@ -68,16 +68,11 @@ def runs(tmp_path_factory, corpus_dir, tokenizer_dir):
     tmp = tmp_path_factory.mktemp("strategies")
     single = write_config(tmp, corpus_dir, tokenizer_dir, "single", 1)
     fit(single)  # also prepares the token cache the two-process runs share
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:  # side by side: 4 processes (1 thread each) on 2 cores
-        futures = [pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "ddp", 2), "--config",
-                               str(REPO / "configs/strategy/ddp.yaml")),
-                   pool.submit(fit, write_config(tmp, corpus_dir, tokenizer_dir, "fsdp", 2), "--config",
-                               str(REPO / "configs/strategy/fsdp.yaml"), "--checkpoint.every_n_train_steps", "5",
-                               "--checkpoint.save_top_k", "-1")]
-        for f in futures:
-            f.result()  # a failed run raises here
+    extra = {"ddp": ["--config", str(REPO / "configs/strategy/ddp.yaml")],
+             "fsdp": ["--config", str(REPO / "configs/strategy/fsdp.yaml"), "--checkpoint.every_n_train_steps", "5",
+                      "--checkpoint.save_top_k", "-1"]}
+    # Side by side: 4 processes (1 thread each) on 2 cores; a failed run raises here.
+    two_at_a_time(lambda name: fit(write_config(tmp, corpus_dir, tokenizer_dir, name, 2), *extra[name]), extra)
     return tmp
 
 
@@ -172,12 +167,9 @@ def test_strided_evaluation_under_ddp_gives_one_processs_loss(runs, tmp_path):
         [line] = [x for x in p.stdout.splitlines() if x.startswith("test ") and "test/loss " in x]
         return float(line.split("test/loss ")[1].split()[0])
 
-    from concurrent.futures import ThreadPoolExecutor
-
     cases = {"one": [], "ddp": ["--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.devices", "2"],
              "disjoint": ["--data.eval_stride", "32"]}
-    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time
-        loss = dict(zip(cases, pool.map(lambda name: test_loss(name, *cases[name]), cases)))
+    loss = two_at_a_time(lambda name: test_loss(name, *cases[name]), cases)
     assert loss["ddp"] == pytest.approx(loss["one"], abs=1e-4)
     assert abs(loss["disjoint"] - loss["one"]) > 1e-3  # disjoint blocks score another loss: the check can fail
 
@@ -285,17 +277,13 @@ def test_ddp_and_fsdp2_predict_give_every_prompt_once_in_order_as_one_process_do
             "--model.samples_per_prompt", "2", "--data.predict_batch_size", "2"]
     # One process, from the same weights (the end-of-fit export of the FSDP2 run).
     # No logger: the fixtures' configs pin logs/version_0, which a run writing there would empty.
-    from concurrent.futures import ThreadPoolExecutor
-
     hf = ["--model.model_name_or_path", str(runs / "fsdp" / "hf_model"), "--model.from_scratch", "false"]
     cases = {"single": ["--config", str(runs / "single" / "config.yaml"), *hf],
              "fsdp": ["--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy/fsdp.yaml"),
                       "--ckpt_path", str(runs / "fsdp" / "checkpoints" / "last.ckpt")],
              "ddp": ["--config", str(runs / "fsdp" / "config.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml"), *hf]}
-    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time
-        done = dict(zip(cases, pool.map(lambda name: run_cli("predict", *cases[name], "--trainer.default_root_dir",
-                                                             str(tmp_path / name), "--trainer.logger", "false", *args,
-                                                             timeout=300), cases)))
+    done = two_at_a_time(lambda name: run_cli("predict", *cases[name], "--trainer.default_root_dir", str(tmp_path / name),
+                                              "--trainer.logger", "false", *args, timeout=300), cases)
     rows = {}
     for name, p in done.items():
         assert p.returncode == 0, (name, p.stderr[-3000:])
