@@ -82,8 +82,8 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
 
 def assert_bitwise(a: dict, b: dict, where: str = "") -> None:
     """Resumed weights equal the uninterrupted run's: bitwise in almost every run. In a few full suites on
-    busy 2-core machines (2 of the last 3 CI runs), one resume of ~15 ended 1e-4 to 4e-4 off (cause
-    not found; see README), so each test here gets one rerun on this failure only (pytestmark): a real resume
+    busy 2-core machines (the CIs of 6a18f54 and 498c2f0; 409004b's passed), one resume of ~15 ended 1e-4 to 4e-4 off
+    (cause not found; see README), so each test here gets one rerun on this failure only (pytestmark): a real resume
     fault (another dropout stream, batch or optimizer state) fails every time, e.g. without the RNG
     state (test_a_resume_without_the_rng_state_is_caught, 2e-3)."""
     assert a.keys() == b.keys()
