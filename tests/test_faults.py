@@ -321,6 +321,23 @@ def test_gpu_only_strategy_kill_resume_twice_is_bitwise_exact(tmp, corpus_dir, t
     assert not list(ck.glob(".*tmp*")) and not list(ck.glob(".*old*"))
 
 
+def test_first_parting_names_the_first_micro_batch_and_field_that_differ(tmp_path):
+    """The diagnosis a not-bitwise resume failure prints: it aligns the resumed trace on the reference's
+    and names the first micro-batch where they part, and which fields part there."""
+    ref = tmp_path / "ref.txt"
+    rows = [f"{step} {step // 4} {step % 4} l{step} w{step} r{step} 2" for step in range(8)]
+    ref.write_text("\n".join(rows) + "\n")
+    resumed = tmp_path / "resumed.txt"
+    resumed.write_text("\n".join(rows[5:]) + "\n")
+    assert first_parting(resumed, ref) == "; every one of the 3 resumed micro-batches traced equal (loss, weights, RNG after each)"
+    resumed.write_text("\n".join([rows[5], "6 1 2 l6 wX rX 2", "7 1 3 lY wY rY 1"]) + "\n")
+    assert first_parting(resumed, ref) == "; first parted at step 6 epoch 1 batch 2 (of 3 resumed), in: ['weights', 'rng']"
+    resumed.write_text("99 9 9 l w r 2\n")
+    assert "is not in the reference's trace" in first_parting(resumed, ref)
+    resumed.write_text("")
+    assert first_parting(resumed, ref) == "; the resumed run traced no micro-batch"
+
+
 def test_sampler_position_maps_across_world_sizes():
     from gpt2dist.data import BlockSampler
 
