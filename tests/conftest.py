@@ -90,6 +90,30 @@ def two_at_a_time(run, cases) -> dict:
         return dict(zip(cases, pool.map(run, cases)))
 
 
+def each_row_two_at_a_time(request, test: str, run) -> dict:
+    """For a module fixture of a parametrized test whose rows are independent CLI runs: {row id: run(**row's
+    params)} for the rows this session selected (-k picks still run alone), two at a time. A row's own
+    exception (a failed setup, a skip) is kept as its result; `row_result` raises it in that row's test."""
+    rows = {item.callspec.id: item.callspec.params for item in request.session.items
+            if item.originalname == test and item.module is request.module}
+
+    def guarded(row: str):
+        try:
+            return run(**rows[row])
+        except BaseException as e:  # pytest's skip and fail are BaseExceptions
+            return e
+
+    return two_at_a_time(guarded, rows)
+
+
+def row_result(results: dict, request):
+    """This row's result from `each_row_two_at_a_time`, or its exception raised here."""
+    result = results[request.node.callspec.id]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def spawn_ranks(target, world: int, init_file: str, *args, timeout: int = 240) -> list:
     """Run `target(rank, world, init_file, *args, queue)` in `world` spawned processes (a real
     process group each, over `init_file`); returns what each put on the queue, after all exit 0."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, STDLIB, TINY, corpus_texts, run_cli, two_at_a_time
+from conftest import REPO, STDLIB, TINY, corpus_texts, each_row_two_at_a_time, row_result, run_cli, two_at_a_time
 
 
 def write_config(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
@@ -357,10 +357,17 @@ def test_quickstart_config_is_valid():
     assert yaml.safe_load(r.stdout) == cfg
 
 
+@pytest.fixture(scope="module")
+def composed(request):
+    """Each model preset + the local-jsonl data file, `--print_config`, two at a time."""
+    return each_row_two_at_a_time(request, "test_model_configs_parse_and_compose_with_local_jsonl", lambda name: run_cli(
+        "fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--config", str(REPO / "configs" / "data" / "local-jsonl.yaml"),
+        "--print_config"))
+
+
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
-def test_model_configs_parse_and_compose_with_local_jsonl(name):
-    r = run_cli("fit", "--config", str(REPO / "configs" / f"{name}.yaml"),
-                "--config", str(REPO / "configs" / "data" / "local-jsonl.yaml"), "--print_config")
+def test_model_configs_parse_and_compose_with_local_jsonl(composed, request, name):
+    r = row_result(composed, request)
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert cfg["trainer"]["precision"] == "bf16-mixed"
@@ -426,17 +433,29 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
     (["--model.do_sample", "true", "--model.top_p", "1.5"], "model.top_p=1.5 must be in (0, 1]"),
     (["--model.stop_strings", '["\\n\\n", ""]'], "model.stop_strings must not hold an empty string"),
 ])
-def test_bad_predict_input_is_one_line(fitted, tmp_path, args, says):
-    tmp, cfg, _ = fitted
-    (tmp_path / "prompts.txt").write_text("def \n")
-    (tmp_path / "blank.txt").write_text("\n  \n")
-    (tmp_path / "binary.txt").write_bytes(b"def \x00\x01\x02\n")
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "def "}\n{"text": "import "}\n')
-    r = run_cli("predict", "--config", str(cfg), "--ckpt_path", str(tmp / "run/checkpoints/last.ckpt"), "--trainer.default_root_dir", str(tmp_path / "out"),
-                "--trainer.logger", "false", *[a.replace("{d}", str(tmp_path)) for a in args])
+def test_bad_predict_input_is_one_line(bad_predict_runs, request, args, says):
+    d, r = row_result(bad_predict_runs, request)
     errors = [line for line in r.stderr.splitlines() if line.startswith("gpt2dist: error:")]
-    assert r.returncode == 2 and len(errors) == 1 and says.replace("{d}", str(tmp_path)) in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "predictions.jsonl").exists()
+    assert r.returncode == 2 and len(errors) == 1 and says.replace("{d}", str(d)) in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (d / "out" / "predictions.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_predict_runs(fitted, tmp_path_factory, request):
+    """Each row's `predict`, two at a time, each in a folder of its own with the same prompt files."""
+    tmp, cfg, _ = fitted
+
+    def run(args, says):
+        d = tmp_path_factory.mktemp("bad_predict")
+        (d / "prompts.txt").write_text("def \n")
+        (d / "blank.txt").write_text("\n  \n")
+        (d / "binary.txt").write_bytes(b"def \x00\x01\x02\n")
+        (d / "prompts.jsonl").write_text('{"prompt": "def "}\n{"text": "import "}\n')
+        return d, run_cli("predict", "--config", str(cfg), "--ckpt_path", str(tmp / "run/checkpoints/last.ckpt"),
+                          "--trainer.default_root_dir", str(d / "out"), "--trainer.logger", "false",
+                          *[a.replace("{d}", str(d)) for a in args])
+
+    return each_row_two_at_a_time(request, "test_bad_predict_input_is_one_line", run)
 
 
 def test_export_source_best_exports_the_best_checkpoint(fitted, tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from gpt2dist.tracking import REDACTED, resolve_run_id, scrub
 
-from conftest import REPO, run_cli
+from conftest import REPO, each_row_two_at_a_time, row_result, run_cli
 from run_fixtures import SECRET, csv_run, fit_args, inspect, wandb_resumed, wandb_run  # noqa: F401 (fixtures)
 
 METRICS = ["train/loss", "val/loss", "val/ppl", "lr", "train/grad_norm",
@@ -106,17 +106,27 @@ def test_without_wandb_the_same_metric_names_reach_csv(csv_run):
     assert samples.count("=== step 3 |") == 2 and samples.count("=== step 6 |") == 2
 
 
+@pytest.fixture(scope="module")
+def offline_wandb_runs(tmp_path_factory, corpus_dir, tokenizer_dir, request):
+    """Each row's online-W&B `fit` with nothing to reach, two at a time (each waits out W&B's init timeout)."""
+    def run(api_key, error):
+        tmp = tmp_path_factory.mktemp("wandb_online")
+        env = {"WANDB_MODE": "online", "WANDB_API_KEY": api_key, "HOME": str(tmp / "home"),  # no ~/.netrc login
+               "WANDB_CONFIG_DIR": str(tmp / "home"), "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
+               "WANDB_INIT_TIMEOUT": "10"}
+        return tmp, run_cli(*fit_args(tmp / "run", corpus_dir, tokenizer_dir, max_steps=2), "--config",
+                            str(REPO / "configs/logging/wandb.yaml"), env=env, timeout=240)
+
+    return each_row_two_at_a_time(request, "test_wandb_not_logged_in_or_unreachable_is_one_line", run)
+
+
 @pytest.mark.parametrize("api_key, error", [("", "UsageError: No API key configured"),
                                              (SECRET, "AuthenticationError: WANDB_API_KEY invalid"),
                                              (SECRET * 2, "CommError: ")])  # a well-formed key, no server
-def test_wandb_not_logged_in_or_unreachable_is_one_line(tmp_path, corpus_dir, tokenizer_dir, api_key, error):
+def test_wandb_not_logged_in_or_unreachable_is_one_line(offline_wandb_runs, request, api_key, error):
     """Online W&B without credentials, or with a server it cannot reach (a compute node without internet):
     one line with the ways out, no wandb traceback, no hang past W&B's init timeout, and no key echoed."""
-    env = {"WANDB_MODE": "online", "WANDB_API_KEY": api_key, "HOME": str(tmp_path / "home"),  # no ~/.netrc login
-           "WANDB_CONFIG_DIR": str(tmp_path / "home"), "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
-           "WANDB_INIT_TIMEOUT": "10"}
-    p = run_cli(*fit_args(tmp_path / "run", corpus_dir, tokenizer_dir, max_steps=2), "--config",
-                str(REPO / "configs/logging/wandb.yaml"), env=env, timeout=240)
+    tmp_path, p = row_result(offline_wandb_runs, request)
     assert p.returncode == 2, p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2dist: error:")]
     assert len(errors) == 1 and f"W&B failed ({error}" in errors[0] and "WANDB_MODE=offline" in errors[0], p.stderr[-3000:]
