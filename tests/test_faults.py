@@ -28,10 +28,12 @@ GLOBAL_BATCH = 4  # sequences per optimizer step = batch_size x processes x accu
 
 def write_config(tmp: Path, corpus_dir: Path, tokenizer_dir: Path, name: str, devices: int = 1, num_workers: int = 0,
                  dropout: float = 0.1, keep: bool = False, **model) -> Path:
-    """The run's config, and an empty run folder (a rerun starts clean) unless `keep`: another test's finished run."""
+    """The run's config, and an empty run folder (a rerun starts clean; the earlier one is moved to NAME.failed-attempt)
+    unless `keep`: another test's finished run."""
     root = tmp / name
-    if root.exists() and not keep:
-        shutil.rmtree(root)
+    if root.exists() and not keep:  # a rerun: the failed attempt's run is kept beside it, for a post-mortem
+        shutil.rmtree(tmp / f"{name}.failed-attempt", ignore_errors=True)
+        root.rename(tmp / f"{name}.failed-attempt")
     accumulate = 2
     cfg = {
         "seed_everything": 3,
@@ -81,9 +83,10 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_bitwise(a: dict, b: dict, where: str = "") -> None:
-    """Resumed weights equal the uninterrupted run's: bitwise in almost every run. In a few full suites on
-    busy 2-core machines (the CIs of 6a18f54 and 498c2f0; 409004b's passed), one resume of ~15 ended 1e-4 to 4e-4 off
-    (cause not found; see README), so each test here gets one rerun on this failure only (pytestmark): a real resume
+    """Resumed weights equal the uninterrupted run's: bitwise in almost every run. In about one full suite in
+    ten (the CIs of 6a18f54 and 498c2f0, a local clean-clone run of d422a94), one resume of ~15 ended 9e-5 to 4e-4
+    off (in d422a94's, with every validation loss bit-equal: float-level noise that AdamW magnifies where a gradient
+    is near zero; its source not found; see README), so each test here gets one rerun on this failure only (pytestmark): a real resume
     fault (another dropout stream, batch or optimizer state) fails every time, e.g. without the RNG
     state (test_a_resume_without_the_rng_state_is_caught, 2e-3)."""
     assert a.keys() == b.keys()
@@ -113,6 +116,18 @@ def first_parting(resumed: Path, ref: Path) -> str:
     return f"; every one of the {len(ours)} resumed micro-batches traced equal (loss, weights, RNG after each)"
 
 
+def recorder(config: Path, leg: str = "") -> dict:
+    """fault_plugins.RecordBatches for a run's leg: batches{leg}.txt and trace{leg}.txt (for first_parting)."""
+    root = run_dir(config)
+    return {"class_path": "fault_plugins.RecordBatches",
+            "init_args": {"path": str(root / f"batches{leg}.txt"), "trace": str(root / f"trace{leg}.txt")}}
+
+
+def traced(config: Path) -> list[str]:
+    """CLI args adding `recorder(config)` to a run."""
+    return ["--config", str(overlay(run_dir(config), recorder(config)))]
+
+
 def kill(config: Path, kill: dict, *strategy: str) -> subprocess.CompletedProcess:
     root = run_dir(config)
     killed = cli(config, *strategy, "--config", str(overlay(root, {"class_path": "fault_plugins.KillAt", "init_args": kill})))
@@ -135,8 +150,9 @@ def tmp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp, corpus_dir, tokenizer_dir):
-    """Uninterrupted single-process run (dropout 0.1: the RNG stream matters)."""
-    ok(cli(write_config(tmp, corpus_dir, tokenizer_dir, "reference")))
+    """Uninterrupted single-process run (dropout 0.1: the RNG stream matters), traced."""
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "reference")
+    ok(cli(config, *traced(config)))
     return weights(tmp / "reference")
 
 
@@ -234,10 +250,7 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
              "--trainer.max_steps", "12", "--trainer.val_check_interval", "4"]
 
     def recording(config: Path) -> tuple[Path, list[str]]:
-        log = run_dir(config) / "batches.txt"
-        record = {"class_path": "fault_plugins.RecordBatches",
-                  "init_args": {"path": str(log), "trace": str(run_dir(config) / "trace.txt")}}
-        return log, ["--config", str(overlay(run_dir(config), record))]
+        return run_dir(config) / "batches.txt", traced(config)
 
     ref = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_ref", devices=devices, num_workers=num_workers)
     ref_log, record = recording(ref)
@@ -430,8 +443,8 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_bitwise(tmp, corpu
     Before, the work since the last periodic checkpoint (step 0) was lost."""
     config = write_config(tmp, corpus_dir, tokenizer_dir, "sigterm")
     root = run_dir(config)
-    p = cli(config, "--checkpoint.every_n_train_steps", "4",
-            "--config", str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 3}})))
+    term = {"class_path": "fault_plugins.TermAt", "init_args": {"step": 3}}
+    p = cli(config, "--checkpoint.every_n_train_steps", "4", "--config", str(overlay(root, term, recorder(config, "-leg1"))))
     assert p.returncode == 143, (p.returncode, p.stderr[-3000:])  # not 0: the run did not finish
     line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error: stopped by SIGTERM")][0]
     # Saved at the first optimizer-step boundary after the signal (3, if the callbacks see it in the same batch).
@@ -440,17 +453,18 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_bitwise(tmp, corpu
     assert not (root / "hf_model").exists()
     # Finishing at max_steps 6, not a multiple of 4: last.ckpt is saved at step 6 too, and holds the
     # weights that were exported.
-    ok(cli(config, "--checkpoint.every_n_train_steps", "4", "--ckpt_path", "last"))
+    ok(cli(config, "--checkpoint.every_n_train_steps", "4", "--ckpt_path", "last", *traced(config)))
     last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == STEPS
     assert not list((root / "checkpoints").glob("last-v*"))  # the resumed run replaced last.ckpt, no second one
     exported = weights(root)
     assert torch.equal(last["state_dict"]["model.transformer.h.0.mlp.c_fc.weight"],
                        exported["transformer.h.0.mlp.c_fc.weight"])
-    # Bitwise in every local run (1 and 2 threads, alone and in module order); one clean-clone CI run
-    # differed at float rounding (~1e-8, all tensors), not yet explained: checked to rounding here.
-    assert exported.keys() == reference.keys()
-    assert max((exported[k] - reference[k]).abs().max().item() for k in exported) < 1e-6
+    # Once (2026-12-03, a local run of this file) 8.6e-5 off; the reconstructed step-3 weights say the
+    # first leg, a fresh run to the SIGTERM, had already parted from the reference: both legs are traced.
+    ref = tmp / "reference" / "trace.txt"
+    assert_bitwise(exported, reference, f"{first_parting(root / 'trace-leg1.txt', ref)} (leg to the SIGTERM)"
+                                        f"{first_parting(root / 'trace.txt', ref)} (resumed leg)")
 
 
 def test_ddp_sigterm_to_one_rank_stops_both_at_a_step_saves_and_resumes_bitwise(tmp, corpus_dir, tokenizer_dir):
@@ -726,7 +740,7 @@ def stopped_early(tmp, corpus_dir, tokenizer_dir):
     """Uninterrupted: validation and a checkpoint every step, early stopping with patience 2."""
     config = write_config(tmp, corpus_dir, tokenizer_dir, "stop_ref")
     root = run_dir(config)
-    p = ok(cli(config, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root)))
+    p = ok(cli(config, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root), *traced(config)))
     vals = val_rows(root)
     step = stop_step([v for _, v in vals], 2, rising=True)
     assert step < STEPS and len(vals) == step, vals  # it stopped, after the validation of that step
@@ -759,12 +773,12 @@ def test_resume_redoes_the_validation_of_its_step_so_early_stopping_and_logs_mat
         kill(config, {"step": 3}, *args)
         assert val_rows(root) == ref_vals[:2]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    p = resume(config, *args)
+    p = resume(config, *args, *traced(config))
     rows = val_rows(root, last_only=True)  # the resumed run's own log
     assert rows == ref_vals[1:], (rows, ref_vals)  # step 2's validation first, then the rest, as uninterrupted
     assert f"early stopping at step {step}:" in p.stderr + p.stdout
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
-    assert_bitwise(weights(root), ref_weights)
+    assert_bitwise(weights(root), ref_weights, first_parting(root / "trace.txt", tmp / "stop_ref" / "trace.txt"))
     # The token count is restored with the checkpoint: the resumed rows continue the uninterrupted run's.
     ref_tokens = token_rows(tmp / "stop_ref")
     assert token_rows(root)[-len(ref_tokens) + 1:] == ref_tokens[1:]
