@@ -86,7 +86,8 @@ def assert_bitwise(a: dict, b: dict, where: str = "") -> None:
     """Resumed weights equal the uninterrupted run's: bitwise in almost every run. Not in all: now and then one
     of ~15 ends 5e-6 to 4e-4 off (CI about one suite in ten; each of three local runs on 2026-12-03, three times
     8.56e-5 in one tensor). A kept failed run showed its first leg, a fresh run to the fault, had already
-    parted from the reference: another path some processes take in training, cause not found (see README).
+    parted from the reference: a rare per-process path in torch's CPU training itself (bare torch parts
+    too, tools/determinism.py; see README).
     So each test here gets one rerun on this failure only (pytestmark): a real resume fault (another dropout
     stream, batch or optimizer state) fails every time, e.g. without the RNG state
     (test_a_resume_without_the_rng_state_is_caught, 2e-3)."""
