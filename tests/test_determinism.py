@@ -38,3 +38,10 @@ def test_table_counts_every_process_and_finds_another_thread_count():
     assert len(one_thread) == 1 and one_thread[0][2:4] == ("1", "1")  # one process, parted at step 1
     assert int(one_thread[0][4]) > 0 and float(one_thread[0][5]) > 0
     assert f"parted: {3 - int(rows[0][2])} of 3" in out
+
+
+def test_bad_flags_are_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "tools/determinism.py"), "--threads", "2,x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--threads" in proc.stderr and "'2,x'" in proc.stderr

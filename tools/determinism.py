@@ -64,12 +64,18 @@ def main(argv: list[str] | None = None) -> None:
         return train(args.steps, args.child)
 
     threads = [t.strip() for t in args.threads.split(",") if t.strip()]
+    if min(args.processes, args.parallel, args.steps) < 1 or not all(t.isdigit() and int(t) > 0 for t in threads):
+        sys.exit(f"determinism.py: --processes, --parallel and --steps must be >= 1 and --threads positive integers "
+                 f"(got {args.processes}, {args.parallel}, {args.steps}, {args.threads!r}); fix the flag")
     with tempfile.TemporaryDirectory() as tmp:
         def one(i: int) -> tuple[int, tuple[str, ...]]:
             env = {**os.environ, "OMP_NUM_THREADS": threads[i % len(threads)]} if threads else None
             cmd = [sys.executable, __file__, "--child", f"{tmp}/{i}.pt", "--steps", str(args.steps)]
-            line = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()
-            return i, tuple(line)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:  # one line naming the process and its last error, not a pool traceback
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise SystemExit(f"determinism.py: process {i} failed (exit {proc.returncode}): {last}")
+            return i, tuple(proc.stdout.split())
 
         with ThreadPoolExecutor(args.parallel) as pool:
             runs = dict(pool.map(one, range(args.processes)))
@@ -80,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         ref_weights = torch.load(f"{tmp}/{next(i for i, r in runs.items() if r == reference)}.pt", weights_only=True)
         print(f"{args.processes} fresh processes, {args.parallel} at a time, "
               f"{args.steps} steps; torch {torch.__version__}, {os.cpu_count()} CPUs")
-        print(f"| outcome | processes | parted at step | tensors off | max diff (tensor) |")
-        print(f"| --- | ---: | ---: | ---: | --- |")
+        print("| outcome | processes | parted at step | tensors off | max diff (tensor) |")
+        print("| --- | ---: | ---: | ---: | --- |")
         print(f"| reference ({reference[0]} threads) | {counts[reference]} | - | 0 of {len(ref_weights)} | 0 |")
         for k, (outcome, n) in enumerate(c for c in counts.most_common() if c[0] != reference):
             weights = torch.load(f"{tmp}/{next(i for i, r in runs.items() if r == outcome)}.pt", weights_only=True)
