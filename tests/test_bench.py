@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -146,3 +147,20 @@ def test_gpu_check_perf_script_cpu_smoke(tmp_path):
         rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), name
     assert "| gpt2 | 8 x 128 | bf16-true | True | False |" in sections["memory planner vs measured (tools/plan.py --validate)"]
+
+
+def test_hf_trainer_baseline_checkpoints_activations_when_ours_does(monkeypatch):
+    """A fair baseline: with model.activation_checkpointing on, transformers.Trainer recomputes its blocks
+    too, set through the current TrainingArguments name (no deprecation warning, so nothing breaks in v6)."""
+    pytest.importorskip("accelerate")
+    from transformers import GPT2LMHeadModel
+
+    enabled, original = [], GPT2LMHeadModel.gradient_checkpointing_enable
+    monkeypatch.setattr(GPT2LMHeadModel, "gradient_checkpointing_enable",
+                        lambda self, *a, **k: (enabled.append(id(self)), original(self, *a, **k))[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = bench.main([*MICRO, "-o", "model.activation_checkpointing=true", "--baseline", "hf-trainer"])
+    assert [r["run"] for r in res["rows"]] == ["gpt2dist", "hf-trainer"] and not any("error" in r for r in res["rows"])
+    assert len(set(enabled)) == 2, enabled  # each row's own model
+    assert not [w for w in caught if "checkpointing` is deprecated" in str(w.message)]

@@ -27,6 +27,7 @@ Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -481,6 +482,9 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
             meter.step_end()
 
     cuda = device.type == "cuda"
+    # transformers 5.x renamed gradient_checkpointing (deprecated, gone in v6); pyproject allows >= 4.45.
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-hf-"), per_device_train_batch_size=args.batch, max_steps=steps,
         learning_rate=m.get("lr", 1e-4), weight_decay=m.get("weight_decay", 0.1),
@@ -489,7 +493,7 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
         bf16=precision.startswith("bf16-mixed") and cuda, tf32=bool(m.get("tf32", True)) if cuda else None,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         torch_compile=bool(m.get("compile", False)),
-        gradient_checkpointing=bool(m.get("activation_checkpointing", False)),
+        **{ckpt: bool(m.get("activation_checkpointing", False))},
         max_grad_norm=t.get("gradient_clip_val") or 0.0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_pin_memory=cuda, dataloader_num_workers=0, use_cpu=not cuda, seed=cfg.get("seed_everything", 1234),
