@@ -155,12 +155,15 @@ def test_hf_trainer_baseline_checkpoints_activations_when_ours_does(monkeypatch)
     pytest.importorskip("accelerate")
     from transformers import GPT2LMHeadModel
 
-    enabled, original = [], GPT2LMHeadModel.gradient_checkpointing_enable
+    # Which row turned checkpointing on: the gpt2dist row runs first, then run_hf_trainer.
+    row, enabled = ["gpt2dist"], []
+    original_enable, original_hf = GPT2LMHeadModel.gradient_checkpointing_enable, bench.run_hf_trainer
     monkeypatch.setattr(GPT2LMHeadModel, "gradient_checkpointing_enable",
-                        lambda self, *a, **k: (enabled.append(id(self)), original(self, *a, **k))[1])
+                        lambda self, *a, **k: (enabled.append(row[0]), original_enable(self, *a, **k))[1])
+    monkeypatch.setattr(bench, "run_hf_trainer", lambda *a: (row.__setitem__(0, "hf-trainer"), original_hf(*a))[1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = bench.main([*MICRO, "-o", "model.activation_checkpointing=true", "--baseline", "hf-trainer"])
     assert [r["run"] for r in res["rows"]] == ["gpt2dist", "hf-trainer"] and not any("error" in r for r in res["rows"])
-    assert len(set(enabled)) == 2, enabled  # each row's own model
+    assert set(enabled) == {"gpt2dist", "hf-trainer"}, enabled  # each row checkpoints its own model
     assert not [w for w in caught if "checkpointing` is deprecated" in str(w.message)]
