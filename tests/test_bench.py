@@ -149,11 +149,17 @@ def test_gpu_check_perf_script_cpu_smoke(tmp_path):
     assert "| gpt2 | 8 x 128 | bf16-true | True | False |" in sections["memory planner vs measured (tools/plan.py --validate)"]
 
 
-def test_hf_trainer_baseline_checkpoints_activations_when_ours_does(monkeypatch):
+def test_hf_trainer_baseline_checkpoints_activations_and_fuses_adamw_as_ours_does(monkeypatch):
     """A fair baseline: with model.activation_checkpointing on, transformers.Trainer recomputes its blocks
-    too, set through the current TrainingArguments name (no deprecation warning, so nothing breaks in v6)."""
+    too, set through the current TrainingArguments name (no deprecation warning, so nothing breaks in v6);
+    and its AdamW is fused, as ours is on CPU."""
     pytest.importorskip("accelerate")
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel, Trainer
+
+    fused = []
+    original_create = Trainer.create_optimizer
+    monkeypatch.setattr(Trainer, "create_optimizer",
+                        lambda self, *a, **k: (opt := original_create(self, *a, **k), fused.append(opt.defaults.get("fused")))[0])
 
     # Which row turned checkpointing on: the gpt2dist row runs first, then run_hf_trainer.
     row, enabled = ["gpt2dist"], []
@@ -167,3 +173,4 @@ def test_hf_trainer_baseline_checkpoints_activations_when_ours_does(monkeypatch)
     assert [r["run"] for r in res["rows"]] == ["gpt2dist", "hf-trainer"] and not any("error" in r for r in res["rows"])
     assert set(enabled) == {"gpt2dist", "hf-trainer"}, enabled  # each row checkpoints its own model
     assert not [w for w in caught if "checkpointing` is deprecated" in str(w.message)]
+    assert fused == [True], fused  # the baseline's one optimizer: fused AdamW, like configure_optimizers() on CPU
