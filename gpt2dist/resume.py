@@ -52,19 +52,23 @@ def _meta(path: str | Path) -> tuple[dict | None, str]:
     """(Lightning's checkpoint dict, memory-mapped: tensors are read only when touched, "") or
     (None, why it cannot be read). Sharded folders: the rank-0 file that holds the trainer state."""
     p = Path(path)
-    meta = p
+    meta, weights_only = p, True  # a checkpoint in the run folder must not run code just by being looked at
     if p.is_dir() and (p / "latest").is_file():
         # A DeepSpeed folder: Lightning's progress is in the client state of <tag>/*model_states.pt.
         states = sorted((p / (p / "latest").read_text().strip()).glob("*model_states.pt"))
         if not states:
             return None, "DeepSpeed checkpoint folder without <tag>/*model_states.pt (incomplete)"
-        meta = states[0]
+        # DeepSpeed's own resume unpickles these files in full (its engine state is not weights-only),
+        # so reading one here exposes nothing that resuming from it would not.
+        meta, weights_only = states[0], False
     elif p.is_dir():
         if not (p / ".metadata").is_file() or not any(p.glob("*.distcp")):
             return None, "sharded checkpoint folder without .metadata or *.distcp shards (incomplete)"
         meta = p / "meta.pt"
     try:
-        ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
+        # Lightning resumes single files and meta.pt with weights_only=True: a file only a full unpickle
+        # reads is one it cannot resume from, so it is "unreadable" here too, not picked by `auto`.
+        ckpt = torch.load(meta, map_location="cpu", weights_only=weights_only, mmap=True)
         int(ckpt["global_step"])
     except Exception as e:  # truncated by a kill, not a checkpoint, ...
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"

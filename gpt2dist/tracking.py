@@ -129,7 +129,7 @@ def _checkpoint_run_id(path: str | None) -> str | None:
     if not p.is_file():
         return None
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # never run code to read an id
     except Exception as e:  # a checkpoint we cannot read is reported by Lightning itself
         log.warning("could not read the W&B run id from %s (%s)", p, type(e).__name__)
         return None

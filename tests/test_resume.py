@@ -86,6 +86,29 @@ def test_truncated_checkpoint_is_skipped(root):
         resolve_ckpt_path("auto", root, ck, slurm=True)
 
 
+class _RunsCode:
+    """A pickle that runs code when fully unpickled: looking at a checkpoint must never do that."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_choosing_a_checkpoint_never_unpickles_code(root, tmp_path):
+    ck = root / "checkpoints"
+    save(ck / "step0000004.ckpt", 4, 8)
+    marker = tmp_path / "ran"
+    # Newer by its step, but only a full unpickle reads it: Lightning (weights_only=True) could not resume it.
+    torch.save({"global_step": 9, "loops": {}, "x": _RunsCode(marker)}, ck / "last.ckpt")
+    assert checkpoint_progress(ck / "last.ckpt") is None
+    assert resolve_ckpt_path("auto", root, ck, slurm=False) == str(ck / "step0000004.ckpt")
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        resolve_ckpt_path(str(ck / "last.ckpt"), root, ck, slurm=False)
+    assert not marker.exists()
+
+
 def test_requeued_job_continues_past_its_explicit_start_checkpoint(tmp_path, root, monkeypatch):
     """`submit.sh ... --ckpt_path FILE` is run again on every requeue: it must not restart from FILE."""
     ck = root / "checkpoints"
