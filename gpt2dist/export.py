@@ -127,8 +127,15 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
     model = unpad_vocab(model)  # a padded vocabulary goes back to the standard row count
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    use_cache = model.config.use_cache
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Checkpoints from before perf.apply_activation_checkpointing stopped clearing it carry
+        # use_cache=False: an exported model is for inference, where GPT-2's default (True) belongs.
+        model.config.use_cache = True
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.config.use_cache = use_cache  # the caller's model is left as it was
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)  # the caller's tokenizer is left as it is: only the saved copy is capped
             _cap_model_max_length(tmp, model.config.n_positions)

@@ -131,7 +131,9 @@ def bias_after_matmul(model) -> int:
 
 def apply_activation_checkpointing(model) -> None:
     """Recompute each GPT2Block in backward (non-reentrant, so it composes with compile and FSDP2)."""
-    model.config.use_cache = False  # a KV cache during training would be kept alive by checkpointing
+    # No `config.use_cache = False` here: every training forward passes use_cache=False itself, and the
+    # config is saved into checkpoints and exports, where it would turn off the KV cache of a user's
+    # plain forward (past_key_values None) in the exported model.
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

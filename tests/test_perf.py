@@ -132,6 +132,23 @@ def test_padded_checkpoint_exports_to_standard_hf_folder(tmp_path):
     _check_hf_folder(tmp_path / "hf", m)  # trained weights, sliced back to 300 rows
 
 
+def test_activation_checkpointing_leaves_the_exported_kv_cache_on(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from gpt2dist.export import save_hf_folder
+
+    m = module(activation_checkpointing=True)
+    assert m.model.config.use_cache is True  # checkpoints save this config
+    save_hf_folder(m.model, None, tmp_path / "hf")
+    m.model.config.use_cache = False  # as a checkpoint from an older gpt2dist holds it
+    save_hf_folder(m.model, None, tmp_path / "old")
+    assert m.model.config.use_cache is False  # the caller's model is left as it was
+    for out in ("hf", "old"):
+        loaded = GPT2LMHeadModel.from_pretrained(tmp_path / out)
+        assert loaded.config.use_cache is True
+        assert loaded(torch.tensor([[1, 2, 3]])).past_key_values is not None  # incremental decoding works
+
+
 def test_activation_checkpointing_same_loss_and_grads():
     a, b = module(), module(activation_checkpointing=True)
     a.train(), b.train()
