@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".parquet", ".csv"}
-CACHE_VERSION = 4  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys; 3: blank lines with spaces/CRLF split paragraphs; 4: hold-out by text)
+CACHE_VERSION = 5  # bump when the on-disk layout, packing or split rule changes (2: relative doc keys; 3: blank lines with spaces/CRLF split paragraphs; 4: hold-out by text; 5: no big-document overshoot)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -76,8 +76,12 @@ def resolve_files(patterns: list[str], key: str) -> list[Path]:
             if not os.access(h, os.R_OK):
                 raise DataError(f"{key}: {h!r} is not readable; fix its permissions or drop it from {key}")
         files.extend(Path(h) for h in hits)
-    # The same file matched twice would silently double its weight.
-    return list(dict.fromkeys(files))
+    # The same file matched twice would silently double its weight, also when named two ways
+    # (relative and absolute, via `..` or a symlink): the first name given is kept.
+    first: dict[str, Path] = {}
+    for f in files:
+        first.setdefault(os.path.realpath(f), f)
+    return list(first.values())
 
 
 class BadFileError(DataError):
@@ -91,7 +95,7 @@ class BadFileError(DataError):
 def _decode(path: Path, raw: bytes) -> str:
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a Windows "Unicode" export: NUL bytes, but not binary
         raise BadFileError(path, "is UTF-16 (byte order mark)", "convert it (e.g. iconv -f utf-16 -t utf-8)")
-    if b"\x00" in raw[:8192]:
+    if b"\x00" in raw:  # anywhere: NUL is valid UTF-8, so a NUL-padded tail (a crashed writer) would be trained on
         raise BadFileError(path, "looks binary (NUL bytes)", "remove it from the file list")
     try:
         return raw.decode("utf-8-sig")  # a leading UTF-8 byte order mark is not text: it would be a token
@@ -100,12 +104,23 @@ def _decode(path: Path, raw: bytes) -> str:
 
 
 def _json_texts(path: Path, text: str, field: str) -> Iterator[str]:
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped.startswith("["):
+    stripped, rows = text.lstrip(), None
+    if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" in stripped.strip():
+        try:  # one pretty-printed object over many lines, not JSON lines
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines, or broken: the line-by-line reader below names the line
+        if isinstance(whole, dict) and field in whole:  # one record
+            rows = [whole]
+        elif isinstance(whole, dict):  # e.g. {"data": [...]}: valid JSON, but not records
+            raise DataError(f"{path}: one JSON object with keys {sorted(whole)[:5]}, not records; give a list of "
+                            f"records or JSON lines (one record per line), or set data.text_field to the text's key")
+    elif path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if rows is not None:
         numbered = enumerate(rows, 1)
     else:  # JSON lines (.jsonl, or .json holding one object per line)
         def _rows():
@@ -127,6 +142,7 @@ def _json_texts(path: Path, text: str, field: str) -> Iterator[str]:
 
 
 def _table_texts(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -139,6 +155,9 @@ def _table_texts(path: Path, field: str) -> Iterator[str]:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if field not in table.column_names:
         raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set data.text_field")
+    kind = table.schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # str(3) would be packed as text
+        raise DataError(f"{path}: column {field!r} is {kind}, not text; set data.text_field to the text column")
     for value in table.column(field).to_pylist():
         if value is not None:
             yield str(value)
@@ -228,15 +247,22 @@ def choose_val_docs(sizes: dict[str, int], fraction: float, seed: int) -> set[st
 
     Deterministic and mostly stable when files are added (a document's rank never changes);
     at least one document is held out when fraction > 0, and at least one is kept for training.
+    A document that would take the hold-out past twice its target is passed over: otherwise one
+    large file drawn early (5% asked, one 90% file among small ones) silently became the
+    validation set and left training a tenth of the corpus.
     """
     if fraction <= 0 or len(sizes) < 2:
         return set()
     target, taken, chosen = fraction * sum(sizes.values()), 0, set()
-    for key in sorted(sizes, key=lambda k: _doc_rank(k, seed)):
+    ranked = sorted(sizes, key=lambda k: _doc_rank(k, seed))
+    for key in ranked:
         if taken >= target or len(chosen) == len(sizes) - 1:
             break
-        chosen.add(key)
-        taken += sizes[key]
+        if taken + sizes[key] <= 2 * target:
+            chosen.add(key)
+            taken += sizes[key]
+    if not chosen:  # every document alone is over twice the target: hold out the smallest (lowest rank on ties)
+        chosen.add(min(ranked, key=lambda k: sizes[k]))
     return chosen
 
 
@@ -455,6 +481,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
             if name and name == split:  # evaluating on text the model trained on reads as a better model than it is
                 raise DataError(f"data.{knob}={name!r} is the training split (data.split); name a held-out split, "
                                 f"or unset data.{knob}")
+        if test_split and test_split == val_split:  # the split that picked the best checkpoint reads better than it is
+            raise DataError(f"data.test_split={test_split!r} is also data.val_split; name another split for the test, "
+                            "or unset data.test_split")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if block_size < 2:
@@ -497,10 +526,16 @@ class TokenBlockDataModule(pl.LightningDataModule):
         for split, files in (("val", self.val_files), ("test", self.test_files)):
             if files:
                 out[split] = resolve_files(files, f"data.{split}_files")
-                shared = sorted(set(out[split]) & set(out["train"]))
-                if shared:  # evaluating on text the model trained on reads as a better model than it is
-                    raise DataError(f"data.{split}_files and data.train_files share {len(shared)} file(s), e.g. "
-                                    f"{shared[0]}; take them out of data.train_files (its globs match them)")
+        # By real path: `c/d0.txt` and `/abs/c/d0.txt` are one file.
+        real = {split: {os.path.realpath(p): p for p in files} for split, files in out.items()}
+        for split, other, fix in (("val", "train", "take them out of data.train_files (its globs match them)"),
+                                  ("test", "train", "take them out of data.train_files (its globs match them)"),
+                                  ("test", "val", "a test split scored on the text that picked the best checkpoint "
+                                                  "reads better than it is; give data.test_files other files")):
+            shared = sorted(real.get(split, {}).keys() & real.get(other, {}).keys())
+            if shared:  # evaluating on text the model trained on reads as a better model than it is
+                raise DataError(f"data.{split}_files and data.{other}_files share {len(shared)} file(s), e.g. "
+                                f"{real[split][shared[0]]}; {fix}")
         return out
 
     def _documents(self, files: list[Path]) -> Iterator[tuple[str, str]]:
@@ -508,9 +543,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
         Keys are paths relative to the files' common folder, so the validation hold-out is the same
         wherever the corpus lies (another machine, another checkout)."""
-        base = os.path.commonpath([str(p.parent) for p in files]) if files else ""
+        # Absolute: commonpath refuses a mix of relative and absolute paths.
+        base = os.path.commonpath([os.path.abspath(p.parent) for p in files]) if files else ""
         for path in files:
-            key = os.path.relpath(path, base)
+            key = os.path.relpath(os.path.abspath(path), base)
             try:
                 for i, doc in enumerate(read_documents(path, self.text_field, self.text_unit)):
                     if doc.strip():
@@ -542,6 +578,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
                 ) from None
         if self.text_field not in ds.column_names:
             raise DataError(f"dataset {self.dataset_name!r} has no column {self.text_field!r} (has {ds.column_names}); set data.text_field")
+        kind = getattr(ds.features[self.text_field], "dtype", type(ds.features[self.text_field]).__name__)
+        if kind not in ("string", "large_string"):
+            raise DataError(f"dataset {self.dataset_name!r} column {self.text_field!r} is {kind}, not text; "
+                            "set data.text_field to the text column")
         for i, text in enumerate(ds[self.text_field]):
             if text and text.strip():
                 yield f"{self.dataset_name}/{split}#{i}", text

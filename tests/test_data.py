@@ -65,6 +65,18 @@ def test_run_clm_group_texts_would_drop_more(tokenizer):
     assert len(ours) - len(ours) // block * block < block
 
 
+def test_a_pretty_printed_json_record_is_one_document_and_an_object_of_records_is_named(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"text": "a single record\nover two lines", "id": 7}, indent=2))
+    assert list(data_mod.read_documents(one)) == ["a single record\nover two lines"]
+    wrapped = tmp_path / "export.json"  # a common export shape: valid JSON, but not records
+    wrapped.write_text(json.dumps({"data": [{"text": "x"}], "version": 1}, indent=2))
+    with pytest.raises(DataError) as err:
+        list(data_mod.read_documents(wrapped))
+    assert str(err.value) == (f"{wrapped}: one JSON object with keys ['data', 'version'], not records; give a list of "
+                              "records or JSON lines (one record per line), or set data.text_field to the text's key")
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "paragraph"])
 def test_formats(tmp_path, tokenizer_dir, tokenizer, fmt):
     docs = ["first document, with a comma", "second one\nhas two lines", "third: \"quoted\""] * 40
@@ -112,6 +124,18 @@ def test_val_fraction_holds_out_whole_documents_deterministically(tmp_path, toke
     assert n_val == 10
 
 
+def test_one_large_document_never_becomes_the_validation_split():
+    """5% asked, one document 90% of the text: it was held out whenever it ranked before the target was
+    reached (about 1 seed in 2 here), leaving training a tenth of the corpus."""
+    sizes = {"big": 9000, **{f"small{i}": 100 for i in range(10)}}
+    for seed in range(200):
+        val = data_mod.choose_val_docs(sizes, 0.05, seed)
+        assert "big" not in val and 0 < sum(sizes[k] for k in val) <= 2 * 0.05 * 10000, (seed, val)
+    # Every document alone is over twice the target: the smallest is held out, one is kept for training.
+    assert data_mod.choose_val_docs({"a": 500, "b": 300, "c": 900}, 0.01, 0) == {"b"}
+    assert data_mod.choose_val_docs({"a": 1, "b": 1}, 0.9, 0) in ({"a"}, {"b"})
+
+
 def test_val_hold_out_follows_the_text_not_the_folder_layout(tmp_path, tokenizer_dir):
     """A file added in a new folder widens the files' common folder, which changed every path key and
     so the whole hold-out (former validation text went into training). The hold-out now ranks the
@@ -132,6 +156,17 @@ def test_val_hold_out_follows_the_text_not_the_folder_layout(tmp_path, tokenizer
     # The copy weighs two documents, so one fewer may be needed to reach 25%; otherwise the same.
     assert len(before - after) <= 1 and after - before <= {"copy.txt", "extra.txt"}, (before, after)
     assert copied in after and "copy.txt" in after
+
+
+def test_one_file_named_two_ways_is_read_once(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
+    """Relative and absolute, or through `..`: one file, so one copy of its documents (not double weight)."""
+    n = len(list(corpus_dir.glob("*.txt")))
+    monkeypatch.chdir(corpus_dir.parent)
+    files = [f"{corpus_dir.name}/*.txt", str(corpus_dir / "abc.txt"), f"{corpus_dir}/../{corpus_dir.name}/keyword.txt"]
+    resolved = data_mod.resolve_files(files, "data.train_files")
+    assert len(resolved) == n and resolved[0] == Path(corpus_dir.name) / sorted(p.name for p in corpus_dir.glob("*.txt"))[0]
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=files, val_fraction=0.0))
+    assert dm.stats["train"]["documents"] == n
 
 
 def test_second_prepare_uses_cache_without_tokenizing(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
@@ -257,7 +292,8 @@ def test_loader_resume_in_a_later_epoch_keeps_that_epochs_order(tmp_path, corpus
     assert list(one) == BlockSampler(50, True, 7).indices(1)[12:]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_glob", "empty", "too_small", "binary", "utf16", "latin1", "no_field"])
+@pytest.mark.parametrize("case", ["missing", "empty_glob", "empty", "too_small", "binary", "nul_tail", "utf16", "latin1",
+                                  "no_field", "int_column"])
 def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
     p = tmp_path / "bad.txt"
     if case == "missing":
@@ -273,6 +309,13 @@ def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
     elif case == "binary":
         p.write_bytes(b"\x00\x01\x02binary" * 10)
         files, needle = [str(p)], "bad.txt: looks binary"
+    elif case == "nul_tail":  # a crashed writer's NUL padding after 8 KB of text: valid UTF-8, not text
+        p.write_bytes(b"x = 1\n" * 2000 + b"\x00" * 4096)
+        files, needle = [str(p)], "bad.txt: looks binary"
+    elif case == "int_column":  # str(3) was packed as the text "3"
+        p = tmp_path / "bad.csv"
+        p.write_text("text,label\n1,a\n2,b\n")
+        files, needle = [str(p)], "bad.csv: column 'text' is int64, not text; set data.text_field to the text column"
     elif case == "utf16":
         p.write_bytes(("caf\xe9 cr\xe8me " * 50).encode("utf-16"))
         files, needle = [str(p)], "bad.txt: is UTF-16 (byte order mark); convert it (e.g. iconv -f utf-16 -t utf-8)"
@@ -361,6 +404,12 @@ def test_test_files_are_packed_in_a_cache_of_their_own(tmp_path, corpus_dir, tok
      ["data.test_files and data.train_files share 1 file(s), e.g. {c}/keyword.txt; take them out of data.train_files"]),
     (lambda c, t: dict(train_files=[f"{c}/*.txt"], val_files=[f"{c}/abc.txt", f"{c}/copy.txt"]),
      ["data.val_files and data.train_files share 2 file(s), e.g. {c}/abc.txt"]),
+    (lambda c, t: dict(train_files=[f"{c}/*.txt"], val_files=[f"{c}/../{c.name}/abc.txt"]),  # one file, two names
+     ["data.val_files and data.train_files share 1 file(s), e.g. {c}/../{c.name}/abc.txt"]),
+    (lambda c, t: dict(train_files=[f"{c}/abc.txt"], val_files=[f"{c}/keyword.txt"], test_files=[f"{c}/keyword.txt"]),
+     ["data.test_files and data.val_files share 1 file(s), e.g. {c}/keyword.txt; a test split scored on the text"]),
+    (lambda c, t: dict(dataset_name="wikitext", val_split="validation", test_split="validation"),
+     ["data.test_split='validation' is also data.val_split; name another split for the test"]),
     (lambda c, t: dict(train_files=[f"{c}/abc.txt"], test_split="test"),
      ["data.test_split names a split of data.dataset_name, which is unset; use data.test_files"]),
     (lambda c, t: dict(dataset_name="wikitext", test_split="train"),
@@ -480,16 +529,17 @@ def test_dataset_saved_with_save_to_disk(tmp_path, tokenizer_dir, tokenizer):
     assert dm.stats["test"]["documents"] == 10 and dm.stats["test"]["tokens"] == count(test)
     assert len(dm.test_set) == count(test) // 16
 
-    datasets.Dataset.from_dict({"body": train}).save_to_disk(str(tmp_path / "single"))
+    datasets.Dataset.from_dict({"body": train, "n": list(range(60))}).save_to_disk(str(tmp_path / "single"))
     one = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "single"), text_field="body",
                            val_fraction=0.0, block_size=16))
     assert one.stats["train"]["documents"] == 60 and one.stats["train"]["tokens"] == count(train)
     for kw, needle in [({"val_split": "validation"}, "single Dataset with no splits, so data.val_split"),
                        ({"test_split": "test"}, "single Dataset with no splits, so data.test_split"),
-                       ({"split": "valid"}, "has no split 'valid' (has ['test', 'train', 'validation'])")]:
+                       ({"split": "valid"}, "has no split 'valid' (has ['test', 'train', 'validation'])"),
+                       ({"text_field": "n"}, "column 'n' is int64, not text; set data.text_field")]:  # not "0", "1", ...
         name = "dict" if "split" in kw else "single"
         with pytest.raises(DataError) as err:
-            prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / name), text_field="body", **kw))
+            prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / name), **{"text_field": "body", **kw}))
         assert needle in str(err.value) and "\n" not in str(err.value)
 
 
