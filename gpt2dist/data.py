@@ -954,8 +954,16 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         if not len(self.val_set):
-            return []  # no validation source: Lightning skips validation
+            if self.trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING:  # else `validate` ran 0 batches, rc 0
+                raise DataError(self._nothing_to_evaluate("validate"))
+            return []  # no validation source: `fit` skips validation
         return self._eval_loader(self.val_set)
+
+    def _nothing_to_evaluate(self, what: str) -> str:
+        own = "data.val_split" if self.dataset_name else "data.val_files"
+        test = "data.test_split, " if self.dataset_name else "data.test_files, "
+        return (f"gpt2dist {what}: no validation split to evaluate (data.val_fraction={self.val_fraction}, no {own}); "
+                f"give {test if what == 'test' else ''}{own}, or set data.val_fraction > 0")
 
     def _eval_loader(self, blocks: TokenBlocks):
         data = StridedWindows(blocks, self.eval_stride) if self.eval_stride else blocks
@@ -964,6 +972,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         if self.test_set is None:
+            if not len(self.val_set):
+                raise DataError(self._nothing_to_evaluate("test"))
             # No test source: `gpt2dist test` evaluates the held-out validation split; say so.
             rank_zero_info("gpt2dist test: evaluating on the validation split (data.val_files / data.val_fraction); "
                            "set data.test_files or data.test_split for a test split of its own")

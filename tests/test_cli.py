@@ -261,6 +261,20 @@ def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
         assert len(errors) == 1 and f"--ckpt_path {how}" in errors[0] and "Traceback" not in r.stderr
 
 
+def test_validate_or_test_with_no_split_to_evaluate_is_one_line(fitted, tmp_path):
+    """Without a validation split (val_fraction 0, no val/test files) Lightning ran 0 batches and exited 0."""
+    tmp, cfg, _ = fitted
+    subs = ("validate", "test")
+    results = two_at_a_time(lambda sub: run_cli(sub, "--config", str(cfg), "--ckpt_path", "last",
+                                                "--data.val_fraction", "0", "--data.cache_dir", str(tmp_path / sub)), subs)
+    for sub, r in results.items():
+        assert r.returncode == 2, (sub, r.stdout[-2000:], r.stderr[-2000:])
+        errors = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:")]
+        assert len(errors) == 1 and "Traceback" not in r.stderr, (sub, r.stderr[-2000:])
+        assert f"gpt2dist {sub}: no validation split to evaluate (data.val_fraction=0.0" in errors[0], errors
+        assert ("data.test_files, data.val_files" if sub == "test" else "give data.val_files") in errors[0], errors
+
+
 def test_print_config_and_overlay_merge(tmp_path, corpus_dir, tokenizer_dir):
     cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
     overlay = tmp_path / "overlay.yaml"
