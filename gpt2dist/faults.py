@@ -457,8 +457,8 @@ def plan_command(info: dict) -> str:
         cmd += f" --accumulate {info['accumulate']}"
     if info.get("precision") == "bf16-true":
         cmd += " --precision bf16-true"
-    if int(info.get("pad_vocab") or 1) > 1:
-        cmd += f" --pad-vocab {info['pad_vocab']}"
-    if info.get("compile") is False:
-        cmd += " --eager"
+    # This run's padding and compile for every row (plan.py's defaults are the presets' per strategy).
+    cmd += f" --pad-vocab {int(info.get('pad_vocab') or 1)}"
+    if info.get("compile") is not None:
+        cmd += f" --compile {'on' if info['compile'] else 'off'}"
     return cmd

@@ -14,10 +14,16 @@ Lightning:
     GPT-2 Large 1.55 GB -> 0.17 GB. H200, b16 x 1024, checkpointed: 20.38 GB planned with 2N,
     17.60 GB measured (+15.8%); 19.00 GB (+7.9%) with this.)
     FSDP2 / FSDP1    4N/G          4N/G         8N/G                       gathered bf16 blocks in flight
+                                                                           + one block's unsharded grads: fp32
+                                                                           (FSDP2 reduces in fp32), bf16 (FSDP1:
+                                                                           Lightning reduces in bf16)
     ZeRO-1           2N (bf16)     2N (bf16)    12N/G (m, v, fp32 master)  reduce + all-gather buckets
     ZeRO-2           2N            2N/G         12N/G                      buckets
     ZeRO-3           2N/G          2N/G         12N/G                      gathered bf16 blocks in flight
-    ZeRO-3 offload   0 (CPU)       0 (CPU)      0 (CPU: 16N/G)             gathered blocks + buckets
+    ZeRO-3 offload   0 (CPU)       0 (CPU)      0 (CPU: 20N/G)             gathered blocks + buckets
+    (CPU per rank: fp32 master, m, v and fp32 grad 16N/G, + the bf16 parameter partitions 2N/G
+    (offload_parameters) + DeepSpeed's bf16 gradient partition buffer 2N/G, which stage3.py puts on
+    the optimizer's device: GPT-2 XL on 8 GPUs, 3.9 GB per rank, 31 GB per node.)
 
 `trainer.precision: bf16-true` (bf16 weights, no autocast) changes the first two rows:
 
@@ -224,8 +230,11 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
         e = Estimate(strategy, 2 * N / G, 2 * N / G, 4 * N / G, gathered + 2 * shape.block_params, act, act_ckpt)
         e.notes.append("bf16-true: no fp32 master weights under FSDP (updates below bf16 resolution are lost)")
     elif strategy in ("FSDP2", "FSDP1"):
-        # + fp32 unsharded gradients of one block before reduce-scatter (4 x block params).
-        e = Estimate(strategy, 4 * N / G, 4 * N / G, 8 * N / G, gathered + 4 * shape.block_params, act, act_ckpt)
+        # + one block's unsharded gradients before reduce-scatter: fp32 under FSDP2 (its mp_policy
+        # reduces in fp32, gpt2dist/strategies.py), bf16 under FSDP1 (Lightning's FSDPPrecision
+        # sets reduce_dtype bf16).
+        unsharded_grad = (4 if strategy == "FSDP2" else 2) * shape.block_params
+        e = Estimate(strategy, 4 * N / G, 4 * N / G, 8 * N / G, gathered + unsharded_grad, act, act_ckpt)
     elif strategy == "ZeRO-1":
         e = Estimate(strategy, 2 * N, 2 * N, 12 * N / G, buckets, act, act_ckpt)
     elif strategy == "ZeRO-2":
@@ -233,7 +242,7 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
     elif strategy == "ZeRO-3":
         e = Estimate(strategy, 2 * N / G, 2 * N / G, 12 * N / G, gathered + buckets, act, act_ckpt)
     elif strategy == "ZeRO-3 offload":
-        e = Estimate(strategy, 0.0, 0.0, 0.0, gathered + buckets, act, act_ckpt, cpu=16 * N / G)
+        e = Estimate(strategy, 0.0, 0.0, 0.0, gathered + buckets, act, act_ckpt, cpu=20 * N / G)
         e.notes.append("optimizer step on CPU: expect several x slower steps")
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -248,6 +257,7 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
 def recommend(estimates: list[Estimate], budget: float, min_micro_batch: int) -> tuple[str, bool, int] | None:
     """(strategy, checkpointing, micro-batch): the first strategy in PREFERENCE that reaches
     `min_micro_batch` without checkpointing, else with it, else the largest micro-batch found."""
+    min_micro_batch = max(1, min_micro_batch)  # 0 "fits" anything: it must not recommend a plan that does not
     by_name = {e.strategy: e for e in estimates}
     for ckpt in (False, True):
         for name in PREFERENCE:

@@ -527,14 +527,15 @@ def test_oom_plan_command_describes_the_run():
 
     base = {"model": "gpt2-large", "world_size": 8, "block_size": 1024, "batch_size": 4}
     assert plan_command({**base, "precision": "bf16-mixed", "compile": True, "pad_vocab": 1}) == (
-        "python tools/plan.py --model gpt2-large --gpus 8 --seq 1024 --micro-batch 4")
+        "python tools/plan.py --model gpt2-large --gpus 8 --seq 1024 --micro-batch 4 --pad-vocab 1 --compile on")
     cmd = plan_command({**base, "precision": "bf16-true", "compile": False, "pad_vocab": 128, "accumulate": 2})
-    assert cmd.endswith("--micro-batch 4 --accumulate 2 --precision bf16-true --pad-vocab 128 --eager")
+    assert cmd.endswith("--micro-batch 4 --accumulate 2 --precision bf16-true --pad-vocab 128 --compile off")
     sys.path.insert(0, str(REPO / "tools"))
     import plan as plan_tool  # tools/plan.py accepts what the message tells users to run
 
     p = plan_tool.main(cmd.split()[2:] + ["--gpu-mem-gb", "80"])
     assert p["precision"] == "bf16-true" and p["vocab_rows"] == 50304 and p["world"] == 8 and p["accumulate"] == 2
+    assert not any(r["compiled"] for r in p["rows"]) and {r["vocab_rows"] for r in p["rows"]} == {50304}
 
 
 def test_atomic_checkpoint_io_never_exposes_a_partial_file(tmp_path, monkeypatch):

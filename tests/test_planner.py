@@ -167,8 +167,11 @@ def test_strategy_states_hand_computed():
     # gathered: 2 blocks bf16 (2 * 2 * 49,984) + root bf16 (2 * 36,992); + one block's fp32 grads (4 * 49,984)
     assert f2.other == 2 * 2 * 49_984 + 2 * 36_992 + 4 * 49_984
     assert f2.params + f2.grads + f2.optimizer == pytest.approx(16 * N / 4)
+    # FSDP1 under Lightning reduces in bf16: one block's unsharded grads are bf16 (2 * 49,984)
+    assert estimate("FSDP1", HAND, 4, 32).other == 2 * 2 * 49_984 + 2 * 36_992 + 2 * 49_984
     off = estimate("ZeRO-3 offload", HAND, 4, 32)
-    assert off.params == off.optimizer == 0 and off.cpu == 16 * N / 4
+    # CPU: fp32 master, m, v, fp32 grad 16N/G + bf16 param partitions 2N/G + DeepSpeed's bf16 grad buffer 2N/G
+    assert off.params == off.optimizer == 0 and off.cpu == 20 * N / 4
     with pytest.raises(ValueError, match="unknown strategy"):
         estimate("ZeRO-4", HAND, 4, 32)
     # DeepSpeed runs bf16 weights without autocast: a bf16 residual stream under bf16-mixed too.
@@ -224,6 +227,7 @@ def test_max_micro_batch_and_recommendation():
     name, ckpt, b = recommend(ests, budget, 4)
     assert (name, ckpt) == ("FSDP2", False) and b >= 4
     assert recommend(ests, 1000, 1) is None  # nothing fits 1 kB
+    assert recommend(ests, 1000, 0) is None  # micro-batch 0 "fits" anything: never a recommendation
 
 
 def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
@@ -234,10 +238,55 @@ def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
         assert f"| {s} |" in out
     assert "recommendation: DDP" in out
     ddp = p["rows"][0]
-    assert ddp["states_gb"] == pytest.approx(22 * 774_030_080 / GB)  # gpt2-large N; 22N on 8 GPUs
+    # gpt2-large N with the presets' 50304 logit rows (+47 x 1280); 22N on 8 GPUs
+    assert ddp["states_gb"] == pytest.approx(22 * (774_030_080 + 47 * 1280) / GB)
+    assert [(r["compiled"], r["vocab_rows"]) for r in p["rows"]] == [
+        (True, 50304), (True, 50304), (False, 50304), (False, 50304), (False, 50304), (False, 50257), (False, 50257)]
+    assert "- ZeRO-2: eager: configs/strategy/deepspeed_zero2.yaml sets model.compile false" in out
     assert json.loads((tmp_path / "p.json").read_text())["world"] == 8
     p2 = plan_tool.main(["--model", "gpt2-xl", "--gpus", "4", "--nodes", "2", "--gpu-mem-gb", "16"])
     assert p2["world"] == 8 and p2["recommendation"][0] != "DDP"  # 22N of 1.56B = 34 GB does not fit 16 GB
+
+
+def test_presets_follow_the_shipped_configs():
+    """tools/plan.py plans each row as configs/ runs it: the gpt2-*.yaml presets, then the strategy overlay."""
+    import yaml
+
+    for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        model = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["model"]
+        assert (model["compile"], model["pad_vocab_to_multiple_of"]) == (True, 128), name
+    for strategy, (overlay, compiled, pad) in plan_tool.PRESETS.items():
+        model = yaml.safe_load((REPO / "configs" / "strategy" / overlay).read_text()).get("model") or {}
+        assert (model.get("compile", True), model.get("pad_vocab_to_multiple_of", 128)) == (compiled, pad), strategy
+    assert sorted(plan_tool.PRESETS) == sorted(STRATEGIES)
+
+
+def test_a_recommendation_fits_as_the_overlay_runs_it():
+    """GPT-2 XL on 8 x 40 GB: planned compiled, ZeRO-1 took micro-batch 10, but its overlay runs eager, where
+    10 needs 59.6 GB of the 36.8 planned within; as the presets run it, 5."""
+    p = plan_tool.main(["--model", "gpt2-xl", "--gpus", "8", "--gpu-mem-gb", "40"])
+    name, ckpt, b = p["recommendation"]
+    assert (name, ckpt, b) == ("ZeRO-1", False, 5)
+    shape = shape_from_config(build_config("gpt2-xl"), 128)
+    eager = estimate("ZeRO-1", shape, 8, 1024, compiled=False)
+    assert eager.total(b, False) <= p["budget_gb"] * GB < eager.total(b + 1, False)
+    assert plan_tool.main(["--model", "gpt2-xl", "--gpus", "8", "--gpu-mem-gb", "40", "--compile", "on"])[
+        "recommendation"] == ("ZeRO-1", False, 10)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--min-micro-batch", "0"], "--min-micro-batch=0 must be >= 1"),
+    (["--pad-vocab", "0"], "--pad-vocab=0 must be >= 1"),
+    (["--gpu-mem-gb", "nan"], "--gpu-mem-gb=nan must be a positive number of GB"),
+    (["--gpu-mem-gb", "-5"], "--gpu-mem-gb=-5.0 must be a positive number of GB"),
+    (["--seq", "4096"], "--seq 4096 exceeds gpt2-large's n_positions=1024; plan --seq 1024 or less"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot load the config"),
+    (["--json", "/nonexistent/dir/p.json"], "--json /nonexistent/dir/p.json: No such file or directory"),
+])
+def test_bad_plan_input_is_one_line(args, says):
+    with pytest.raises(SystemExit) as err:
+        plan_tool.main(["--model", "gpt2-large", *args])
+    assert str(err.value).startswith("plan: error: ") and says in str(err.value) and "\n" not in str(err.value)
 
 
 def test_validate_against_bench_json(tmp_path, capsys):
@@ -246,8 +295,12 @@ def test_validate_against_bench_json(tmp_path, capsys):
              "rows": [{"run": "gpt2dist", "peak_alloc_gib": 40.0}]}
     (tmp_path / "b.json").write_text(json.dumps(bench))
     (tmp_path / "t.json").write_text(json.dumps({**bench, "precision": "bf16-true"}))
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "partial.json").write_text(json.dumps({"model": {}, "seq": 1024}))
     rows = plan_tool.main(["--validate", str(tmp_path / "b.json"), str(tmp_path / "missing.json"),
-                           str(tmp_path / "t.json")])["validation"]
+                           str(tmp_path / "t.json"), str(tmp_path / "list.json"), str(tmp_path / "partial.json")])["validation"]
+    # Not bench results: a row each naming the file, not a traceback.
+    assert [r["error"].split(" (")[0] for r in rows[3:]] == ["not a tools/bench.py --out result"] * 2
     shape = shape_from_config(build_config("gpt2-large"), 128)
     est = estimate("DDP", shape, 1, 1024).total(16, False) / GB
     measured = 40.0 * 2**30 / GB

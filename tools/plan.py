@@ -5,62 +5,95 @@
     python tools/plan.py --model gpt2 --gpus 1 --gpu-mem-gb 80 --seq 1024 --micro-batch 32   # single GPU
     python tools/plan.py --model gpt2-large --gpus 1 --precision bf16-true     # bf16 weights, fp32 masters
     python tools/plan.py --model gpt2-large --gpus 8 --accumulate 2            # as configs/gpt2-large.yaml
+    python tools/plan.py --model gpt2-xl --gpus 8 --gpu-mem-gb 40 --compile on # every row compiled
 
 The formulas are in gpt2dist/planner.py (module docstring and `estimate`). Each row shows the
 model states per GPU, activations for one sequence, the total at --micro-batch with and without
 activation checkpointing, and the largest micro-batch that fits in USABLE_FRACTION of the card.
+By default each row is planned as the shipped configs run it (PRESETS): a plan that assumed compiled
+activations for a ZeRO row, whose overlay turns compile off, recommended micro-batches that do not fit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt2dist.errors import GPT2DistError  # noqa: E402
 from gpt2dist.planner import GB, PRECISIONS, STRATEGIES, USABLE_FRACTION, estimate, recommend, shape_from_config  # noqa: E402
 
 
-def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_batch: int, pad_vocab: int = 1,
-         eager: bool = False, min_micro_batch: int = 4, strategies: list[str] | None = None,
+# How the shipped configs run each strategy: configs/gpt2-*.yaml compile and pad the vocabulary to a
+# multiple of 128; the fsdp1 and deepspeed_* overlays turn compile off, the ZeRO-3 ones the padding too,
+# and fsdp1.yaml checkpoints activations. tests/test_planner.py checks this table against the YAML files.
+PRESETS = {  # strategy: (overlay in configs/strategy, model.compile, model.pad_vocab_to_multiple_of)
+    "DDP": ("ddp.yaml", True, 128),
+    "FSDP2": ("fsdp.yaml", True, 128),
+    "FSDP1": ("fsdp1.yaml", False, 128),
+    "ZeRO-1": ("deepspeed_zero1.yaml", False, 128),
+    "ZeRO-2": ("deepspeed_zero2.yaml", False, 128),
+    "ZeRO-3": ("deepspeed_zero3.yaml", False, 1),
+    "ZeRO-3 offload": ("deepspeed_zero3_offload.yaml", False, 1),
+}
+
+
+def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_batch: int, pad_vocab: int | None = None,
+         compile: str = "presets", min_micro_batch: int = 4, strategies: list[str] | None = None,
          precision: str = "bf16-mixed", accumulate: int = 1) -> dict:
+    """`compile`: presets (each row as its configs/strategy overlay sets model.compile), on or off;
+    `pad_vocab`: None for each row's preset padding, else that multiple for every row."""
     from gpt2dist.model import build_config
 
     config = build_config(model)
-    shape = shape_from_config(config, pad_vocab)
     world = gpus * nodes
     budget = gpu_mem_gb * GB * USABLE_FRACTION
-    rows = []
-    ests = [estimate(s, shape, world, seq, compiled=not eager, precision=precision, accumulate=accumulate)
-            for s in (strategies or STRATEGIES)]
-    for e in ests:
-        rows.append({"strategy": e.strategy, "params_gb": e.params / GB, "grads_gb": e.grads / GB,
-                     "optimizer_gb": e.optimizer / GB, "other_gb": e.other / GB, "states_gb": e.states / GB,
+    rows, ests = [], []
+    for s in strategies or STRATEGIES:
+        overlay, preset_compile, preset_pad = PRESETS[s]
+        compiled = preset_compile if compile == "presets" else compile == "on"
+        shape = shape_from_config(config, pad_vocab or preset_pad)
+        e = estimate(s, shape, world, seq, compiled=compiled, precision=precision, accumulate=accumulate)
+        if compile == "presets" and not compiled:
+            e.notes.append(f"eager: configs/strategy/{overlay} sets model.compile false (--compile on plans it compiled)")
+        if s == "FSDP1":
+            e.notes.append("configs/strategy/fsdp1.yaml checkpoints activations by default: read the ckpt columns")
+        ests.append(e)
+        rows.append({"strategy": e.strategy, "compiled": compiled, "vocab_rows": shape.vocab,
+                     "params_gb": e.params / GB, "grads_gb": e.grads / GB, "optimizer_gb": e.optimizer / GB, "other_gb": e.other / GB, "states_gb": e.states / GB,
                      "other_ckpt_gb": (e.other if e.other_ckpt is None else e.other_ckpt) / GB,
                      "act_per_seq_gb": e.act_per_sample / GB, "act_per_seq_ckpt_gb": e.act_per_sample_ckpt / GB,
                      "total_gb": e.total(micro_batch, False) / GB, "total_ckpt_gb": e.total(micro_batch, True) / GB,
                      "max_micro_batch": e.max_micro_batch(budget, False),
                      "max_micro_batch_ckpt": e.max_micro_batch(budget, True), "cpu_gb": e.cpu / GB, "notes": e.notes})
     rec = recommend(ests, budget, min_micro_batch)
-    return {"model": model, "params": shape.params, "vocab_rows": shape.vocab, "world": world, "gpus": gpus,
+    return {"model": model, "params": shape_from_config(config).params, "vocab": config.vocab_size,
+            "vocab_rows": None if pad_vocab is None else shape_from_config(config, pad_vocab).vocab, "world": world, "gpus": gpus,
             "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GB, "seq": seq, "micro_batch": micro_batch,
             "precision": precision, "accumulate": accumulate, "rows": rows, "recommendation": rec}
 
 
 def print_plan(p: dict) -> None:
-    print(f"{p['model']}: {p['params'] / 1e6:.1f}M params (vocab rows {p['vocab_rows']}), {p['gpus']} GPU(s) x "
+    rows = "as --pad-vocab sets them" if p["vocab_rows"] else "padded per row as the presets pad"
+    print(f"{p['model']}: {p['params'] / 1e6:.1f}M params (vocabulary {p['vocab']}, logit rows {rows}), {p['gpus']} GPU(s) x "
           f"{p['nodes']} node(s) = {p['world']} ranks, {p['gpu_mem_gb']:g} GB/GPU (plan within {p['budget_gb']:.1f} GB), "
           f"seq {p['seq']}, micro-batch {p['micro_batch']} x {p['accumulate']} accumulated, {p['precision']}; GB = 1e9 bytes")
-    print("| strategy | params | grads | optim | other | states | act/seq | act/seq ckpt | "
+    print("| strategy | compile | vocab rows | params | grads | optim | other | states | act/seq | act/seq ckpt | "
           f"total b={p['micro_batch']} | total b={p['micro_batch']} ckpt | max b | max b ckpt | CPU/rank |")
-    print("|---|" + "---:|" * 12)
+    print("|---|---|" + "---:|" * 13)
     for r in p["rows"]:
-        print(f"| {r['strategy']} | {r['params_gb']:.2f} | {r['grads_gb']:.2f} | {r['optimizer_gb']:.2f} | "
+        print(f"| {r['strategy']} | {'on' if r['compiled'] else 'off'} | {r['vocab_rows']} | {r['params_gb']:.2f} | "
+              f"{r['grads_gb']:.2f} | {r['optimizer_gb']:.2f} | "
               f"{r['other_gb']:.2f} | {r['states_gb']:.2f} | {r['act_per_seq_gb']:.2f} | {r['act_per_seq_ckpt_gb']:.2f} | "
               f"{r['total_gb']:.1f} | {r['total_ckpt_gb']:.1f} | {r['max_micro_batch']} | {r['max_micro_batch_ckpt']} | "
               f"{r['cpu_gb']:.1f} |")
+    for r in p["rows"]:
+        for note in r["notes"]:
+            print(f"- {r['strategy']}: {note}")
     rec = p["recommendation"]
     if rec is None:
         print("recommendation: nothing fits even micro-batch 1 with checkpointing: add GPUs/nodes or use a smaller model")
@@ -87,21 +120,25 @@ def validate(bench_jsons: list[str]) -> list[dict]:
         except (OSError, ValueError) as e:
             rows.append({"bench": path, "error": f"no bench result ({type(e).__name__})"})
             continue
-        m = r["model"]
-        config = build_config(m.get("model_name_or_path", "gpt2"), m.get("config_overrides"))
+        try:
+            m, seq, micro_batch, bench_rows = r["model"], int(r["seq"]), int(r["micro_batch"]), list(r["rows"])
+            config = build_config(m.get("model_name_or_path", "gpt2"), m.get("config_overrides"))
+        except (KeyError, TypeError, AttributeError, ValueError, GPT2DistError) as e:
+            rows.append({"bench": path, "error": f"not a tools/bench.py --out result ({type(e).__name__}: {e})"})
+            continue
         shape = shape_from_config(config, int(m.get("pad_vocab_to_multiple_of", 1)))
         precision = str(r.get("precision", "bf16-mixed"))
         if precision not in PRECISIONS:
             rows.append({"bench": path, "error": f"precision {precision}: the planner covers {' and '.join(PRECISIONS)}"})
             continue
-        e = estimate("DDP", shape, 1, r["seq"], compiled=bool(m.get("compile")), fused_ce=bool(m.get("fused_cross_entropy")),
+        e = estimate("DDP", shape, 1, seq, compiled=bool(m.get("compile")), fused_ce=bool(m.get("fused_cross_entropy")),
                      precision=precision)  # bench.py steps the optimizer every micro-batch: accumulate=1
         ckpt = bool(m.get("activation_checkpointing"))
-        est = e.total(r["micro_batch"], ckpt) / GB
-        ours = next((x for x in r["rows"] if x["run"] == "gpt2dist" and "error" not in x), None)
+        est = e.total(micro_batch, ckpt) / GB
+        ours = next((x for x in bench_rows if isinstance(x, dict) and x["run"] == "gpt2dist" and "error" not in x), None)
         # CPU rows report process RSS, not comparable with the estimate.
         measured = ours["peak_alloc_gib"] * 2**30 / GB if ours and not str(r["device"]).startswith("CPU") else None
-        rows.append({"bench": path, "model": m.get("model_name_or_path"), "micro_batch": r["micro_batch"], "seq": r["seq"],
+        rows.append({"bench": path, "model": m.get("model_name_or_path"), "micro_batch": micro_batch, "seq": seq,
                      "precision": precision, "compile": bool(m.get("compile")), "ckpt": ckpt, "estimate_gb": est, "measured_gb": measured,
                      "error_pct": None if measured is None else 100 * (est - measured) / measured})
     print("| config | b x seq | precision | compile | act ckpt | plan estimate GB | measured peak alloc GB | error |")
@@ -128,9 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--accumulate", type=int, default=1,
                     help="trainer.accumulate_grad_batches: above 1 the gradients stay through every micro-batch's activation peak")
     ap.add_argument("--min-micro-batch", type=int, default=4, help="smallest micro-batch the recommendation accepts")
-    ap.add_argument("--pad-vocab", type=int, default=1, help="model.pad_vocab_to_multiple_of (128 on GPUs)")
-    ap.add_argument("--eager", action="store_true",
-                    help="model.compile=false: eager GELU and loss keep more activations (60 vs 36 B/token/width per layer, 12 vs 4 B/token/vocab row)")
+    ap.add_argument("--pad-vocab", type=int, default=None,
+                    help="model.pad_vocab_to_multiple_of for every row (default: as the presets, 128, and 1 for ZeRO-3)")
+    ap.add_argument("--compile", choices=["presets", "on", "off"], default="presets",
+                    help="model.compile per row: presets (as each configs/strategy overlay sets it: off for FSDP1 and ZeRO), "
+                         "on, or off (eager GELU and loss keep more activations: 60 vs 36 B/token/width per layer, "
+                         "12 vs 4 B/token/vocab row)")
+    ap.add_argument("--eager", action="store_const", const="off", dest="compile", help="the same as --compile off")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed",
                     help="trainer.precision: bf16-true keeps bf16 weights (+ fp32 masters under DDP) and a bf16 residual stream")
     ap.add_argument("--strategy", action="append", choices=["DDP", *[s for s in STRATEGIES if s != "DDP"]],
@@ -141,18 +182,36 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.validate:
         rows = validate(args.validate)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
         return {"validation": rows}
-    for name in ("gpus", "nodes", "seq", "micro_batch", "accumulate"):
-        if getattr(args, name) < 1:
-            sys.exit(f"plan: error: --{name.replace('_', '-')} must be >= 1")
+    for name in ("gpus", "nodes", "seq", "micro_batch", "accumulate", "min_micro_batch", "pad_vocab"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            sys.exit(f"plan: error: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if not (math.isfinite(args.gpu_mem_gb) and args.gpu_mem_gb > 0):
+        sys.exit(f"plan: error: --gpu-mem-gb={args.gpu_mem_gb} must be a positive number of GB (e.g. 80 for an H100)")
+    from gpt2dist.model import build_config
+
+    try:
+        n_positions = build_config(args.model).n_positions
+    except (GPT2DistError, OSError) as e:
+        sys.exit(f"plan: error: --model {args.model}: {str(e).splitlines()[0]}")
+    if args.seq > n_positions:  # training refuses data.block_size above it
+        sys.exit(f"plan: error: --seq {args.seq} exceeds {args.model}'s n_positions={n_positions}; "
+                 f"plan --seq {n_positions} or less")
     p = plan(args.model, args.gpus, args.nodes, args.gpu_mem_gb, args.seq, args.micro_batch, args.pad_vocab,
-             args.eager, args.min_micro_batch, args.strategy, args.precision, args.accumulate)
+             args.compile, args.min_micro_batch, args.strategy, args.precision, args.accumulate)
     print_plan(p)
-    if args.json:
-        Path(args.json).write_text(json.dumps(p, indent=1))
+    write_json(args.json, p)
     return p
+
+
+def write_json(path: str | None, obj) -> None:
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps(obj, indent=1))
+    except OSError as e:
+        sys.exit(f"plan: error: --json {path}: {e.strerror or type(e).__name__}; give a path in a folder you can write to")
 
 
 if __name__ == "__main__":
