@@ -581,6 +581,14 @@ class GPT2Module(pl.LightningModule):
             return
         ours = self.model.config.to_dict()
         diff = {k: (saved.get(k), ours.get(k)) for k in SHAPE_KEYS if saved.get(k) != ours.get(k)}
+        real = lambda cfg: cfg.get("unpadded_vocab_size") or cfg.get("vocab_size")
+        if set(diff) == {"vocab_size"} and real(saved) == real(ours):  # the same model, padded to other row counts
+            pad = (checkpoint.get("hyper_parameters") or {}).get("pad_vocab_to_multiple_of")
+            raise CheckpointError(
+                f"the checkpoint pads the vocabulary of {real(saved)} to {saved['vocab_size']} rows"
+                f"{f' (model.pad_vocab_to_multiple_of={pad})' if pad else ''}, this config to {ours['vocab_size']} "
+                f"(model.pad_vocab_to_multiple_of={self.hparams.pad_vocab_to_multiple_of}); "
+                f"set model.pad_vocab_to_multiple_of{f'={pad}' if pad else ' as the checkpoint was trained'}")
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
             raise CheckpointError(f"the checkpoint is for a different model ({desc}); use the matching model config")

@@ -118,6 +118,10 @@ CASES = {
     # is different: Lightning's CLI then takes the model hyperparameters from the checkpoint.)
     "ckpt_other_model_size": (lambda c, g: ["--ckpt_path", "last", "--model.config_overrides", json.dumps({**TINY, "n_embd": 128})],
                               "the checkpoint is for a different model (n_embd: checkpoint 64 vs config 128", 2),
+    # The same model, its vocabulary padded to 600 rows (the good run's is unpadded): the knob, not "a different model".
+    "ckpt_other_vocab_padding": (lambda c, g: ["--ckpt_path", "last", "--model.pad_vocab_to_multiple_of", "100"],
+                                 "the checkpoint pads the vocabulary of 512 to 512 rows (model.pad_vocab_to_multiple_of=1), "
+                                 "this config to 600 (model.pad_vocab_to_multiple_of=100); set model.pad_vocab_to_multiple_of=1", 2),
     "ckpt_last_but_none": (lambda c, g: ["--ckpt_path", "last", *no_checkpoints(c)], "--ckpt_path last: no checkpoint", 2),
     "ckpt_last_newest_corrupt_falls_back": (lambda c, g: ["--ckpt_path", "last", *corrupt_newest(c, g)],
                                             "is incomplete or corrupt", 0),
