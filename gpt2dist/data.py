@@ -150,13 +150,14 @@ def _table_texts(path: Path, field: str) -> Iterator[str]:
         if path.suffix.lower() == ".parquet":
             table = pq.read_table(path)
         else:
-            table = pacsv.read_csv(path)
+            # The text column as written: type inference would turn "007" into 7 and "1e3" into 1000.0.
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={field: pa.string()}))
     except Exception as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if field not in table.column_names:
         raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set data.text_field")
     kind = table.schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # str(3) would be packed as text
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # Parquet numbers: str(3) would be packed as text
         raise DataError(f"{path}: column {field!r} is {kind}, not text; set data.text_field to the text column")
     for value in table.column(field).to_pylist():
         if value is not None:

@@ -313,9 +313,12 @@ def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
         p.write_bytes(b"x = 1\n" * 2000 + b"\x00" * 4096)
         files, needle = [str(p)], "bad.txt: looks binary"
     elif case == "int_column":  # str(3) was packed as the text "3"
-        p = tmp_path / "bad.csv"
-        p.write_text("text,label\n1,a\n2,b\n")
-        files, needle = [str(p)], "bad.csv: column 'text' is int64, not text; set data.text_field to the text column"
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = tmp_path / "bad.parquet"
+        pq.write_table(pa.table({"text": [1, 2, 3], "body": ["a", "b", "c"]}), p)
+        files, needle = [str(p)], "bad.parquet: column 'text' is int64, not text; set data.text_field to the text column"
     elif case == "utf16":
         p.write_bytes(("caf\xe9 cr\xe8me " * 50).encode("utf-16"))
         files, needle = [str(p)], "bad.txt: is UTF-16 (byte order mark); convert it (e.g. iconv -f utf-16 -t utf-8)"
@@ -330,6 +333,13 @@ def test_bad_input_names_the_culprit(tmp_path, tokenizer_dir, case):
         prepared(make_dm(tmp_path, tokenizer_dir, train_files=files, val_fraction=0.0))
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not list((tmp_path / "cache").glob("blocks/*/meta.json"))  # nothing half-written left as a cache
+
+
+def test_csv_text_is_read_as_written(tmp_path):
+    """CSV has no types: inferred, a text column of numbers-looking values was rewritten ("007" -> "7")."""
+    p = tmp_path / "ids.csv"
+    p.write_text("text,n\n007,1\n1e3,2\n-0,3\n")
+    assert list(data_mod.read_documents(p)) == ["007", "1e3", "-0"]
 
 
 def test_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path):
