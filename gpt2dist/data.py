@@ -527,6 +527,20 @@ class TokenBlockDataModule(pl.LightningDataModule):
         for split, files in (("val", self.val_files), ("test", self.test_files)):
             if files:
                 out[split] = resolve_files(files, f"data.{split}_files")
+        # A cache_dir inside the corpus (data/cache with data/**/*.json): its own meta.json and trained
+        # tokenizer.json would join the corpus on the next run.
+        cache = os.path.realpath(self.cache_dir) + os.sep
+        for split, files in out.items():
+            ours = [p for p in files if os.path.realpath(p).startswith(cache)]
+            if ours:
+                if len(ours) == len(files):
+                    raise DataError(f"data.{split}_files match only files in data.cache_dir={str(self.cache_dir)!r}; "
+                                    "point them at the corpus, or move data.cache_dir out of it")
+                if str(ours[0]) not in self._skipped:  # once, not per pass over the sources
+                    self._skipped.add(str(ours[0]))
+                    log.warning("data.%s_files: leaving out %d file(s) in data.cache_dir (e.g. %s): the cache is not corpus",
+                                split, len(ours), ours[0])
+                out[split] = [p for p in files if p not in ours]
         # By real path: `c/d0.txt` and `/abs/c/d0.txt` are one file.
         real = {split: {os.path.realpath(p): p for p in files} for split, files in out.items()}
         for split, other, fix in (("val", "train", "take them out of data.train_files (its globs match them)"),
@@ -647,6 +661,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
                 fp[name] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         return fp
 
+    def _bad_file_key(self) -> dict:
+        """Blocks packed with bad files skipped are not what `on_bad_file: error` asked for: another key, so
+        that run reads the files again and stops at the bad one (error's keys stay as they were)."""
+        return {"bad": "skip"} if self.on_bad_file == "skip" else {}
+
     def _key(self, payload: dict) -> str:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -695,7 +714,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
     def _blocks_dir(self) -> Path:
         payload = {"src": self._source_fingerprint(), "tok": tokenizer_fingerprint(self.tokenizer),
                    "block": self.block_size, "unit": self.text_unit, "field": self.text_field,
-                   "val": [self.val_fraction, self.seed], "v": CACHE_VERSION}
+                   "val": [self.val_fraction, self.seed], "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
 
     def _test_blocks_dir(self) -> Path | None:
@@ -708,7 +727,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         else:
             return None
         payload = {"test_src": src, "tok": tokenizer_fingerprint(self.tokenizer), "block": self.block_size,
-                   "unit": self.text_unit, "field": self.text_field, "v": CACHE_VERSION}
+                   "unit": self.text_unit, "field": self.text_field, "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
 
     @property

@@ -359,6 +359,24 @@ def test_on_bad_file_skip_warns_and_continues(tmp_path, corpus_dir, tokenizer_di
     skips = [r.getMessage() for r in caplog.records if "bad.txt" in r.getMessage()]
     # Once, though the files are read twice (hold-out pass, packing pass); no advice to set what is set.
     assert len(skips) == 1 and "bad.txt: not UTF-8" in skips[0] and "or set data.on_bad_file=skip" not in skips[0]
+    # The same cache with on_bad_file=error: not the skip run's blocks, but the error that run asks for.
+    with pytest.raises(DataError, match="bad.txt: not UTF-8"):
+        prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.txt")], val_fraction=0.0))
+
+
+def test_a_cache_dir_inside_the_corpus_is_not_read_as_corpus(tmp_path, tokenizer_dir, tokenizer, caplog):
+    corpus = tmp_path / "data"
+    corpus.mkdir()
+    docs = [f"record {i}: " + "some words " * 20 for i in range(40)]
+    (corpus / "docs.json").write_text(json.dumps([{"text": d} for d in docs]))
+    kw = dict(train_files=[str(corpus / "**" / "*.json")], val_fraction=0.0, block_size=16, cache_dir=str(corpus / "cache"))
+    first = prepared(make_dm(tmp_path, tokenizer_dir, **kw))
+    assert list((corpus / "cache").glob("blocks/*/meta.json"))  # now matched by the corpus glob
+    again = prepared(make_dm(tmp_path, tokenizer_dir, **kw))
+    assert again.stats == first.stats and first.stats["train"]["documents"] == 40  # the same key: a cache hit
+    assert any("leaving out 1 file(s) in data.cache_dir" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match="match only files in data.cache_dir"):
+        prepared(make_dm(tmp_path, tokenizer_dir, **{**kw, "train_files": [str(corpus / "cache" / "**" / "*.json")]}))
 
 
 @pytest.mark.parametrize("source", ["txt", "jsonl"])
