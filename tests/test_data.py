@@ -159,10 +159,12 @@ def test_val_hold_out_follows_the_text_not_the_folder_layout(tmp_path, tokenizer
 
 
 def test_one_file_named_two_ways_is_read_once(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
-    """Relative and absolute, or through `..`: one file, so one copy of its documents (not double weight)."""
+    """Relative and absolute, through `..` or a symlink: one file, so one copy of its documents (not double weight)."""
     n = len(list(corpus_dir.glob("*.txt")))
     monkeypatch.chdir(corpus_dir.parent)
-    files = [f"{corpus_dir.name}/*.txt", str(corpus_dir / "abc.txt"), f"{corpus_dir}/../{corpus_dir.name}/keyword.txt"]
+    (tmp_path / "link.txt").symlink_to(corpus_dir / "textwrap.txt")
+    files = [f"{corpus_dir.name}/*.txt", str(corpus_dir / "abc.txt"), f"{corpus_dir}/../{corpus_dir.name}/keyword.txt",
+             str(tmp_path / "link.txt")]
     resolved = data_mod.resolve_files(files, "data.train_files")
     assert len(resolved) == n and resolved[0] == Path(corpus_dir.name) / sorted(p.name for p in corpus_dir.glob("*.txt"))[0]
     dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=files, val_fraction=0.0))

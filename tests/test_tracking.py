@@ -47,6 +47,24 @@ def test_run_id_precedence(tmp_path):
     assert resolve_run_id(str(ckpt), None, env={"WANDB_RUN_ID": "mine"})[0] == "mine"
 
 
+class _RunsCode:
+    """A pickle that runs code when fully unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_reading_the_run_id_never_unpickles_code(tmp_path):
+    ckpt, marker = tmp_path / "last.ckpt", tmp_path / "ran"
+    torch.save({"wandb_run_id": "fromckpt", "x": _RunsCode(marker)}, ckpt)
+    # Unreadable with weights_only=True: no id from it (W&B draws a new one), and nothing ran.
+    assert resolve_run_id(str(ckpt), None, env={}) == (None, "new")
+    assert not marker.exists()
+
+
 def test_offline_run_has_metrics_config_and_samples(wandb_run):
     s = inspect(wandb_run.run_dir)
     assert s["state"] == "finished" and s["project"] == "gpt2dist"
