@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gpt2dist.errors import ConfigError, GPT2DistError
 from gpt2dist.export import check_export_target, load_any_checkpoint, model_from_lightning_state, save_hf_folder
-from gpt2dist.generation import greedy_text
+from gpt2dist.generation import greedy_text, prompt_ids
 from gpt2dist.strategies import full_state_dict, needs_gather
 
 
@@ -34,6 +34,10 @@ class HFExport(Callback):
             sample_tokens: Tokens to generate for the sample.
             sample_repetition_penalty: Greedy decoding's repetition penalty (1.0: plain greedy).
         """
+        if sample_tokens < 1:
+            raise ConfigError(f"export.sample_tokens={sample_tokens} must be >= 1 (or set export.sample_prompt=null for no sample)")
+        if not sample_repetition_penalty > 0:
+            raise ConfigError(f"export.sample_repetition_penalty={sample_repetition_penalty} must be > 0 (1.0: plain greedy)")
         self.enabled, self.dirname, self.source = enabled, dirname, source
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.sample_repetition_penalty = sample_repetition_penalty
@@ -54,6 +58,13 @@ class HFExport(Callback):
         error = trainer.strategy.broadcast(error)
         if error:
             raise GPT2DistError(error)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The sample prompt is checked before training, not after it (the model exists from here on).
+        # Every rank holds the same tokenizer and prompt, so every rank raises together.
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if self.enabled and self.sample_prompt and tokenizer is not None:
+            prompt_ids(tokenizer, self.sample_prompt, pl_module.model.config.n_positions, "export.sample_prompt")
 
     # on_train_end, not on_fit_end: Lightning tears the strategy down (model and optimizer state to
     # CPU) before on_fit_end, and ZeRO-3's fp32 gather then runs NCCL on CPU tensors (seen on an H200).
@@ -215,7 +226,10 @@ class ValidationReport(Callback):
             progress = checkpoint_progress(trainer.ckpt_path) if trainer.ckpt_path else None
             where = (f"{trainer.state.fn.value} {trainer.ckpt_path} (step {progress[0]})" if progress else
                      f"{trainer.state.fn.value} (no checkpoint: the model as configured)")
-        parts = [where] + [f"{key} {float(m[key]):.4f}" for key in keys if key in m]
+        # train/loss is written on logging steps only (trainer.log_every_n_steps): one from an earlier step says so.
+        loss_step = getattr(trainer.lightning_module, "shown_loss_step", None)
+        stale = f" (step {loss_step})" if loss_step is not None and loss_step != trainer.global_step else ""
+        parts = [where] + [f"{key} {float(m[key]):.4f}" + (stale if key == "train/loss" else "") for key in keys if key in m]
         print("  ".join(parts), flush=True)
 
 
@@ -294,7 +308,7 @@ class EarlyStop(EarlyStopping):
         if should_stop and self.stopping_reason == self.stopping_reason.PATIENCE_EXHAUSTED:
             reason = (f"{self.monitor} has not improved on its best, {float(self.best_score):.4f}, for "
                       f"{self.wait_count} validations (early_stopping.patience={self.patience}, "
-                      f"min_delta={self.min_delta})")
+                      f"min_delta={abs(self.min_delta)})")  # Lightning stores it negated in min mode
         return should_stop, reason
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -291,6 +291,7 @@ class GPT2Module(pl.LightningModule):
             # bar refresh (Rich's: every batch) reads them, and reading a GPU tensor is a host sync.
             if logs_this_step(self.trainer):
                 self._shown_loss = self._loss_sum / self._loss_n
+                self.shown_loss_step = self.trainer.global_step + 1  # the optimizer step this window ends at
                 self.log("train/loss", self._shown_loss, sync_dist=True)
                 self.log("lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), prog_bar=True)
             self._loss_sum, self._loss_n = 0.0, 0

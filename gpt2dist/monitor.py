@@ -31,6 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from gpt2dist.errors import ConfigError
+from gpt2dist.generation import prompt_ids
 from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops, throughput
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,11 @@ class TrainMonitor(Callback):
             skip_first_steps: Optimizer steps left out of tokens/s (warm-up: allocator, kernels, lazy init).
             window: Deprecated, ignored: tokens/s spans the steps between logging steps (trainer.log_every_n_steps). Kept so older saved configs still load.
         """
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ConfigError(f"monitor.peak_tflops={peak_tflops} must be > 0 (the GPU's dense bf16 TFLOP/s), or null "
+                              f"to look the GPU up in gpt2dist.metrics.PEAK_BF16_FLOPS")
+        if skip_first_steps < 0:
+            raise ConfigError(f"monitor.skip_first_steps={skip_first_steps} must be >= 0")
         if window is not None:
             rank_zero_warn(f"monitor.window={window} is ignored: tokens/s and MFU now average the steps between logging "
                            "steps (set trainer.log_every_n_steps instead); drop monitor.window from the config")
@@ -199,11 +206,12 @@ class TrainMonitor(Callback):
                 pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tokens = int(batch["input_ids"].numel())
+        # Counted even when disabled: the count is checkpointed, and a later resume with the monitor on logs it.
+        self.tokens_trained += tokens * trainer.world_size  # every rank's micro-batch has this shape
         if not self.enabled:
             return
-        tokens = int(batch["input_ids"].numel())
         self._tokens += tokens  # every micro-batch of the window counts
-        self.tokens_trained += tokens * trainer.world_size  # every rank's micro-batch has this shape
         if trainer.global_step == self._last_step:
             return  # accumulating: no optimizer step yet
         self._last_step = trainer.global_step
@@ -314,6 +322,10 @@ class SampleLogger(Callback):
             seed: Seed set (in a forked RNG) before generating.
             filename: Text file in the checkpoint folder that collects every sample.
         """
+        if sample_every_n_steps < 0:
+            raise ConfigError(f"samples.sample_every_n_steps={sample_every_n_steps} must be >= 0 (0: never)")
+        if max_new_tokens < 1:
+            raise ConfigError(f"samples.max_new_tokens={max_new_tokens} must be >= 1")
         self.every, self.max_new_tokens, self.seed, self.filename = sample_every_n_steps, max_new_tokens, seed, filename
         self.prompts = list(prompts) if prompts is not None else ["The", "def "]
         self.rows: list[list] = []  # every sample so far: the W&B table is re-logged whole each time
@@ -328,6 +340,14 @@ class SampleLogger(Callback):
         ckpt = trainer.checkpoint_callback
         folder = getattr(ckpt, "dirpath", None) or trainer.default_root_dir
         return Path(folder) / self.filename
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Every prompt before training, on every rank (same tokenizer, same prompts: all raise together),
+        # not at the first sample step, with the other ranks left waiting in a collective.
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if self.every and tokenizer is not None:
+            for i, prompt in enumerate(self.prompts):
+                prompt_ids(tokenizer, prompt, pl_module.model.config.n_positions, f"samples.prompts[{i}]")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step

@@ -4,6 +4,7 @@ PredictionWriter's file holds one run's predictions."""
 from __future__ import annotations
 
 import json
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -134,3 +135,89 @@ def test_early_stop_is_off_by_default_and_the_config_patience_wins_over_the_chec
         EarlyStop(patience=0)
     with pytest.raises(ConfigError, match="early_stopping.min_delta=-0.1 must be >= 0"):
         EarlyStop(patience=1, min_delta=-0.1)
+
+
+class _TokenizedData(pl.LightningDataModule):
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Blocks(), batch_size=4)
+
+
+@pytest.mark.parametrize("where", ["export.sample_prompt", "samples.prompts[1]"])
+def test_a_prompt_too_long_to_sample_from_is_refused_before_training(tmp_path, tokenizer, where):
+    """A prompt with no position left to generate into used to fail the run after its last step (the
+    export's sample) or at the first sample step, with the other ranks left waiting in a collective."""
+    from gpt2dist.errors import ConfigError
+    from gpt2dist.monitor import SampleLogger
+
+    long = "def f(x):\n    return x\n" * 20  # far above TINY's n_positions=64
+    assert len(tokenizer(long).input_ids) > TINY["n_positions"]
+    callbacks = ([HFExport(sample_prompt=long)] if where.startswith("export") else
+                 [HFExport(sample_prompt=None), SampleLogger(sample_every_n_steps=1, prompts=["def ", long])])
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            steps.append(trainer.global_step)
+
+    m = GPT2Module(from_scratch=True, dropout=0.0, config_overrides={**TINY, "vocab_size": len(tokenizer)})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[Steps(), *callbacks])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)} 'def f.*is \d+ tokens.*n_positions=64.*at most 63 tokens"):
+        trainer.fit(m, datamodule=_TokenizedData(tokenizer))
+    assert steps == [] and not (tmp_path / "hf_model").exists()
+
+
+def test_sampling_knobs_out_of_range_are_refused_by_name():
+    from gpt2dist.errors import ConfigError
+    from gpt2dist.monitor import SampleLogger, TrainMonitor
+
+    for make, message in [(lambda: HFExport(sample_repetition_penalty=0.0), "export.sample_repetition_penalty=0.0 must be > 0"),
+                          (lambda: HFExport(sample_repetition_penalty=-1.3), "export.sample_repetition_penalty=-1.3 must be > 0"),
+                          (lambda: HFExport(sample_tokens=0), "export.sample_tokens=0 must be >= 1"),
+                          (lambda: SampleLogger(max_new_tokens=0), "samples.max_new_tokens=0 must be >= 1"),
+                          (lambda: SampleLogger(sample_every_n_steps=-5), "samples.sample_every_n_steps=-5 must be >= 0"),
+                          (lambda: TrainMonitor(peak_tflops=-989.0), "monitor.peak_tflops=-989.0 must be > 0"),
+                          (lambda: TrainMonitor(skip_first_steps=-1), "monitor.skip_first_steps=-1 must be >= 0")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make()
+
+
+def test_the_validation_line_says_which_step_an_older_train_loss_is_from(tmp_path, capsys):
+    """train/loss is logged on logging steps only: at a validation between them, the line showed the last
+    logging step's loss as this step's."""
+    from gpt2dist.callbacks import ValidationReport
+
+    losses = {}
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses[trainer.global_step] = float(outputs["loss"])
+
+    torch.manual_seed(0)
+    m = GPT2Module(from_scratch=True, dropout=0.0, lr=1e-2, warmup_steps=1,
+                   config_overrides={**TINY, "vocab_size": 128, "bos_token_id": 0, "eos_token_id": 0})
+    loader = torch.utils.data.DataLoader(_Blocks(), batch_size=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, log_every_n_steps=4, val_check_interval=2, limit_val_batches=2,
+                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[Losses(), ValidationReport()])
+    val = torch.utils.data.DataLoader([{**_Blocks()[i], "loss_weight": torch.tensor(1.0)} for i in range(2)], batch_size=1)
+    trainer.fit(m, loader, val)
+    lines = [ln.split("  val/loss")[0] for ln in capsys.readouterr().out.splitlines() if "val/loss" in ln]
+    assert lines == ["step      2",  # no logging step yet: no train/loss
+                     f"step      4  train/loss {losses[4]:.4f}",
+                     f"step      6  train/loss {losses[4]:.4f} (step 4)",
+                     f"step      8  train/loss {losses[8]:.4f}"], lines
+
+
+def test_early_stopping_names_the_min_delta_as_configured():
+    from gpt2dist.callbacks import EarlyStop
+
+    es = EarlyStop(patience=1, min_delta=0.01)
+    es._evaluate_stopping_criteria(torch.tensor(2.0))
+    stop, reason = es._evaluate_stopping_criteria(torch.tensor(1.995))  # not better by more than 0.01
+    assert stop and reason.endswith("(early_stopping.patience=1, min_delta=0.01)"), reason

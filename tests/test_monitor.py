@@ -211,3 +211,18 @@ def test_tokens_trained_is_restored_or_derived_for_checkpoints_without_it():
     fresh.load_state_dict({"tokens_trained": 99})
     fresh.on_train_start(SimpleNamespace(**{**vars(trainer), "global_step": 0}), None)
     assert fresh.tokens_trained == 0
+
+
+def test_tokens_are_counted_while_the_monitor_is_off(tmp_path):
+    """The count is checkpointed either way: a run resumed with monitor.enabled=true logged train/tokens
+    from 0, off by the whole first segment."""
+    import lightning.pytorch as pl
+
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, warmup_steps=1)
+    ids = torch.randint(0, 512, (5 * 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)  # the 5th batch: short
+    off = mon.TrainMonitor(enabled=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[off])
+    trainer.fit(module, train_dataloaders=loader)
+    assert off.state_dict() == {"tokens_trained": 3 * 4 * 16}  # steps x seqs x tokens
