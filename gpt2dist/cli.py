@@ -31,7 +31,7 @@ from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator, check_writable,
                              oom_message)
-from gpt2dist.launch import check_srun_world
+from gpt2dist.launch import check_srun_seen, check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.preemption import Preemption, install_early_handler
@@ -117,9 +117,12 @@ class GPT2CLI(LightningCLI):
             self.model.check_block_size(self.datamodule.block_size)
             return
         super().instantiate_classes()
-        if isinstance(self.trainer._accelerator_connector.cluster_environment, SLURMEnvironment):
+        environment = self.trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment):
             # srun's task count is the world size; a trainer that disagrees must not start (launch.py).
             check_srun_world(self.trainer.num_nodes, self.trainer.num_devices)
+        else:
+            check_srun_seen(type(environment).__name__)
         # Here, not only in configure_model: that runs after prepare_data has tokenized and packed the
         # whole corpus (minutes to hours on a large one) for a block size the model cannot take.
         self.model.check_block_size(getattr(self.datamodule, "block_size", None))

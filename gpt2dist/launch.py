@@ -119,6 +119,18 @@ def check_srun_world(num_nodes: int, devices: int, env=None) -> None:
                       f"or srun {num_nodes * devices} task(s)")
 
 
+def check_srun_seen(environment: str, env=None) -> None:
+    """srun's tasks in a job Lightning does not take for SLURM (an interactive allocation: SLURM_JOB_NAME bash or
+    interactive) and no other launcher: each task would train alone as rank 0, all in one run folder."""
+    env = os.environ if env is None else env
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if environment != "LightningEnvironment" or not tasks.isdigit() or int(tasks) < 2:
+        return
+    raise ConfigError(f"srun started {tasks} tasks, but Lightning does not run this job as SLURM (SLURM_JOB_NAME="
+                      f"{env.get('SLURM_JOB_NAME')!r}: an interactive allocation), so each task would train alone; "
+                      f"name the allocation (salloc --job-name gpt2dist ...) or submit with slurm/submit.sh")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt2dist.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, required=True)

@@ -63,24 +63,38 @@ def test_srun_task_count_must_match_the_trainer(env, nodes, devices, needle):
     assert needle in str(e.value)
 
 
+def test_srun_tasks_outside_any_detected_cluster_are_refused():
+    from gpt2dist.launch import check_srun_seen
+
+    with pytest.raises(ConfigError, match="srun started 4 tasks.*SLURM_JOB_NAME='bash'"):
+        check_srun_seen("LightningEnvironment", env={"SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_NAME": "bash"})
+    check_srun_seen("LightningEnvironment", env={"SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_NAME": "bash"})  # one task
+    check_srun_seen("LightningEnvironment", env={})  # no srun
+    check_srun_seen("TorchElasticEnvironment", env={"SLURM_STEP_NUM_TASKS": "2"})  # srun of torchrun: its own ranks
+
+
 def test_srun_task_count_that_matches_or_no_srun_passes():
     check_srun_world(2, 4, env={"SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2"})
     check_srun_world(1, 1, env={"SLURM_NTASKS": "4", "SLURM_NNODES": "1"})  # batch shell, no srun: one process
 
 
-def test_srun_mismatch_stops_the_cli_in_one_line(tmp_path, corpus_dir, tokenizer_dir):
+@pytest.mark.parametrize("job_name, needles", [
+    ("fit", ["srun started 2 task(s)", "--trainer.devices 2"]),
+    # salloc's shell: Lightning takes an interactive job for no cluster at all, and each task ran alone.
+    ("interactive", ["srun started 2 tasks", "SLURM_JOB_NAME='interactive'", "salloc --job-name"])])
+def test_srun_mismatch_stops_the_cli_in_one_line(tmp_path, corpus_dir, tokenizer_dir, job_name, needles):
     """`srun -n 2 gpt2dist fit` without --trainer.devices 2: each task would train alone as rank 0 in one folder."""
     from conftest import run_cli
     from test_slurm import write_config
 
     config = write_config(tmp_path, corpus_dir, tokenizer_dir, max_steps=2)
-    env = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "fit",
+    env = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_NAME": job_name,
            "SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
            "SLURM_NODELIST": "n1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
     p = run_cli("fit", "--config", str(config), env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2dist: error:")]
-    assert len(errors) == 1 and "srun started 2 task(s)" in errors[0] and "--trainer.devices 2" in errors[0]
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), errors
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
