@@ -188,6 +188,9 @@ class Preemption(Callback):
             trainer._signal_connector.received_sigterm = True
         else:
             trainer.should_stop = True
+            # Lightning ignores a stop request before trainer.min_steps / min_epochs; the job is leaving now
+            # (the resumed run reads both from its config again).
+            trainer.fit_loop.epoch_loop.min_steps, trainer.fit_loop.min_epochs = None, None
             # A stop request makes Lightning run a validation at once (meant for early stopping): here it
             # would spend SLURM's warning window before the exit, off schedule. The resumed run
             # validates this step first if one was due (FaultTolerance).

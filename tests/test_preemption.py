@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from gpt2dist.preemption import Preemption, agree_on_flags, cpu_flag_group, install_early_handler
@@ -37,3 +38,41 @@ def test_flags_are_agreed_across_ranks_on_a_gloo_group(tmp_path):
 
     results = sorted(spawn_ranks(_agree, 2, str(tmp_path / "init"), timeout=120))
     assert results == [(0, [False, True], True), (1, [False, True], True)]
+
+
+def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatch):
+    """Lightning ignores should_stop until min_steps: the run trained on past SLURM's warning window, and,
+    with the requeue failed, reported a checkpoint many steps older than where it ended."""
+    import signal
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from gpt2dist import preemption
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+
+    class Signal(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 3 and not preemption._received:
+                preemption._received.append(signal.SIGUSR1)  # what the SIGUSR1 handler records
+
+    class UnderSlurm(preemption.Preemption):
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            self._active = True  # as SLURMEnvironment with auto_requeue turns it on
+
+    callback = UnderSlurm()
+    trainer = pl.Trainer(max_steps=20, min_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Signal(), callback], default_root_dir=tmp_path,
+                         limit_val_batches=0, accelerator="cpu")
+    trainer.fit(BoringModel())
+    assert trainer.global_step == 4  # the signal came during step 4: saved and stopped at its end
+    assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == 4
+    message = callback.stopped_message(trainer.global_step)
+    assert message.startswith("stopped by SLURM's preemption signal at step 4") and "Invalid job id" in message
