@@ -6,7 +6,7 @@ Fails with one line naming the culprit when a config file is missing, or when th
 world size (trainer.num_nodes / trainer.devices / a strategy's data_parallel_size x
 tensor_parallel_size) other than nodes x tasks per node. A config's world size changes only when
 the command line says so too (`--trainer.num_nodes 4`): the global batch scales with it. Otherwise prints the global batch
-arithmetic. Reads the YAML only (no torch import), so it answers in a second.
+arithmetic. Reads the YAML only (no trainer, no model, no GPU), so it answers in seconds on a login node.
 
 `check_srun_world` (called by the CLI under srun): the trainer's num_nodes x devices must equal the
 tasks srun started.
@@ -32,10 +32,32 @@ def merge_configs(base: dict, extra: dict) -> dict:
     return out
 
 
-def read_fit_args(args: list[str]) -> tuple[dict, dict[str, str], list[str]]:
-    """(merged --config files, dotted CLI overrides, config file names) from `gpt2dist fit` args."""
+def _load_config(path: Path) -> dict:
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where} ({getattr(e, 'problem', None) or e}): "
+                          f"fix the file") from None
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ConfigError(f"config file '{path}' holds a {type(cfg).__name__}, not sections (trainer:, model:, "
+                          f"data: ...): fix the file")
+    return cfg or {}
+
+
+def _set(cfg: dict, dotted: str, value) -> dict:
+    """`cfg` with `dotted` (trainer.num_nodes) set, as a command-line override sets it."""
+    out = dict(cfg)
+    head, _, rest = dotted.partition(".")
+    out[head] = _set(out[head] if isinstance(out.get(head), dict) else {}, rest, value) if rest else value
+    return out
+
+
+def read_fit_args(args: list[str]) -> tuple[dict, list[str]]:
+    """(the merged config, its file names) from `gpt2dist fit` args: config files and dotted overrides
+    applied in order, as LightningCLI does (a --config after an override overrides it)."""
     merged: dict = {}
-    overrides: dict[str, str] = {}
     configs: list[str] = []
     i = 0
     while i < len(args):
@@ -50,15 +72,17 @@ def read_fit_args(args: list[str]) -> tuple[dict, dict[str, str], list[str]]:
                 raise ConfigError(f"config file '{value}' does not exist: pass an existing --config PATH "
                                   f"(relative to {Path.cwd()})")
             configs.append(str(path))
-            merged = merge_configs(merged, yaml.safe_load(path.read_text()) or {})
+            merged = merge_configs(merged, _load_config(path))
         elif key.startswith("--") and value is not None:
-            overrides[key[2:]] = value
-    return merged, overrides, configs
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value  # jsonargparse takes it as a string
+            merged = _set(merged, key[2:], parsed)
+    return merged, configs
 
 
-def _get(cfg: dict, overrides: dict[str, str], dotted: str):
-    if dotted in overrides:
-        return yaml.safe_load(overrides[dotted])
+def _get(cfg: dict, dotted: str):
     node = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -71,29 +95,29 @@ def check_submission(nodes: int, tasks_per_node: int, fit_args: list[str]) -> st
     """Raise ConfigError on a submission that cannot run; return the global-batch line."""
     if nodes < 1 or tasks_per_node < 1:
         raise ConfigError(f"--nodes {nodes} --tasks-per-node {tasks_per_node}: both must be >= 1")
-    cfg, overrides, configs = read_fit_args(fit_args)
+    cfg, configs = read_fit_args(fit_args)
     if not configs:
         raise ConfigError("no --config given: pass at least one, e.g. --config configs/gpt2-small.yaml")
     world = nodes * tasks_per_node
     where = " + ".join(configs)
-    num_nodes = _get(cfg, overrides, "trainer.num_nodes")
+    num_nodes = _get(cfg, "trainer.num_nodes")
     if isinstance(num_nodes, int) and num_nodes != nodes:
         raise ConfigError(f"{where} sets trainer.num_nodes={num_nodes} but the job asks for --nodes {nodes}: "
                           f"submit with --nodes {num_nodes}, or add --trainer.num_nodes {nodes} (the global batch scales with it)")
-    devices = _get(cfg, overrides, "trainer.devices")
+    devices = _get(cfg, "trainer.devices")
     n_dev = len(devices) if isinstance(devices, list) else devices
     if isinstance(n_dev, int) and n_dev not in (-1, tasks_per_node):
         raise ConfigError(f"{where} sets trainer.devices={devices} but the job runs {tasks_per_node} task(s) per node "
                           f"(--gpus-per-node/--tasks-per-node): make them equal, or add --trainer.devices {tasks_per_node}")
-    strategy = _get(cfg, overrides, "trainer.strategy")
+    strategy = _get(cfg, "trainer.strategy")
     init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
     dp, tp = init.get("data_parallel_size"), init.get("tensor_parallel_size", 1)
     if isinstance(dp, int) and isinstance(tp, int) and dp * tp != world:
         raise ConfigError(f"{where}: strategy data_parallel_size x tensor_parallel_size = {dp} x {tp} = {dp * tp}, "
                           f"but the job has {nodes} node(s) x {tasks_per_node} = {world} processes: make them equal")
-    micro = _get(cfg, overrides, "data.batch_size")
-    block = _get(cfg, overrides, "data.block_size")
-    accum = _get(cfg, overrides, "trainer.accumulate_grad_batches") or 1
+    micro = _get(cfg, "data.batch_size")
+    block = _get(cfg, "data.block_size")
+    accum = _get(cfg, "trainer.accumulate_grad_batches") or 1
     if not (isinstance(micro, int) and isinstance(block, int) and isinstance(accum, int)):
         return f"world size {world} ({nodes} node(s) x {tasks_per_node})"
     seqs = micro * accum * world

@@ -6,19 +6,21 @@
 #   slurm/submit.sh --nodes 2 --gpus-per-node 0 --tasks-per-node 2 --config x.yaml --trainer.accelerator cpu
 #
 # Options: --nodes N (1), --gpus-per-node G (8), --tasks-per-node T (G; needed when G is 0),
-# --cpus-per-task C (8), --time HH:MM:SS (24:00:00). Everything else goes to `gpt2dist fit`.
+# --cpus-per-task C (8), --time HH:MM:SS (24:00:00), each also as --opt=value. Everything else goes to `gpt2dist fit`.
 # Partition, account, QOS: sbatch's own environment (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS).
 # Prints the job id on success.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python}
 die() { echo "submit.sh: error: $*" >&2; exit 2; }
-int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 '$2' is not a whole number"; }
+int() { [[ $2 =~ ^(0|[1-9][0-9]*)$ ]] || die "$1 '$2' is not a whole number (no sign, no leading zero)"; }
 
 NODES=1 GPUS=8 TASKS="" CPUS=8 TIME=24:00:00
 ARGS=()
 while (($#)); do
   case $1 in
+    --nodes=*|--gpus-per-node=*|--tasks-per-node=*|--cpus-per-task=*|--time=*)
+      opt=${1%%=*} value=${1#*=}; shift; set -- "$opt" "$value" "$@"; continue ;;  # sbatch's --opt=value spelling
     --nodes|--gpus-per-node|--tasks-per-node|--cpus-per-task|--time)
       (($# >= 2)) || die "$1 needs a value"
       case $1 in

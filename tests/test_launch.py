@@ -50,6 +50,54 @@ def test_matching_world_size_and_missing_config(tmp_path):
         check_submission(2, 8, ["-c", str(REPO / "configs/gpt2-large.yaml")])
 
 
+def test_arguments_apply_in_order_as_the_cli_applies_them():
+    """LightningCLI: a --config after an override overrides it (`gpt2dist fit ... --print_config` agrees).
+    The line said 32 seqs where the job trains 128."""
+    large = str(REPO / "configs/gpt2-large.yaml")  # 8 seqs x 2 accum
+    before = check_submission(1, 8, ["--data.batch_size", "4", "--trainer.accumulate_grad_batches=1", "--config", large])
+    after = check_submission(1, 8, ["--config", large, "--data.batch_size", "4", "--trainer.accumulate_grad_batches=1"])
+    assert "8 seqs x 2 accum x 8 processes" in before and "= 128 seqs" in before, before
+    assert "4 seqs x 1 accum x 8 processes" in after and "= 32 seqs" in after, after
+
+
+def test_a_malformed_config_file_is_one_line(tmp_path):
+    bad, listed = tmp_path / "bad.yaml", tmp_path / "list.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n  devices: 2: 3\n")
+    listed.write_text("- trainer\n- model\n")
+    with pytest.raises(ConfigError, match=r"config file '.*bad.yaml' is not valid YAML at line 3 .*: fix the file"):
+        check_submission(1, 1, ["--config", str(bad)])
+    with pytest.raises(ConfigError, match=r"config file '.*list.yaml' holds a list, not sections"):
+        check_submission(1, 1, ["--config", str(listed)])
+
+
+def test_submit_sh_takes_sbatch_style_options_and_refuses_leading_zeros(tmp_path):
+    """`--nodes=2` fell through to gpt2dist fit's arguments: a 1-node job was queued, which then failed to
+    start. A fake sbatch records what would be queued."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/queued"\necho 123\n')
+    (tmp_path / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable}
+
+    def submit(*args):
+        return subprocess.run(["bash", str(REPO / "slurm/submit.sh"), *args, "--config", str(REPO / "configs/gpt2-large.yaml"),
+                               "--trainer.num_nodes=2"], env=env, capture_output=True, text=True, timeout=120)
+
+    r = submit("--nodes=2", "--gpus-per-node=8", "--time=01:00:00")
+    assert r.returncode == 0 and r.stdout.strip() == "123", r.stderr
+    queued = (tmp_path / "queued").read_text().split()
+    assert queued[:5] == ["--parsable", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8"]
+    assert "--time=01:00:00" in queued and queued[queued.index(str(REPO / "slurm/fit.sbatch")) + 1:] == [
+        "--config", str(REPO / "configs/gpt2-large.yaml"), "--trainer.num_nodes=2"]
+    assert "= 256 seqs" in r.stderr  # 8 seqs x 2 accum x 2 nodes x 8
+    r = submit("--nodes", "2", "--gpus-per-node", "08")  # bash arithmetic reads 08 as octal
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "submit.sh: error: --gpus-per-node '08' is not a whole number (no sign, no leading zero)"), r.stderr
+
+
 @pytest.mark.parametrize("env, nodes, devices, needle", [
     ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}, 1, 1,
      "srun started 2 task(s) on 1 node(s), but the trainer runs trainer.num_nodes=1 x trainer.devices=1 = 1 process(es): "
