@@ -484,6 +484,28 @@ def full_state_dict(trainer, pl_module) -> dict:
     return {k: v.detach().float().cpu().clone() for k, v in pl_module.model.state_dict().items()}
 
 
+def fitting_state_dict(model, state: dict, source: str) -> dict:
+    """`state` checked against the partitioned model on every rank, before any collective (a rank raising
+    inside the gather would leave the others waiting): a missing or misshapen tensor is a one-line error;
+    extra tensors (fewer layers by config_overrides) are dropped with a warning, as from_pretrained does."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from gpt2dist.errors import ConfigError
+
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    missing = [n for n in shapes if n not in state and n != "lm_head.weight"]  # lm_head is tied to wte
+    misshapen = [f"{n} {tuple(state[n].shape)} != {shapes[n]}" for n in shapes if n in state and tuple(state[n].shape) != shapes[n]]
+    if missing or misshapen:
+        raise ConfigError(f"pretrained weights from model.model_name_or_path={source!r} do not fit the model config "
+                          f"(missing {missing[:3]}, shapes {misshapen[:3]}); drop model.config_overrides that change "
+                          f"shapes, or set model.from_scratch=true")
+    unexpected = [k for k in state if k not in shapes and k != "lm_head.weight"]
+    if unexpected:
+        rank_zero_warn(f"pretrained weights from {source!r}: {len(unexpected)} tensors the model config has no place "
+                       f"for are not used ({unexpected[:3]})")
+    return {k: v for k, v in state.items() if k in shapes}
+
+
 def build_zero3_model(config, hparams):
     """A GPT2LMHeadModel built inside DeepSpeed's `zero.Init` (ZeRO-3), with correct weights:
     pretrained ones from a local folder (or the hub cache), else Hugging Face's initialisation."""
@@ -505,7 +527,13 @@ def build_zero3_model(config, hparams):
             except Exception as e:
                 raise ConfigError(f"cannot fetch pretrained weights for {path!r} under ZeRO-3 ({type(e).__name__}); "
                                   "give a local folder, or set model.from_scratch=true") from None
-        state = pretrained_state_dict(path)
+        try:
+            state = pretrained_state_dict(path)
+        except Exception as e:  # no weight file, a corrupt one
+            raise ConfigError(f"cannot load pretrained weights from model.model_name_or_path={hparams.model_name_or_path!r} "
+                              f"under ZeRO-3 ({type(e).__name__}: {str(e).splitlines()[0][:160]}); give a folder with "
+                              f"model.safetensors, or set model.from_scratch=true") from None
+        state = fitting_state_dict(model, state, hparams.model_name_or_path)
     init_partitioned(model, state)
     model.tie_weights()
     return model

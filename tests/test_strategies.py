@@ -577,3 +577,38 @@ def test_fp32_allreduce_hook_takes_the_bf16_gradient_mean_in_fp32(tmp_path):
     for rank, default, hooked, exact in spawn_ranks(_fp32_reduce_worker, 4, str(tmp_path / "init")):
         assert hooked == exact, rank  # bf16 values, compared exactly
         assert sum(a != b for a, b in zip(default, exact)) > 0  # the problem the hook solves
+
+
+def test_zero3_pretrained_weights_that_do_not_fit_are_one_line_and_extra_layers_are_dropped(tmp_path):
+    """Under ZeRO-3 the weights load by hand (strategies.build_zero3_model): a folder without weights and a
+    config they do not fit were tracebacks (the second raised on rank 0 inside the gather, with the other
+    ranks waiting in it); fewer layers than the weights hold loads, as from_pretrained does under DDP."""
+    import shutil
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2dist.errors import ConfigError
+    from gpt2dist.strategies import build_zero3_model
+
+    config = GPT2Config(vocab_size=128, bos_token_id=0, eos_token_id=0, **TINY)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "full")
+    (tmp_path / "no_weights").mkdir()
+    shutil.copy(tmp_path / "full" / "config.json", tmp_path / "no_weights")
+
+    def build(folder, **overrides):
+        hparams = SimpleNamespace(from_scratch=False, model_name_or_path=str(tmp_path / folder))
+        return build_zero3_model(GPT2Config(**{**config.to_dict(), **overrides}), hparams)
+
+    with pytest.raises(ConfigError, match=r"^cannot load pretrained weights from model.model_name_or_path='.*no_weights' "
+                                          r"under ZeRO-3 \(FileNotFoundError: no \*.safetensors.*model.from_scratch=true$"):
+        build("no_weights")
+    with pytest.raises(ConfigError, match=r"^pretrained weights from .*'.*full' do not fit the model config \(missing "
+                                          r"\[\], shapes \['transformer.wte.weight \(128, 64\) != \(128, 96\)'"):
+        build("full", n_embd=96)
+    with pytest.warns(UserWarning, match="12 tensors the model config has no place for are not used"):
+        one_layer = build("full", n_layer=1)
+    full = GPT2LMHeadModel.from_pretrained(tmp_path / "full")
+    for name, p in one_layer.state_dict().items():
+        torch.testing.assert_close(p, full.state_dict()[name], rtol=0, atol=0, msg=name)
