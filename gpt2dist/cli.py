@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 import warnings
 
 import torch
@@ -57,6 +58,9 @@ class GPT2CLI(LightningCLI):
         # it writes is the one `fit` with the same arguments reads, and one command line serves both.
         sub = self._prepare_subcommand_parser(self.trainer_class, "fit", **{**kwargs.get("fit", {}),
                                                                             "description": PREPARE_HELP})
+        # slurm/eval.sbatch runs prepare with an evaluation's own arguments: accepted here, and unused.
+        sub.add_argument("--verbose", type=Optional[bool], default=None, help="Ignored: validate / test's option.")
+        sub.add_argument("--return_predictions", type=Optional[bool], default=None, help="Ignored: predict's option.")
         self._subcommand_parsers["prepare"] = sub
         parser._subcommands_action.add_subcommand("prepare", sub, help=PREPARE_HELP)  # jsonargparse's, from super
 

@@ -318,7 +318,9 @@ def test_prepare_packs_what_fit_reads_without_a_trainer(tmp_path, corpus_dir, to
 
     one = ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "3", "--trainer.max_epochs", "1",
            "--trainer.max_steps", "-1"]
-    again = run_cli("prepare", "--config", str(cfg), *one, "--data.eval_stride", "16")  # not part of the cache key
+    # eval.sbatch's prepare step gets an evaluation's own options too (--verbose, --return_predictions).
+    again = run_cli("prepare", "--config", str(cfg), *one, "--data.eval_stride", "16",  # not part of the cache key
+                    "--verbose", "false", "--return_predictions=false")
     assert again.returncode == 0 and "gpt2dist prepare: found in the cache" in again.stdout, again.stderr[-2000:]
     val = meta["val"]["blocks"]  # a stream of 64 x val tokens: a window every 16 from 0 to the last 64
     assert f"eval_stride 16: val {(val * 64 - 64) // 16 + 1:,} windows ({val:,} blocks)" in again.stdout, again.stdout
