@@ -166,16 +166,21 @@ class Preemption(Callback):
         if trainer.global_step % self.check_every_n_steps:
             return
         usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
+        if (usr1 or term) and trainer.fit_loop.epoch_loop._is_training_done:
+            # A signal at the last step: the run finishes (and exports) as usual. A requeued job would
+            # resume at max_steps, where Lightning trains nothing and no export runs.
+            _received.clear()
+            return
         if usr1:
             signum = _received[0] if _received else signal.SIGUSR1
             _received.clear()
             self._save_and_requeue(trainer, signum)
             self.requeued = True
-        elif term and not trainer.fit_loop.epoch_loop._is_training_done:
+        elif term:
             _sigterm.clear()
             self._save_on_sigterm(trainer)
         else:
-            return  # nothing, or a SIGTERM at the last step: the run finishes (and exports) as usual
+            return
         for cb in trainer.callbacks:
             if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
                 cb.enabled = False  # the job is not finished: no Hugging Face export this time

@@ -40,9 +40,11 @@ def test_flags_are_agreed_across_ranks_on_a_gloo_group(tmp_path):
     assert results == [(0, [False, True], True), (1, [False, True], True)]
 
 
-def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_at, max_steps, stopped_at", [(3, 20, 4), (5, 6, 6)])
+def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatch, signal_at, max_steps, stopped_at):
     """Lightning ignores should_stop until min_steps: the run trained on past SLURM's warning window, and,
-    with the requeue failed, reported a checkpoint many steps older than where it ended."""
+    with the requeue failed, reported a checkpoint many steps older than where it ended. A signal at the
+    last step finishes the run as usual (a requeued job would resume at max_steps and export nothing)."""
     import signal
 
     import lightning.pytorch as pl
@@ -59,7 +61,7 @@ def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatc
 
     class Signal(pl.Callback):
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 3 and not preemption._received:
+            if trainer.global_step == signal_at and not preemption._received:
                 preemption._received.append(signal.SIGUSR1)  # what the SIGUSR1 handler records
 
     class UnderSlurm(preemption.Preemption):
@@ -68,11 +70,14 @@ def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatc
             self._active = True  # as SLURMEnvironment with auto_requeue turns it on
 
     callback = UnderSlurm()
-    trainer = pl.Trainer(max_steps=20, min_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=max_steps, min_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Signal(), callback], default_root_dir=tmp_path,
                          limit_val_batches=0, accelerator="cpu")
     trainer.fit(BoringModel())
-    assert trainer.global_step == 4  # the signal came during step 4: saved and stopped at its end
-    assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == 4
+    assert trainer.global_step == stopped_at  # the signal came during step signal_at + 1: stopped at its end
+    if stopped_at == max_steps:
+        assert callback.hpc_path is None and not callback.requeued and not preemption._received
+        return
+    assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == stopped_at
     message = callback.stopped_message(trainer.global_step)
-    assert message.startswith("stopped by SLURM's preemption signal at step 4") and "Invalid job id" in message
+    assert message.startswith(f"stopped by SLURM's preemption signal at step {stopped_at}") and "Invalid job id" in message
