@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import (LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from gpt2dist.errors import ConfigError
 
@@ -35,6 +35,12 @@ class Sampling:
                (f"{where}.top_p={self.top_p}", "must be in (0, 1] (1: no cut)", 0 < self.top_p <= 1),
                (f"{where}.repetition_penalty={self.repetition_penalty}", "must be > 0 (1: none)", self.repetition_penalty > 0)]
         bad.append((f"{where}.stop_strings", "must not hold an empty string", all(self.stop_strings)))
+        # Greedy decoding reads none of them: set without do_sample, they would change nothing, silently.
+        unused = [f"{k}={v}" for k, v, off in (("temperature", self.temperature, 1.0), ("top_k", self.top_k, 0),
+                                               ("top_p", self.top_p, 1.0)) if v != off]
+        bad.append((f"{where}." + f", {where}.".join(unused), ("only apply" if len(unused) > 1 else "only applies") +
+                    f" when sampling: set {where}.do_sample=true, "
+                    f"or drop them for greedy decoding", self.do_sample or not unused))
         for what, rule, ok in bad:
             if not ok:
                 raise ConfigError(f"{what} {rule}")
@@ -130,11 +136,18 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
         # Eager even where the blocks are compiled: every new length and KV-cache state would recompile
         # them (a few tokens of text are not worth it), and would spend dynamo's recompile limit.
         with torch.compiler.set_stance("force_eager"):
-            out = model.generate(batch, attention_mask=mask, max_new_tokens=limit, do_sample=False,
-                                 logits_processor=processors, pad_token_id=eos,
-                                 repetition_penalty=1.0,  # a saved generation_config's own penalty would count twice
-                                 **({"stop_strings": list(sampling.stop_strings), "tokenizer": tokenizer}
-                                    if sampling.stop_strings else {}))
+            config = GenerationConfig(max_new_tokens=limit, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                                      bos_token_id=eos, **({"stop_strings": list(sampling.stop_strings)}
+                                                           if sampling.stop_strings else {}))
+            # generate fills every field this config leaves unset from model.generation_config: a model folder's
+            # saved generation_config.json (num_beams, no_repeat_ngram_size, its own penalty) would change what
+            # these settings generate, silently. A blank one for the call leaves only what is set here.
+            saved, model.generation_config = model.generation_config, GenerationConfig()
+            try:
+                out = model.generate(batch, attention_mask=mask, generation_config=config, logits_processor=processors,
+                                     **({"tokenizer": tokenizer} if sampling.stop_strings else {}))
+            finally:
+                model.generation_config = saved
         for r, i in enumerate(rows):
             new = out[r, width:].tolist()
             if eos in new:  # a finished row (EOS, a stop string) is padded with EOS: it ends at its first one, as alone
@@ -145,9 +158,11 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling = GREEDY,
                    seeds: list[int] | None = None, real_vocab: int | None = None) -> list[str]:
-    """Prompt + continuation for each prompt (generate_ids, decoded without special tokens)."""
-    return [tokenizer.decode(x, skip_special_tokens=True)
-            for x in generate_ids(model, tokenizer, prompts, max_new_tokens, sampling, seeds, real_vocab)]
+    """Each prompt as given + its continuation (generate_ids' new tokens, decoded without special tokens):
+    a prompt's own special tokens (a literal <|endoftext|>) stay in the text."""
+    n_positions = model.config.n_positions
+    return [prompt + tokenizer.decode(x[len(prompt_ids(tokenizer, prompt, n_positions)):], skip_special_tokens=True)
+            for prompt, x in zip(prompts, generate_ids(model, tokenizer, prompts, max_new_tokens, sampling, seeds, real_vocab))]
 
 
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.0,

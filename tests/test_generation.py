@@ -117,6 +117,40 @@ def test_bad_sampling_settings_are_one_line(bad, says):
                                      "repetition_penalty": " (1: none)"}[next(iter(bad))]
 
 
+@pytest.mark.parametrize("knobs, says", [
+    (dict(temperature=5.0, top_k=3), "model.temperature=5.0, model.top_k=3 only apply when sampling"),
+    (dict(top_p=0.9), "model.top_p=0.9 only applies when sampling")])
+def test_sampling_knobs_without_do_sample_are_refused(knobs, says):
+    """Greedy decoding reads none of them: the output was greedy, with no word that they were ignored."""
+    with pytest.raises(ConfigError) as err:
+        Sampling(**knobs).check()
+    assert str(err.value) == says + ": set model.do_sample=true, or drop them for greedy decoding"
+    Sampling(do_sample=True, **knobs).check()
+
+
+def test_a_saved_generation_config_changes_nothing(model, tokenizer):
+    """A model folder's generation_config.json (no_repeat_ngram_size, num_beams, its own penalty) was applied
+    on top of the settings: predict's greedy text changed with the folder it was loaded from."""
+    sampling = Sampling(repetition_penalty=1.3)
+    plain = generate_ids(model, tokenizer, PROMPTS, 12, sampling)
+    saved = model.generation_config
+    try:
+        model.generation_config = type(saved)(**{**saved.to_dict(), "no_repeat_ngram_size": 1, "num_beams": 2,
+                                                 "repetition_penalty": 2.0, "bad_words_ids": [[plain[0][-1]]]})
+        assert generate_ids(model, tokenizer, PROMPTS, 12, sampling) == plain
+    finally:
+        model.generation_config = saved
+
+
+def test_the_text_starts_with_the_prompt_as_given(model, tokenizer):
+    """A literal <|endoftext|> in a prompt is kept in the text (decoding without special tokens dropped it)."""
+    eos = tokenizer.eos_token  # the test tokenizer's EOS string
+    prompts = [f"story one{eos}story two", "", "def main("]
+    texts = generate_texts(model, tokenizer, prompts, 6)
+    assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(texts, prompts)), texts
+    assert texts[2] == tokenizer.decode(generate_ids(model, tokenizer, prompts[2:], 6)[0], skip_special_tokens=True)
+
+
 def test_repetition_penalty_skips_the_left_padding():
     """Row 0 is padded with two EOS (id 0) before its tokens 5, 6; row 1 really holds an EOS. The penalty
     (divide a positive logit, multiply a negative one) falls on each row's own tokens only."""
