@@ -117,10 +117,14 @@ class GPT2CLI(LightningCLI):
             # GPU here, nor start a process group or a logger's run.
             config = self.config["prepare"]
             self.datamodule = TokenBlockDataModule(**config.data.as_dict())
+            self.datamodule.check_training_source()
             self.model = GPT2Module(**config.model.as_dict())
             self.model.check_block_size(self.datamodule.block_size)
             return
         super().instantiate_classes()
+        predicting = self.subcommand == "predict"  # needs a model and a tokenizer: no training data, no blocks
+        if not predicting:
+            self.datamodule.check_training_source()
         environment = self.trainer._accelerator_connector.cluster_environment
         if isinstance(environment, SLURMEnvironment):
             # srun's task count is the world size; a trainer that disagrees must not start (launch.py).
@@ -129,7 +133,8 @@ class GPT2CLI(LightningCLI):
             check_srun_seen(type(environment).__name__)
         # Here, not only in configure_model: that runs after prepare_data has tokenized and packed the
         # whole corpus (minutes to hours on a large one) for a block size the model cannot take.
-        self.model.check_block_size(getattr(self.datamodule, "block_size", None))
+        if not predicting:
+            self.model.check_block_size(getattr(self.datamodule, "block_size", None))
 
     def before_fit(self) -> None:
         # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).
@@ -158,6 +163,7 @@ class GPT2CLI(LightningCLI):
 
     def _before_eval(self) -> None:
         """validate / test / predict: `--ckpt_path last|auto|best` resolved as for fit (gpt2dist/resume.py)."""
+        check_strategy_accelerator(self.trainer)  # as for fit: Lightning's own refusal is a traceback
         sub = str(self.subcommand)
         config = self.config.get(sub, self.config)
         cb = self.config_init[sub]["best_checkpoint"]  # the instantiated callback: its dirpath link is resolved
@@ -240,6 +246,17 @@ def _run_info(trainer, datamodule, model) -> dict:
             "pad_vocab": int(getattr(model.hparams, "pad_vocab_to_multiple_of", 1) or 1)}
 
 
+def _deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to the sys.stdout of its import (its accelerator line among the first):
+    imported with stdout pointed at stderr, its lines stay out of --print_config's output, a config file."""
+    import contextlib
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+
+
 def main(args: list[str] | None = None) -> None:
     # Workers never tokenize, so the Rust pool may stay on after fork (and not warn about it).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -250,6 +267,8 @@ def main(args: list[str] | None = None) -> None:
     logging.getLogger("gpt2dist").setLevel(logging.INFO)
     # Under SLURM a requeue signal (SIGUSR1) may come during start-up, whose default action kills us.
     install_early_handler()
+    if any(a.startswith("--print_config") for a in (sys.argv[1:] if args is None else args)):
+        _deepspeed_logs_to_stderr()
     try:
         cli = GPT2CLI(
             GPT2Module,

@@ -103,7 +103,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise BadFileError(path, f"not UTF-8 (byte {e.start})", "convert it (e.g. iconv -t utf-8)") from None
 
 
-def _json_texts(path: Path, text: str, field: str) -> Iterator[str]:
+def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field") -> Iterator[str]:
     stripped, rows = text.lstrip(), None
     if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" in stripped.strip():
         try:  # one pretty-printed object over many lines, not JSON lines
@@ -134,14 +134,14 @@ def _json_texts(path: Path, text: str, field: str) -> Iterator[str]:
         numbered = _rows()
     for n, row in numbered:
         if not isinstance(row, dict) or field not in row:
-            raise DataError(f"{path}:{n}: record has no field {field!r}; set data.text_field to the text's key")
+            raise DataError(f"{path}:{n}: record has no field {field!r}; set {knob} to the text's key")
         value = row[field]
         if not isinstance(value, str):
             raise DataError(f"{path}:{n}: field {field!r} is {type(value).__name__}, not a string")
         yield value
 
 
-def _table_texts(path: Path, field: str) -> Iterator[str]:
+def _table_texts(path: Path, field: str, knob: str = "data.text_field") -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -155,10 +155,10 @@ def _table_texts(path: Path, field: str) -> Iterator[str]:
     except Exception as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if field not in table.column_names:
-        raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set data.text_field")
+        raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set {knob}")
     kind = table.schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # Parquet numbers: str(3) would be packed as text
-        raise DataError(f"{path}: column {field!r} is {kind}, not text; set data.text_field to the text column")
+        raise DataError(f"{path}: column {field!r} is {kind}, not text; set {knob} to the text column")
     for value in table.column(field).to_pylist():
         if value is not None:
             yield str(value)
@@ -167,16 +167,17 @@ def _table_texts(path: Path, field: str) -> Iterator[str]:
 _BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
 
 
-def read_documents(path: Path, text_field: str = "text", text_unit: str = "file") -> Iterator[str]:
+def read_documents(path: Path, text_field: str = "text", text_unit: str = "file",
+                   knob: str = "data.text_field") -> Iterator[str]:
     """The documents of one file. Text files are one document per file, or per blank-line
-    separated paragraph when `text_unit="paragraph"`."""
+    separated paragraph when `text_unit="paragraph"`. `knob`: the setting an error names (the field's)."""
     suffix = path.suffix.lower()
     if suffix in {".parquet", ".csv"}:
-        yield from _table_texts(path, text_field)
+        yield from _table_texts(path, text_field, knob)
         return
     text = _decode(path, path.read_bytes())
     if suffix in {".jsonl", ".json"}:
-        yield from _json_texts(path, text, text_field)
+        yield from _json_texts(path, text, text_field, knob)
     elif text_unit == "paragraph":
         # A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone
         # made such a file one document.
@@ -460,15 +461,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
             cache_dir: Where tokenized blocks (and trained tokenizers) are cached.
             on_bad_file: A binary or non-UTF-8 file: `error` names it and stops; `skip` warns and leaves it out.
             predict_prompts: Prompts for `gpt2dist predict` (the model continues each one).
-            predict_file: A file of prompts for `gpt2dist predict` instead: .txt one per line, or .jsonl/.json/.csv/.parquet records (`predict_text_field`).
+            predict_file: A file (or a glob: its files in name order) of prompts for `gpt2dist predict` instead: .txt one per line, or .jsonl/.json/.csv/.parquet records (`predict_text_field`).
             predict_text_field: The JSON key or table column holding each prompt in `predict_file`.
             predict_batch_size: Prompts per `generate` call per device (left-padded; similar lengths are batched together).
             eval_stride: Validate/test on overlapping windows this many tokens apart, each scoring only its new tokens (more context per token, block_size/stride x the compute); None: disjoint blocks.
         """
         super().__init__()
         self.save_hyperparameters()
-        if not train_files and not dataset_name:
-            raise DataError("no training data: set data.train_files (paths or globs) or data.dataset_name")
         if train_files and dataset_name:
             raise DataError("set either data.train_files or data.dataset_name, not both")
         for files, knob in ((val_files, "val_files"), (test_files, "test_files")):
@@ -748,6 +747,27 @@ class TokenBlockDataModule(pl.LightningDataModule):
             raise DataError(f"data.cache_dir={str(self.cache_dir)!r} is not a writable folder "
                             f"({e.strerror or type(e).__name__}); set data.cache_dir to a folder you can write to") from None
 
+    def check_training_source(self) -> None:
+        """fit / validate / test (and prepare) pack the training data; `predict` needs only the tokenizer."""
+        if not self.train_files and not self.dataset_name:
+            raise DataError("no training data: set data.train_files (paths or globs) or data.dataset_name")
+
+    def _predicting(self) -> bool:
+        return self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING
+
+    def _predict_tokenizer(self):
+        """`predict`'s tokenizer, without packing anything: data.tokenizer, or the one trained for this data
+        section at fit (its cache key is the training corpus's)."""
+        if not self.train_tokenizer_vocab_size:
+            return load_tokenizer(self.tokenizer_name)
+        self.check_training_source()
+        tok_dir = self._tokenizer_dir()
+        if not (tok_dir / "tokenizer.json").exists():
+            raise DataError(f"the tokenizer trained for this data section ({tok_dir}) is missing; predict with the data "
+                            f"section of the fit, where its data.cache_dir is, or set data.tokenizer to the run's "
+                            f"exported hf_model folder")
+        return load_tokenizer(str(tok_dir))
+
     def load_tokenizer(self):
         """The tokenizer: loaded, or trained once and cached (train_tokenizer_vocab_size). Checks cache_dir first."""
         self._check_cache_dir()
@@ -759,7 +779,12 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return all((out / "meta.json").exists() for out in (self._blocks_dir(), self._test_blocks_dir()) if out)
 
     def prepare_data(self) -> None:
-        """Tokenize + pack once per node (local rank 0) into the on-disk cache: train/val, then test if given."""
+        """Tokenize + pack once per node (local rank 0) into the on-disk cache: train/val, then test if given.
+        `predict` packs nothing: it loads the tokenizer only."""
+        if self._predicting():
+            self.tokenizer = self._predict_tokenizer()
+            return
+        self.check_training_source()
         self.load_tokenizer()
         self._write_cache(self._blocks_dir(), self._pack_into)
         if self._test_blocks_dir() is not None:
@@ -865,6 +890,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
             )
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self.tokenizer = self.tokenizer or self._predict_tokenizer()  # every rank (prepare_data: one per node)
+            return
+        self.check_training_source()
         if self.tokenizer is None or self.train_tokenizer_vocab_size:
             self.tokenizer = self._load_or_train_tokenizer(train_if_missing=False)
         out = self._blocks_dir()
@@ -1006,18 +1035,22 @@ class TokenBlockDataModule(pl.LightningDataModule):
         if not self.predict_file:
             return [(f"data.predict_prompts[{i}]", p) for i, p in enumerate(self.predict_prompts)]
         if getattr(self, "_file_prompts", None) is None:
-            [path] = resolve_files([self.predict_file], "data.predict_file")
-            try:
-                if path.suffix.lower() in TEXT_SUFFIXES:
-                    # One prompt per line; blank lines separate nothing and are not prompts.
-                    lines = _decode(path, path.read_bytes()).splitlines()
-                    found = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
-                else:
-                    found = [(f"{path} record {n}", t) for n, t in enumerate(read_documents(path, self.predict_text_field), 1)]
-            except BadFileError as e:  # its advice (data.on_bad_file=skip) is for training files, not this one
-                raise DataError(f"data.predict_file {e.problem}; give UTF-8 text (one prompt per line) or JSON lines") from None
+            found = []
+            paths = resolve_files([self.predict_file], "data.predict_file")  # a glob: its files in name order
+            for path in paths:
+                try:
+                    if path.suffix.lower() in TEXT_SUFFIXES:
+                        # One prompt per line; blank lines separate nothing and are not prompts.
+                        lines = _decode(path, path.read_bytes()).splitlines()
+                        found += [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+                    else:
+                        found += [(f"{path} record {n}", t) for n, t in enumerate(
+                            read_documents(path, self.predict_text_field, knob="data.predict_text_field"), 1)]
+                except BadFileError as e:  # its advice (data.on_bad_file=skip) is for training files, not this one
+                    raise DataError(f"data.predict_file {e.problem}; give UTF-8 text (one prompt per line) or JSON lines") from None
             if not found:
-                raise DataError(f"data.predict_file {path} holds no prompt; write one per line (.txt) or one record "
+                where = paths[0] if len(paths) == 1 else f"{self.predict_file!r} ({len(paths)} files)"
+                raise DataError(f"data.predict_file {where} holds no prompt; write one per line (.txt) or one record "
                                 f"with a {self.predict_text_field!r} field each (.jsonl)")
             self._file_prompts = found
         return self._file_prompts

@@ -155,6 +155,8 @@ class GPT2Module(pl.LightningModule):
         """
         super().__init__()
         Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, tuple(stop_strings or ())).check()
+        if max_new_tokens < 1:
+            raise ConfigError(f"model.max_new_tokens={max_new_tokens} must be >= 1 (tokens `predict` generates per prompt)")
         if samples_per_prompt < 1 or (samples_per_prompt > 1 and not do_sample):
             raise ConfigError(f"model.samples_per_prompt={samples_per_prompt} needs model.do_sample=true (greedy "
                               "continuations of one prompt are all the same) and must be at least 1")
@@ -189,7 +191,9 @@ class GPT2Module(pl.LightningModule):
                 f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
                 "use the model's own tokenizer or set model.config_overrides.vocab_size"
             )
-        _check_block_size(getattr(dm, "block_size", None), config.n_positions)
+        trainer = self._trainer
+        if not (trainer is not None and trainer.state.fn == "predict"):  # generation is bounded by n_positions itself
+            _check_block_size(getattr(dm, "block_size", None), config.n_positions)
         return config
 
     def check_block_size(self, block_size: int | None) -> None:

@@ -442,12 +442,14 @@ def test_predict_reads_a_prompt_file_in_batches_and_samples_reproducibly(fitted,
     (["--data.predict_prompts", "null", "--data.predict_file", "{d}/missing.txt"],
      "data.predict_file: file '{d}/missing.txt' does not exist"),
     (["--data.predict_prompts", "null", "--data.predict_file", "{d}/blank.txt"], "data.predict_file {d}/blank.txt holds no prompt"),
-    (["--data.predict_prompts", "null", "--data.predict_file", "{d}/prompts.jsonl"], "{d}/prompts.jsonl:2: record has no field 'prompt'"),
+    (["--data.predict_prompts", "null", "--data.predict_file", "{d}/prompts.jsonl"], "{d}/prompts.jsonl:2: record has no field 'prompt'; set data.predict_text_field"),
     (["--data.predict_prompts", "null", "--data.predict_file", "{d}/binary.txt"],
      "data.predict_file {d}/binary.txt: looks binary (NUL bytes); give UTF-8 text (one prompt per line) or JSON lines"),
     (["--model.samples_per_prompt", "3"], "model.samples_per_prompt=3 needs model.do_sample=true"),
     (["--model.do_sample", "true", "--model.top_p", "1.5"], "model.top_p=1.5 must be in (0, 1]"),
     (["--model.stop_strings", '["\\n\\n", ""]'], "model.stop_strings must not hold an empty string"),
+    # As fit says it (Lightning's own refusal here was a RuntimeError traceback, exit 1).
+    (["--config", str(REPO / "configs/strategy/fsdp1.yaml")], "(FSDP1) needs CUDA GPUs, but the accelerator is cpu"),
 ])
 def test_bad_predict_input_is_one_line(bad_predict_runs, request, args, says):
     d, r = row_result(bad_predict_runs, request)
@@ -494,3 +496,29 @@ def test_export_source_best_exports_the_best_checkpoint(fitted, tmp_path):
     got, want, last = (load_file(tmp_path / d / "model.safetensors") for d in ("run/hf_model", "from_best", "from_last"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert not all(torch.equal(got[k], last[k]) for k in got)  # the final weights differ: the check can fail
+
+
+def test_predict_from_an_exported_model_needs_no_training_data(fitted, tmp_path):
+    """predict needs a model and a tokenizer: it required data.train_files and packed the whole training
+    corpus (with the gpt2-* presets: WikiText-103 from the hub) before generating a token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2dist.generation import generate_texts
+
+    hf = fitted[0] / "run" / "hf_model"
+    prompts = ["def main(", "import "]
+    r = run_cli("predict", "--model.model_name_or_path", str(hf), "--data.tokenizer", str(hf),
+                "--data.predict_prompts", json.dumps(prompts), "--model.max_new_tokens", "8",
+                "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "out"),
+                "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.logger", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True).eval()
+    expected = generate_texts(model, AutoTokenizer.from_pretrained(hf, local_files_only=True), prompts, 8)
+    assert [p["text"] for p in preds] == expected and all(len(t) > len(p) for t, p in zip(expected, prompts))
+    assert not (tmp_path / "cache" / "blocks").exists()  # nothing packed
+    fit = run_cli("fit", "--model.model_name_or_path", str(hf), "--data.tokenizer", str(hf),
+                  "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "fit"))
+    errors = [line for line in fit.stderr.splitlines() if line.startswith("gpt2dist: error:")]
+    assert fit.returncode == 2 and errors == ["gpt2dist: error: no training data: set data.train_files (paths or globs) "
+                                              "or data.dataset_name"], fit.stderr[-2000:]

@@ -612,3 +612,25 @@ def test_eval_stride_is_checked_against_block_size(corpus_dir, tokenizer_dir, tm
         with pytest.raises(DataError, match=rf"^data.eval_stride={bad} must be in \[1, data.block_size=64\]"):
             TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], tokenizer=str(tokenizer_dir), block_size=64,
                                  cache_dir=str(tmp_path), eval_stride=bad)
+
+
+def test_predict_file_glob_reads_every_match_in_name_order_and_errors_name_the_predict_field(tmp_path, tokenizer_dir,
+                                                                                            corpus_dir):
+    """A glob matching several prompt files crashed (`[path] = ...`: too many values to unpack), although the
+    folder error suggests a glob; a record without the prompt field named data.text_field, which predict
+    does not read."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "b.txt").write_text("import \n\nclass \n")
+    (prompts / "a.jsonl").write_text('{"prompt": "def "}\n{"prompt": "for "}\n')
+    dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], predict_file=str(prompts / "*"))
+    assert dm.prompts_with_origin() == [(f"{prompts / 'a.jsonl'} record 1", "def "), (f"{prompts / 'a.jsonl'} record 2", "for "),
+                                        (f"{prompts / 'b.txt'}:1", "import "), (f"{prompts / 'b.txt'}:3", "class ")]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "def "}\n{"text": "x"}\n')
+    (tmp_path / "bad.csv").write_text("text\nx\n")
+    for name, says in [("bad.jsonl", f"{tmp_path / 'bad.jsonl'}:2: record has no field 'prompt'; set data.predict_text_field"),
+                       ("bad.csv", f"{tmp_path / 'bad.csv'}: no column 'prompt' (has ['text']); set data.predict_text_field")]:
+        dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], predict_file=str(tmp_path / name))
+        with pytest.raises(DataError) as e:
+            dm.prompts_with_origin()
+        assert str(e.value).startswith(says), str(e.value)

@@ -190,3 +190,10 @@ def test_greedy_text_empty_prompt_starts_from_eos_and_a_full_prompt_is_refused(t
         greedy_text(model, tokenizer, fits + "a", 5)
     assert f"is {n_pos} tokens" in str(err.value) and f"at most {n_pos - 1} tokens" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("tokens", [0, -3])
+def test_max_new_tokens_below_one_is_refused(tokens):
+    """It generated one token anyway (generate_ids' budget is at least 1), with exit 0."""
+    with pytest.raises(ConfigError, match=rf"^model.max_new_tokens={tokens} must be >= 1"):
+        GPT2Module(from_scratch=True, max_new_tokens=tokens)
