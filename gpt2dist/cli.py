@@ -207,6 +207,8 @@ def _epoch_line(data: TokenBlockDataModule, trainer) -> str:
     """What one epoch of these blocks is in optimizer steps at the trainer's world size, and what
     trainer.max_steps amounts to: the number to set max_steps by (and to see overfitting coming)."""
     devices = len(trainer.devices) if isinstance(trainer.devices, (list, tuple)) else trainer.devices
+    if isinstance(devices, str) and "," in devices:  # Lightning's device ids: "0,1" is 2 devices, "3," is one
+        devices = len([d for d in devices.split(",") if d.strip()])
     devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
     if not isinstance(devices, int) or devices < 1:  # "auto", -1: only the machine that runs fit knows
         return (f"steps per epoch: trainer.devices={trainer.devices!r} is not a count here; pass --trainer.devices N "

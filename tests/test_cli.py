@@ -522,3 +522,15 @@ def test_predict_from_an_exported_model_needs_no_training_data(fitted, tmp_path)
     errors = [line for line in fit.stderr.splitlines() if line.startswith("gpt2dist: error:")]
     assert fit.returncode == 2 and errors == ["gpt2dist: error: no training data: set data.train_files (paths or globs) "
                                               "or data.dataset_name"], fit.stderr[-2000:]
+
+
+@pytest.mark.parametrize("devices, world", [("0,1", 2), ("3,", 1), ([0, 1, 2], 3), ("4", 4), (2, 2)])
+def test_prepare_counts_device_ids_as_lightning_does(devices, world):
+    from types import SimpleNamespace
+
+    from gpt2dist.cli import _epoch_line
+
+    data = SimpleNamespace(batch_size=8, block_size=64, optimizer_steps_per_epoch=lambda w, a: 1000 // (w * a))
+    trainer = SimpleNamespace(devices=devices, num_nodes=1, accumulate_grad_batches=1, max_steps=-1)
+    assert _epoch_line(data, trainer) == (f"one epoch = {1000 // world:,} optimizer steps of 8 seqs x 1 accum x {world} "
+                                          f"process(es) = {8 * world} seqs x 64 tokens = {8 * world * 64:,} tokens/step")
