@@ -191,8 +191,7 @@ class GPT2Module(pl.LightningModule):
                 f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
                 "use the model's own tokenizer or set model.config_overrides.vocab_size"
             )
-        trainer = self._trainer
-        if not (trainer is not None and trainer.state.fn == "predict"):  # generation is bounded by n_positions itself
+        if getattr(getattr(self._trainer, "state", None), "fn", None) != "predict":  # generation: bounded by n_positions
             _check_block_size(getattr(dm, "block_size", None), config.n_positions)
         return config
 
