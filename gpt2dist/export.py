@@ -203,15 +203,37 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def load_distcp_folder(path: Path) -> dict:
-    """A FSDP2 / FSDP1 sharded checkpoint folder consolidated in CPU memory (no process group)."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    """A FSDP2 / FSDP1 sharded checkpoint folder consolidated in CPU memory (no process group). Lightning's
+    `_load_distributed_checkpoint`, except that non-tensor entries and meta.pt are read weights-only:
+    torch's planner unpickles them in full, so a crafted shard would run code just by being exported."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    class WeightsOnlyPlanner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    checkpoint: dict = {}
     try:
-        checkpoint = _load_distributed_checkpoint(Path(path))
+        _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=WeightsOnlyPlanner(), no_dist=True)
+        meta = Path(path) / "meta.pt"  # Lightning's trainer state, beside the shards
+        if meta.is_file():
+            checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
     except (Exception, CheckpointException) as e:
+        text = str(e)
+        if "Weights only load failed" in text or "weights_only" in text:
+            raise CheckpointError(f"sharded checkpoint {path} holds objects that only a full unpickle reads, which "
+                                  f"could run code, and gpt2dist never saves them; it is not a gpt2dist checkpoint, "
+                                  f"and it is not loaded") from None
         raise CheckpointError(
-            f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''}); "
             "a shard may be missing or truncated: use an earlier checkpoint"
         ) from None
     if "state_dict" not in checkpoint and "model" in checkpoint:  # Lightning stores weights under "model"

@@ -236,3 +236,27 @@ def test_corrupt_or_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nope.ckpt does not exist"):
         load_checkpoint_file(tmp_path / "nope.ckpt")
     assert "state_dict" in load_checkpoint_file(good)
+
+
+class _RunsCode:
+    """Unpickling this runs code (touches a file): what a crafted checkpoint entry would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_sharded_folder_with_a_pickled_object_is_refused_without_running_it(tmp_path):
+    """torch's distributed-checkpoint planner unpickles non-tensor entries in full (weights_only=False):
+    exporting a crafted FSDP folder ran its code."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "ran"
+    state = {"state_dict": {"model.x": torch.zeros(2)}, "gpt2_config": _RunsCode(str(marker))}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    with pytest.raises(CheckpointError, match=r"holds objects that only a full unpickle reads.*not loaded$"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
