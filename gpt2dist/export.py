@@ -49,8 +49,14 @@ def _is_previous_export(path: Path) -> bool:
 def check_export_target(out_dir: str | os.PathLike, fix: str = "choose an empty or new folder") -> None:
     """Refuse an `out_dir` that an export would destroy: only an absent or empty folder, or one that
     holds a previous Hugging Face export and nothing else, may be replaced."""
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." has no parent to write the temporary folder in; symlinks kept
     if not (out_dir.exists() or out_dir.is_symlink()):
+        ancestor = out_dir.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            why = "a file" if not ancestor.is_dir() else "not writable"
+            raise GPT2DistError(f"export folder {out_dir} cannot be created: {ancestor} is {why}; {fix}")
         return
     if out_dir.is_symlink() or not out_dir.is_dir():
         what = "a symlink" if out_dir.is_symlink() else "a file"
@@ -122,9 +128,12 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
     """
     from gpt2dist.perf import unpad_vocab
 
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
     check_export_target(out_dir, fix)  # before writing anything
     model = unpad_vocab(model)  # a padded vocabulary goes back to the standard row count
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:  # its top ids would index past the embedding
+        raise GPT2DistError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                            f"{model.config.vocab_size}: export it with the tokenizer it was trained with (tools/export_hf.py --tokenizer DIR)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     use_cache = model.config.use_cache

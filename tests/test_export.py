@@ -169,7 +169,7 @@ def tiny_model(seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=300))
+    return GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=512))  # the test tokenizer's 512 tokens
 
 
 def test_save_replaces_atomically_and_loads(tmp_path, tokenizer):
@@ -260,3 +260,30 @@ def test_a_sharded_folder_with_a_pickled_object_is_refused_without_running_it(tm
     with pytest.raises(CheckpointError, match=r"holds objects that only a full unpickle reads.*not loaded$"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
     assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_export_targets_under_a_file_or_the_current_folder(tmp_path, tokenizer_dir, monkeypatch):
+    """Under a file: a FileExistsError traceback after the checkpoint had loaded. Exporting to "." (an empty
+    cwd) was refused, blaming the export's own temporary folder, made inside it ("." has "." for parent)."""
+    _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(GPT2DistError, match=rf"^export folder {tmp_path}/afile/out cannot be created: {tmp_path}/afile is a file"):
+        export_checkpoint(tmp_path / "x.ckpt", tmp_path / "afile" / "out")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    out = export_checkpoint(tmp_path / "x.ckpt", ".")
+    assert out == tmp_path / "here" and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left beside it
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_not_exported(tmp_path, tokenizer_dir):
+    """It exported, and the folder's first generate raised IndexError (ids past the embedding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=200, **TINY))
+    torch.save({"gpt2_config": model.config.to_dict(), "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "small.ckpt")
+    with pytest.raises(GPT2DistError, match=r"^the tokenizer has 512 tokens but the model's vocab_size is 200: export it "
+                                            r"with the tokenizer it was trained with \(tools/export_hf.py --tokenizer DIR\)$"):
+        export_checkpoint(tmp_path / "small.ckpt", tmp_path / "hf", tokenizer=str(tokenizer_dir))
+    assert not (tmp_path / "hf").exists()
