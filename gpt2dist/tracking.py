@@ -20,7 +20,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -53,6 +52,10 @@ def git_state(path: str | Path | None = None) -> dict:
     """Commit and dirty flag of the code that runs (the gpt2dist checkout, not the cwd)."""
     path = Path(path or Path(__file__).resolve().parent)
     try:
+        # The package's own files must be tracked there: a wheel installed into a venv inside some other
+        # repository (myproject/.venv) would otherwise report that repository's commit.
+        subprocess.run(["git", "-C", str(path), "ls-files", "--error-unmatch", "--", "tracking.py"],
+                       capture_output=True, timeout=10, check=True)
         commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
@@ -120,27 +123,45 @@ class RunConfig(SaveConfigCallback):
 
 
 def _checkpoint_run_id(path: str | None) -> str | None:
-    """The W&B run id stored in a checkpoint file (or an FSDP2/distcp folder's meta.pt)."""
+    """The W&B run id stored in a checkpoint: a file, an FSDP2/distcp folder's meta.pt, a DeepSpeed folder's
+    client state (read as resume.py reads them: weights-only, except DeepSpeed's own format)."""
     if not path:
         return None
-    p = Path(path)
-    if p.is_dir():
-        p = p / "meta.pt"
-    if not p.is_file():
+    if "://" in str(path):
+        if not str(path).startswith("file://"):
+            log.warning("the W&B run id of %s is not read (a URL): this fit starts a new W&B run; set WANDB_RUN_ID "
+                        "to continue the checkpoint's", path)
+            return None
+        path = str(path)[len("file://"):]
+    if not os.path.exists(path):
         return None
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # never run code to read an id
-    except Exception as e:  # a checkpoint we cannot read is reported by Lightning itself
-        log.warning("could not read the W&B run id from %s (%s)", p, type(e).__name__)
+    from gpt2dist.resume import _meta
+
+    ckpt, why = _meta(path)
+    if ckpt is None:  # a checkpoint we cannot read is reported by Lightning itself
+        log.warning("could not read the W&B run id from %s (%s)", path, why)
         return None
-    return ckpt.get("wandb_run_id") if isinstance(ckpt, dict) else None
+    return ckpt.get("wandb_run_id")
+
+
+def _newest_hpc_checkpoint(root_dir: str | None) -> str | None:
+    """Lightning's `--ckpt_path hpc`: the hpc_ckpt_N.ckpt in default_root_dir with the largest N."""
+    if not root_dir or not os.path.isdir(root_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(root_dir) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
+    return os.path.join(root_dir, max(found)[1]) if found else None
+
+
+def _inside(path: str, folders: tuple[str | None, ...]) -> bool:
+    real = os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
+    return any(f and os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders)
 
 
 def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
                    root_dir: str | None = None) -> tuple[str | None, str]:
-    """(run id, where it came from). Order: WANDB_RUN_ID, the checkpoint resumed from, the SLURM
-    job and run folder `root_dir` (a requeued job keeps its id), else None (W&B draws a new id,
-    which checkpoints then keep)."""
+    """(run id, where it came from). Order: WANDB_RUN_ID, the checkpoint resumed from (when it is this run's:
+    in its run folder or checkpoint folder), the SLURM job and run folder `root_dir` (a requeued job keeps
+    its id), else None (W&B draws a new id, which checkpoints then keep)."""
     env = os.environ if env is None else env
     # One job script may train several runs (`srun gpt2dist fit` per config, or plain `python -m`
     # calls): the job id alone would merge them into one W&B run (resume="allow"), the second's
@@ -148,11 +169,18 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
     folder = f"-{hashlib.sha1(os.path.abspath(root_dir).encode()).hexdigest()[:8]}" if root_dir else ""
     if env.get("WANDB_RUN_ID"):
         return env["WANDB_RUN_ID"], "WANDB_RUN_ID"
-    if ckpt_path in ("last", "hpc") and checkpoint_dir:
-        ckpt_path = os.path.join(checkpoint_dir, "last.ckpt") if ckpt_path == "last" else None
+    if ckpt_path == "last":
+        ckpt_path = os.path.join(checkpoint_dir, "last.ckpt") if checkpoint_dir else None
+    elif ckpt_path == "hpc":
+        ckpt_path = _newest_hpc_checkpoint(root_dir)
     run_id = _checkpoint_run_id(ckpt_path)
     if run_id:
-        return run_id, f"checkpoint {ckpt_path}"
+        if root_dir is None or _inside(str(ckpt_path), (root_dir, checkpoint_dir)):
+            return run_id, f"checkpoint {ckpt_path}"
+        # Another run folder's checkpoint starts a run of its own (as resume.set_aside_other_runs treats it):
+        # its W&B run is that run's, and two fine-tunes from one checkpoint must not share it.
+        log.info("W&B: a new run; %s is another run folder's checkpoint (W&B run %s: set WANDB_RUN_ID=%s to "
+                 "continue that run instead)", ckpt_path, run_id, run_id)
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}{folder}", "SLURM array job"
     if env.get("SLURM_JOB_ID"):
@@ -166,6 +194,12 @@ def wandb_error_message(err: BaseException) -> str | None:
     if not any(c.__module__.startswith("wandb.") for c in type(err).__mro__):
         return None
     first = scrub(next((line.strip() for line in str(err).splitlines() if line.strip()), ""))  # never echo a key
+    # A setting W&B refuses (a malformed run id, ...): not a login (W&B's missing API key is a UsageError too).
+    if type(err).__name__ == "UsageError" and not re.search(r"api.?key|log ?in", first, re.IGNORECASE):
+        run_id = os.environ.get("WANDB_RUN_ID")
+        culprit = f" (WANDB_RUN_ID={run_id!r}: fix or unset it)" if run_id else ""
+        return (f"W&B refused a setting ({type(err).__name__}: {first[:300]}){culprit}; fix it in the W&B logger "
+                f"section (trainer.logger) or the WANDB_* environment")
     return (f"W&B failed ({type(err).__name__}: {first[:300]}): log in with `wandb login` or export "
             f"WANDB_API_KEY, check the network to the W&B server, or log without it: WANDB_MODE=offline "
             f"(then `wandb sync <default_root_dir>/wandb/offline-run-*`) or a CSV logger")

@@ -32,7 +32,7 @@ def test_scrub_redacts_secret_keys_and_env_values():
 
 def test_run_id_precedence(tmp_path):
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"wandb_run_id": "fromckpt"}, ckpt)
+    torch.save({"wandb_run_id": "fromckpt", "global_step": 6}, ckpt)
     assert resolve_run_id(None, None, env={}) == (None, "new")
     assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77"})[0] == "slurm-77"
     assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70",
@@ -45,6 +45,29 @@ def test_run_id_precedence(tmp_path):
     assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "78"}, root_dir=str(tmp_path / "runs/a"))[0] != a
     assert resolve_run_id("last", str(tmp_path), env={"SLURM_JOB_ID": "77"})[0] == "fromckpt"
     assert resolve_run_id(str(ckpt), None, env={"WANDB_RUN_ID": "mine"})[0] == "mine"
+
+
+def test_run_id_from_hpc_deepspeed_and_url_checkpoints_of_this_run_only(tmp_path):
+    """`--ckpt_path hpc`, a DeepSpeed folder and a file:// path restored the training state but started a
+    new W&B run; a start from another run folder's checkpoint joined that run's W&B run."""
+    from test_resume import save_deepspeed_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for n, rid in ((1, "old"), (2, "hpc2")):
+        torch.save({"wandb_run_id": rid, "global_step": n}, run / f"hpc_ckpt_{n}.ckpt")
+    assert resolve_run_id("hpc", str(run / "checkpoints"), env={}, root_dir=str(run)) == ("hpc2", f"checkpoint {run}/hpc_ckpt_2.ckpt")
+    ds = run / "checkpoints" / "last.ckpt"
+    save_deepspeed_folder(ds, 12, 24)
+    state = next(ds.glob("*/*model_states.pt"))
+    torch.save({**torch.load(state, weights_only=False), "wandb_run_id": "fromds"}, state)
+    assert resolve_run_id("last", str(run / "checkpoints"), env={}, root_dir=str(run))[0] == "fromds"
+    assert resolve_run_id(f"file://{run}/hpc_ckpt_1.ckpt", None, env={}, root_dir=str(run))[0] == "old"
+    # Another run folder's checkpoint: a W&B run of its own (the SLURM id when under SLURM).
+    other = tmp_path / "finetune"
+    assert resolve_run_id(str(run / "hpc_ckpt_2.ckpt"), str(other / "checkpoints"), env={}, root_dir=str(other)) == (None, "new")
+    assert resolve_run_id(str(run / "hpc_ckpt_2.ckpt"), str(other / "checkpoints"), env={"SLURM_JOB_ID": "9"},
+                          root_dir=str(other))[0].startswith("slurm-9-")
 
 
 class _RunsCode:
@@ -172,3 +195,39 @@ def test_predict_writes_its_rows_as_a_wandb_table_too(wandb_run, tmp_path, corpu
     table = json.loads((run / "files" / table_ref["path"]).read_text())
     assert table["columns"] == ["index", "sample", "prompt", "text"]
     assert table["data"] == [[r["index"], r["sample"], r["prompt"], r["text"]] for r in rows]
+
+
+def test_git_state_is_the_packages_own_checkout_or_unknown(tmp_path):
+    """A copy installed into a venv inside another repository (gitignored) reported that repository's commit."""
+    import shutil
+    import subprocess
+
+    from gpt2dist.tracking import git_state
+
+    here = git_state()  # this checkout: its own HEAD
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert here["git_commit"] == head
+    project = tmp_path / "project"
+    site = project / ".venv" / "lib" / "site-packages" / "gpt2dist"
+    shutil.copytree(REPO / "gpt2dist", site, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    (project / ".gitignore").write_text(".venv/\n")
+    subprocess.run([*git, "add", ".gitignore"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    assert git_state(site) == {"git_commit": "unknown", "git_dirty": None}
+
+
+def test_a_setting_wandb_refuses_is_named_not_the_login(monkeypatch):
+    from gpt2dist.tracking import wandb_error_message
+
+    UsageError = pytest.importorskip("wandb.errors").UsageError
+
+    monkeypatch.setenv("WANDB_RUN_ID", "a/b:c")
+    message = wandb_error_message(UsageError("Run ID cannot contain the characters: :;,#?/'"))
+    assert message == ("W&B refused a setting (UsageError: Run ID cannot contain the characters: :;,#?/') "
+                       "(WANDB_RUN_ID='a/b:c': fix or unset it); fix it in the W&B logger section (trainer.logger) "
+                       "or the WANDB_* environment"), message
+    assert "wandb login" not in message
+    # W&B's missing login is a UsageError too: it keeps the login advice.
+    assert "wandb login" in wandb_error_message(UsageError("No API key configured. Use `wandb login` to log in."))
