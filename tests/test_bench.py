@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -174,3 +175,85 @@ def test_hf_trainer_baseline_checkpoints_activations_and_fuses_adamw_as_ours_doe
     assert set(enabled) == {"gpt2dist", "hf-trainer"}, enabled  # each row checkpoints its own model
     assert not [w for w in caught if "checkpointing` is deprecated" in str(w.message)]
     assert fused == [True], fused  # the baseline's one optimizer: fused AdamW, like configure_optimizers() on CPU
+
+
+@pytest.mark.parametrize("precision,baseline", [("bf16-mixed", "hf-trainer"), ("bf16", "hf-trainer"), ("16", "torch")])
+def test_every_row_runs_in_the_precision_lightning_runs(monkeypatch, precision, baseline):
+    """The baselines read trainer.precision themselves: hf-trainer ran fp32 on CPU against our bf16 AMP and
+    ignored the aliases (bf16, 16); the torch loop ran alias 16 in fp32, where Lightning (fp16 AMP is CUDA's)
+    runs bf16-mixed on CPU. Every row's matmuls (GPT-2's Conv1D) now come out in one dtype."""
+    if baseline == "hf-trainer":
+        pytest.importorskip("accelerate")
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    row, seen = ["gpt2dist"], {}
+    original = Conv1D.forward
+
+    def forward(self, x):
+        out = original(self, x)
+        seen.setdefault(row[0], set()).add(out.dtype)
+        return out
+
+    monkeypatch.setattr(Conv1D, "forward", forward)
+    for name in ("run_torch", "run_hf_trainer"):  # the gpt2dist row runs first, then the baseline
+        monkeypatch.setattr(bench, name, lambda *a, f=getattr(bench, name): (row.__setitem__(0, baseline), f(*a))[1])
+    res = bench.main([*MICRO, "-o", f"trainer.precision={precision}", "--baseline", baseline])
+    assert [r["run"] for r in res["rows"]] == ["gpt2dist", baseline] and not any("error" in r for r in res["rows"])
+    assert seen == {"gpt2dist": {torch.bfloat16}, baseline: {torch.bfloat16}}, seen
+    assert res["precision"] == "bf16-mixed"  # Lightning's name for it, in the header and the JSON
+
+
+def test_ratio_is_against_a_row_of_ours_never_a_baseline(monkeypatch, capsys):
+    """A failed gpt2dist row made the first good row the reference: the baseline got ratio 1.000."""
+    original = bench.run_ours
+
+    def run_ours(cfg, args, device, real, callbacks=False):
+        if not callbacks:
+            raise RuntimeError("the gpt2dist row broke")
+        return original(cfg, args, device, real, callbacks)
+
+    monkeypatch.setattr(bench, "run_ours", run_ours)
+    res = bench.main([*MICRO, "--baseline", "torch"])
+    ours, base = res["rows"]
+    assert ours["error"] == "RuntimeError: the gpt2dist row broke" and math.isnan(base["ratio"])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| torch |")][0].endswith("| - |")
+    # Another row of ours stands in for it.
+    res = bench.main([*MICRO, "--baseline", "torch", "--callbacks"])
+    _, callbacks, base = res["rows"]
+    assert callbacks["run"] == "gpt2dist + fit callbacks" and callbacks["ratio"] == 1.0
+    assert base["ratio"] == pytest.approx(callbacks["tokens_per_s"] / base["tokens_per_s"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.precison=bf16-mixed", "-o 'trainer.precison=bf16-mixed': trainer has no 'precison'; "
+                                    "did you mean trainer.precision?"),  # was silently ignored
+    ("data.batch_sise=4", "data has no 'batch_sise'; did you mean data.batch_size?"),
+    ("model.no_such_knob=1", "model has no 'no_such_knob' (see gpt2dist.model.GPT2Module)"),
+    ("model.lr=[1", "-o 'model.lr=[1': the value is not valid YAML"),  # was a yaml traceback
+    ("model.dropout.p=1", "-o 'model.dropout.p=1': model.dropout is 0.0, not a section"),  # was an AttributeError
+])
+def test_bench_refuses_unknown_or_malformed_overrides(override, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*MICRO, "-o", override])
+    assert e.value.code.startswith("bench: error: ") and message in e.value.code and "\n" not in e.value.code
+
+
+def test_overrides_reach_nested_and_init_args_configs(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  class_path: gpt2dist.model.GPT2Module\n  init_args: {lr: 0.1, config_overrides: null}\n")
+    c = bench.load_config([str(cfg)], ["model.lr=0.5", "model.config_overrides.n_layer=1", "trainer.precision=bf16"])
+    assert c["model"] == {"lr": 0.5, "config_overrides": {"n_layer": 1}} and c["trainer"] == {"precision": "bf16"}
+
+
+@pytest.mark.parametrize("flag,value,least", [("--steps", 0, 1), ("--repeats", 0, 1), ("--warmup", -1, 0)])
+def test_bench_refuses_counts_it_cannot_run(flag, value, least):
+    # --steps 0 ran every row and failed them all; --repeats 0 was an IndexError
+    with pytest.raises(SystemExit, match=f"^bench: error: {flag} {value} must be >= {least}$"):
+        bench.main([*MICRO, flag, str(value)])
+
+
+def test_bench_data_refuses_zero_repeats():
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench_data.py"), "--repeats", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == "bench_data: error: --repeats 0 must be >= 1", p.stderr

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import gc
+import inspect
 import json
 import math
 import os
@@ -52,6 +54,34 @@ GiB = 2**30
 # ----------------------------------------------------------------------------- config
 
 
+def _init_params(cls) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+
+
+def _trainer_params() -> set[str]:
+    import lightning.pytorch as pl
+
+    return _init_params(pl.Trainer)
+
+
+def _model_params() -> set[str]:
+    from gpt2dist.model import GPT2Module
+
+    return _init_params(GPT2Module)
+
+
+def _data_params() -> set[str]:
+    from gpt2dist.data import TokenBlockDataModule
+
+    return _init_params(TokenBlockDataModule)
+
+
+# -o SECTION.key: the keys each section's class takes (what `gpt2dist fit` would accept there).
+KNOWN_KEYS = {"trainer": _trainer_params, "model": _model_params, "data": _data_params}
+KNOWN_KEYS_WHERE = {"trainer": "lightning.pytorch.Trainer", "model": "gpt2dist.model.GPT2Module",
+                    "data": "gpt2dist.data.TokenBlockDataModule"}
+
+
 def load_config(paths: list[str], overrides: list[str]) -> dict:
     from gpt2dist.launch import merge_configs
 
@@ -62,15 +92,40 @@ def load_config(paths: list[str], overrides: list[str]) -> dict:
         cfg = merge_configs(cfg, yaml.safe_load(Path(p).read_text()) or {})
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not all(key.split(".")):
             sys.exit(f"bench: error: -o {item!r} must be key.path=value, e.g. -o model.compile=true")
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            sys.exit(f"bench: error: -o {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                     "quote or fix it, e.g. -o 'model.betas=[0.9, 0.95]'")
+        path = key.split(".")
+        if path[0] in KNOWN_KEYS and len(path) > 1:
+            section = cfg.get(path[0])
+            if path[1] not in ("class_path", "init_args") and isinstance(section, dict) and "init_args" in section:
+                path.insert(1, "init_args")  # else the class_path/init_args unwrapping below would drop it
+            name = path[2] if path[1] == "init_args" and len(path) > 2 else path[1]
+            known = KNOWN_KEYS[path[0]]()
+            if name not in known | {"class_path", "init_args"}:
+                # A typo was silently ignored: the row ran with the config's value.
+                near = difflib.get_close_matches(name, known, n=1)
+                sys.exit(f"bench: error: -o {item!r}: {path[0]} has no {name!r}"
+                         + (f"; did you mean {path[0]}.{near[0]}?" if near else f" (see {KNOWN_KEYS_WHERE[path[0]]})"))
         node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        *parents, leaf = path
+        for i, part in enumerate(parents):
+            if node.get(part) is None:  # absent, or `key:` left empty in the YAML
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                sys.exit(f"bench: error: -o {item!r}: {'.'.join(path[:i + 1])} is {node!r}, not a section; "
+                         f"set it whole, e.g. -o {'.'.join(path[:i + 1])}=VALUE")
+        node[leaf] = value
     for section in ("model", "data", "trainer"):
-        cfg.setdefault(section, {})
+        if cfg.get(section) is None:  # absent, or `model:` left empty
+            cfg[section] = {}
+        if not isinstance(cfg[section], dict):
+            sys.exit(f"bench: error: {section} is {cfg[section]!r} in the config, not a section; fix --config")
         if "init_args" in cfg[section]:  # class_path/init_args form
             cfg[section] = cfg[section]["init_args"]
     return cfg
@@ -281,7 +336,7 @@ def real_datamodule(cfg: dict, cache_dir: str):
 
 def trainer_kwargs(cfg: dict, device: torch.device, max_steps: int, callbacks: list) -> dict:
     t = cfg["trainer"]
-    return dict(accelerator=device.type, devices=1, precision=t.get("precision", "bf16-mixed" if device.type == "cuda" else "32-true"),
+    return dict(accelerator=device.type, devices=1, precision=t["precision"],  # resolve_precision's
                 max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
                 limit_val_batches=0, callbacks=callbacks, gradient_clip_val=t.get("gradient_clip_val"),
@@ -405,13 +460,35 @@ def run_ours(cfg: dict, args, device: torch.device, real: bool, callbacks: bool 
     return info, meter
 
 
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's MixedPrecision
+WEIGHTS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}  # its HalfPrecision, DoublePrecision
+BASELINE_PRECISIONS = ("32-true", *AUTOCAST, *WEIGHTS)
+
+
+def resolve_precision(cfg: dict, device: torch.device, baseline: str) -> str:
+    """trainer.precision as the gpt2dist row's Trainer runs it, from Lightning itself: its aliases (bf16 is
+    bf16-mixed, 16 is 16-mixed) and its switch of fp16 AMP on CPU to bf16-mixed. Every row then runs this
+    one precision: a baseline that read the raw value ran fp32 against our bf16 (hf-trainer on CPU, alias 16)."""
+    import lightning.pytorch as pl
+
+    raw = cfg["trainer"].get("precision", "bf16-mixed" if device.type == "cuda" else "32-true")
+    try:
+        precision = str(pl.Trainer(accelerator=device.type, devices=1, precision=raw, logger=False,
+                                   enable_checkpointing=False, enable_progress_bar=False,
+                                   enable_model_summary=False).precision)
+    except Exception as e:  # ValueError, MisconfigurationException: Lightning's own message
+        sys.exit(f"bench: error: trainer.precision={raw!r}: {str(e).splitlines()[0]}")
+    if baseline != "none" and precision not in BASELINE_PRECISIONS:
+        sys.exit(f"bench: error: trainer.precision={raw!r} ({precision}): the {baseline} baseline cannot run it; "
+                 f"use one of {', '.join(BASELINE_PRECISIONS)} or --baseline none")
+    return precision
+
+
 def autocast_ctx(precision: str, device: torch.device):
     import contextlib
 
-    if precision.startswith("bf16-mixed") or precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision.startswith("16-mixed"):
-        return torch.autocast(device.type, dtype=torch.float16)
+    if precision in AUTOCAST:
+        return torch.autocast(device.type, dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
 
 
@@ -422,14 +499,14 @@ def run_torch(cfg: dict, args, device: torch.device) -> Meter:
     import lightning.pytorch as pl
 
     pl.seed_everything(cfg.get("seed_everything", 1234), verbose=False)
-    precision = str(cfg["trainer"].get("precision", "bf16-mixed" if device.type == "cuda" else "32-true"))
+    precision = cfg["trainer"]["precision"]  # resolve_precision's
     steps = args.warmup + args.steps
     module = make_module(cfg)
     with torch.device(device):
         module.configure_model()
     module.to(device)
-    if precision.endswith("-true") and precision.startswith("bf16"):
-        module.to(torch.bfloat16)
+    if precision in WEIGHTS:
+        module.to(WEIGHTS[precision])
     module.train()
     module.trainer = SimpleNamespace(max_steps=steps, estimated_stepping_batches=steps, strategy=None)
     opt_cfg = module.configure_optimizers()
@@ -437,16 +514,24 @@ def run_torch(cfg: dict, args, device: torch.device) -> Meter:
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     clip = cfg["trainer"].get("gradient_clip_val")
     loader = synthetic_loader(steps, args.batch, args.block, model_config(cfg).vocab_size, device)
+    # fp16 AMP scales the loss, as Lightning's MixedPrecision("16-mixed") and HF's fp16 do.
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     meter = Meter(device, args.warmup, args.steps)
     meter.begin()
     for batch in loader:
         ids = batch["input_ids"].to(device, non_blocking=True)
         with autocast_ctx(precision, device):
             loss = module.token_losses(ids).mean()
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
         if clip:
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-        opt.step()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         meter.step_end()
@@ -464,14 +549,14 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
     from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     m, t = cfg["model"], cfg["trainer"]
-    precision = str(t.get("precision", "bf16-mixed" if device.type == "cuda" else "32-true"))
+    precision = t["precision"]  # resolve_precision's
     config = model_config(cfg)
     config._attn_implementation = m.get("attn_implementation", "sdpa")
     torch.manual_seed(cfg.get("seed_everything", 1234))
     with torch.device(device):
         model = GPT2LMHeadModel(config)
-    if precision.startswith("bf16") and precision.endswith("-true"):
-        model.to(torch.bfloat16)
+    if precision in WEIGHTS:
+        model.to(WEIGHTS[precision])
     steps = args.warmup + args.steps
     meter = Meter(device, args.warmup, args.steps)
 
@@ -491,7 +576,9 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
         learning_rate=m.get("lr", 1e-4), weight_decay=m.get("weight_decay", 0.1),
         adam_beta1=m.get("betas", (0.9, 0.95))[0], adam_beta2=m.get("betas", (0.9, 0.95))[1],
         warmup_steps=m.get("warmup_steps", 100), lr_scheduler_type="cosine",
-        bf16=precision.startswith("bf16-mixed") and cuda, tf32=bool(m.get("tf32", True)) if cuda else None,
+        # AMP as ours: bf16 on CUDA and CPU; fp16 only reaches here on CUDA (Lightning makes it bf16 on CPU).
+        bf16=AUTOCAST.get(precision) == torch.bfloat16, fp16=AUTOCAST.get(precision) == torch.float16,
+        tf32=bool(m.get("tf32", True)) if cuda else None,
         # Fused where ours is (model.py: CUDA and CPU): a for-loop AdamW is ~9x slower on CPU
         # (model.py's measurement) and would flatter our ratio.
         optim="adamw_torch_fused" if device.type in ("cuda", "cpu") else "adamw_torch",
@@ -522,9 +609,10 @@ def fmt_table(rows: list[dict], device_name: str) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         res = f"{r['peak_reserved_gib']:.2f}" if r.get("peak_reserved_gib") is not None else "-"
         syncs = f"{r['syncs_per_step']:.1f}" if r.get("syncs_per_step") is not None else "-"
+        ratio = "-" if math.isnan(r["ratio"]) else f"{r['ratio']:.3f}"  # NaN: no row of ours to compare with
         lines.append(f"| {r['run']} | {1000 * r['median_step_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['peak_alloc_gib']:.2f} | {res} | {r['first_step_s']:.2f} | {r['compile_s']:.2f} | "
-                     f"{syncs} | {r['ratio']:.3f} |")
+                     f"{syncs} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -556,6 +644,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.profile_top < 1:  # a slice by 0 or less would list no kernels, or all but the last few
         sys.exit(f"bench: error: --profile-top {args.profile_top} must be >= 1")
+    # 0 timed steps failed every row after running them; 0 repeats had no row to report (IndexError).
+    for flag, value, least in (("--steps", args.steps, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--profile", args.profile, 0)):
+        if value < least:
+            sys.exit(f"bench: error: {flag} {value} must be >= {least}")
     warnings.filterwarnings("ignore", message=".*(set_vital|LeafSpec|does not have many workers|tokens.*EOS).*")
 
     from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops
@@ -573,10 +666,10 @@ def main(argv: list[str] | None = None) -> dict:
     fpt = gpt2_flops_per_token(config, args.block)  # the config is not padded yet: its vocab is the real one
     tokens_per_step = args.batch * args.block
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    precision = cfg["trainer"].get("precision", "bf16-mixed" if device.type == "cuda" else "32-true")
+    precision = cfg["trainer"]["precision"] = resolve_precision(cfg, device, args.baseline)
     m = cfg["model"]
     attention = use_sdpa_backend(args.sdpa, config, args.block, device,
-                                 torch.bfloat16 if "bf16" in str(precision) else torch.float32)
+                                 AUTOCAST.get(precision) or WEIGHTS.get(precision) or torch.float32)
     print(f"device: {dev_name}; torch {torch.__version__}; {attention}; peak {peak or 'unknown'} TFLOP/s; model "
           f"{m.get('model_name_or_path', 'gpt2')} L{config.n_layer} d{config.n_embd} V{config.vocab_size}; "
           f"micro-batch {args.batch} x seq {args.block} = {tokens_per_step} tokens/step; precision {precision}; "
@@ -632,8 +725,11 @@ def main(argv: list[str] | None = None) -> dict:
             best["repeat_medians_s"] = [r["median_step_s"] for r in good]
         rows.append(best)
 
+    # A failed gpt2dist row falls back to another of ours (e.g. real data), never to a baseline:
+    # that gave the baseline ratio 1.000, as if it were our number.
+    kinds = dict(plan)
     ours = next((r for r in rows if r["run"] == "gpt2dist" and "error" not in r), None) or next(
-        (r for r in rows if "error" not in r), None)
+        (r for r in rows if kinds[r["run"]].startswith("ours") and "error" not in r), None)
     for r in rows:
         if "error" not in r:
             # ratio: gpt2dist's tokens/s over this row's (1.000 on our own row; > 1 = we are faster).

@@ -142,6 +142,8 @@ def main() -> None:
     for hidden in ("--_way", "--_corpus", "--_scratch"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 1:  # else no run to report (min() of nothing)
+        sys.exit(f"bench_data: error: --repeats {args.repeats} must be >= 1")
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         sys.exit(f"bench_data: no tokenizer at {args.tokenizer} (needs tokenizer.json); pass --tokenizer DIR")
     if args._way:
