@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,55 @@ def test_plot_names_a_folder_without_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools/plot_metrics.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no metrics.csv or W&B *.wandb run under" in proc.stderr
+
+
+def _write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("step,train/loss\n" + "".join(f"{s},{v}\n" for s, v in rows))
+
+
+def test_resumed_csv_versions_merge_in_version_order_not_mtime(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+
+    # version_10 resumed version_2 at step 2; a copy or touch left version_2 the newer file.
+    _write_csv(tmp_path / "logs/version_2/metrics.csv", [(0, 5.0), (1, 4.0), (2, 3.0), (3, 2.5)])
+    _write_csv(tmp_path / "logs/version_10/metrics.csv", [(2, 1.0), (3, 0.5)])
+    os.utime(tmp_path / "logs/version_10/metrics.csv", (1_000_000, 1_000_000))
+    os.utime(tmp_path / "logs/version_2/metrics.csv", (2_000_000, 2_000_000))
+    assert plot_metrics.read_csv_runs(tmp_path)["train/loss"] == {0: 5.0, 1: 4.0, 2: 1.0, 3: 0.5}
+
+
+def _run(*args, pre=""):
+    code = (f"import runpy, sys\n{pre}\nsys.argv = ['plot_metrics.py', *sys.argv[1:]]\n"
+            f"runpy.run_path({str(REPO / 'tools/plot_metrics.py')!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
+    _write_csv(tmp_path / "logs/version_0/metrics.csv", [(0, 1.0)])
+    proc = _run(tmp_path, pre="sys.modules['matplotlib'] = None")  # as on a plain `pip install gpt2dist`
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "plot_metrics: error: matplotlib is not installed (it is in gpt2dist's [dev] extra); pip install matplotlib"]
+
+
+def test_plot_out_path_names_the_written_file_and_refuses_unknown_types(tmp_path):
+    csv = tmp_path / "run/logs/version_0/metrics.csv"
+    _write_csv(csv, [(0, 2.0), (1, 1.0)])
+    proc = _run(tmp_path / "run", "--out", tmp_path / "pm")  # matplotlib adds .png: say so
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'pm.png'}" and (tmp_path / "pm.png").is_file()
+
+    proc = _run(tmp_path / "run", "--out", tmp_path / "x.jpgg")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"plot_metrics: error: --out {tmp_path / 'x.jpgg'}: unknown image type '.jpgg'")
+    assert ".png" in err[0] and ".svg" in err[0] and not (tmp_path / "x.jpgg").exists()
+
+    proc = _run(csv)  # the metrics.csv itself: plotted next to it
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {csv.parent / 'metrics.png'}" and (csv.parent / "metrics.png").is_file()
+    (csv.parent / "hparams.yaml").write_text("{}\n")
+    proc = _run(csv.parent / "hparams.yaml")
+    assert proc.returncode == 2 and "give the run folder" in proc.stderr and "Traceback" not in proc.stderr

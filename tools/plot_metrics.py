@@ -5,7 +5,8 @@
     python tools/plot_metrics.py RUN_DIR --out loss.png
 
 Several CSV versions or W&B offline runs under RUN_DIR (a resumed run writes a new one) are
-merged in time order; a later value for the same step wins. W&B runs are read with W&B's own
+merged, CSV versions in Lightning's version order (version_0, version_1, ..., version_10), W&B runs
+in time order; a later value for the same step wins. W&B runs are read with W&B's own
 reader (`wandb leet inspect --json`), so no private file format is parsed here.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,15 +28,28 @@ SERIES = {  # panel -> metric names (the names gpt2dist logs whatever the logger
 }
 
 
+def _error(msg: str):
+    print(f"plot_metrics: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _merge(into: dict, step, row: dict) -> None:
     for key, value in row.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             into.setdefault(key, {})[int(step)] = float(value)
 
 
+def _version(path: Path) -> tuple:
+    """CSVLogger's logs/version_N/metrics.csv: N, not the mtime (a copy or a touch reorders mtimes,
+    and then an older version's values would win on the steps a resumed run repeats)."""
+    m = re.fullmatch(r"version_(\d+)", path.parent.name)
+    return (int(m[1]) if m else -1, str(path))
+
+
 def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
     series: dict = {}
-    for path in sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
+    paths = [root] if root.is_file() else root.rglob("metrics.csv")
+    for path in sorted(paths, key=_version):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 if not row.get("step"):
@@ -72,21 +87,46 @@ def read_wandb_runs(root: Path) -> dict[str, dict[int, float]]:
 def read_run(root: Path) -> dict[str, dict[int, float]]:
     root = Path(root)
     if not root.exists():
-        raise SystemExit(f"plot_metrics: error: {root} does not exist; give a run folder (CSVLogger or W&B offline)")
+        _error(f"{root} does not exist; give a run folder (CSVLogger or W&B offline)")
+    if root.is_file():
+        if root.name != "metrics.csv":
+            _error(f"{root} is a file; give the run folder (CSVLogger save_dir or W&B offline run) or a metrics.csv")
+        return read_csv_runs(root)
     series = read_csv_runs(root) if any(root.rglob("metrics.csv")) else {}
     if not series and any(root.rglob("*.wandb")):
         series = read_wandb_runs(root)
     if not series:
-        raise SystemExit(f"plot_metrics: error: no metrics.csv or W&B *.wandb run under {root}; "
-                         "point it at the logger's save_dir")
+        _error(f"no metrics.csv or W&B *.wandb run under {root}; point it at the logger's save_dir")
     return series
 
 
-def plot(series: dict, out: Path, title: str) -> Path:
-    import matplotlib
-
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:  # only the [dev] extra installs it
+        _error("matplotlib is not installed (it is in gpt2dist's [dev] extra); pip install matplotlib")
     matplotlib.use("Agg")  # headless: clusters and CI have no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def out_path(out: Path) -> Path:
+    """The file savefig writes: without an extension it adds .png, so say that name; an unknown one is refused
+    before the run is read."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in kinds:
+        _error(f"--out {out}: unknown image type {out.suffix!r}; end it in one of "
+               f"{', '.join('.' + k for k in sorted(kinds))}")
+    return out
+
+
+def plot(series: dict, out: Path, title: str) -> Path:
+    plt = _pyplot()
 
     fig, axes = plt.subplots(len(SERIES), 1, figsize=(8, 8), sharex=True)
     for ax, (panel, names) in zip(axes, SERIES.items()):
@@ -105,18 +145,21 @@ def plot(series: dict, out: Path, title: str) -> Path:
     axes[-1].set_xlabel("step (optimizer steps)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format=out.suffix[1:].lower() or "png")
     plt.close(fig)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path, help="CSVLogger folder or W&B offline run/wandb folder")
-    ap.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/metrics.png)")
+    ap.add_argument("run_dir", type=Path, help="CSVLogger folder (or its metrics.csv) or W&B offline run/wandb folder")
+    ap.add_argument("--out", type=Path, help="image path, PNG unless it ends in another type (default: RUN_DIR/metrics.png)")
     args = ap.parse_args(argv)
+    _pyplot()  # before reading the run: W&B runs take a while to read
+    folder = args.run_dir.parent if args.run_dir.is_file() else args.run_dir
+    out = out_path(args.out or folder / "metrics.png")
     series = read_run(args.run_dir)
-    out = plot(series, args.out or args.run_dir / "metrics.png", str(args.run_dir))
+    out = plot(series, out, str(args.run_dir))
     print(f"wrote {out}")
 
 
