@@ -996,6 +996,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return math.ceil(len(self.train_set) // world // self.batch_size / accumulate)
 
     def train_dataloader(self):
+        if self.train_set is None and self._predicting():
+            # Lightning's DeepSpeedStrategy sizes its config from this loader's batch size, in predict too,
+            # for which nothing is packed: an empty loader of the configured micro-batch answers it.
+            return torch.utils.data.DataLoader([], batch_size=self.batch_size)
         world, rank = self._world()
         self.optimizer_steps_per_epoch(world, 1)  # enough blocks for one micro-batch per rank
         sampler = BlockSampler(len(self.train_set), self.shuffle, self.seed, world, rank, pad=False)
