@@ -674,13 +674,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
                    "vocab": self.train_tokenizer_vocab_size, "val": [self.val_fraction, self.seed], "v": CACHE_VERSION}
         return self.cache_dir / "tokenizers" / self._key(payload)
 
-    def _load_or_train_tokenizer(self, train_if_missing: bool):
+    def _load_or_train_tokenizer(self, train_if_missing: bool, missing_fix: str = "prepare_data did not run on this node"):
         if not self.train_tokenizer_vocab_size:
             return load_tokenizer(self.tokenizer_name)
         tok_dir = self._tokenizer_dir()
         if not (tok_dir / "tokenizer.json").exists():
             if not train_if_missing:
-                raise DataError(f"trained tokenizer {tok_dir} is missing; prepare_data did not run on this node")
+                raise DataError(f"trained tokenizer {tok_dir} is missing; {missing_fix}")
             log.info("training a %d-token byte-level BPE tokenizer on the training corpus", self.train_tokenizer_vocab_size)
             docs = (text for _, text in self._train_docs_for_tokenizer())
             train_bpe_tokenizer(docs, self.train_tokenizer_vocab_size, tok_dir)
@@ -758,15 +758,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
     def _predict_tokenizer(self):
         """`predict`'s tokenizer, without packing anything: data.tokenizer, or the one trained for this data
         section at fit (its cache key is the training corpus's)."""
-        if not self.train_tokenizer_vocab_size:
-            return load_tokenizer(self.tokenizer_name)
-        self.check_training_source()
-        tok_dir = self._tokenizer_dir()
-        if not (tok_dir / "tokenizer.json").exists():
-            raise DataError(f"the tokenizer trained for this data section ({tok_dir}) is missing; predict with the data "
-                            f"section of the fit, where its data.cache_dir is, or set data.tokenizer to the run's "
-                            f"exported hf_model folder")
-        return load_tokenizer(str(tok_dir))
+        if self.train_tokenizer_vocab_size:
+            self.check_training_source()
+        return self._load_or_train_tokenizer(train_if_missing=False, missing_fix=(
+            "predict with the data section of the fit, where its data.cache_dir is, or set data.tokenizer to the "
+            "run's exported hf_model folder"))
 
     def load_tokenizer(self):
         """The tokenizer: loaded, or trained once and cached (train_tokenizer_vocab_size). Checks cache_dir first."""

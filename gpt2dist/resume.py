@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -103,6 +104,15 @@ def candidate_checkpoints(root_dir: str | Path, checkpoint_dir: str | Path | Non
     if checkpoint_dir and Path(checkpoint_dir).is_dir():
         found += sorted(p for p in Path(checkpoint_dir).glob("*.ckpt") if not p.name.startswith("."))
     return found
+
+
+def lightning_hpc_checkpoint(root_dir: str | Path | None) -> Path | None:
+    """What Lightning's `--ckpt_path hpc` loads: the hpc_ckpt_N.ckpt in root_dir with the largest N."""
+    if not root_dir or not Path(root_dir).is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in Path(root_dir).glob("hpc_ckpt_*.ckpt")
+             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return max(found)[1] if found else None
 
 
 def newest_checkpoint(root_dir: str | Path, checkpoint_dir: str | Path | None) -> tuple[Path, tuple[int, int]] | None:

@@ -144,14 +144,6 @@ def _checkpoint_run_id(path: str | None) -> str | None:
     return ckpt.get("wandb_run_id")
 
 
-def _newest_hpc_checkpoint(root_dir: str | None) -> str | None:
-    """Lightning's `--ckpt_path hpc`: the hpc_ckpt_N.ckpt in default_root_dir with the largest N."""
-    if not root_dir or not os.path.isdir(root_dir):
-        return None
-    found = [(int(m.group(1)), name) for name in os.listdir(root_dir) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
-    return os.path.join(root_dir, max(found)[1]) if found else None
-
-
 def _inside(path: str, folders: tuple[str | None, ...]) -> bool:
     real = os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
     return any(f and os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders)
@@ -172,7 +164,10 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
     if ckpt_path == "last":
         ckpt_path = os.path.join(checkpoint_dir, "last.ckpt") if checkpoint_dir else None
     elif ckpt_path == "hpc":
-        ckpt_path = _newest_hpc_checkpoint(root_dir)
+        from gpt2dist.resume import lightning_hpc_checkpoint
+
+        hpc = lightning_hpc_checkpoint(root_dir)
+        ckpt_path = str(hpc) if hpc else None
     run_id = _checkpoint_run_id(ckpt_path)
     if run_id:
         if root_dir is None or _inside(str(ckpt_path), (root_dir, checkpoint_dir)):

@@ -634,3 +634,22 @@ def test_predict_file_glob_reads_every_match_in_name_order_and_errors_name_the_p
         with pytest.raises(DataError) as e:
             dm.prompts_with_origin()
         assert str(e.value).startswith(says), str(e.value)
+
+
+def test_only_predict_goes_without_training_data(tmp_path, tokenizer_dir, corpus_dir):
+    """The training source is refused where data is packed (prepare_data, setup for fit/validate/test), not at
+    construction: predict loads a tokenizer only. A tokenizer trained at fit is found by the fit's data section."""
+    dm = make_dm(tmp_path, tokenizer_dir, predict_prompts=["def "])
+    with pytest.raises(DataError, match="^no training data: set data.train_files"):
+        dm.prepare_data()
+    with pytest.raises(DataError, match="^no training data: set data.train_files"):
+        dm.setup("fit")
+    dm.setup("predict")
+    assert dm.tokenizer is not None and len(dm.tokenizer) == 512
+    trained = TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300,
+                                   cache_dir=str(tmp_path / "other"), block_size=64)
+    with pytest.raises(DataError, match=r"^trained tokenizer .* is missing; predict with the data section of the fit.*hf_model"):
+        trained.setup("predict")
+    untrained = TokenBlockDataModule(train_tokenizer_vocab_size=300, cache_dir=str(tmp_path / "other"), block_size=64)
+    with pytest.raises(DataError, match="^no training data"):  # its key is the training corpus's
+        untrained.setup("predict")

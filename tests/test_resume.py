@@ -306,3 +306,13 @@ def test_ranks_must_see_one_run_folder_and_resume_the_same_step(tmp_path, root):
     assert msgs[0] == msgs[1] and msgs[0] == (
         f"ConfigError: rank 0 ({host}) cannot write in {bad} (Not a directory): the run folder must be writable; "
         "fix its permissions or pick another trainer.default_root_dir")
+
+
+def test_lightning_hpc_checkpoint_is_the_largest_number_not_the_newest_name(root):
+    from gpt2dist.resume import lightning_hpc_checkpoint
+
+    assert lightning_hpc_checkpoint(root) is None
+    for n in (2, 10, 9):
+        save(root / f"hpc_ckpt_{n}.ckpt", n, n)
+    (root / "hpc_ckpt_x.ckpt").write_text("")  # not Lightning's name
+    assert lightning_hpc_checkpoint(root) == root / "hpc_ckpt_10.ckpt"  # 10 > 9, though "9" sorts after "10"
