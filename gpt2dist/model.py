@@ -160,7 +160,7 @@ class GPT2Module(pl.LightningModule):
         if samples_per_prompt < 1 or (samples_per_prompt > 1 and not do_sample):
             raise ConfigError(f"model.samples_per_prompt={samples_per_prompt} needs model.do_sample=true (greedy "
                               "continuations of one prompt are all the same) and must be at least 1")
-        if compile_options:  # a typo must stop the run now, not at the first compiled forward
+        if compile_mode or compile_options:  # a typo must stop the run now, not at the first compiled forward
             from gpt2dist.perf import check_compile_options
 
             check_compile_options(compile_mode, compile_options)

@@ -15,8 +15,8 @@ with `tools/bench.py`:
 - `fused_cross_entropy`: Liger's fused linear + cross-entropy (GPU only, optional import):
   the (tokens x vocab) logits are never materialised.
 - `bias_after_matmul`: each block's Conv1D runs as a plain matmul, then `+ bias`, instead of
-  cuBLAS `addmm` with the bias in its epilogue (see `BiasAfterMatmul`). Off: faster GEMMs, but a
-  slower step (H200: -4% GPT-2 Large, -6% small).
+  cuBLAS `addmm` with the bias in its epilogue (see `BiasAfterMatmul`). On: faster GEMMs, but a
+  slower step (H200: -4% GPT-2 Large, -6% small), so it is off by default.
 """
 
 from __future__ import annotations
@@ -142,9 +142,11 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def check_compile_options(mode: str | None, options: dict | None) -> None:
-    """model.compile_options: known Inductor options, and not together with model.compile_mode
-    (torch.compile takes one or the other; it would only say so at the first forward)."""
+    """model.compile_mode / model.compile_options: a mode torch.compile knows, known Inductor options of the
+    right types, and not both (torch.compile takes one or the other). It would only say so at the first
+    compiled forward, after data preparation, as a traceback."""
     if not options:
+        _check_with_inductor(mode, None, "model.compile_mode", f"={mode!r}")
         return
     if mode is not None:
         raise ConfigError(f"model.compile_mode={mode!r} and model.compile_options cannot both be set "
@@ -159,6 +161,18 @@ def check_compile_options(mode: str | None, options: dict | None) -> None:
         near = difflib.get_close_matches(bad[0], known, n=1)
         raise ConfigError(f"model.compile_options: {bad[0]!r} is not an Inductor option"
                           f"{f' (did you mean {near[0]!r}?)' if near else ''}; see torch._inductor.list_options()")
+    _check_with_inductor(None, options, "model.compile_options", "")
+
+
+def _check_with_inductor(mode: str | None, options: dict | None, knob: str, shown: str) -> None:
+    # torch.compile's own Inductor wrapper checks the mode name and each option's type when built.
+    wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
+    if wrapper is None or (mode is None and not options):
+        return
+    try:
+        wrapper(mode, options, False)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ConfigError(f"{knob}{shown}: {err}; fix it in the model section") from None
 
 
 def compile_blocks(model, mode: str | None = None, options: dict | None = None) -> int:

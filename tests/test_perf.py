@@ -258,3 +258,11 @@ def test_compile_options_reach_inductor_and_a_bad_one_is_one_line():
         GPT2Module(compile=True, compile_options={"coordinate_descent_tunning": True})
     with pytest.raises(ConfigError, match="cannot both be set"):
         GPT2Module(compile=True, compile_mode="max-autotune", compile_options={"coordinate_descent_tuning": True})
+    # A mode torch.compile lacks, or an option of the wrong type: one line at construction, not a
+    # RuntimeError traceback at the first compiled forward (after data preparation).
+    with pytest.raises(ConfigError, match=r"^model.compile_mode='max_autotune': Unrecognized mode=max_autotune, "
+                                          r"should be one of: .*max-autotune"):
+        GPT2Module(compile=True, compile_mode="max_autotune")
+    with pytest.raises(ConfigError, match=r"^model.compile_options: .*coordinate_descent_tuning.*should be bool"):
+        GPT2Module(compile=True, compile_options={"coordinate_descent_tuning": 1})
+    GPT2Module(compile=True, compile_mode="max-autotune")  # a known mode passes
