@@ -35,7 +35,7 @@ PEAK_BF16_FLOPS: list[tuple[str, str, float]] = [
     (r"h100.*nvl", "H100 NVL", 835.5e12),
     (r"h100.*pcie", "H100 PCIe", 756.0e12),
     (r"h100.*(sxm|hbm3)", "H100 SXM", 989.4e12),
-    (r"a100", "A100", 312.0e12),  # SXM and PCIe have the same tensor peak
+    (r"\ba100(?!\d)", "A100", 312.0e12),  # SXM and PCIe have the same tensor peak; not an RTX A1000
     (r"l40s", "L40S", 362.05e12),
     (r"\bl40\b", "L40", 181.05e12),
     (r"\bl4\b", "L4", 121.0e12),

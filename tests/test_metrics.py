@@ -68,7 +68,7 @@ def test_mfu_is_the_same_for_any_split_of_the_same_global_batch():
 @pytest.mark.parametrize("name,label", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
     ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA GH200 480GB", "GH200"),
-    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA L40S", "L40S"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA A100X", "A100"), ("NVIDIA L40S", "L40S"),
     ("NVIDIA L40", "L40"), ("NVIDIA L4", "L4"), ("NVIDIA A10", "A10"),
 ])
 def test_peak_table_names(name, label):
@@ -76,7 +76,7 @@ def test_peak_table_names(name, label):
 
 
 @pytest.mark.parametrize("name", [None, "", "cpu", "NVIDIA H100", "Tesla V100-SXM2-16GB", "NVIDIA A10G",
-                                  "NVIDIA GeForce RTX 4090"])
+                                  "NVIDIA GeForce RTX 4090", "NVIDIA RTX A1000", "NVIDIA RTX A1000 Laptop GPU"])
 def test_unknown_or_ambiguous_devices_give_no_peak(name):
     assert peak_bf16_flops(name) is None  # no MFU rather than a wrong one
 
