@@ -5,9 +5,9 @@
   batch in tokens) to every logger: the W&B config tab, or CSV/TensorBoard `hparams.yaml`.
   It also stores the W&B run id in each checkpoint.
 - `prepare_wandb` (called before `fit`) picks the run id (under SLURM `slurm-<job id>-<hash of the
-  run folder>`) so that a resumed or requeued job continues the same W&B run (Lightning's
-  WandbLogger already passes resume="allow"; the step axis `trainer/global_step` continues because
-  it comes from the restored trainer).
+  run folder>`, plus `-r<n>` for a fresh fit where that id already ran) so that a resumed or requeued
+  job continues the same W&B run (Lightning's WandbLogger already passes resume="allow"; the step
+  axis `trainer/global_step` continues because it comes from the restored trainer).
 - `scrub` redacts secrets (API keys, tokens) from anything we log.
 """
 
@@ -150,10 +150,11 @@ def _inside(path: str, folders: tuple[str | None, ...]) -> bool:
 
 
 def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
-                   root_dir: str | None = None) -> tuple[str | None, str]:
+                   root_dir: str | None = None, wandb_dir: str | None = None) -> tuple[str | None, str]:
     """(run id, where it came from). Order: WANDB_RUN_ID, the checkpoint resumed from (when it is this run's:
     in its run folder or checkpoint folder), the SLURM job and run folder `root_dir` (a requeued job keeps
-    its id), else None (W&B draws a new id, which checkpoints then keep)."""
+    its id), else None (W&B draws a new id, which checkpoints then keep). `wandb_dir`: the folder W&B
+    writes its `wandb/` runs under, where a SLURM id already used is found."""
     env = os.environ if env is None else env
     # One job script may train several runs (`srun gpt2dist fit` per config, or plain `python -m`
     # calls): the job id alone would merge them into one W&B run (resume="allow"), the second's
@@ -177,10 +178,26 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
         log.info("W&B: a new run; %s is another run folder's checkpoint (W&B run %s: set WANDB_RUN_ID=%s to "
                  "continue that run instead)", ckpt_path, run_id, run_id)
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}{folder}", "SLURM array job"
+        return _unused(f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}{folder}", wandb_dir), "SLURM array job"
     if env.get("SLURM_JOB_ID"):
-        return f"slurm-{env['SLURM_JOB_ID']}{folder}", "SLURM job and run folder"
+        return _unused(f"slurm-{env['SLURM_JOB_ID']}{folder}", wandb_dir), "SLURM job and run folder"
     return None, "new"
+
+
+def _unused(run_id: str, wandb_dir: str | None) -> str:
+    """`run_id`, or `run_id-r<n>` when W&B already ran under it in `wandb_dir`. Here no checkpoint gave an id,
+    so the fit starts at step 0: a second fresh fit in one job and folder (iterating under salloc, or a
+    requeue that found no checkpoint) continuing the first W&B run (resume="allow") would draw its
+    curves back from step 0 over the first's."""
+    runs = Path(wandb_dir or ".") / "wandb"
+    used = {re.sub(r"^(offline-)?run-\d{8}_\d{6}-", "", p.name) for p in runs.glob("*run-*-*")} if runs.is_dir() else set()
+    if run_id not in used:
+        return run_id
+    n = 1
+    while f"{run_id}-r{n}" in used:
+        n += 1
+    log.info("W&B: run %s exists in %s and this fit starts fresh: a new W&B run %s-r%d", run_id, runs, run_id, n)
+    return f"{run_id}-r{n}"
 
 
 def wandb_error_message(err: BaseException) -> str | None:
@@ -221,7 +238,8 @@ def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     if logger.version:
         return
     ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
-    run_id, source = resolve_run_id(ckpt_path, ckpt_dir, root_dir=trainer.default_root_dir)
+    run_id, source = resolve_run_id(ckpt_path, ckpt_dir, root_dir=trainer.default_root_dir,
+                                    wandb_dir=logger.save_dir or os.environ.get("WANDB_DIR"))
     if run_id:
         os.environ["WANDB_RUN_ID"] = run_id
         log.info("W&B run id %s (from %s)", run_id, source)

@@ -235,7 +235,8 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, slurm, tmp_path_f
 
 def test_two_runs_in_one_job_are_two_wandb_runs(slurm, tmp_path, corpus_dir, tokenizer_dir):
     """A job script that trains two configs one after the other (srun per run): the job id alone would
-    make the second W&B run resume the first (resume="allow"), its steps starting over at 0."""
+    make the second W&B run resume the first (resume="allow"), its steps starting over at 0. So would
+    a fresh rerun of the first config in its own folder: a third W&B run."""
     cfgs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -244,14 +245,17 @@ def test_two_runs_in_one_job_are_two_wandb_runs(slurm, tmp_path, corpus_dir, tok
         cfgs.append(write_config(tmp_path / name, corpus_dir, tokenizer_dir, max_steps=2, logger=loggers))
     script = tmp_path / "two.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --output=two-%j.out\n" + "".join(
-        f"srun {sys.executable} -m gpt2dist fit --config {c} --trainer.num_nodes 1 --trainer.devices 1\n" for c in cfgs))
+        f"srun {sys.executable} -m gpt2dist fit --config {c} --trainer.num_nodes 1 --trainer.devices 1\n"
+        for c in [*cfgs, cfgs[0]]))
     env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "MASTER_ADDR": "127.0.0.1"}
     job_id = slurm.run("sbatch", "--parsable", str(script), env=env, cwd=tmp_path).stdout.strip()
     j = slurm.wait_job(job_id, timeout=300)
     assert j["JobState"] == "COMPLETED", (tmp_path / f"two-{job_id}.out").read_text()[-4000:]
-    ids = [re.sub(r"^offline-run-\d{8}_\d{6}-", "", p.name)
-           for name in ("a", "b") for p in (tmp_path / name / "run" / "wandb").glob("offline-run-*")]
-    assert len(ids) == 2 and ids[0] != ids[1] and all(i.startswith(f"slurm-{job_id}-") for i in ids), ids
+    ids = {name: sorted(re.sub(r"^offline-run-\d{8}_\d{6}-", "", p.name)
+                        for p in (tmp_path / name / "run" / "wandb").glob("offline-run-*")) for name in ("a", "b")}
+    (a, rerun), (b,) = ids["a"], ids["b"]
+    assert re.fullmatch(rf"slurm-{job_id}-[0-9a-f]{{8}}", a) and rerun == f"{a}-r1", ids
+    assert re.fullmatch(rf"slurm-{job_id}-[0-9a-f]{{8}}", b) and b != a, ids
 
 
 def wait_for_step(slurm, d: Path, job_id: str, step: int, timeout: float = 240) -> None:

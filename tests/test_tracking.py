@@ -47,6 +47,25 @@ def test_run_id_precedence(tmp_path):
     assert resolve_run_id(str(ckpt), None, env={"WANDB_RUN_ID": "mine"})[0] == "mine"
 
 
+def test_a_fresh_fit_where_its_slurm_id_already_ran_is_a_new_wandb_run(tmp_path):
+    """Two fresh fits in one folder and one SLURM job (a rerun under salloc): the second would otherwise
+    continue the first's W&B run, drawing step 0 onwards over its curves."""
+    env, root = {"SLURM_JOB_ID": "77"}, str(tmp_path / "run")
+    first = resolve_run_id(None, None, env=env, root_dir=root, wandb_dir=root)[0]
+    assert re.fullmatch(r"slurm-77-[0-9a-f]{8}", first)
+    (tmp_path / "run" / "wandb" / f"offline-run-20261205_031500-{first}").mkdir(parents=True)
+    (tmp_path / "run" / "wandb" / "latest-run").symlink_to(f"offline-run-20261205_031500-{first}")
+    assert resolve_run_id(None, None, env=env, root_dir=root, wandb_dir=root)[0] == f"{first}-r1"
+    (tmp_path / "run" / "wandb" / f"run-20261205_041500-{first}-r1").mkdir()  # an online run's folder
+    assert resolve_run_id(None, None, env=env, root_dir=root, wandb_dir=root)[0] == f"{first}-r2"
+    # A resume takes the checkpoint's id (the requeue), whatever already ran.
+    ckpt = tmp_path / "run" / "hpc_ckpt_1.ckpt"
+    torch.save({"wandb_run_id": first, "global_step": 6}, ckpt)
+    assert resolve_run_id("hpc", None, env=env, root_dir=root, wandb_dir=root)[0] == first
+    # Another job's id in the same folder is not this one's.
+    assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "78"}, root_dir=root, wandb_dir=root)[0].endswith(first[-8:])
+
+
 def test_run_id_from_hpc_deepspeed_and_url_checkpoints_of_this_run_only(tmp_path):
     """`--ckpt_path hpc`, a DeepSpeed folder and a file:// path restored the training state but started a
     new W&B run; a start from another run folder's checkpoint joined that run's W&B run."""
