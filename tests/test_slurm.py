@@ -157,8 +157,10 @@ def test_eval_sbatch_tests_and_predicts_on_two_nodes_as_one_process(reference, s
            "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
     layout = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
     sbatch = ["sbatch", "--parsable", *layout, str(REPO / "slurm" / "eval.sbatch")]
-    jobs = {sub: slurm.run(*sbatch, sub, *common, "--trainer.default_root_dir", str(tmp_path / sub), env=env,
-                           cwd=tmp_path).stdout.strip() for sub in ("test", "predict", "fit")}
+    # predict needs no training data (README): the job runs without it, and has no prepare step to refuse it.
+    extra = {"predict": ["--data.train_files", "null"]}
+    jobs = {sub: slurm.run(*sbatch, sub, *common, *extra.get(sub, []), "--trainer.default_root_dir", str(tmp_path / sub),
+                           env=env, cwd=tmp_path).stdout.strip() for sub in ("test", "predict", "fit")}
     texts = {}
     for sub, job_id in jobs.items():
         j = slurm.wait_job(job_id, timeout=300)
@@ -167,9 +169,11 @@ def test_eval_sbatch_tests_and_predicts_on_two_nodes_as_one_process(reference, s
         assert (j["JobState"], j["ExitCode"]) == want, texts[sub][-4000:]
     assert "eval.sbatch: error: the first argument must be validate, test or predict (got 'fit')" in texts["fit"]
     assert "MEMBER:" not in texts["fit"] and "gpt2dist prepare" not in texts["fit"]
+    assert "gpt2dist prepare" in texts["test"] and "gpt2dist prepare" not in texts["predict"]
     for sub in ("test", "predict"):
         assert "GLOBAL_RANK: 0, MEMBER: 1/2" in texts[sub] and "GLOBAL_RANK: 1, MEMBER: 2/2" in texts[sub], texts[sub][-4000:]
         one = run_cli(sub, *common, "--trainer.default_root_dir", str(tmp_path / f"{sub}-single"), "--trainer.devices", "1")
+        # (the single-process predict keeps the training data: the same predictions either way)
         assert one.returncode == 0, one.stderr[-3000:]
         if sub == "test":
             report = f"test {ckpt} (step {MAX_STEPS})  test/loss "  # the one-line report: checkpoint, step, loss
