@@ -30,8 +30,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from gpt2dist.callbacks import EarlyStop, HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
-from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator, check_writable,
-                             oom_message)
+from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator,
+                             check_validation_on_step_boundary, check_writable, oom_message)
 from gpt2dist.launch import check_srun_seen, check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
@@ -142,6 +142,7 @@ class GPT2CLI(LightningCLI):
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         _RUN.update(_run_info(self.trainer, self.datamodule, self.model), stage="fit")
         check_strategy_accelerator(self.trainer)
+        check_validation_on_step_boundary(self.trainer)
         # Before the logger creates its W&B run: pick the run id a resume must continue.
         config = self.config.get(str(self.subcommand), self.config)
         # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).

@@ -219,10 +219,10 @@ class FaultTolerance(Callback):
                 moved = set_aside_other_runs(self.fit_ckpt_path, trainer.default_root_dir,
                                              getattr(trainer.checkpoint_callback, "dirpath", None))
             trainer.strategy.barrier("gpt2dist_set_aside")
+            how = "starts fresh" if self.fit_ckpt_path is None else f"starts from {self.fit_ckpt_path}"
             self.fit_ckpt_path = "unknown"  # once per fit the CLI prepared
             if moved:
                 dest, paths = moved
-                how = "starts fresh" if self.fit_ckpt_path is None else f"starts from {self.fit_ckpt_path}"
                 log.warning("fit %s: moved %d checkpoint(s) that --ckpt_path last|auto would have chosen over this "
                             "run's (%s: an earlier run's, or the continuation this rollback abandons) to %s; nothing "
                             "was deleted", how, len(paths), ", ".join(p.name for p in paths), dest)
@@ -292,6 +292,7 @@ class FaultTolerance(Callback):
     # syncs anyway: logging steps, before any checkpoint is written, at the end. A stop therefore
     # comes a few steps late, but the skipped update was never applied and no checkpoint is
     # written after it. Other optimizers: the flag is read at once (one host sync per step).
+    # Under 16-mixed the GradScaler skips overflowing steps; only the loss is checked (see below).
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
         if self.nan_policy == "off":
@@ -304,7 +305,18 @@ class FaultTolerance(Callback):
             return
         step = trainer.global_step + 1
         opt = getattr(optimizer, "_optimizer", optimizer)  # under a LightningOptimizer
-        if skips_on_found_inf(opt) and getattr(trainer.precision_plugin, "scaler", None) is None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # 16-mixed: an overflowing gradient is the GradScaler's to skip (routine while it lowers its
+            # scale from 65536; it skips the step and halves the scale). Only a non-finite loss is a fault.
+            loss = getattr(pl_module, "window_loss_sum", None)
+            if loss is None:
+                return
+            bad = not bool(torch.isfinite(torch.as_tensor(loss)))
+            if trainer.world_size > 1:
+                bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+            self._account(trainer, step, bad)  # its gradients are non-finite too: the scaler skips the update
+            return
+        if skips_on_found_inf(opt):
             flag = (~torch.isfinite(norm.detach())).to(torch.float32).reshape(())
             if trainer.world_size > 1:  # a rank that disagrees (a fault on one device): all skip
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -393,8 +405,11 @@ def last_good_checkpoint(trainer: pl.Trainer) -> str:
 
 def check_writable(root: str | None, what: str = "trainer.default_root_dir") -> None:
     """`what` (trainer.default_root_dir, a logger's save_dir) must be a folder we can create files in:
-    checked before any work."""
-    path = Path(root or os.getcwd())
+    checked before any work. `~` is expanded as Lightning expands default_root_dir (a literal `./~` folder
+    would be made and checked instead); a remote URL (s3://...) is left to its filesystem."""
+    if root and "://" in str(root):
+        return
+    path = Path(os.path.expanduser(str(root)) if root else os.getcwd())
     probe = path / f".gpt2dist-write-probe-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -403,6 +418,20 @@ def check_writable(root: str | None, what: str = "trainer.default_root_dir") -> 
     except OSError as e:
         raise GPT2DistError(f"{what}={str(path)!r} is not writable ({e.strerror or type(e).__name__}); "
                             f"choose a folder you can write to") from None
+
+
+def check_validation_on_step_boundary(trainer: pl.Trainer) -> None:
+    """Lightning counts an int trainer.val_check_interval in micro-batches. Not a multiple of
+    accumulate_grad_batches, validation (and the checkpoints saved after it) lands inside an optimizer
+    step: e.g. 500 with accumulate 8 is step 62.5, and a resume from that file rebuilds step 63 from only
+    4 of its 8 micro-batches (the accumulated gradients are not in the checkpoint)."""
+    every, accum = trainer.val_check_interval, trainer.accumulate_grad_batches
+    if isinstance(every, int) and not isinstance(every, bool) and accum > 1 and every % accum:
+        near = max(1, every // accum)
+        raise GPT2DistError(f"trainer.val_check_interval={every} counts micro-batches, and with "
+                            f"trainer.accumulate_grad_batches={accum} validation and its checkpoints fall inside an "
+                            f"optimizer step, which a resume cannot rebuild; use a multiple of {accum}: "
+                            f"{every * accum} validates every {every} optimizer steps, {near * accum} every {near}")
 
 
 def check_strategy_accelerator(trainer: pl.Trainer) -> None:
@@ -451,7 +480,9 @@ def oom_message(info: dict) -> str:
 def plan_command(info: dict) -> str:
     """The `tools/plan.py` command that estimates this run's memory (its shape, accumulation, precision,
     compile, padding)."""
-    cmd = (f"python tools/plan.py --model {info.get('model', 'gpt2')} --gpus {info.get('world_size')} "
+    import shlex
+
+    cmd = (f"python tools/plan.py --model {shlex.quote(str(info.get('model', 'gpt2')))} --gpus {info.get('world_size')} "
            f"--seq {info.get('block_size')} --micro-batch {info.get('batch_size')}")
     if int(info.get("accumulate") or 1) > 1:  # the gradients then stay through every micro-batch
         cmd += f" --accumulate {info['accumulate']}"

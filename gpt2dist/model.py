@@ -297,6 +297,7 @@ class GPT2Module(pl.LightningModule):
                 self.shown_loss_step = self.trainer.global_step + 1  # the optimizer step this window ends at
                 self.log("train/loss", self._shown_loss, sync_dist=True)
                 self.log("lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), prog_bar=True)
+            self.window_loss_sum = self._loss_sum  # non-finite iff a micro-batch's loss was (FaultTolerance, 16-mixed)
             self._loss_sum, self._loss_n = 0.0, 0
         return loss
 

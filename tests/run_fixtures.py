@@ -18,7 +18,7 @@ SECRET = "sk-SENTINEL-0123456789abcdef"  # set as WANDB_API_KEY and HF_TOKEN: mu
 def fit_args(root: Path, corpus_dir: Path, tokenizer_dir: Path, max_steps: int = 6) -> list[str]:
     overrides = json.dumps({**TINY, "vocab_size": 512})
     return ["fit", f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=1",
-            f"--trainer.max_steps={max_steps}", "--trainer.val_check_interval=3",
+            f"--trainer.max_steps={max_steps}", "--trainer.val_check_interval=6",
             "--trainer.check_val_every_n_epoch=null", "--trainer.limit_val_batches=2",
             "--trainer.log_every_n_steps=1", "--trainer.accumulate_grad_batches=2",
             "--trainer.enable_progress_bar=false", "--seed_everything=1",

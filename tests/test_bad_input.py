@@ -100,6 +100,13 @@ CASES = {
                                                      "--trainer.logger.save_dir", f"{data(c, 'f.txt', b'x')}/logs"],
                                        "trainer.logger.init_args.save_dir=", 2),
     "config_val_fraction": (lambda c, g: ["--data.val_fraction", "1.5"], "data.val_fraction=1.5 must be in [0, 1)", 2),
+    "config_validation_inside_a_step": (lambda c, g: ["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "3"],
+                                        "trainer.val_check_interval=3 counts micro-batches, and with "
+                                        "trainer.accumulate_grad_batches=2 validation and its checkpoints fall inside an "
+                                        "optimizer step, which a resume cannot rebuild; use a multiple of 2: 6 validates every "
+                                        "3 optimizer steps, 2 every 1", 2),
+    "config_compile_mode_typo": (lambda c, g: ["--model.compile_mode", "max_autotune"],
+                                 "model.compile_mode='max_autotune': Unrecognized mode=max_autotune", 2),
     "config_nan_knob": (lambda c, g: ["--faults.max_consecutive_nan", "0"], "faults.max_consecutive_nan=0 must be >= 1", 2),
     "config_early_stopping_patience": (lambda c, g: ["--early_stopping.patience", "0"],
                                        "early_stopping.patience=0 must be >= 1", 2),

@@ -184,6 +184,7 @@ def test_killed_rollback_or_fresh_start_resumes_itself_not_the_earlier_checkpoin
     resumed = resume(config)
     assert f"global_step {5 if start == 'rollback' else 2}" in resumed.stderr
     assert "--ckpt_path last|auto would have chosen over this run's" in killed.stderr
+    assert (f"fit starts from {ck / 'step0000005.ckpt'}: moved" if start == "rollback" else "fit starts fresh: moved") in killed.stderr
     (aside,) = ck.glob("set-aside-*")
     expected = {"step0000006.ckpt", "last.ckpt"} if start == "rollback" else set(before)
     assert {p.name for p in aside.iterdir()} == {p for p in before if p in expected or p.startswith("best-step0000006")}
@@ -530,6 +531,8 @@ def test_oom_plan_command_describes_the_run():
         "python tools/plan.py --model gpt2-large --gpus 8 --seq 1024 --micro-batch 4 --pad-vocab 1 --compile on")
     cmd = plan_command({**base, "precision": "bf16-true", "compile": False, "pad_vocab": 128, "accumulate": 2})
     assert cmd.endswith("--micro-batch 4 --accumulate 2 --precision bf16-true --pad-vocab 128 --compile off")
+    # A model folder with a space stays one argument of the command to copy.
+    assert "--model '/data/my models/gpt2 ft' --gpus 8" in plan_command({**base, "model": "/data/my models/gpt2 ft"})
     sys.path.insert(0, str(REPO / "tools"))
     import plan as plan_tool  # tools/plan.py accepts what the message tells users to run
 
@@ -652,6 +655,39 @@ def test_nan_guard_stops_before_the_next_checkpoint(tmp_path):
         _nan_fit(tmp_path, "stop", log_every=50, checkpoint_every=3, nan_steps=(4,))
     saved = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert saved == ["epoch=0-step=3.ckpt"], saved  # step 3 (good), and nothing after the bad step
+
+
+def _fp16_fit(init_scale: float, nan_loss_steps=()):
+    """A real in-process 16-mixed fit with a GradScaler (Lightning's MixedPrecision plugin; on CPU, where
+    Trainer(precision="16-mixed") would switch to bf16); returns the scaler."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from fault_plugins import InjectNaN
+    from gpt2dist.faults import FaultTolerance
+    from gpt2dist.model import GPT2Module
+
+    torch.manual_seed(0)
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, warmup_steps=2)
+    ids = torch.randint(0, 512, (8 * 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                         callbacks=[InjectNaN(steps=list(nan_loss_steps), target="loss"), FaultTolerance(nan_policy="stop")])
+    trainer.fit(module, train_dataloaders=loader)
+    return scaler
+
+
+def test_fp16_overflow_is_the_grad_scalers_to_skip_but_a_nan_loss_stops():
+    """Under 16-mixed the first steps overflow as a matter of course while the GradScaler lowers its scale:
+    nan_policy=stop stopped the run at step 1. A non-finite loss is still a fault."""
+    from gpt2dist.errors import GPT2DistError
+
+    scaler = _fp16_fit(2.0 ** 70)  # every step overflows in fp16: the scaler skips each and halves the scale
+    assert scaler.get_scale() == 2.0 ** 62
+    with pytest.raises(GPT2DistError, match=r"non-finite loss or gradient norm at step 3; stopped by faults.nan_policy=stop"):
+        _fp16_fit(2.0 ** 10, nan_loss_steps=(3,))
 
 
 def _fault_tolerance_setup(rank: int, world: int, init_file: str, roots: list, ckpt_dirs: list, out) -> None:
@@ -857,3 +893,39 @@ def test_early_stopping_waits_for_min_steps_and_says_so(tmp, corpus_dir, tokeniz
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 2 < STEPS
     p = resume(config, *args)
     assert f"resume: this run stopped early at step {step + 2}" in p.stderr
+
+
+def test_check_writable_expands_home_as_lightning_does_and_leaves_urls_alone(tmp_path, monkeypatch):
+    """`--trainer.default_root_dir '~/runs/x'` (quoted, or from YAML): Lightning trains in $HOME/runs/x;
+    the check made and probed a literal ./~/runs/x instead. A URL made a local ./s3:/bucket folder."""
+    from gpt2dist.faults import check_writable
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    check_writable("~/runs/x")
+    check_writable("s3://bucket/runs")
+    assert (tmp_path / "home" / "runs" / "x").is_dir() and not list((tmp_path / "home" / "runs" / "x").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no ./~ and no ./s3:
+
+
+def test_validation_must_end_an_optimizer_step():
+    """Lightning counts an int val_check_interval in micro-batches: the XL preset's 500 with 8 accumulated
+    validated (and checkpointed) in the middle of step 63."""
+    import lightning.pytorch as pl
+
+    from gpt2dist.errors import GPT2DistError
+    from gpt2dist.faults import check_validation_on_step_boundary
+
+    def trainer(**kw):
+        return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, **kw)
+
+    with pytest.raises(GPT2DistError, match=r"^trainer.val_check_interval=500 counts micro-batches.*accumulate_grad_batches=8"
+                                            r".*use a multiple of 8: 4000 validates every 500 optimizer steps, 496 every 62$"):
+        check_validation_on_step_boundary(trainer(accumulate_grad_batches=8, val_check_interval=500))
+    for ok in (dict(accumulate_grad_batches=8, val_check_interval=4000), dict(accumulate_grad_batches=1, val_check_interval=7),
+               dict(accumulate_grad_batches=8, val_check_interval=0.5), dict(accumulate_grad_batches=8)):
+        check_validation_on_step_boundary(trainer(**ok))
+    # The presets validate every 500 optimizer steps, whatever their accumulation.
+    for preset in sorted((REPO / "configs").glob("gpt2-*.yaml")):
+        t = yaml.safe_load(preset.read_text())["trainer"]
+        assert t["val_check_interval"] == 500 * t["accumulate_grad_batches"], preset.name

@@ -170,7 +170,8 @@ def test_bf16_true_fit_sums_accumulated_gradients_in_fp32(tmp_path, corpus_dir, 
     config = write_config(tmp_path, corpus_dir, tokenizer_dir, "acc", devices=devices, dropout=0.0)
     hooks = overlay(tmp_path / "acc", {"class_path": "fault_plugins.RecordGrads", "init_args": {"out": str(tmp_path)}})
     ok(cli(config, "--config", str(hooks), "--trainer.precision", "bf16-true", "--trainer.max_steps", "1",
-           "--trainer.accumulate_grad_batches", "8", "--data.batch_size", "1", "--export.enabled", "false",
+           "--trainer.accumulate_grad_batches", "8", "--trainer.val_check_interval", "8",  # a multiple of the 8 (faults.py)
+           "--data.batch_size", "1", "--export.enabled", "false",
            *(["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else [])))
     ranks = [torch.load(tmp_path / f"grads-rank{r}.pt", weights_only=True) for r in range(devices)]
     assert all(len(r["micro"]) == 8 for r in ranks)
