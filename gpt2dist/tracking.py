@@ -170,6 +170,9 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
         hpc = lightning_hpc_checkpoint(root_dir)
         ckpt_path = str(hpc) if hpc else None
     run_id = _checkpoint_run_id(ckpt_path)
+    # A new W&B run: no checkpoint (a fresh fit), or another run folder's. A checkpoint of unknown origin
+    # (a URL, no id stored) is taken for a resume of this run, as before.
+    new_run = ckpt_path is None
     if run_id:
         if root_dir is None or _inside(str(ckpt_path), (root_dir, checkpoint_dir)):
             return run_id, f"checkpoint {ckpt_path}"
@@ -177,18 +180,24 @@ def resolve_run_id(ckpt_path: str | None, checkpoint_dir: str | None, env=None,
         # its W&B run is that run's, and two fine-tunes from one checkpoint must not share it.
         log.info("W&B: a new run; %s is another run folder's checkpoint (W&B run %s: set WANDB_RUN_ID=%s to "
                  "continue that run instead)", ckpt_path, run_id, run_id)
+        new_run = True
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return _unused(f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}{folder}", wandb_dir), "SLURM array job"
+        run_id = f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}{folder}"
+        return (_unused(run_id, wandb_dir, env) if new_run else run_id), "SLURM array job"
     if env.get("SLURM_JOB_ID"):
-        return _unused(f"slurm-{env['SLURM_JOB_ID']}{folder}", wandb_dir), "SLURM job and run folder"
+        run_id = f"slurm-{env['SLURM_JOB_ID']}{folder}"
+        return (_unused(run_id, wandb_dir, env) if new_run else run_id), "SLURM job and run folder"
     return None, "new"
 
 
-def _unused(run_id: str, wandb_dir: str | None) -> str:
-    """`run_id`, or `run_id-r<n>` when W&B already ran under it in `wandb_dir`. Here no checkpoint gave an id,
-    so the fit starts at step 0: a second fresh fit in one job and folder (iterating under salloc, or a
-    requeue that found no checkpoint) continuing the first W&B run (resume="allow") would draw its
-    curves back from step 0 over the first's."""
+def _unused(run_id: str, wandb_dir: str | None, env) -> str:
+    """`run_id`, or `run_id-r<n>` when W&B already ran under it in `wandb_dir`: a new run (a fresh fit, or
+    one from another folder's checkpoint) in a job and folder where one already ran (iterating under
+    salloc, a requeue that found no checkpoint) would otherwise continue that W&B run (resume="allow"),
+    drawing its curves back from its first step over the earlier run's. Rank 0 only (SLURM_PROCID): its id
+    is the one W&B uses, and the folder it creates at once must not make a slower rank pick `-r<n+1>`."""
+    if env.get("SLURM_PROCID", "0") != "0":
+        return run_id
     runs = Path(wandb_dir or ".") / "wandb"
     used = {re.sub(r"^(offline-)?run-\d{8}_\d{6}-", "", p.name) for p in runs.glob("*run-*-*")} if runs.is_dir() else set()
     if run_id not in used:

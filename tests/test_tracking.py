@@ -64,6 +64,15 @@ def test_a_fresh_fit_where_its_slurm_id_already_ran_is_a_new_wandb_run(tmp_path)
     assert resolve_run_id("hpc", None, env=env, root_dir=root, wandb_dir=root)[0] == first
     # Another job's id in the same folder is not this one's.
     assert resolve_run_id(None, None, env={"SLURM_JOB_ID": "78"}, root_dir=root, wandb_dir=root)[0].endswith(first[-8:])
+    # A checkpoint whose id cannot be read (a URL) is taken for a resume, as before: the job's id as it is.
+    assert resolve_run_id("s3://bucket/run/last.ckpt", None, env=env, root_dir=root, wandb_dir=root)[0] == first
+    # A fit from another folder's checkpoint is a new W&B run: -r<n> too when the job's id already ran here.
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"wandb_run_id": "parent", "global_step": 6}, other / "last.ckpt")
+    assert resolve_run_id(str(other / "last.ckpt"), None, env=env, root_dir=root, wandb_dir=root)[0] == f"{first}-r2"
+    # Ranks other than 0 do not look (W&B runs on rank 0 only; its folder appears as they would look).
+    assert resolve_run_id(None, None, env={**env, "SLURM_PROCID": "1"}, root_dir=root, wandb_dir=root)[0] == first
 
 
 def test_run_id_from_hpc_deepspeed_and_url_checkpoints_of_this_run_only(tmp_path):
