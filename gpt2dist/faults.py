@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import shutil
@@ -209,6 +210,7 @@ class FaultTolerance(Callback):
             check_ranks_share_the_run([root, *([str(ckpt_dir)] if outside else [])], self.fit_ckpt_path)  # URLs: skipped there
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        check_validation_schedule(trainer)  # before anything moves: a refused run changes nothing
         if self.fit_ckpt_path != "unknown":
             from gpt2dist.resume import set_aside_other_runs
 
@@ -420,18 +422,66 @@ def check_writable(root: str | None, what: str = "trainer.default_root_dir") -> 
                             f"choose a folder you can write to") from None
 
 
+_MID_STEP = "validation and its checkpoints fall inside an optimizer step, which a resume cannot rebuild"
+
+
 def check_validation_on_step_boundary(trainer: pl.Trainer) -> None:
-    """Lightning counts an int trainer.val_check_interval in micro-batches. Not a multiple of
-    accumulate_grad_batches, validation (and the checkpoints saved after it) lands inside an optimizer
-    step: e.g. 500 with accumulate 8 is step 62.5, and a resume from that file rebuilds step 63 from only
-    4 of its 8 micro-batches (the accumulated gradients are not in the checkpoint)."""
-    every, accum = trainer.val_check_interval, trainer.accumulate_grad_batches
-    if isinstance(every, int) and not isinstance(every, bool) and accum > 1 and every % accum:
+    """Before fit, from the config: Lightning counts an int trainer.val_check_interval in micro-batches.
+    Not a multiple of accumulate_grad_batches, validation (and the checkpoints saved after it) lands
+    inside an optimizer step: e.g. 500 with accumulate 8 is step 62.5, and a resume from that file
+    rebuilds step 63 from only 4 of its 8 micro-batches (the accumulated gradients are not in the
+    checkpoint). A time interval validates at whatever micro-batch the clock reaches. Fractions of an
+    epoch and epochs that do not divide: `check_validation_schedule`, at train start."""
+    accum = trainer.accumulate_grad_batches
+    if accum <= 1 or trainer.limit_val_batches == 0:
+        return
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        raise GPT2DistError(f"a time-based trainer.val_check_interval validates at whatever micro-batch the clock "
+                            f"reaches, and with trainer.accumulate_grad_batches={accum} {_MID_STEP}; give a number "
+                            f"of micro-batches, a multiple of {accum}")
+    every = getattr(trainer, "val_check_interval", None)
+    if isinstance(every, int) and not isinstance(every, bool) and every % accum:
         near = max(1, every // accum)
         raise GPT2DistError(f"trainer.val_check_interval={every} counts micro-batches, and with "
-                            f"trainer.accumulate_grad_batches={accum} validation and its checkpoints fall inside an "
-                            f"optimizer step, which a resume cannot rebuild; use a multiple of {accum}: "
+                            f"trainer.accumulate_grad_batches={accum} {_MID_STEP}; use a multiple of {accum}: "
                             f"{every * accum} validates every {every} optimizer steps, {near * accum} every {near}")
+
+
+def check_validation_schedule(trainer: pl.Trainer) -> None:
+    """At train start, with the epoch's length known (trainer.num_training_batches, per process): what
+    `check_validation_on_step_boundary` cannot see from the config. Lightning steps every `accumulate`
+    micro-batches counted from each epoch's start, and at the epoch's end, but with
+    check_val_every_n_epoch=null (the presets) it validates every val_check_batch micro-batches counted
+    across epochs: when an epoch's micro-batches are not a multiple of `accumulate`, validation can drift
+    into optimizer steps from the second epoch on. A fraction of an epoch (a float interval) can too."""
+    accum, batches, every = trainer.accumulate_grad_batches, trainer.num_training_batches, trainer.val_check_batch
+    if accum <= 1 or not trainer.enable_validation or not every or math.isinf(every) or math.isinf(batches):
+        return
+    val_set = getattr(trainer.datamodule, "val_set", None)
+    if val_set is not None and not len(val_set):  # no validation split (data.val_fraction 0): nothing is saved mid-step
+        return
+    every, batches = int(every), int(batches)
+    per_epoch = trainer.check_val_every_n_epoch is not None
+    if per_epoch:  # counted within each epoch: the same micro-batches every epoch
+        counts = range(every, batches + 1, every)
+    else:  # counted across epochs; the epoch positions repeat after batches / gcd(batches, every) validations
+        steps_per_epoch = math.ceil(batches / accum)
+        if trainer.max_steps > 0:
+            full, rest = divmod(trainer.max_steps, steps_per_epoch)
+            total = full * batches + min(batches, rest * accum)
+        else:
+            total = batches * (trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 10**9)
+        counts = range(every, min(total, every * (batches // math.gcd(batches, every))) + 1, every)
+    for t in counts:
+        epoch, at = divmod(t - 1, batches)
+        if (at + 1) % accum and at + 1 != batches:  # neither a step boundary nor the epoch's last micro-batch
+            fix = (f"give a number of micro-batches, a multiple of {accum}" if every % accum else
+                   f"set trainer.limit_train_batches={batches - batches % accum} (each epoch then leaves out its last "
+                   f"{batches % accum} micro-batch(es) of {batches})")
+            raise GPT2DistError(f"validation every {every} micro-batches (trainer.val_check_interval="
+                                f"{trainer.val_check_interval}) with trainer.accumulate_grad_batches={accum} and "
+                                f"{batches} micro-batches per epoch per process reaches micro-batch {at + 1} of epoch "
+                                f"{epoch}: {_MID_STEP}; {fix}")
 
 
 def check_strategy_accelerator(trainer: pl.Trainer) -> None:
@@ -471,7 +521,8 @@ def oom_message(info: dict) -> str:
     return (f"out of memory (micro-batch data.batch_size={info.get('batch_size')} x data.block_size={info.get('block_size')} "
             f"tokens per process, trainer.accumulate_grad_batches={info.get('accumulate')}, strategy {strategy}, "
             f"{info.get('world_size')} process(es)). Try: halve data.batch_size and double "
-            f"trainer.accumulate_grad_batches (same global batch); activation checkpointing "
+            f"trainer.accumulate_grad_batches and trainer.val_check_interval (same global batch, same validation "
+            f"steps: the interval counts micro-batches); activation checkpointing "
             f"(configs/perf, or the strategy's activation_checkpointing); a sharded strategy "
             f"(configs/strategy/fsdp.yaml); bf16 precision. Estimate first with: "
             f"{plan_command(info)}")

@@ -922,10 +922,52 @@ def test_validation_must_end_an_optimizer_step():
     with pytest.raises(GPT2DistError, match=r"^trainer.val_check_interval=500 counts micro-batches.*accumulate_grad_batches=8"
                                             r".*use a multiple of 8: 4000 validates every 500 optimizer steps, 496 every 62$"):
         check_validation_on_step_boundary(trainer(accumulate_grad_batches=8, val_check_interval=500))
+    with pytest.raises(GPT2DistError, match=r"^a time-based trainer.val_check_interval validates at whatever micro-batch"):
+        check_validation_on_step_boundary(trainer(accumulate_grad_batches=2, val_check_interval="00:00:30:00"))
     for ok in (dict(accumulate_grad_batches=8, val_check_interval=4000), dict(accumulate_grad_batches=1, val_check_interval=7),
-               dict(accumulate_grad_batches=8, val_check_interval=0.5), dict(accumulate_grad_batches=8)):
+               dict(accumulate_grad_batches=1, val_check_interval="00:00:30:00"), dict(accumulate_grad_batches=8),
+               dict(accumulate_grad_batches=8, val_check_interval=500, limit_val_batches=0),  # no validation
+               dict(accumulate_grad_batches=8, val_check_interval=0.5)):  # a fraction: checked at train start (below)
         check_validation_on_step_boundary(trainer(**ok))
     # The presets validate every 500 optimizer steps, whatever their accumulation.
     for preset in sorted((REPO / "configs").glob("gpt2-*.yaml")):
         t = yaml.safe_load(preset.read_text())["trainer"]
         assert t["val_check_interval"] == 500 * t["accumulate_grad_batches"], preset.name
+
+
+def _schedule_fit(tmp_path, batches: int, **trainer_kw) -> int:
+    """A real tiny fit with `batches` micro-batches per epoch, validation, and FaultTolerance; -> steps trained."""
+    import lightning.pytorch as pl
+
+    from gpt2dist.faults import FaultTolerance
+    from gpt2dist.model import GPT2Module
+
+    torch.manual_seed(0)
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 128}, dropout=0.0, warmup_steps=1)
+    ids = torch.randint(0, 128, (batches + 2, 16), generator=torch.Generator().manual_seed(0))
+    train = torch.utils.data.DataLoader([{"input_ids": x} for x in ids[:batches]], batch_size=1)
+    val = torch.utils.data.DataLoader([{"input_ids": x, "loss_weight": torch.tensor(1.0)} for x in ids[batches:]], batch_size=1)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                         callbacks=[FaultTolerance()], **trainer_kw)
+    trainer.fit(module, train, val)
+    return trainer.global_step
+
+
+def test_validation_drifting_into_a_step_across_epochs_is_refused_at_train_start(tmp_path):
+    """5 micro-batches an epoch, 2 accumulated: Lightning steps after micro-batches 2, 4 and 5 of each
+    epoch, but with check_val_every_n_epoch=null validates every 4 counted across epochs: the second
+    validation is micro-batch 3 of epoch 1, inside a step (the presets' schedule on real data)."""
+    from gpt2dist.errors import GPT2DistError
+
+    drift = dict(accumulate_grad_batches=2, val_check_interval=4, check_val_every_n_epoch=None, limit_val_batches=1)
+    with pytest.raises(GPT2DistError, match=r"^validation every 4 micro-batches .* and 5 micro-batches per epoch per process "
+                                            r"reaches micro-batch 3 of epoch 1: validation and its checkpoints fall inside "
+                                            r"an optimizer step.*; set trainer.limit_train_batches=4 \(each epoch then "
+                                            r"leaves out its last 1 micro-batch\(es\) of 5\)$"):
+        _schedule_fit(tmp_path / "a", 5, max_steps=6, **drift)
+    assert _schedule_fit(tmp_path / "b", 5, max_steps=6, limit_train_batches=4, **drift) == 6  # the fix trains
+    assert _schedule_fit(tmp_path / "c", 5, max_steps=3, **drift) == 3  # one epoch: no drift, not refused
+    # A fraction of an epoch: 0.5 of 10 is every 5 micro-batches, with 4 accumulated.
+    with pytest.raises(GPT2DistError, match=r"reaches micro-batch 5 of epoch 0: .*; give a number of micro-batches, a multiple of 4$"):
+        _schedule_fit(tmp_path / "d", 10, max_steps=3, accumulate_grad_batches=4, val_check_interval=0.5, limit_val_batches=1)
