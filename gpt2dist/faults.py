@@ -13,6 +13,9 @@
 - `FaultTolerance` callback: per-rank training RNG states in every checkpoint, restored right
   before the first batch after a resume; a non-finite loss/gradient policy (skip the step, or stop
   and name the last good checkpoint).
+- `check_validation_on_step_boundary` (before fit) and `check_validation_schedule` (train start):
+  validation, and the checkpoints saved after it, must end an optimizer step, or no resume from
+  them is exact (Lightning counts val_check_interval in micro-batches).
 - `oom_message`: what `cli.main` prints on a CUDA out-of-memory error.
 """
 
