@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt2dist.resume import prune_requeue_checkpoints
@@ -113,6 +114,17 @@ def agree_on_flags(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def _run_ends_at_this_step(trainer: pl.Trainer) -> bool:
+    """Whether fit ends after this batch: max_steps reached, or the last batch of the last epoch.
+    Not Lightning's `_is_training_done`: that is true at the end of every epoch, and a SIGUSR1 first
+    agreed on there was dropped (no save, no requeue; SLURM killed the job at its time limit)."""
+    loop = trainer.fit_loop
+    if _is_max_limit_reached(trainer.global_step, loop.max_steps):
+        return True
+    return (loop.epoch_loop._num_ready_batches_reached() and loop.max_epochs is not None
+            and _is_max_limit_reached(trainer.current_epoch + 1, loop.max_epochs))
+
+
 class Preemption(Callback):
     """Stop signals, acted on at the next optimizer step by all ranks together. SLURM's SIGUSR1: save
     `hpc_ckpt_N.ckpt` and requeue the job (Lightning's routine, plus the requeue's outcome). SIGTERM
@@ -166,7 +178,7 @@ class Preemption(Callback):
         if trainer.global_step % self.check_every_n_steps:
             return
         usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
-        if (usr1 or term) and trainer.fit_loop.epoch_loop._is_training_done:
+        if (usr1 or term) and _run_ends_at_this_step(trainer):
             # A signal at the last step: the run finishes (and exports) as usual. A requeued job would
             # resume at max_steps, where Lightning trains nothing and no export runs.
             _received.clear()

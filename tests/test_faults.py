@@ -242,12 +242,14 @@ def recorded_batches(path: Path) -> list[tuple[int, int, int, str]]:
     return [(int(s), int(e), int(i), d) for s, e, i, d in (line.split() for line in path.read_text().splitlines())]
 
 
-@pytest.mark.parametrize("devices, num_workers", [(1, 0), (1, 1), (2, 0)])
-def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenizer_dir, devices, num_workers):
+@pytest.mark.parametrize("devices, num_workers, steps_into_epoch1", [(1, 0, 2), (1, 1, 2), (2, 0, 2), (1, 0, 1)])
+def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenizer_dir, devices, num_workers,
+                                                       steps_into_epoch1):
     """Killed in epoch 1 (a few blocks per epoch), resumed with --ckpt_path last: the resumed run sees
     epoch 1's shuffle from where it stopped, not epoch 0's order (rank 0's batches under DDP), and
-    ends bitwise equal."""
-    name = f"epoch1_d{devices}_w{num_workers}"
+    ends bitwise equal. steps_into_epoch1=1: resumed from the checkpoint of epoch 0's last step (where a
+    SLURM requeue saves when its signal comes at an epoch's end), which must start epoch 1 afresh."""
+    name = f"epoch1_d{devices}_w{num_workers}_s{steps_into_epoch1}"
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
              "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
@@ -263,14 +265,15 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
     # Kill mid-accumulation in the 2nd optimizer step of epoch 1: resumed from a checkpoint inside epoch 1.
     first_step_of_epoch1 = next(step for step, epoch, _, _ in seen if epoch == 1)
     assert 2 <= first_step_of_epoch1 <= 8, seen  # a handful of steps per epoch
-    kill_step = first_step_of_epoch1 + 2
+    kill_step = first_step_of_epoch1 + steps_into_epoch1
     config = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_kill", devices=devices, num_workers=num_workers)
     kill(config, {"step": kill_step, "when": "mid_accumulation"}, *small)
     log, record = recording(config)
     resumed = ok(cli(config, *small, *record, "--ckpt_path", "last"))
     assert f"global_step {kill_step - 1}" in resumed.stderr
     after = recorded_batches(log)
-    assert after[0][1] == 1 and after[0][2] > 0  # resumed mid epoch 1, not at its start
+    # Resumed in epoch 1 where it stopped: mid epoch, or at its first batch from epoch 0's last step.
+    assert after[0][1] == 1 and (after[0][2] > 0) == (steps_into_epoch1 > 1), after[:2]
     assert after == [b for b in seen if b[0] >= kill_step - 1]
     assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)),
                    first_parting(run_dir(config) / "trace.txt", run_dir(ref) / "trace.txt"))

@@ -40,11 +40,9 @@ def test_flags_are_agreed_across_ranks_on_a_gloo_group(tmp_path):
     assert results == [(0, [False, True], True), (1, [False, True], True)]
 
 
-@pytest.mark.parametrize("signal_at, max_steps, stopped_at", [(3, 20, 4), (5, 6, 6)])
-def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatch, signal_at, max_steps, stopped_at):
-    """Lightning ignores should_stop until min_steps: the run trained on past SLURM's warning window, and,
-    with the requeue failed, reported a checkpoint many steps older than where it ended. A signal at the
-    last step finishes the run as usual (a requeued job would resume at max_steps and export nothing)."""
+def fit_with_a_signal(tmp_path, monkeypatch, signal_at: int, **trainer_args):
+    """A BoringModel fit under a (simulated) SLURM job whose requeue fails, sent SIGUSR1 during step
+    signal_at + 1. Returns the trainer and the Preemption callback."""
     import signal
 
     import lightning.pytorch as pl
@@ -58,10 +56,12 @@ def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatc
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
+    sent = []
 
     class Signal(pl.Callback):
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == signal_at and not preemption._received:
+            if trainer.global_step == signal_at and not sent:
+                sent.append(1)
                 preemption._received.append(signal.SIGUSR1)  # what the SIGUSR1 handler records
 
     class UnderSlurm(preemption.Preemption):
@@ -70,10 +70,21 @@ def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatc
             self._active = True  # as SLURMEnvironment with auto_requeue turns it on
 
     callback = UnderSlurm()
-    trainer = pl.Trainer(max_steps=max_steps, min_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[Signal(), callback], default_root_dir=tmp_path,
-                         limit_val_batches=0, accelerator="cpu")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Signal(), callback], default_root_dir=tmp_path, limit_val_batches=0,
+                         accelerator="cpu", **trainer_args)
     trainer.fit(BoringModel())
+    return trainer, callback
+
+
+@pytest.mark.parametrize("signal_at, max_steps, stopped_at", [(3, 20, 4), (5, 6, 6)])
+def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatch, signal_at, max_steps, stopped_at):
+    """Lightning ignores should_stop until min_steps: the run trained on past SLURM's warning window, and,
+    with the requeue failed, reported a checkpoint many steps older than where it ended. A signal at the
+    last step finishes the run as usual (a requeued job would resume at max_steps and export nothing)."""
+    from gpt2dist import preemption
+
+    trainer, callback = fit_with_a_signal(tmp_path, monkeypatch, signal_at, max_steps=max_steps, min_steps=10)
     assert trainer.global_step == stopped_at  # the signal came during step signal_at + 1: stopped at its end
     if stopped_at == max_steps:
         assert callback.hpc_path is None and not callback.requeued and not preemption._received
@@ -81,3 +92,21 @@ def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatc
     assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == stopped_at
     message = callback.stopped_message(trainer.global_step)
     assert message.startswith(f"stopped by SLURM's preemption signal at step {stopped_at}") and "Invalid job id" in message
+
+
+@pytest.mark.parametrize("signal_at, stopped_at", [(3, 4), (11, 12)])
+def test_a_preemption_signal_at_an_epochs_last_batch_requeues_unless_the_run_ends_there(tmp_path, monkeypatch,
+                                                                                        signal_at, stopped_at):
+    """3 epochs of 4 steps. SIGUSR1 during step 4, the last of epoch 0: saved and requeued at step 4.
+    Lightning's "training done" is true at every epoch's end, and the signal was dropped there: no
+    checkpoint, no requeue, and the job trained on until SLURM killed it. During step 12 the run ends:
+    it finishes as usual."""
+    from gpt2dist import preemption
+
+    trainer, callback = fit_with_a_signal(tmp_path, monkeypatch, signal_at, max_epochs=3, limit_train_batches=4)
+    assert trainer.global_step == stopped_at and not preemption._received
+    if stopped_at == 12:
+        assert callback.hpc_path is None and not callback.requeued
+        return
+    assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == stopped_at
+    assert callback.stopped_message(trainer.global_step).startswith(f"stopped by SLURM's preemption signal at step {stopped_at}")
