@@ -54,8 +54,20 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def _save_failed(path: Path, err: BaseException) -> CheckpointError:
-    full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err)
-    what = f"disk full in {path.parent}" if full else f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    # torch.save's zip writer reports a failed write as a RuntimeError ("unexpected pos ..."); the
+    # OSError that says why (ENOSPC, a quota) is in its context chain.
+    chain, cause = [], err
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    errnos = {getattr(c, "errno", None) for c in chain if isinstance(c, OSError)}
+    if errno.ENOSPC in errnos or any("No space left" in str(c) for c in chain):
+        what = f"disk full in {path.parent}"
+    elif errno.EDQUOT in errnos:
+        what = f"disk quota exceeded in {path.parent}"
+    else:  # the OSError, when there is one, says more than torch's "unexpected pos"
+        shown = next((c for c in chain if isinstance(c, OSError)), err)
+        what = f"{type(shown).__name__}: {str(shown).splitlines()[0][:200] if str(shown) else ''}"
     kept = [p.name for p in sorted(path.parent.glob("*.ckpt")) if not p.name.startswith(".")]
     return CheckpointError(
         f"could not save checkpoint {path} ({what}); nothing was replaced, the previous checkpoints are intact "
@@ -78,9 +90,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             fsync_dir(path.parent)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise _save_failed(path, e) from None
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)  # whatever stopped the write: no partial file is left behind
+            if isinstance(e, (OSError, RuntimeError)):  # RuntimeError: torch.save's writer on a failed write
+                raise _save_failed(path, e) from None
+            raise
 
 
 def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> None:

@@ -564,6 +564,44 @@ def test_atomic_checkpoint_io_never_exposes_a_partial_file(tmp_path, monkeypatch
     assert torch.load(path)["w"].sum().item() == 6.0 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+WRITE_PAST_A_LIMIT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from gpt2dist.errors import CheckpointError
+from gpt2dist.faults import AtomicCheckpointIO
+path = Path(sys.argv[1])
+AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1 << 20)}, path)
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_write_that_fails_inside_torch_save_is_one_line_and_leaves_no_partial_file(tmp_path):
+    """A real failed write (a file-size limit: the kernel refuses it as it refuses a full disk): torch.save's
+    writer raises RuntimeError('unexpected pos'), not OSError; it was a traceback, and the partial
+    temporary file (a model's size) stayed on the full disk. ENOSPC or a quota in its chain is named."""
+    from gpt2dist.faults import _save_failed
+
+    path = tmp_path / "last.ckpt"
+    p = subprocess.run([sys.executable, "-c", WRITE_PAST_A_LIMIT, str(path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith(f"could not save checkpoint {path} (OSError: [Errno 27] File too large)"), \
+        (p.stdout, p.stderr[-2000:])
+    assert "the previous checkpoints are intact (last.ckpt)" in p.stdout
+    assert [q.name for q in tmp_path.iterdir()] == ["last.ckpt"] and torch.load(path)["w"].sum().item() == 3.0
+    for code, said in [(28, "disk full in"), (122, "disk quota exceeded in")]:
+        try:
+            try:
+                raise OSError(code, os.strerror(code))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as e:
+            assert said in str(_save_failed(path, e))
+
+
 def test_distributed_atomic_save_handles_nested_folders(tmp_path):
     """DeepSpeed writes <folder>/<tag>/*.pt: the atomic folder save must fsync and rename nested
     folders too, and a failed write must leave the previous folder as it was."""
