@@ -162,8 +162,17 @@ def set_aside_other_runs(ckpt_path: str | None, root_dir: str | Path, checkpoint
             ahead.append(path)
     if not ahead:
         return None
-    dest = ck / time.strftime("set-aside-%Y%m%dT%H%M%SZ", time.gmtime())
-    dest.mkdir(exist_ok=True)
+    # A folder of its own, also for a second set-aside in the same second (it would replace the files
+    # of the first, or fail on a sharded folder of the same name).
+    stamp, n = time.strftime("set-aside-%Y%m%dT%H%M%SZ", time.gmtime()), 1
+    dest = ck / stamp
+    while True:
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            dest = ck / f"{stamp}-{n}"
     for path in ahead:
         os.replace(path, dest / path.name)
     return dest, ahead

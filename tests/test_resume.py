@@ -41,11 +41,15 @@ def test_set_aside_what_last_would_choose_over_this_fit(root, tmp_path):
     # A fresh start (or one from another folder's checkpoint): every readable checkpoint moves.
     other = tmp_path / "other.ckpt"
     save(other, 9, 18)
-    _, moved = set_aside_other_runs(str(other), root, ck)
+    dest2, moved = set_aside_other_runs(str(other), root, ck)
     assert [p.name for p in moved] == ["step0000003.ckpt"] and not (root / "hpc_ckpt_1.ckpt").exists()
     save(ck / "step0000001.ckpt", 1, 2)
-    assert [p.name for p in set_aside_other_runs(None, root, ck)[1]] == ["step0000001.ckpt"]
+    dest3, moved = set_aside_other_runs(None, root, ck)
+    assert [p.name for p in moved] == ["step0000001.ckpt"]
     assert [p.name for p in ck.glob("*.ckpt")] == ["torn.ckpt"]
+    # Each set-aside has its own folder, also within one second: the first one's files are all still there.
+    assert len({dest, dest2, dest3}) == 3 and len(list(dest.iterdir())) == 5
+    assert [p.name for p in dest2.iterdir()] == ["step0000003.ckpt"]
 
 
 def test_newest_by_stored_progress_not_name_or_mtime(root):
