@@ -253,11 +253,15 @@ def load_distcp_folder(path: Path) -> dict:
 def load_deepspeed_folder(path: Path) -> dict:
     """A DeepSpeed ZeRO-1/2/3 checkpoint folder as one fp32 Lightning checkpoint dict.
 
-    DeepSpeed pickles its client state (our `gpt2_config` too), so this is a full unpickle:
-    only export checkpoints you trust.
+    DeepSpeed's zero_to_fp32 unpickles its files in full, so they are checked first: a file that
+    needs any global but the weights-only types and DeepSpeed's own classes is refused unread.
     """
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
+    from gpt2dist.resume import deepspeed_classes
+
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
+    deepspeed_classes(path, sorted((path / tag).glob("*.pt")))
     with tempfile.TemporaryDirectory() as tmp:
         try:
             return convert_zero_checkpoint_to_fp32_state_dict(path, os.path.join(tmp, "fp32.ckpt"))

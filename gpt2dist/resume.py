@@ -49,19 +49,41 @@ from gpt2dist.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 
+UNSAFE = "it holds objects that only a full unpickle reads, which could run code, and gpt2dist never saves them"
+
+
+def deepspeed_classes(folder: str | Path, files: list[Path]) -> list[type]:
+    """The classes of DeepSpeed's own that its state files pickle (a loss scaler, the ZeRO stage enum),
+    to allow for a weights-only load. Any other global (a function such as os.system) could run code:
+    CheckpointError naming it, before anything is unpickled. torch lists them without unpickling."""
+    import importlib
+
+    allowed = []
+    for f in files:
+        for name in torch.serialization.get_unsafe_globals_in_checkpoint(f):
+            module, _, attr = name.rpartition(".")
+            try:
+                obj = getattr(importlib.import_module(module), attr) if module.startswith("deepspeed.") else None
+            except (ImportError, AttributeError):
+                obj = None
+            if not isinstance(obj, type):
+                raise CheckpointError(f"DeepSpeed checkpoint {folder}: {f.name} needs {name} to load, which neither "
+                                      f"gpt2dist nor DeepSpeed saves and which could run code; it is not loaded")
+            allowed.append(obj)
+    return allowed
+
+
 def _meta(path: str | Path) -> tuple[dict | None, str]:
     """(Lightning's checkpoint dict, memory-mapped: tensors are read only when touched, "") or
     (None, why it cannot be read). Sharded folders: the rank-0 file that holds the trainer state."""
     p = Path(path)
-    meta, weights_only = p, True  # a checkpoint in the run folder must not run code just by being looked at
+    meta = p  # a checkpoint in the run folder must not run code just by being looked at
     if p.is_dir() and (p / "latest").is_file():
         # A DeepSpeed folder: Lightning's progress is in the client state of <tag>/*model_states.pt.
         states = sorted((p / (p / "latest").read_text().strip()).glob("*model_states.pt"))
         if not states:
             return None, "DeepSpeed checkpoint folder without <tag>/*model_states.pt (incomplete)"
-        # DeepSpeed's own resume unpickles these files in full (its engine state is not weights-only),
-        # so reading one here exposes nothing that resuming from it would not.
-        meta, weights_only = states[0], False
+        meta = states[0]
     elif p.is_dir():
         if not (p / ".metadata").is_file() or not any(p.glob("*.distcp")):
             return None, "sharded checkpoint folder without .metadata or *.distcp shards (incomplete)"
@@ -69,9 +91,15 @@ def _meta(path: str | Path) -> tuple[dict | None, str]:
     try:
         # Lightning resumes single files and meta.pt with weights_only=True: a file only a full unpickle
         # reads is one it cannot resume from, so it is "unreadable" here too, not picked by `auto`.
-        ckpt = torch.load(meta, map_location="cpu", weights_only=weights_only, mmap=True)
+        # DeepSpeed's state files: weights-only too, allowing DeepSpeed's own classes and nothing else
+        # (DeepSpeed unpickles them in full when it resumes, so a folder must pass here first).
+        allowed = deepspeed_classes(p, [meta]) if meta is not p and meta.name.endswith("model_states.pt") else []
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
         int(ckpt["global_step"])
     except Exception as e:  # truncated by a kill, not a checkpoint, ...
+        if isinstance(e, CheckpointError) or "Weights only load failed" in str(e):
+            return None, UNSAFE  # in full: the reason is not a truncation
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     return ckpt, ""
 
@@ -304,6 +332,8 @@ def check_explicit_checkpoint(ckpt_path: str) -> None:
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file or folder; give an existing checkpoint, "
                               f"or --ckpt_path last for the newest one in the run folder")
     prog, why = _progress(p)
+    if why == UNSAFE:
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: {why}; it is not loaded: pass a checkpoint gpt2dist saved")
     if prog is None:
         raise CheckpointError(f"--ckpt_path {ckpt_path}: not a complete checkpoint ({why}); it may have been cut "
                               f"short: pass an older one, or --ckpt_path last to take the newest complete one")

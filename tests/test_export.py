@@ -4,6 +4,7 @@ input names the culprit, and an interrupted export never leaves a half-written O
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,23 @@ def test_checkpoint_kinds(tmp_path, tokenizer_dir):
         checkpoint_kind(tmp_path / "missing.ckpt")
     with pytest.raises(CheckpointError, match="cannot be read"):  # .metadata but no shards
         export_checkpoint(tmp_path / "distcp", tmp_path / "hf")
+
+
+def test_a_deepspeed_folder_that_needs_a_full_unpickle_is_refused_unread(tmp_path):
+    """DeepSpeed's zero_to_fp32 unpickles in full: a crafted optimizer-state file ran its code before
+    the export failed. Its globals are checked first; only DeepSpeed's own classes pass."""
+    folder = tmp_path / "ds"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    marker = tmp_path / "ran"
+    torch.save({"global_step": 3, "ds_version": _RunsCode(str(marker))}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(folder), str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and not marker.exists() and not (tmp_path / "hf").exists(), p.stderr[-2000:]
+    assert re.fullmatch(  # open is builtins.open or io.open, as the pickler found it
+        rf"export_hf: error: DeepSpeed checkpoint {re.escape(str(folder))}: mp_rank_00_model_states.pt "
+        r"needs (builtins|io)\.open to load, which neither gpt2dist nor DeepSpeed saves and which could run code; it is not loaded",
+        p.stderr.strip().splitlines()[-1]), p.stderr[-2000:]
 
 
 def test_interrupted_export_leaves_no_half_written_dir(tmp_path, tokenizer_dir, monkeypatch):

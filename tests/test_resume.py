@@ -190,6 +190,31 @@ def test_deepspeed_folders_are_candidates_by_their_stored_step(root):
     assert newest_checkpoint(root, ck)[0].name == "last.ckpt"
 
 
+def test_a_deepspeed_folder_is_read_weights_only_allowing_deepspeeds_own_classes(root, tmp_path):
+    """DeepSpeed's state files were read with a full unpickle to rank them, so an older folder nobody
+    resumed could run code just by lying in the run folder. Now weights-only, allowing DeepSpeed's own
+    classes (its loss scaler, the ZeRO stage enum); anything else makes the folder unreadable, unread."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    ck = root / "checkpoints"
+    save(ck / "step0000010.ckpt", 10, 20)
+    states = ck / "last.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    states.parent.mkdir(parents=True)
+    (ck / "last.ckpt" / "latest").write_text("checkpoint")
+    loops = {"fit_loop": {"epoch_loop.batch_progress": {"total": {"completed": 24}}}}
+    torch.save({"global_step": 12, "loops": loops, "param_shapes": [{"w": torch.Size([3])}], "ds_version": "0.19.8",
+                "stage": ZeroStageEnum.gradients, "scaler": DynamicLossScaler(2.0**16, 2, 1000, 1, False, False)}, states)
+    assert checkpoint_progress(ck / "last.ckpt") == (12, 24)
+    marker = tmp_path / "ran"
+    torch.save({"global_step": 14, "loops": loops, "x": _RunsCode(marker)}, states)
+    assert checkpoint_progress(ck / "last.ckpt") is None and not marker.exists()
+    assert resolve_ckpt_path("auto", root, ck, slurm=False) == str(ck / "step0000010.ckpt") and not marker.exists()
+    with pytest.raises(CheckpointError, match="last.ckpt: it holds objects that only a full unpickle reads, which could run code"):
+        resolve_ckpt_path(str(ck / "last.ckpt"), root, ck, slurm=False)
+    assert not marker.exists()
+
+
 def test_best_is_the_lowest_stored_score_and_eval_needs_a_checkpoint(root):
     from gpt2dist.resume import resolve_eval_ckpt_path
 
