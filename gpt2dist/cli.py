@@ -36,9 +36,9 @@ from gpt2dist.launch import check_srun_seen, check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.preemption import Preemption, install_early_handler
-from gpt2dist.resume import (DeepSpeedFolderIO, check_checkpoint_fits_strategy, check_explicit_checkpoint,
-                             checkpoint_progress, is_deepspeed_folder, newest_checkpoint, resolve_ckpt_path,
-                             resolve_eval_ckpt_path)
+from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoint_fits_strategy,
+                             check_explicit_checkpoint, checkpoint_progress, is_deepspeed_folder, newest_checkpoint,
+                             resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_dir_in_run_folder, wandb_error_message
 
 
@@ -146,7 +146,12 @@ class GPT2CLI(LightningCLI):
         # Before the logger creates its W&B run: pick the run id a resume must continue.
         config = self.config.get(str(self.subcommand), self.config)
         # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).
-        ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.trainer.default_root_dir,
+        # `best`: the best_checkpoint file, then as an explicit file (a rollback to it; a requeue goes on
+        # past it). Lightning's `best` knows no best in a new process and took the first callback's.
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "best":
+            ckpt_path = self._best_checkpoint_file()
+        ckpt_path = resolve_ckpt_path(ckpt_path, self.trainer.default_root_dir,
                                       getattr(self.trainer.checkpoint_callback, "dirpath", None))
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
         check_checkpoint_fits_strategy(ckpt_path, self.trainer.strategy, self.trainer.world_size)
@@ -161,6 +166,11 @@ class GPT2CLI(LightningCLI):
         prepare_wandb(self.trainer, ckpt_path)
         start_wandb_runs(self.trainer)  # W&B's refusals before data preparation, not after
 
+
+    def _best_checkpoint_file(self) -> str:
+        """`--ckpt_path best`: the file of the best_checkpoint callback with the best stored score."""
+        cb = self.config_init[str(self.subcommand)]["best_checkpoint"]  # instantiated: its dirpath link is resolved
+        return best_checkpoint(cb.dirpath, cb.filename, cb.monitor, cb.mode)
 
     def _before_eval(self) -> None:
         """validate / test / predict: `--ckpt_path last|auto|best` resolved as for fit (gpt2dist/resume.py)."""

@@ -261,6 +261,29 @@ def test_eval_ckpt_path_last_best_and_nothing(fitted, tmp_path):
         assert len(errors) == 1 and f"--ckpt_path {how}" in errors[0] and "Traceback" not in r.stderr
 
 
+def test_fit_from_best_resumes_the_best_checkpoint(fitted, tmp_path):
+    """`fit --ckpt_path best` was Lightning's: a new process knows no best, and it failed with a traceback
+    saying ModelCheckpoint "is not configured to save the best model". Now it resumes the
+    best_checkpoint file with the best stored val/loss; with none, one line."""
+    tmp, cfg, _ = fitted
+    shutil.copytree(tmp / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    best = min(((torch.load(p, weights_only=True)["callbacks"], p) for p in (tmp_path / "run").glob("checkpoints/best-*.ckpt")),
+               key=lambda t: next(float(v["best_model_score"]) for k, v in t[0].items()
+                                 if k.startswith("ModelCheckpoint") and "val/loss" in k))[1]
+    step = torch.load(best, weights_only=True)["global_step"]
+    root = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger.init_args.save_dir", str(tmp_path / "run")]
+    r = run_cli("fit", "--config", str(cfg), *root, "--ckpt_path", "best", "--trainer.max_steps", str(step + 2),
+                "--export.enabled", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"best checkpoint: {best}" in r.stderr + r.stdout
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == step + 2 and last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == \
+        torch.load(best, weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] + 2
+    r = run_cli("fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "best")
+    errors = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "--ckpt_path best: no best-" in errors[0] and "Traceback" not in r.stderr
+
+
 def test_validate_or_test_with_no_split_to_evaluate_is_one_line(fitted, tmp_path):
     """Without a validation split (val_fraction 0, no val/test files) Lightning ran 0 batches and exited 0."""
     tmp, cfg, _ = fitted
