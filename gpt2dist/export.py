@@ -61,6 +61,8 @@ def check_export_target(out_dir: str | os.PathLike, fix: str = "choose an empty 
     if out_dir.is_symlink() or not out_dir.is_dir():
         what = "a symlink" if out_dir.is_symlink() else "a file"
         raise GPT2DistError(f"export folder {out_dir} is {what}, which the export would replace; {fix}")
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):  # the new folder is written beside it, then swapped in
+        raise GPT2DistError(f"export folder {out_dir} cannot be replaced: {out_dir.parent} is not writable; {fix}")
     if not _is_previous_export(out_dir):
         held = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
@@ -100,9 +102,16 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
     """
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        # A name of its own (a leftover of a killed process with the same pid, common in containers,
+        # made the rename fail): mkdtemp's empty folder, which rename may replace.
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)  # the previous export back in place, not left hidden
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -167,7 +176,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Load a single-file Lightning checkpoint safely (`weights_only=True`), with clear errors."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or use --ckpt_path last)")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (checkpoints are in <run folder>/checkpoints/)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -186,7 +195,8 @@ def model_from_lightning_state(checkpoint: dict, source: str = "checkpoint"):
     model = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["gpt2_config"]))
     state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte
+    if model.config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte
     if missing or unexpected:
         raise CheckpointError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
@@ -198,7 +208,7 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     `deepspeed` (a ZeRO-1/2/3 folder)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or use --ckpt_path last)")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (checkpoints are in <run folder>/checkpoints/)")
     if path.is_file():
         return "file"
     if (path / ".metadata").is_file():
@@ -296,5 +306,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     fix = ("pass --tokenizer DIR, a local tokenizer folder" if tokenizer else
            "it is the tokenizer the checkpoint recorded at training time: pass --tokenizer DIR with that "
            "tokenizer's folder (e.g. where it was moved)")
-    tok = load_tokenizer(tok_name, fix) if tok_name else None
-    return save_hf_folder(model, tok, out_dir)
+    if not tok_name:  # a folder without one loads in transformers with a one-token tokenizer, silently
+        raise CheckpointError(f"{ckpt_path} records no tokenizer (it was not saved by a gpt2dist fit); pass "
+                              f"--tokenizer DIR, the tokenizer it was trained with")
+    return save_hf_folder(model, load_tokenizer(tok_name, fix), out_dir)

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +100,89 @@ def test_export_tool_error_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("export_hf: error: checkpoint") and "does not exist" in p.stderr
+    assert "--ckpt_path" not in p.stderr  # the tool has no such option
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_swap_puts_the_previous_export_back(tmp_path, tokenizer_dir, monkeypatch):
+    """Interrupted between moving the previous export aside and renaming the new one in: the previous one
+    stayed hidden as .hf.old-PID and the folder was gone. The aside name was the pid, so a leftover of
+    a killed process with the same pid (common in containers) made every later export fail."""
+    _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
+    out = tmp_path / "hf"
+    export_checkpoint(tmp_path / "x.ckpt", out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    (tmp_path / f".hf.old-{os.getpid()}").mkdir()
+    (tmp_path / f".hf.old-{os.getpid()}" / "model.safetensors").write_bytes(b"left by a killed export")
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".hf.tmp-"):
+            raise KeyboardInterrupt  # after the previous export was moved aside
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(tmp_path / "x.ckpt", out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [f".hf.old-{os.getpid()}"]
+    monkeypatch.setattr(os, "replace", real)
+    export_checkpoint(tmp_path / "x.ckpt", out)  # the leftover does not stand in the way
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+READ_ONLY_PARENT = """
+import os, sys
+from pathlib import Path
+from gpt2dist.errors import GPT2DistError
+from gpt2dist.export import check_export_target
+out = Path(sys.argv[1])
+os.chmod(out.parent, 0o555)
+try:
+    check_export_target(out, "the fix")
+except GPT2DistError as e:
+    print(e)
+finally:
+    os.chmod(out.parent, 0o755)
+"""
+
+
+def test_an_existing_export_folder_in_a_read_only_parent_is_refused_before_training(tmp_path):
+    """The new export is written beside the old one, then swapped in: with the parent read-only, the check
+    passed and the export failed after training with a PermissionError traceback. Root ignores modes,
+    so as root the check runs without the capability to (setpriv)."""
+    out = tmp_path / "shared" / "mine"
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-c", READ_ONLY_PARENT, str(out)]
+    if os.geteuid() == 0:
+        caps = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if p.returncode and p.stderr.startswith("setpriv:"):
+        pytest.skip(f"cannot drop root's file-mode override here: {p.stderr.strip()}")
+    assert p.stdout.strip() == f"export folder {out} cannot be replaced: {out.parent} is not writable; the fix", \
+        (p.stdout, p.stderr[-2000:])
+
+
+def test_an_export_without_a_tokenizer_or_an_untied_head_is_refused(tmp_path, tokenizer_dir):
+    """A checkpoint that records no tokenizer exported without one, and transformers then loaded a
+    one-token tokenizer from the folder; an untied model without lm_head.weight got a random head."""
+    from transformers import AutoTokenizer
+
+    _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
+    ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    del ckpt["tokenizer_name_or_path"]
+    torch.save(ckpt, tmp_path / "notok.ckpt")
+    with pytest.raises(CheckpointError, match=r"notok.ckpt records no tokenizer .*pass --tokenizer DIR"):
+        export_checkpoint(tmp_path / "notok.ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    out = export_checkpoint(tmp_path / "notok.ckpt", tmp_path / "hf", tokenizer=str(tokenizer_dir))
+    assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    ckpt["gpt2_config"]["tie_word_embeddings"] = False
+    ckpt["state_dict"].pop("model.lm_head.weight", None)
+    torch.save(ckpt, tmp_path / "untied.ckpt")  # no lm_head.weight: only a tied head may be left out
+    with pytest.raises(CheckpointError, match=r"untied.ckpt does not match its config: missing \['lm_head.weight'\]"):
+        export_checkpoint(tmp_path / "untied.ckpt", tmp_path / "hf2", tokenizer=str(tokenizer_dir))
 
 
 def _tree(root):
