@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StopStringCriteria,
+                          SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from gpt2dist.errors import ConfigError
 
@@ -148,10 +148,14 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
                                      **({"tokenizer": tokenizer} if sampling.stop_strings else {}))
             finally:
                 model.generation_config = saved
+        stop = StopStringCriteria(tokenizer, list(sampling.stop_strings)) if sampling.stop_strings else None
         for r, i in enumerate(rows):
             new = out[r, width:].tolist()
             if eos in new:  # a finished row (EOS, a stop string) is padded with EOS: it ends at its first one, as alone
-                new = new[: new.index(eos) + 1]
+                k = new.index(eos)
+                # Finished by a stop string at k - 1, the EOS at k is padding, which the row alone never has.
+                by_stop = stop is not None and k > 0 and bool(stop(out[r:r + 1, :width + k], None)[0])
+                new = new[:k] if by_stop else new[:k + 1]
             result[i] = ids[i] + new
     return result
 

@@ -174,6 +174,12 @@ def test_stop_strings_end_each_row_where_it_completes_one(model, tokenizer):
                 and " " not in tail[i:i + 2])
     stopped = generate_texts(model, tokenizer, PROMPTS, 24, Sampling(stop_strings=(stop,)))
     assert stopped == [generate_texts(model, tokenizer, [p], 24, Sampling(stop_strings=(stop,)))[0] for p in PROMPTS]
+    # The ids too: a row a stop string ended while others ran on is padded with EOS, which the row alone
+    # never generated (it was kept as the row's last token).
+    ids = generate_ids(model, tokenizer, PROMPTS, 24, Sampling(stop_strings=(stop,)))
+    alone = [generate_ids(model, tokenizer, [p], 24, Sampling(stop_strings=(stop,)))[0] for p in PROMPTS]
+    assert ids == alone and any(x[-1] != tokenizer.eos_token_id and len(x) < len(y) for x, y in zip(ids, generate_ids(
+        model, tokenizer, PROMPTS, 24)))  # some row was stopped by the string, not by EOS or the budget
     for p, f, s in zip(PROMPTS, full, stopped):
         assert f.startswith(s)
         at = f.find(stop, len(p))
