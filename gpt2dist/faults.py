@@ -227,6 +227,9 @@ class FaultTolerance(Callback):
             check_ranks_share_the_run([root, *([str(ckpt_dir)] if outside else [])], self.fit_ckpt_path)  # URLs: skipped there
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        from gpt2dist.data import start_the_epoch_a_resume_is_in
+
+        start_the_epoch_a_resume_is_in(trainer)  # a resume at an epoch's end: the next epoch's data
         check_validation_schedule(trainer)  # before anything moves: a refused run changes nothing
         if self.fit_ckpt_path != "unknown":
             from gpt2dist.resume import set_aside_other_runs

@@ -247,8 +247,8 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
                                                        steps_into_epoch1):
     """Killed in epoch 1 (a few blocks per epoch), resumed with --ckpt_path last: the resumed run sees
     epoch 1's shuffle from where it stopped, not epoch 0's order (rank 0's batches under DDP), and
-    ends bitwise equal. steps_into_epoch1=1: resumed from the checkpoint of epoch 0's last step (where a
-    SLURM requeue saves when its signal comes at an epoch's end), which must start epoch 1 afresh."""
+    ends bitwise equal. steps_into_epoch1=1: resumed from the checkpoint saved after the validation at
+    epoch 0's end (val_check_interval 4 divides it), which starts epoch 1 at its first batch."""
     name = f"epoch1_d{devices}_w{num_workers}_s{steps_into_epoch1}"
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
@@ -272,9 +272,47 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
     resumed = ok(cli(config, *small, *record, "--ckpt_path", "last"))
     assert f"global_step {kill_step - 1}" in resumed.stderr
     after = recorded_batches(log)
-    # Resumed in epoch 1 where it stopped: mid epoch, or at its first batch from epoch 0's last step.
-    assert after[0][1] == 1 and (after[0][2] > 0) == (steps_into_epoch1 > 1), after[:2]
+    assert after[0][1] == 1 and (after[0][2] > 0) == (steps_into_epoch1 > 1), after[:2]  # in epoch 1, where it stopped
     assert after == [b for b in seen if b[0] >= kill_step - 1]
+    assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)),
+                   first_parting(run_dir(config) / "trace.txt", run_dir(ref) / "trace.txt"))
+
+
+@pytest.mark.parametrize("how, devices, num_workers", [
+    ("sigterm", 1, 0), ("sigterm", 1, 1), ("sigterm", 2, 0),
+    ("limited", 1, 0),  # trainer.limit_train_batches: the epoch ends before the data does
+    ("extend", 1, 0),  # a run whose max_steps ended epoch 0, continued with a larger max_steps
+])
+def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, tokenizer_dir, how, devices, num_workers):
+    """A checkpoint at the last step of epoch 0, with no validation there (a SIGTERM or SLURM requeue save,
+    or the end of fit). Lightning resumed with the finished loader position: epoch 1 got no batches and
+    training went on with epoch 2's order (epoch 1 never trained); with limit_train_batches, epoch 1 got
+    the rest of epoch 0; extended, epoch 1 ended after one batch. Now batch for batch and bitwise the
+    uninterrupted run."""
+    name = f"epoch_end_{how}_d{devices}_w{num_workers}"
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
+    small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
+             "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
+             "--trainer.val_check_interval", "6", *(["--trainer.limit_train_batches", "10"] if how == "limited" else []),
+             "--model.decay_steps", "12"]  # the LR schedule of 12 steps, also in a first leg of max_steps `end`
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_ref", devices=devices, num_workers=num_workers)
+    ok(cli(ref, *small, "--trainer.max_steps", "12", *traced(ref)))
+    seen = recorded_batches(run_dir(ref) / "batches.txt")
+    end = next(step for step, epoch, _, _ in seen if epoch == 1)  # the step that ends epoch 0
+    assert 3 <= end <= 8 and (2 * end) % 6, seen  # a few steps per epoch; no validation at its end
+    config = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_cut", devices=devices, num_workers=num_workers)
+    log = run_dir(config) / "batches.txt"
+    if how == "extend":
+        ok(cli(config, *small, "--trainer.max_steps", str(end), *traced(config)))
+    else:
+        term = {"class_path": "fault_plugins.TermAt", "init_args": {"step": end}}
+        p = cli(config, *small, "--trainer.max_steps", "12", "--config", str(overlay(run_dir(config), term, recorder(config))))
+        assert p.returncode == 143 and f"last.ckpt (step {end})" in p.stderr, (p.returncode, p.stderr[-3000:])
+    first_leg = len(recorded_batches(log))
+    resumed = ok(cli(config, *small, "--trainer.max_steps", "12", *traced(config), "--ckpt_path", "last"))
+    assert f"global_step {end}" in resumed.stderr
+    after = recorded_batches(log)[first_leg:]
+    assert after[0][1:3] == (1, 0) and after == [b for b in seen if b[0] >= end], (after[:3], [b for b in seen if b[0] >= end][:3])
     assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)),
                    first_parting(run_dir(config) / "trace.txt", run_dir(ref) / "trace.txt"))
 
