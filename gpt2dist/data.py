@@ -400,45 +400,58 @@ class _BlockIterator:
             log.warning("resume: %d global samples consumed do not divide by %d processes; starting at sample %d",
                         consumed, self.num_replicas, consumed // self.num_replicas * self.num_replicas)
         self.pos = consumed // self.num_replicas
-        self.sampler.restored = (self.epoch, self.pos)  # for start_the_epoch_a_resume_is_in (workers read ahead)
+        # For start_the_epoch_a_resume_is_in (workers read ahead of it); False: a position without its epoch.
+        self.sampler.restored = (self.epoch, self.pos) if "epoch" in state else False
 
 
 def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
-    """At train start: a resume from a checkpoint taken at the end of an epoch (its last step, e.g. a
-    SLURM requeue or SIGTERM save there, or a finished run extended) goes on with the next epoch's data.
+    """At train start of a resumed fit: the train iterator is the epoch the run goes on with.
 
-    Lightning keeps the restored loader position and does not start a new iterator for the next epoch
-    when it resumes, so the exhausted position gave that epoch no batches (max_epochs: one epoch fewer;
-    max_steps: the following epoch's order, with current_epoch one ahead). With limit_train_batches it
-    gave the next epoch the rest of the previous one. Extending a run that ended on an epoch boundary,
-    Lightning counts that epoch twice. The loader state is the record of what was trained: its epoch is
-    done when no whole micro-batch of the run's epoch length is left, and the next one starts at 0."""
-    loader = trainer.fit_loop._combined_loader.flattened[0] if trainer.fit_loop._combined_loader else None
+    Lightning builds the iterator before it sets the sampler's epoch, and on a resume starts no new
+    one, so three resumes trained the wrong data:
+    - Restarted at the end of a training batch that ended an epoch (a SIGTERM or SLURM requeue save
+      there, no validation): it moves to the next epoch but keeps the finished position, so that
+      epoch had no batches (max_steps: the one after it trained instead); with limit_train_batches,
+      it got the rest of the previous one.
+    - Resumed from fit's end where max_steps ended an epoch (a finished run extended): it counts that
+      epoch twice and keeps its batch counts, ending the next epoch after one batch.
+    - No loader position restored in epoch >= 1 (max_epochs runs save at on_train_epoch_end, where
+      Lightning restores none): epoch 0's order.
+    The loader position is the record of what was trained: its epoch is done when no whole
+    micro-batch of the run's epoch length is left, and the next one starts at its first block."""
+    fit = trainer.fit_loop
+    loader = fit._combined_loader.flattened[0] if fit._combined_loader else None
     sampler = getattr(loader, "sampler", None)
-    restored = getattr(sampler, "restored", None)
-    if not isinstance(sampler, BlockSampler) or restored is None:
-        return  # a fresh start, or a checkpoint without a loader position
-    sampler.restored = None
+    if not isinstance(sampler, BlockSampler) or not fit.is_resuming:
+        return
+    restored, sampler.restored = getattr(sampler, "restored", None), None
+    if restored is False:
+        return  # a checkpoint from before the epoch was stored with the position: as README says
+    if restored is None:
+        if sampler.epoch != trainer.current_epoch:
+            sampler.set_epoch(trainer.current_epoch)
+            iter(fit._data_fetcher)  # the epoch it resumes in, from its first block
+        return
     epoch, pos = restored
-    if pos // loader.batch_size < trainer.num_training_batches:
-        return  # mid-epoch: Lightning continues it where it stopped
-    if trainer.current_epoch != epoch + 1:
-        log.info("resume: the checkpoint finished epoch %d; training goes on with epoch %d (Lightning counted %d)",
-                 epoch, epoch + 1, trainer.current_epoch)
-        progress = trainer.fit_loop.epoch_progress
+    if pos // loader.batch_size < trainer.num_training_batches or trainer.current_epoch == epoch:
+        # Mid-epoch, Lightning continues it where it stopped; at the epoch's end with its epoch not
+        # yet counted done (saved after validation there), it ends the epoch and starts the next itself.
+        return
+    if not fit.epoch_loop.restarted_on_train_batch_end:
+        # Resumed from fit's end: the finished epoch counted once, and the new epoch's batch counts as
+        # at any epoch's start. (Restarted at a batch's end, Lightning counted the epoch done, and its
+        # epoch loop's reset, which runs after this, starts the new epoch's counts.)
+        progress = fit.epoch_progress
         for counts in (progress.current, progress.total):
             counts.ready = counts.started = counts.processed = counts.completed = epoch + 1
-    loop = trainer.fit_loop.epoch_loop
-    if not loop.restarted_on_train_batch_end:
-        # The new epoch's counts, as at an epoch's start: resumed from fit's end, Lightning kept the
-        # finished epoch's and ended the next after one batch. (Restarted at a batch's end, its epoch
-        # loop's reset, which runs after this, starts the new epoch's counts itself.)
+        loop = fit.epoch_loop
         loop.batch_progress.reset_on_run()
         loop.scheduler_progress.reset_on_run()
         loop.automatic_optimization.optim_progress.reset_on_run()
         loop.val_loop.batch_progress.total.reset()
+    fit._last_train_dl_reload_epoch = epoch + 1  # reload_dataloaders_every_n_epochs: this loader is epoch + 1's
     sampler.set_epoch(epoch + 1)
-    iter(trainer.fit_loop._data_fetcher)  # a new iterator: epoch + 1 from its first block
+    iter(fit._data_fetcher)  # a new iterator: epoch + 1 from its first block
 
 
 # ----------------------------------------------------------------------------- the DataModule

@@ -282,21 +282,23 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
     ("sigterm", 1, 0), ("sigterm", 1, 1), ("sigterm", 2, 0),
     ("limited", 1, 0),  # trainer.limit_train_batches: the epoch ends before the data does
     ("extend", 1, 0),  # a run whose max_steps ended epoch 0, continued with a larger max_steps
+    ("epochs", 1, 0),  # max_epochs 2, no max_steps: Lightning restores no loader position at an epoch's end
 ])
 def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, tokenizer_dir, how, devices, num_workers):
     """A checkpoint at the last step of epoch 0, with no validation there (a SIGTERM or SLURM requeue save,
     or the end of fit). Lightning resumed with the finished loader position: epoch 1 got no batches and
     training went on with epoch 2's order (epoch 1 never trained); with limit_train_batches, epoch 1 got
-    the rest of epoch 0; extended, epoch 1 ended after one batch. Now batch for batch and bitwise the
-    uninterrupted run."""
+    the rest of epoch 0; extended, epoch 1 ended after one batch; under max_epochs 2 the resumed run
+    trained nothing. Now batch for batch and bitwise the uninterrupted run."""
     name = f"epoch_end_{how}_d{devices}_w{num_workers}"
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
              "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
              "--trainer.val_check_interval", "6", *(["--trainer.limit_train_batches", "10"] if how == "limited" else []),
              "--model.decay_steps", "12"]  # the LR schedule of 12 steps, also in a first leg of max_steps `end`
+    length = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2"] if how == "epochs" else ["--trainer.max_steps", "12"]
     ref = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_ref", devices=devices, num_workers=num_workers)
-    ok(cli(ref, *small, "--trainer.max_steps", "12", *traced(ref)))
+    ok(cli(ref, *small, *length, *traced(ref)))
     seen = recorded_batches(run_dir(ref) / "batches.txt")
     end = next(step for step, epoch, _, _ in seen if epoch == 1)  # the step that ends epoch 0
     assert 3 <= end <= 8 and (2 * end) % 6, seen  # a few steps per epoch; no validation at its end
@@ -306,10 +308,10 @@ def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, to
         ok(cli(config, *small, "--trainer.max_steps", str(end), *traced(config)))
     else:
         term = {"class_path": "fault_plugins.TermAt", "init_args": {"step": end}}
-        p = cli(config, *small, "--trainer.max_steps", "12", "--config", str(overlay(run_dir(config), term, recorder(config))))
+        p = cli(config, *small, *length, "--config", str(overlay(run_dir(config), term, recorder(config))))
         assert p.returncode == 143 and f"last.ckpt (step {end})" in p.stderr, (p.returncode, p.stderr[-3000:])
     first_leg = len(recorded_batches(log))
-    resumed = ok(cli(config, *small, "--trainer.max_steps", "12", *traced(config), "--ckpt_path", "last"))
+    resumed = ok(cli(config, *small, *length, *traced(config), "--ckpt_path", "last"))
     assert f"global_step {end}" in resumed.stderr
     after = recorded_batches(log)[first_leg:]
     assert after[0][1:3] == (1, 0) and after == [b for b in seen if b[0] >= end], (after[:3], [b for b in seen if b[0] >= end][:3])
@@ -618,7 +620,7 @@ except CheckpointError as e:
 """
 
 
-def test_a_write_that_fails_inside_torch_save_is_one_line_and_leaves_no_partial_file(tmp_path):
+def test_a_write_that_fails_inside_torch_save_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     """A real failed write (a file-size limit: the kernel refuses it as it refuses a full disk): torch.save's
     writer raises RuntimeError('unexpected pos'), not OSError; it was a traceback, and the partial
     temporary file (a model's size) stayed on the full disk. ENOSPC or a quota in its chain is named."""
@@ -638,6 +640,17 @@ def test_a_write_that_fails_inside_torch_save_is_one_line_and_leaves_no_partial_
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
         except RuntimeError as e:
             assert said in str(_save_failed(path, e))
+    # Any other error (a CUDA error while serializing) is not the disk's: it stays itself, named as it is.
+    from gpt2dist.faults import AtomicCheckpointIO
+
+    def cuda_error(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "save", cuda_error)
+    with pytest.raises(RuntimeError, match="^CUDA error"):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(3)}, path)
+    assert [q.name for q in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_distributed_atomic_save_handles_nested_folders(tmp_path):
