@@ -105,7 +105,11 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
         # A name of its own (a leftover of a killed process with the same pid, common in containers,
         # made the rename fail): mkdtemp's empty folder, which rename may replace.
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old)
+        try:
+            os.replace(out_dir, old)
+        except BaseException:
+            old.rmdir()
+            raise
     try:
         os.replace(tmp, out_dir)
     except BaseException:

@@ -53,6 +53,13 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _write_failed(err: RuntimeError) -> bool:
+    """torch.save's zip writer reports a failed write as RuntimeError ("unexpected pos ..."), with the
+    OSError in its context; any other RuntimeError (a CUDA error) is not the disk's and stays as it is."""
+    cause = err.__cause__ or err.__context__
+    return isinstance(cause, OSError) or "unexpected pos" in str(err) or "PytorchStreamWriter" in str(err)
+
+
 def _save_failed(path: Path, err: BaseException) -> CheckpointError:
     # torch.save's zip writer reports a failed write as a RuntimeError ("unexpected pos ..."); the
     # OSError that says why (ENOSPC, a quota) is in its context chain.
@@ -92,7 +99,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fsync_dir(path.parent)
         except BaseException as e:
             tmp.unlink(missing_ok=True)  # whatever stopped the write: no partial file is left behind
-            if isinstance(e, (OSError, RuntimeError)):  # RuntimeError: torch.save's writer on a failed write
+            if isinstance(e, OSError) or isinstance(e, RuntimeError) and _write_failed(e):
                 raise _save_failed(path, e) from None
             raise
 

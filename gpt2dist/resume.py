@@ -62,11 +62,15 @@ def deepspeed_classes(folder: str | Path, files: list[Path]) -> list[type]:
     for f in files:
         for name in torch.serialization.get_unsafe_globals_in_checkpoint(f):
             module, _, attr = name.rpartition(".")
-            try:
-                obj = getattr(importlib.import_module(module), attr) if module.startswith("deepspeed.") else None
-            except (ImportError, AttributeError):
-                obj = None
-            if not isinstance(obj, type):
+            obj = None
+            if module.startswith("deepspeed."):
+                try:
+                    obj = getattr(importlib.import_module(module), attr)
+                except (ImportError, AttributeError) as e:  # another DeepSpeed version's class
+                    raise CheckpointError(f"DeepSpeed checkpoint {folder}: {f.name} needs {name}, which this DeepSpeed "
+                                          f"cannot import ({type(e).__name__}); load it with the DeepSpeed that saved it") from None
+            # A class of DeepSpeed's own: not a function, nor a class it merely imports (multiprocessing's).
+            if not (isinstance(obj, type) and obj.__module__.startswith("deepspeed.")):
                 raise CheckpointError(f"DeepSpeed checkpoint {folder}: {f.name} needs {name} to load, which neither "
                                       f"gpt2dist nor DeepSpeed saves and which could run code; it is not loaded")
             allowed.append(obj)
@@ -77,13 +81,13 @@ def _meta(path: str | Path) -> tuple[dict | None, str]:
     """(Lightning's checkpoint dict, memory-mapped: tensors are read only when touched, "") or
     (None, why it cannot be read). Sharded folders: the rank-0 file that holds the trainer state."""
     p = Path(path)
-    meta = p  # a checkpoint in the run folder must not run code just by being looked at
+    meta, tag = p, None  # a checkpoint in the run folder must not run code just by being looked at
     if p.is_dir() and (p / "latest").is_file():
         # A DeepSpeed folder: Lightning's progress is in the client state of <tag>/*model_states.pt.
         states = sorted((p / (p / "latest").read_text().strip()).glob("*model_states.pt"))
         if not states:
             return None, "DeepSpeed checkpoint folder without <tag>/*model_states.pt (incomplete)"
-        meta = states[0]
+        meta, tag = states[0], states[0].parent
     elif p.is_dir():
         if not (p / ".metadata").is_file() or not any(p.glob("*.distcp")):
             return None, "sharded checkpoint folder without .metadata or *.distcp shards (incomplete)"
@@ -93,12 +97,15 @@ def _meta(path: str | Path) -> tuple[dict | None, str]:
         # reads is one it cannot resume from, so it is "unreadable" here too, not picked by `auto`.
         # DeepSpeed's state files: weights-only too, allowing DeepSpeed's own classes and nothing else
         # (DeepSpeed unpickles them in full when it resumes, so a folder must pass here first).
-        allowed = deepspeed_classes(p, [meta]) if meta is not p and meta.name.endswith("model_states.pt") else []
+        # Every file of the tag (DeepSpeed's resume reads them all in full), not only the one read here.
+        allowed = deepspeed_classes(p, sorted(tag.glob("*.pt"))) if tag else []
         with torch.serialization.safe_globals(allowed):
             ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
         int(ckpt["global_step"])
+    except CheckpointError as e:  # a DeepSpeed file's globals refused, unread: in full, it is not a truncation
+        return None, str(e)
     except Exception as e:  # truncated by a kill, not a checkpoint, ...
-        if isinstance(e, CheckpointError) or "Weights only load failed" in str(e):
+        if "Weights only load failed" in str(e):
             return None, UNSAFE  # in full: the reason is not a truncation
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     return ckpt, ""
@@ -334,6 +341,8 @@ def check_explicit_checkpoint(ckpt_path: str) -> None:
     prog, why = _progress(p)
     if why == UNSAFE:
         raise CheckpointError(f"--ckpt_path {ckpt_path}: {why}; it is not loaded: pass a checkpoint gpt2dist saved")
+    if why.startswith("DeepSpeed checkpoint "):
+        raise CheckpointError(f"--ckpt_path {why}")
     if prog is None:
         raise CheckpointError(f"--ckpt_path {ckpt_path}: not a complete checkpoint ({why}); it may have been cut "
                               f"short: pass an older one, or --ckpt_path last to take the newest complete one")

@@ -210,8 +210,14 @@ def test_a_deepspeed_folder_is_read_weights_only_allowing_deepspeeds_own_classes
     torch.save({"global_step": 14, "loops": loops, "x": _RunsCode(marker)}, states)
     assert checkpoint_progress(ck / "last.ckpt") is None and not marker.exists()
     assert resolve_ckpt_path("auto", root, ck, slurm=False) == str(ck / "step0000010.ckpt") and not marker.exists()
-    with pytest.raises(CheckpointError, match="last.ckpt: it holds objects that only a full unpickle reads, which could run code"):
+    with pytest.raises(CheckpointError, match=r"last.ckpt: mp_rank_00_model_states.pt needs (builtins|io)\.open to load, "
+                                              "which neither gpt2dist nor DeepSpeed saves and which could run code"):
         resolve_ckpt_path(str(ck / "last.ckpt"), root, ck, slurm=False)
+    # Every file of the tag is checked (DeepSpeed's resume reads them all in full), not only the one read.
+    torch.save({"global_step": 14, "loops": loops}, states)
+    assert checkpoint_progress(ck / "last.ckpt") == (14, 24)
+    torch.save({"x": _RunsCode(marker)}, states.parent / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert checkpoint_progress(ck / "last.ckpt") is None and not marker.exists()
     assert not marker.exists()
 
 
