@@ -297,9 +297,11 @@ def load_any_checkpoint(path: str | os.PathLike) -> dict:
     return load_deepspeed_folder(Path(path))
 
 
-def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None) -> Path:
+def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None,
+                      no_tokenizer: bool = False) -> Path:
     """Turn a gpt2dist checkpoint (single file, FSDP2/FSDP1 sharded folder or DeepSpeed ZeRO folder)
-    into a Hugging Face folder. The tokenizer defaults to the one recorded at training time."""
+    into a Hugging Face folder. The tokenizer defaults to the one recorded at training time;
+    `no_tokenizer`: the model alone, for a checkpoint that records none (trained without the data module)."""
     from gpt2dist.tokenizer import load_tokenizer
 
     check_export_target(out_dir)  # before loading a checkpoint that may take minutes
@@ -310,7 +312,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     fix = ("pass --tokenizer DIR, a local tokenizer folder" if tokenizer else
            "it is the tokenizer the checkpoint recorded at training time: pass --tokenizer DIR with that "
            "tokenizer's folder (e.g. where it was moved)")
+    if no_tokenizer:
+        return save_hf_folder(model, None, out_dir)
     if not tok_name:  # a folder without one loads in transformers with a one-token tokenizer, silently
-        raise CheckpointError(f"{ckpt_path} records no tokenizer (it was not saved by a gpt2dist fit); pass "
-                              f"--tokenizer DIR, the tokenizer it was trained with")
+        raise CheckpointError(f"{ckpt_path} records no tokenizer (it was trained without gpt2dist's data module); "
+                              f"pass --tokenizer DIR, the tokenizer it was trained with (or --no-tokenizer: the model alone)")
     return save_hf_folder(model, load_tokenizer(tok_name, fix), out_dir)

@@ -173,9 +173,16 @@ def test_an_export_without_a_tokenizer_or_an_untied_head_is_refused(tmp_path, to
     ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
     del ckpt["tokenizer_name_or_path"]
     torch.save(ckpt, tmp_path / "notok.ckpt")
-    with pytest.raises(CheckpointError, match=r"notok.ckpt records no tokenizer .*pass --tokenizer DIR"):
-        export_checkpoint(tmp_path / "notok.ckpt", tmp_path / "hf")
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(tmp_path / "notok.ckpt"), str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        f"export_hf: error: {tmp_path / 'notok.ckpt'} records no tokenizer (it was trained without gpt2dist's data module); "
+        "pass --tokenizer DIR, the tokenizer it was trained with (or --no-tokenizer: the model alone)"), p.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(tmp_path / "notok.ckpt"), str(tmp_path / "alone"),
+                        "--no-tokenizer"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and (tmp_path / "alone" / "model.safetensors").is_file(), p.stderr[-2000:]
+    assert not list((tmp_path / "alone").glob("tokenizer*"))
     out = export_checkpoint(tmp_path / "notok.ckpt", tmp_path / "hf", tokenizer=str(tokenizer_dir))
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tokenizer_dir))
     ckpt["gpt2_config"]["tie_word_embeddings"] = False

@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a .ckpt file, or a sharded / DeepSpeed checkpoint folder")
     parser.add_argument("out_dir", help="the Hugging Face folder to write (a previous export there is replaced atomically)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder/id (default: the one recorded in the checkpoint)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="export the model alone (a checkpoint trained without gpt2dist's data module records none)")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, no_tokenizer=args.no_tokenizer)
     except GPT2DistError as e:
         print(f"export_hf: error: {e}", file=sys.stderr)
         return 2
