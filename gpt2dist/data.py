@@ -136,6 +136,8 @@ def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field"
         if not isinstance(row, dict) or field not in row:
             raise DataError(f"{path}:{n}: record has no field {field!r}; set {knob} to the text's key")
         value = row[field]
+        if value is None:  # a missing text, as a null in a Parquet/CSV column or a hub data set: no document
+            continue
         if not isinstance(value, str):
             raise DataError(f"{path}:{n}: field {field!r} is {type(value).__name__}, not a string")
         yield value

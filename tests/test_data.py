@@ -107,6 +107,23 @@ def test_formats(tmp_path, tokenizer_dir, tokenizer, fmt):
     assert dm.stats["train"]["tokens"] == expected
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_a_null_text_is_no_document_in_every_format(tmp_path, fmt):
+    # A missing text is no document, the same in JSON as in a Parquet column (JSON lines stopped the run).
+    rows = ["first", None, "third", "   "]
+    path = tmp_path / f"docs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": t}) for t in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps([{"text": t} for t in rows]))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": rows}), path)
+    assert [d for d in data_mod.read_documents(path) if d.strip()] == ["first", "third"]
+
+
 def test_val_fraction_holds_out_whole_documents_deterministically(tmp_path, tokenizer_dir):
     files = []
     for i in range(40):
