@@ -416,6 +416,24 @@ def test_deepspeed_checkpoint_evaluates_the_trained_weights(ds_runs, sub, name, 
     assert fitted[STEPS - 1] < train_losses(ds_runs / name)[0] - 0.05  # it trained: other weights give another loss
 
 
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_export_needs_no_temporary_copy(ds_runs, name, tmp_path, monkeypatch):
+    """Exporting a ZeRO folder gives the end-of-fit export's weights, bitwise, and writes no temporary
+    file: Lightning's converter first saved the whole fp32 model to /tmp (XL: 6.2 GB there)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from gpt2dist.export import export_checkpoint
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))  # any temporary file fails: no such folder
+    export_checkpoint(ds_runs / name / "checkpoints" / f"step{STEPS:07d}.ckpt", tmp_path / "hf")
+    end_of_fit, exported = load_file(ds_runs / name / "hf_model" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert end_of_fit.keys() == exported.keys() and all(torch.equal(end_of_fit[k], exported[k]) for k in end_of_fit)
+    assert not (tmp_path / "absent").exists()
+
+
 def test_deepspeed_zero3_predict_gives_what_one_process_gives_from_the_export(ds_runs, tmp_path):
     """`gpt2dist predict --ckpt_path last` under ZeRO-3 x2 (sampled, in batches) generates what one process
     generates from the end-of-fit Hugging Face export of the same run."""
