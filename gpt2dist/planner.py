@@ -8,7 +8,9 @@ Lightning:
 
     strategy         params        grads        optimizer (m, v, master)   other
     single / DDP     4N (fp32)     4N (fp32)    8N                         2N autocast bf16 weight copies
-                                                                           + 4N DDP gradient buckets (G > 1)
+    (DDP, G > 1: the gradients are views of its all-reduce buckets, configs/strategy/ddp.yaml's
+    gradient_as_bucket_view, so no second copy; but the buckets are allocated once and held, so the
+    gradients' 4N is there through forward too. Without the view: + 4N buckets, as DDP's default.)
     (With activation checkpointing the blocks' bf16 copies are not saved for backward: they go when
     autocast exits, and backward recasts one block at a time, so 2N becomes 2 x (root + one block):
     GPT-2 Large 1.55 GB -> 0.17 GB. H200, b16 x 1024, checkpointed: 20.38 GB planned with 2N,
@@ -27,7 +29,7 @@ Lightning:
 
 `trainer.precision: bf16-true` (bf16 weights, no autocast) changes the first two rows:
 
-    single / DDP     2N (bf16)     2N (bf16)    16N: m, v 8N + fp32 master   2N DDP gradient buckets (G > 1)
+    single / DDP     2N (bf16)     2N (bf16)    16N: m, v 8N + fp32 master   (DDP: grads held in its buckets)
                                                 4N + its fp32 grad 4N (gpt2dist/optim.py: 20N in all, vs 16N)
     FSDP2 / FSDP1    2N/G          2N/G         4N/G (bf16 m, v: no master)  gathered blocks
 The ZeRO rows are the same under both: DeepSpeed casts the weights to bf16 and keeps its own masters.
@@ -39,7 +41,7 @@ no activation. With `trainer.accumulate_grad_batches > 1` the gradients stay thr
 the next micro-batches, so states + activations; likewise under ZeRO (DeepSpeed's gradient buffers)
 and activation checkpointing (kept conservative, see `phases`). Checked on CPU (tests/memory_probe.py
 states, eager, d512, 8 x 128 tokens), growth per 4 extra layers, measured vs planned MB: one process
-303.3 vs 302.3 (accumulating: 352.8 vs 352.8), DDP x2 354.0 vs 352.8 (403.5 vs 403.2), FSDP2 x2
+303.3 vs 302.3 (accumulating: 352.8 vs 352.8), DDP x2 354.4 vs 352.8 (352.8 vs 352.8), FSDP2 x2
 193.4 vs 201.5 (219.2 vs 226.7). H200 (tools/bench.py, one micro-batch per step): GPT-2 Large
 b16 38.84 GiB planned, 38.80 measured; with the gradients counted at the activation peak, 41.48.
 Lightning itself sets the gradients to None only after the next training_step (its closure runs
@@ -219,12 +221,11 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
     gathered = 2 * (2 * shape.block_params) + 2 * shape.root_params
     buckets = 2 * DEEPSPEED_BUCKET_ELEMS * 2  # reduce + all-gather buckets of bf16 elements
     if strategy == "DDP" and true:
-        # MasterWeightAdamW: fp32 master 4N + its fp32 grad buffer 4N + m, v 8N; bf16 DDP buckets.
-        e = Estimate(strategy, 2 * N, 2 * N, 16 * N, 2 * N if G > 1 else 0, act, act_ckpt)
+        # MasterWeightAdamW: fp32 master 4N + its fp32 grad buffer 4N + m, v 8N.
+        e = Estimate(strategy, 2 * N, 2 * N, 16 * N, 0, act, act_ckpt)
     elif strategy == "DDP":
-        ddp_buckets = 4 * N if G > 1 else 0
-        e = Estimate(strategy, 4 * N, 4 * N, 8 * N, 2 * N + ddp_buckets, act, act_ckpt,
-                     other_ckpt=2 * (shape.root_params + shape.block_params) + ddp_buckets)
+        e = Estimate(strategy, 4 * N, 4 * N, 8 * N, 2 * N, act, act_ckpt,
+                     other_ckpt=2 * (shape.root_params + shape.block_params))
     elif strategy in ("FSDP2", "FSDP1") and true:
         # bf16 shards and bf16 AdamW moments; + one block's bf16 unsharded gradients.
         e = Estimate(strategy, 2 * N / G, 2 * N / G, 4 * N / G, gathered + 2 * shape.block_params, act, act_ckpt)
@@ -246,9 +247,10 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
         e.notes.append("optimizer step on CPU: expect several x slower steps")
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    if accumulate == 1 and strategy in ("DDP", "FSDP2", "FSDP1"):
+    # Under DDP (G > 1) the gradients are its buckets, held through forward whatever `accumulate` is.
+    if accumulate == 1 and strategy in ("DDP", "FSDP2", "FSDP1") and not (strategy == "DDP" and G > 1):
         # At the start of backward only the tied embedding/head's gradient exists (the head is the first
-        # op backward reaches): fp32 under bf16-mixed DDP, bf16 when the weights (or FSDP's gathered
+        # op backward reaches): fp32 under bf16-mixed, bf16 when the weights (or FSDP's gathered
         # copies) are bf16.
         e.grads_in_forward = (4 if strategy == "DDP" and not true else 2) * shape.root_params
     return e

@@ -89,7 +89,8 @@ def peak_states_bytes(overrides: dict, strategy: str, batch: int, seq: int, accu
 
         shard_fsdp2(module, init_device_mesh("cpu", (dist.get_world_size(),)), "bf16-mixed")
     elif strategy == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(module)
+        # As configs/strategy/ddp.yaml: the gradients are views of the all-reduce buckets.
+        model = torch.nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=True)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, overrides["vocab_size"], (batch, seq))

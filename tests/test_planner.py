@@ -132,8 +132,9 @@ def test_model_states_and_the_peak_they_make_match_the_measured_growth_on_cpu():
     """The whole step's peak (weights, gradients, AdamW moments, activations; bf16 autocast, eager), 8 x 128
     tokens, grows from 4 to 8 layers (d512) as the planner says within 6%: one process, DDP x2 and FSDP2 x2
     (gloo), one micro-batch per step (the activations peak before any gradient exists) and two accumulated
-    (the gradients stay). Measured (MB per 4 layers): 303.3 / 352.8, DDP 354.0 / 403.5, FSDP2 193.4 / 219.2;
-    planned 302.3 / 352.8, 352.8 / 403.2, 201.5 / 226.7. Counting the gradients at the activation peak
+    (the gradients stay). Measured (MB per 4 layers): 303.3 / 352.8, DDP 354.4 / 352.8, FSDP2 193.4 / 219.2;
+    planned 302.3 / 352.8, 352.8 / 352.8, 201.5 / 226.7. DDP as ddp.yaml runs it, gradient_as_bucket_view:
+    the buckets are the gradients, held through forward (default DDP, a second copy: 403.5 accumulating). Counting the gradients at the activation peak
     would plan 352.8 for the first (+16%): the test tells the two apart."""
     kw = {"n_embd": 512, "n_head": 8, "n_positions": 128, "vocab_size": 8192}
     measured = {}
@@ -152,11 +153,12 @@ def test_model_states_and_the_peak_they_make_match_the_measured_growth_on_cpu():
 
 def test_strategy_states_hand_computed():
     ddp = estimate("DDP", HAND, 8, 32)
-    # 4N params + 4N grads + 8N Adam + (2N autocast copies + 4N DDP buckets) = 22N
-    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (4 * N, 4 * N, 8 * N, 6 * N)
-    assert estimate("DDP", HAND, 1, 32).other == 2 * N  # one GPU: no DDP buckets
+    # 4N params + 4N grads (views of DDP's buckets: ddp.yaml's gradient_as_bucket_view, no second copy)
+    # + 8N Adam + 2N autocast copies = 18N
+    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (4 * N, 4 * N, 8 * N, 2 * N)
+    assert estimate("DDP", HAND, 1, 32).states == ddp.states  # one GPU: the same states
     # Checkpointed: the autocast copies kept are the root's and one recomputed block's, 2 x (36,992 + 49,984)
-    assert ddp.states_at(True) == 16 * N + 2 * (36_992 + 49_984) + 4 * N
+    assert ddp.states_at(True) == 16 * N + 2 * (36_992 + 49_984)
     assert estimate("DDP", HAND, 1, 32).total(3, True) == 16 * N + 2 * (36_992 + 49_984) + 3 * 102_400
     assert estimate("DDP", HAND, 1, 32, precision="bf16-true").states_at(True) == 20 * N  # no autocast copies
     z2 = estimate("ZeRO-2", HAND, 4, 32)
@@ -180,9 +182,9 @@ def test_strategy_states_hand_computed():
 
 def test_bf16_true_states_hand_computed():
     ddp = estimate("DDP", HAND, 8, 32, precision="bf16-true")
-    # bf16 weights 2N + bf16 grads 2N + (fp32 master 4N + its fp32 grad 4N + m, v 8N) + bf16 DDP buckets 2N = 22N
-    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (2 * N, 2 * N, 16 * N, 2 * N)
-    assert estimate("DDP", HAND, 1, 32, precision="bf16-true").states == 20 * N  # no buckets, no autocast copies
+    # bf16 weights 2N + bf16 grads 2N (DDP's buckets) + (fp32 master 4N + its fp32 grad 4N + m, v 8N) = 20N
+    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.other) == (2 * N, 2 * N, 16 * N, 0)
+    assert estimate("DDP", HAND, 1, 32, precision="bf16-true").states == 20 * N  # one GPU: no autocast copies either
     assert ddp.act_per_sample == activation_bytes(HAND, 32, bf16_stream=True)[0]
     f2 = estimate("FSDP1", HAND, 4, 32, precision="bf16-true")
     # bf16 shards, bf16 moments (no masters); gathered bf16 blocks + root, one block's bf16 grads
@@ -196,14 +198,17 @@ def test_bf16_true_states_hand_computed():
 
 def test_one_micro_batch_per_step_peaks_before_the_gradients_exist():
     """accumulate=1 (DDP, FSDP): the activation peak (start of backward) holds only the tied head's
-    gradient; the end of backward holds every gradient. Accumulating, or under ZeRO: states + activations."""
-    one, acc = estimate("DDP", HAND, 8, 32), estimate("DDP", HAND, 8, 32, accumulate=2)
+    gradient; the end of backward holds every gradient. Accumulating, under ZeRO, or under DDP on several
+    GPUs (the gradients are its buckets, allocated once): states + activations."""
+    one, acc = estimate("DDP", HAND, 1, 32), estimate("DDP", HAND, 1, 32, accumulate=2)
     per = one.act_per_sample  # 225,280
-    assert one.states == acc.states == 22 * N
+    assert one.states == acc.states == 18 * N
     # fp32 grad of the tied wte/lm_head (root 36,992 params) instead of all 4N = 547,840
-    assert one.total(3, ckpt=False) == 22 * N - 4 * N + 4 * 36_992 + 3 * per
-    assert acc.total(3, ckpt=False) == 22 * N + 3 * per
-    assert one.total(0, ckpt=False) == 22 * N  # no activations: the end of backward is the peak
+    assert one.total(3, ckpt=False) == 18 * N - 4 * N + 4 * 36_992 + 3 * per
+    assert acc.total(3, ckpt=False) == 18 * N + 3 * per
+    assert one.total(0, ckpt=False) == 18 * N  # no activations: the end of backward is the peak
+    ddp = estimate("DDP", HAND, 8, 32)
+    assert ddp.grads_in_forward is None and ddp.total(3, ckpt=False) == 18 * N + 3 * per
     # (3.5 per + 4N - root grad) / per = 3.5 + 399,872 / 225,280 -> 5
     assert one.max_micro_batch(one.states + 3.5 * per, ckpt=False) == 5
     assert one.max_micro_batch(one.states - 1, ckpt=False) == 0  # the end of backward does not fit
@@ -222,7 +227,7 @@ def test_max_micro_batch_and_recommendation():
     assert ddp.max_micro_batch(ddp.states_at(True) + 2.5 * 102_400, ckpt=True) == 2
     ests = [estimate(s, HAND, 8, 32, accumulate=2) for s in STRATEGIES]
     assert recommend(ests, 1e12, 4) == ("DDP", False, ddp.max_micro_batch(1e12, False))
-    # A budget where DDP (22N = 3.01 MB states) cannot hold 4 sequences but FSDP2 can (ZeRO-* carry 800 MB buckets).
+    # A budget where DDP (18N = 2.47 MB states) cannot hold 4 sequences but FSDP2 can (ZeRO-* carry 800 MB buckets).
     budget = ddp.states + 2 * per
     name, ckpt, b = recommend(ests, budget, 4)
     assert (name, ckpt) == ("FSDP2", False) and b >= 4
@@ -238,14 +243,14 @@ def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
         assert f"| {s} |" in out
     assert "recommendation: DDP" in out
     ddp = p["rows"][0]
-    # gpt2-large N with the presets' 50304 logit rows (+47 x 1280); 22N on 8 GPUs
-    assert ddp["states_gb"] == pytest.approx(22 * (774_030_080 + 47 * 1280) / GB)
+    # gpt2-large N with the presets' 50304 logit rows (+47 x 1280); 18N on 8 GPUs
+    assert ddp["states_gb"] == pytest.approx(18 * (774_030_080 + 47 * 1280) / GB)
     assert [(r["compiled"], r["vocab_rows"]) for r in p["rows"]] == [
         (True, 50304), (True, 50304), (False, 50304), (False, 50304), (False, 50304), (False, 50257), (False, 50257)]
     assert "- ZeRO-2: eager: configs/strategy/deepspeed_zero2.yaml sets model.compile false" in out
     assert json.loads((tmp_path / "p.json").read_text())["world"] == 8
     p2 = plan_tool.main(["--model", "gpt2-xl", "--gpus", "4", "--nodes", "2", "--gpu-mem-gb", "16"])
-    assert p2["world"] == 8 and p2["recommendation"][0] != "DDP"  # 22N of 1.56B = 34 GB does not fit 16 GB
+    assert p2["world"] == 8 and p2["recommendation"][0] != "DDP"  # 18N of 1.56B = 28 GB does not fit 16 GB
 
 
 def test_presets_follow_the_shipped_configs():
