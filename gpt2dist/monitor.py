@@ -46,9 +46,11 @@ def total_grad_norm(parameters, strategy=None) -> torch.Tensor | None:
 
     - FSDP2 (DTensor grads): `get_total_norm` returns a partial DTensor; `full_tensor()`
       all-reduces it, as `torch.nn.utils.clip_grad_norm_` does.
-    - FSDP1 (Lightning `FSDPStrategy`, use_orig_params): each rank holds a disjoint shard of
-      every gradient, so sum the local squares, all-reduce (sum), then sqrt. Collective:
-      every rank must call it.
+    - FSDP1 (Lightning `FSDPStrategy`, use_orig_params): each rank of a shard group holds a
+      disjoint shard of every gradient, so sum the local squares over that group, then sqrt.
+      The group is the world (FULL_SHARD, SHARD_GRAD_OP), a node (HYBRID_SHARD: each node holds a
+      copy), or one rank (NO_SHARD: every rank holds the whole); summed over the world, those
+      counted each element once per copy (sqrt(world) or sqrt(nodes) too large). Collective.
     - single device / DDP: gradients are already the full, averaged ones.
     Returns None when no parameter has a gradient (DeepSpeed keeps them inside its engine).
     """
@@ -56,9 +58,15 @@ def total_grad_norm(parameters, strategy=None) -> torch.Tensor | None:
     from lightning.pytorch.strategies import FSDPStrategy
 
     if isinstance(strategy, FSDPStrategy):
+        import torch.distributed as dist
+        from torch.distributed.fsdp import ShardingStrategy
+
         device = strategy.root_device
         local = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros((), device=device))
-        return strategy.reduce(local, reduce_op="sum").sqrt()
+        if dist.is_available() and dist.is_initialized() and strategy.sharding_strategy != ShardingStrategy.NO_SHARD:
+            # The root FSDP module's process group is its shard group (HYBRID_SHARD: the node's ranks).
+            dist.all_reduce(local, group=getattr(strategy.model, "process_group", None))
+        return local.sqrt()
     if not grads:
         return None
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)

@@ -152,6 +152,47 @@ def test_grad_norm_and_samples_under_fsdp2(tmp_path, tokenizer_dir):
         assert texts == ref_texts and all(len(t) > len(p) for t, p in zip(texts, ["def ", "import"]))
 
 
+def _fsdp1_worker(rank, world, init_file, out_q):
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+        ref = tiny_module(128)
+        ref.token_losses(ids).mean().backward()  # the same batch on every rank: the full gradient is this one
+        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
+        norms = {}
+        for sharding in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
+            # HYBRID_SHARD: 2 emulated nodes x 2 ranks, shards within a node, a copy per node.
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if sharding == "HYBRID_SHARD" else None
+            model = FullyShardedDataParallel(tiny_module(128), device_id=torch.device("cpu"), use_orig_params=True,
+                                             sharding_strategy=ShardingStrategy[sharding], device_mesh=mesh)
+            model(ids, per_token_loss=True).mean().backward()
+            strategy = FSDPStrategy(sharding_strategy=sharding, device_mesh=mesh)
+            strategy.model = model
+            strategy.parallel_devices = [torch.device("cpu")] * world
+            norms[sharding] = mon.total_grad_norm(model.parameters(), strategy).item()
+        out_q.put((rank, ref_norm, norms))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    out_q.close()
+    out_q.join_thread()
+    os._exit(0)
+
+
+def test_grad_norm_under_every_fsdp1_sharding(tmp_path):
+    """FSDP1's grad norm is the full model's under each sharding strategy, on every rank (4 gloo ranks).
+    NO_SHARD and HYBRID_SHARD (the multi-node choice) logged sqrt(4) and sqrt(2) x the norm: the squares
+    were summed over the world, where every rank, or every node, holds a copy."""
+    for rank, ref_norm, norms in spawn_ranks(_fsdp1_worker, 4, str(tmp_path / "init")):
+        for sharding, norm in norms.items():
+            assert norm == pytest.approx(ref_norm, rel=1e-5), (rank, sharding, norm / ref_norm)
+
+
 def test_between_logging_steps_only_device_tensors_are_logged(tmp_path):
     """A real fit with gpt2dist fit's per-step callbacks and a progress bar, logging every 4th step.
     On the other steps the only value logged is the grad norm, a tensor that stays on the device:
