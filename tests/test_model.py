@@ -57,6 +57,19 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
 
 
 
+def test_a_schedule_with_no_decay_after_warmup_is_flagged():
+    """warmup_steps at or past the schedule's steps (the default 100 in a 50-step fine-tune) never reaches
+    lr nor decays: a warning naming both and a fix. min_lr above lr: a config error."""
+    m = tiny_module(warmup_steps=100)
+    m.trainer = SimpleNamespace(max_steps=50, estimated_stepping_batches=50, strategy=None)
+    with pytest.warns(UserWarning, match=r"model.warmup_steps=100 is not below the 50 steps of the lr schedule.*lower "
+                                         r"model.warmup_steps \(e.g. 2, 5%\)"):
+        m.configure_optimizers()
+    assert m.lr_at(49, 50) == pytest.approx(0.5 * m.hparams.lr)  # what that run ends at
+    with pytest.raises(ConfigError, match=r"model.min_lr=0.01 is above model.lr=0.001"):
+        tiny_module(lr=1e-3, min_lr=1e-2)
+
+
 class _GradsAtStepStart(Callback):
     """Records the weights at train start, and whether every gradient was already freed when each
     later optimizer step's first micro-batch starts."""
