@@ -149,6 +149,8 @@ class GPT2CLI(LightningCLI):
         # `best`: the best_checkpoint file, then as an explicit file (a rollback to it; a requeue goes on
         # past it). Lightning's `best` knows no best in a new process and took the first callback's.
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:  # slurm/fit.sbatch: auto, also over the `ckpt_path: null` of a print_config dump
+            ckpt_path = os.environ.get("GPT2DIST_DEFAULT_CKPT_PATH") or None
         if ckpt_path == "best":
             ckpt_path = self._best_checkpoint_file()
         ckpt_path = resolve_ckpt_path(ckpt_path, self.trainer.default_root_dir,

@@ -12,7 +12,9 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   take the newest `last.ckpt` by mtime and ignore a newer `hpc_ckpt_*`.
 - No `--ckpt_path` under SLURM: Lightning would silently resume from the highest-numbered
   `hpc_ckpt_*` even when a `last.ckpt` saved after it holds more progress (its known "HPC
-  checkpoint takes priority over last" trap); we resolve that case like `auto`.
+  checkpoint takes priority over last" trap); we resolve that case like `auto`. So is a requeued
+  job's (SLURM_RESTART_COUNT > 0), whose preemption (SIGTERM), node failure or `scontrol requeue`
+  left no `hpc_ckpt_*`: it continues the run's own checkpoints, never starts over.
 - Any other value (a path, `hpc`, `best`) goes to Lightning unchanged, after a local path is checked:
   missing or incomplete stops with one line naming it (`check_explicit_checkpoint`). Except in a
   requeued SLURM job (SLURM_RESTART_COUNT > 0), which runs the same command line again: a local
@@ -239,7 +241,7 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
     """The `fit` ckpt_path to hand to Lightning (see the module docstring); `restarts`: SLURM_RESTART_COUNT."""
     slurm = SLURMEnvironment.detect() if slurm is None else slurm
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0) if restarts is None else restarts
-    if ckpt_path is None and not (slurm and list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))):
+    if ckpt_path is None and not (slurm and (restarts > 0 or list(Path(root_dir).glob("hpc_ckpt_*.ckpt")))):
         return None
     if ckpt_path not in (None, "auto", "last"):
         check_explicit_checkpoint(ckpt_path)

@@ -133,6 +133,16 @@ def test_requeued_job_continues_past_its_explicit_start_checkpoint(tmp_path, roo
     assert resolve_ckpt_path(str(start), root, ck, slurm=True, restarts=1) == str(start)
 
 
+def test_a_requeued_job_with_no_ckpt_path_continues_the_run(root):
+    """A requeue that left no hpc_ckpt_* (SIGTERM preemption, a node failure, `scontrol requeue`) runs the
+    same command line again: with no ckpt_path it started over, setting the run's checkpoints aside."""
+    ck = root / "checkpoints"
+    save(ck / "last.ckpt", 30, 60)
+    assert resolve_ckpt_path(None, root, ck, slurm=True, restarts=0) is None  # a new job: fresh, as asked
+    assert resolve_ckpt_path(None, root, ck, slurm=True, restarts=1) == str(ck / "last.ckpt")
+    assert resolve_ckpt_path(None, root, ck, slurm=False, restarts=1) is None  # not under SLURM
+
+
 def test_fresh_start_and_passthrough(root):
     ck = root / "checkpoints"
     assert resolve_ckpt_path("auto", root, ck, slurm=True) is None  # first run of a job

@@ -117,6 +117,28 @@ def reference(slurm, tmp_path_factory, corpus_dir, tokenizer_dir):
     return d, job_id, text, submit_err
 
 
+def test_a_config_with_ckpt_path_null_still_resumes_the_run(reference, slurm, tmp_path):
+    """Every `gpt2dist fit --print_config` dump holds `ckpt_path: null`. fit.sbatch passed `--ckpt_path auto`
+    before the user's arguments, so such a config file replaced it: a resubmitted job, or one requeued
+    with no hpc_ckpt_* (SIGTERM preemption, node failure, scontrol requeue), started over and set the run's
+    checkpoints aside. The script's default is now GPT2DIST_DEFAULT_CKPT_PATH=auto, which only an actual
+    ckpt_path replaces."""
+    ref_dir = reference[0]
+    d = tmp_path / "job"
+    d.mkdir()
+    shutil.copytree(ref_dir / "run" / "checkpoints", d / "run" / "checkpoints")
+    cfg = yaml.safe_load((ref_dir / "config.yaml").read_text())
+    cfg["ckpt_path"] = None  # as --print_config writes it
+    cfg["trainer"].update(max_steps=MAX_STEPS + 2, default_root_dir=str(d / "run"))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(d / "run")
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _, text, _ = submit_and_wait(slurm, d, d / "config.yaml", "--nodes", "1", "--tasks-per-node", "1")
+    m = re.search(r"resume: (\S+) \(global_step (\d+), \d+ batches seen\) chosen by --ckpt_path auto", text)
+    assert m and Path(m.group(1)).parent == d / "run" / "checkpoints" and int(m.group(2)) == MAX_STEPS, text[-4000:]
+    assert sorted(train_losses(d / "run")) == [MAX_STEPS, MAX_STEPS + 1]  # 2 more steps, not a fresh run
+    assert not list((d / "run" / "checkpoints").glob("set-aside-*"))
+
+
 @pytest.mark.parametrize("layout", ["2x1", "1x2"])
 def test_fit_sbatch_runs_multi_process(layout, reference, slurm, tmp_path, corpus_dir, tokenizer_dir):
     if layout == "2x1":
