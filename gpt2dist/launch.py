@@ -28,7 +28,11 @@ def merge_configs(base: dict, extra: dict) -> dict:
     """`extra` layered over `base`, section by section, as repeated `--config` files compose."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = merge_configs(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict) and v.get("class_path", old.get("class_path")) != old.get("class_path"):
+            out[k] = v  # another class (a strategy overlay): the first one's init_args are not the new class's
+        else:
+            out[k] = merge_configs(old, v) if isinstance(v, dict) and isinstance(old, dict) else v
     return out
 
 

@@ -50,6 +50,18 @@ def test_matching_world_size_and_missing_config(tmp_path):
         check_submission(2, 8, ["-c", str(REPO / "configs/gpt2-large.yaml")])
 
 
+def test_a_later_strategy_class_drops_the_earlier_ones_settings(tmp_path):
+    """A config with ModelParallelStrategy (data_parallel_size 4), then the FSDP2 overlay: the CLI runs FSDP2,
+    which takes no data_parallel_size. submit.sh merged the two and refused the valid 8-process job."""
+    mp = tmp_path / "mp.yaml"
+    mp.write_text(yaml.safe_dump({"trainer": {"strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                                                           "init_args": {"data_parallel_size": 4, "tensor_parallel_size": 1}}}}))
+    args = ["--config", str(REPO / "configs/gpt2-large.yaml"), "--config", str(mp)]
+    with pytest.raises(ConfigError, match="= 4, but the job has 1 node"):
+        check_submission(1, 8, args)
+    assert "8 processes" in check_submission(1, 8, [*args, "--config", str(REPO / "configs/strategy/fsdp.yaml")])
+
+
 def test_arguments_apply_in_order_as_the_cli_applies_them():
     """LightningCLI: a --config after an override overrides it (`gpt2dist fit ... --print_config` agrees).
     The line said 32 seqs where the job trains 128."""
