@@ -25,14 +25,17 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
-SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(^|_)(api_?key|(access|private|secret)_?key|token|secret|password|passwd|credentials?|auth)$",
+                        re.IGNORECASE)
+SECRET_ENV = re.compile(r"(API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+# Where a secret lies, not the secret: HF_TOKEN_PATH's value is a path that configs hold too.
+NOT_SECRET_ENV = re.compile(r"_(PATH|FILE|DIR|HOME)$", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 
 def _secret_values(env=None) -> list[str]:
     env = os.environ if env is None else env
-    return [v for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= 8]
+    return [v for k, v in env.items() if SECRET_ENV.search(k) and not NOT_SECRET_ENV.search(k) and len(v) >= 8]
 
 
 def scrub(obj, secrets: list[str] | None = None):

@@ -28,6 +28,18 @@ def test_scrub_redacts_secret_keys_and_env_values():
     assert out["api_key"] == REDACTED and out["hf_token"] == REDACTED
     assert out["logger"]["init_args"] == {"notes": REDACTED, "tags": ["a", REDACTED]}
     assert out["model"] == cfg["model"] and out["tokenizer"] == "gpt2"  # *_tokens / tokenizer are not secrets
+    cloud = {"aws_secret_access_key": "AKIA0123", "private_key": "-----BEGIN", "access_key": "abcd1234", "auth": "Bearer x"}
+    assert scrub(cloud, secrets=[]) == dict.fromkeys(cloud, REDACTED)
+
+
+def test_a_secrets_path_is_not_a_secret():
+    """HF_TOKEN_PATH names where the token lies: a config holding that path was redacted whole."""
+    from gpt2dist.tracking import _secret_values
+
+    env = {"HF_TOKEN_PATH": "/home/u/.cache/huggingface/token", "AWS_SECRET_ACCESS_KEY": "0123456789abcdef"}
+    assert _secret_values(env) == ["0123456789abcdef"]
+    assert scrub({"tokenizer_dir": "/home/u/.cache/huggingface/token"}, _secret_values(env)) == {
+        "tokenizer_dir": "/home/u/.cache/huggingface/token"}
 
 
 def test_run_id_precedence(tmp_path):
