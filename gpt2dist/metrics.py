@@ -49,6 +49,8 @@ def peak_bf16_flops(device_name: str | None) -> tuple[str, float] | None:
     if not device_name:
         return None
     name = device_name.lower()
+    if re.search(r"\bmig\b", name):  # a MIG slice ("... MIG 1g.10gb") has a fraction of the GPU's peak
+        return None
     for pattern, label, flops in PEAK_BF16_FLOPS:
         if re.search(pattern, name):
             return label, flops

@@ -182,7 +182,9 @@ class TrainMonitor(Callback):
             found = peak_bf16_flops(name)
             if found is None:
                 self.peak_flops = None
-                rank_zero_warn(f"no MFU: GPU {name!r} is not in gpt2dist.metrics.PEAK_BF16_FLOPS; "
+                why = "is a MIG slice (a fraction of the GPU's peak)" if " mig " in f" {name.lower()} " else \
+                    "is not in gpt2dist.metrics.PEAK_BF16_FLOPS"
+                rank_zero_warn(f"no MFU: GPU {name!r} {why}; "
                                "set monitor.peak_tflops to its dense bf16 TFLOP/s. tokens/s is still logged.")
             else:
                 label, self.peak_flops = found

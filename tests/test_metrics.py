@@ -76,7 +76,8 @@ def test_peak_table_names(name, label):
 
 
 @pytest.mark.parametrize("name", [None, "", "cpu", "NVIDIA H100", "Tesla V100-SXM2-16GB", "NVIDIA A10G",
-                                  "NVIDIA GeForce RTX 4090", "NVIDIA RTX A1000", "NVIDIA RTX A1000 Laptop GPU"])
+                                  "NVIDIA GeForce RTX 4090", "NVIDIA RTX A1000", "NVIDIA RTX A1000 Laptop GPU",
+                                  "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA A100-SXM4-40GB MIG 3g.20gb"])
 def test_unknown_or_ambiguous_devices_give_no_peak(name):
     assert peak_bf16_flops(name) is None  # no MFU rather than a wrong one
 
