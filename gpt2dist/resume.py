@@ -2,7 +2,7 @@
 
 Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
 
-- `--ckpt_path auto` (what slurm/fit.sbatch passes): the newest *good* checkpoint among Lightning's
+- `--ckpt_path auto` (slurm/fit.sbatch's default, GPT2DIST_DEFAULT_CKPT_PATH): the newest *good* checkpoint among Lightning's
   requeue checkpoints `<default_root_dir>/hpc_ckpt_*.ckpt` and ours in `<default_root_dir>/checkpoints/`
   (`last.ckpt`, `step*.ckpt`); none: start fresh. "Newest" is the training progress stored inside
   each file (global_step), never the file name or mtime; "good" means the file loads (a checkpoint
@@ -261,7 +261,8 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
     for p in skipped:
         log.warning("resume: %s is incomplete or corrupt (%s); falling back to %s (global_step %d), the newest "
                     "complete checkpoint", p, _progress(p)[1], path, step)
-    log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches, ckpt_path)
+    log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches,
+             ckpt_path or "auto (none given: a SLURM job's default)")
     return str(path)
 
 
