@@ -247,6 +247,9 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
         e.notes.append("optimizer step on CPU: expect several x slower steps")
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if strategy == "DDP" and G > 1:
+        e.notes.append(f"as configs/strategy/ddp.yaml runs it (gradient_as_bucket_view); without the overlay "
+                       f"Lightning's DDP keeps a second gradient copy: +{e.grads / 1e9:.2f} GB")
     # Under DDP (G > 1) the gradients are its buckets, held through forward whatever `accumulate` is.
     if accumulate == 1 and strategy in ("DDP", "FSDP2", "FSDP1") and not (strategy == "DDP" and G > 1):
         # At the start of backward only the tied embedding/head's gradient exists (the head is the first
