@@ -160,9 +160,6 @@ class GPT2Module(pl.LightningModule):
         if samples_per_prompt < 1 or (samples_per_prompt > 1 and not do_sample):
             raise ConfigError(f"model.samples_per_prompt={samples_per_prompt} needs model.do_sample=true (greedy "
                               "continuations of one prompt are all the same) and must be at least 1")
-        if min_lr > lr:
-            raise ConfigError(f"model.min_lr={min_lr} is above model.lr={lr}: the cosine decay would raise the learning "
-                              "rate; set model.min_lr below model.lr")
         if compile_mode or compile_options:  # a typo must stop the run now, not at the first compiled forward
             from gpt2dist.perf import check_compile_options
 
@@ -486,6 +483,9 @@ class GPT2Module(pl.LightningModule):
             groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
+        if hp.min_lr > hp.lr:  # at fit only: evaluating or loading a checkpoint of such a run stays possible
+            raise ConfigError(f"model.min_lr={hp.min_lr} is above model.lr={hp.lr}: the cosine decay would raise the "
+                              "learning rate; set model.min_lr below model.lr")
         if 0 < total <= hp.warmup_steps:
             # A short fine-tune with the default 100 warmup steps: its lr never reached model.lr nor decayed
             # (50 steps: 0.5 x lr at the end); a shorter decay_steps dropped it to min_lr in one step.

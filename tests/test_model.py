@@ -66,8 +66,10 @@ def test_a_schedule_with_no_decay_after_warmup_is_flagged():
                                          r"model.warmup_steps \(e.g. 2, 5%\)"):
         m.configure_optimizers()
     assert m.lr_at(49, 50) == pytest.approx(0.5 * m.hparams.lr)  # what that run ends at
+    m = tiny_module(lr=1e-3, min_lr=1e-2)  # builds (validate/test/predict of such a run's checkpoints); fit stops
+    m.trainer = SimpleNamespace(max_steps=500, estimated_stepping_batches=500, strategy=None)
     with pytest.raises(ConfigError, match=r"model.min_lr=0.01 is above model.lr=0.001"):
-        tiny_module(lr=1e-3, min_lr=1e-2)
+        m.configure_optimizers()
 
 
 class _GradsAtStepStart(Callback):
