@@ -103,7 +103,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise BadFileError(path, f"not UTF-8 (byte {e.start})", "convert it (e.g. iconv -t utf-8)") from None
 
 
-def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field") -> Iterator[str]:
+def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
     stripped, rows = text.lstrip(), None
     if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" in stripped.strip():
         try:  # one pretty-printed object over many lines, not JSON lines
@@ -136,14 +136,14 @@ def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field"
         if not isinstance(row, dict) or field not in row:
             raise DataError(f"{path}:{n}: record has no field {field!r}; set {knob} to the text's key")
         value = row[field]
-        if value is None:  # a missing text, as a null in a Parquet/CSV column or a hub data set: no document
+        if value is None and skip_null:  # a missing text, as a null in a Parquet/CSV column or a hub data set: no document
             continue
         if not isinstance(value, str):
-            raise DataError(f"{path}:{n}: field {field!r} is {type(value).__name__}, not a string")
+            raise DataError(f"{path}:{n}: field {field!r} is {'null' if value is None else type(value).__name__}, not a string")
         yield value
 
 
-def _table_texts(path: Path, field: str, knob: str = "data.text_field") -> Iterator[str]:
+def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -161,25 +161,28 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field") -> Itera
     kind = table.schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # Parquet numbers: str(3) would be packed as text
         raise DataError(f"{path}: column {field!r} is {kind}, not text; set {knob} to the text column")
-    for value in table.column(field).to_pylist():
+    for n, value in enumerate(table.column(field).to_pylist(), 1):
         if value is not None:
             yield str(value)
+        elif not skip_null:
+            raise DataError(f"{path}: row {n} of column {field!r} is null, not a string")
 
 
 _BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
 
 
 def read_documents(path: Path, text_field: str = "text", text_unit: str = "file",
-                   knob: str = "data.text_field") -> Iterator[str]:
+                   knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
     """The documents of one file. Text files are one document per file, or per blank-line
-    separated paragraph when `text_unit="paragraph"`. `knob`: the setting an error names (the field's)."""
+    separated paragraph when `text_unit="paragraph"`. `knob`: the setting an error names (the field's).
+    `skip_null`: a null text is no document (training data); else an error (prompts: each is a row of output)."""
     suffix = path.suffix.lower()
     if suffix in {".parquet", ".csv"}:
-        yield from _table_texts(path, text_field, knob)
+        yield from _table_texts(path, text_field, knob, skip_null)
         return
     text = _decode(path, path.read_bytes())
     if suffix in {".jsonl", ".json"}:
-        yield from _json_texts(path, text, text_field, knob)
+        yield from _json_texts(path, text, text_field, knob, skip_null)
     elif text_unit == "paragraph":
         # A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone
         # made such a file one document.
@@ -1099,7 +1102,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
                         found += [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
                     else:
                         found += [(f"{path} record {n}", t) for n, t in enumerate(
-                            read_documents(path, self.predict_text_field, knob="data.predict_text_field"), 1)]
+                            read_documents(path, self.predict_text_field, knob="data.predict_text_field",
+                                           skip_null=False), 1)]  # skipped, every later record's number and output row would shift
                 except BadFileError as e:  # its advice (data.on_bad_file=skip) is for training files, not this one
                     raise DataError(f"data.predict_file {e.problem}; give UTF-8 text (one prompt per line) or JSON lines") from None
             if not found:

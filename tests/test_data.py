@@ -645,8 +645,16 @@ def test_predict_file_glob_reads_every_match_in_name_order_and_errors_name_the_p
                                         (f"{prompts / 'b.txt'}:1", "import "), (f"{prompts / 'b.txt'}:3", "class ")]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "def "}\n{"text": "x"}\n')
     (tmp_path / "bad.csv").write_text("text\nx\n")
+    # A null prompt is an error, not skipped (as in training data): each prompt is a row of output.
+    (tmp_path / "null.jsonl").write_text('{"prompt": "def "}\n{"prompt": null}\n{"prompt": "for "}\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["def ", None]}), tmp_path / "null.parquet")
     for name, says in [("bad.jsonl", f"{tmp_path / 'bad.jsonl'}:2: record has no field 'prompt'; set data.predict_text_field"),
-                       ("bad.csv", f"{tmp_path / 'bad.csv'}: no column 'prompt' (has ['text']); set data.predict_text_field")]:
+                       ("bad.csv", f"{tmp_path / 'bad.csv'}: no column 'prompt' (has ['text']); set data.predict_text_field"),
+                       ("null.jsonl", f"{tmp_path / 'null.jsonl'}:2: field 'prompt' is null, not a string"),
+                       ("null.parquet", f"{tmp_path / 'null.parquet'}: row 2 of column 'prompt' is null, not a string")]:
         dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], predict_file=str(tmp_path / name))
         with pytest.raises(DataError) as e:
             dm.prompts_with_origin()
