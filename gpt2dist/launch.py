@@ -24,12 +24,18 @@ import yaml
 from gpt2dist.errors import ConfigError
 
 
+def _class_name(class_path) -> str | None:
+    """`ModelParallelStrategy` for it and `lightning.pytorch.strategies.ModelParallelStrategy` alike."""
+    return class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else class_path
+
+
 def merge_configs(base: dict, extra: dict) -> dict:
     """`extra` layered over `base`, section by section, as repeated `--config` files compose."""
     out = dict(base)
     for k, v in extra.items():
         old = out.get(k)
-        if isinstance(v, dict) and isinstance(old, dict) and v.get("class_path", old.get("class_path")) != old.get("class_path"):
+        if isinstance(v, dict) and isinstance(old, dict) and _class_name(v.get("class_path", old.get("class_path"))) != \
+                _class_name(old.get("class_path")):
             out[k] = v  # another class (a strategy overlay): the first one's init_args are not the new class's
         else:
             out[k] = merge_configs(old, v) if isinstance(v, dict) and isinstance(old, dict) else v

@@ -60,6 +60,11 @@ def test_a_later_strategy_class_drops_the_earlier_ones_settings(tmp_path):
     with pytest.raises(ConfigError, match="= 4, but the job has 1 node"):
         check_submission(1, 8, args)
     assert "8 processes" in check_submission(1, 8, [*args, "--config", str(REPO / "configs/strategy/fsdp.yaml")])
+    # The same class, spelled short: its settings stay (the CLI resolves both to one class).
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump({"trainer": {"strategy": {"class_path": "ModelParallelStrategy"}}}))
+    with pytest.raises(ConfigError, match="= 4, but the job has 1 node"):
+        check_submission(1, 8, [*args, "--config", str(short)])
 
 
 def test_arguments_apply_in_order_as_the_cli_applies_them():
