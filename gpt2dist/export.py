@@ -283,7 +283,7 @@ def load_deepspeed_folder(path: Path) -> dict:
         # Lightning's state (loops, callbacks, hyper-parameters) is in rank 0's model-states file.
         states = sorted((path / tag).glob("*model_states.pt"))
         with torch.serialization.safe_globals(allowed):
-            client = torch.load(states[0], map_location="cpu", weights_only=True)
+            client = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)  # its `module` is not read
     except Exception as e:
         raise CheckpointError(
             f"DeepSpeed checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
