@@ -264,7 +264,7 @@ def test_which_optimizer_each_precision_and_strategy_gets():
     from test_model import tiny_module
 
     def optimizer(strategy=None, dtype=torch.bfloat16, **kw):
-        module = tiny_module(**kw).to(dtype)
+        module = tiny_module(warmup_steps=1, **kw).to(dtype)  # a warmup within the 5 steps: no schedule warning
         module.trainer = SimpleNamespace(strategy=strategy, max_steps=5, estimated_stepping_batches=5)
         return module.configure_optimizers()["optimizer"]
 
