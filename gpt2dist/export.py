@@ -314,6 +314,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     `no_tokenizer`: the model alone, for a checkpoint that records none (trained without the data module)."""
     from gpt2dist.tokenizer import load_tokenizer
 
+    if tokenizer and no_tokenizer:
+        raise CheckpointError(f"export of {ckpt_path}: a tokenizer ({tokenizer}) and no_tokenizer both given; give one")
     check_export_target(out_dir)  # before loading a checkpoint that may take minutes
     checkpoint = load_any_checkpoint(ckpt_path)
     model = model_from_lightning_state(checkpoint, str(ckpt_path))

@@ -183,6 +183,11 @@ def test_an_export_without_a_tokenizer_or_an_untied_head_is_refused(tmp_path, to
                         "--no-tokenizer"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and (tmp_path / "alone" / "model.safetensors").is_file(), p.stderr[-2000:]
     assert not list((tmp_path / "alone").glob("tokenizer*"))
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(tmp_path / "notok.ckpt"), str(tmp_path / "both"),
+                        "--no-tokenizer", "--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr and not (tmp_path / "both").exists(), p.stderr
+    with pytest.raises(CheckpointError, match="both given; give one"):
+        export_checkpoint(tmp_path / "notok.ckpt", tmp_path / "both", tokenizer=str(tokenizer_dir), no_tokenizer=True)
     out = export_checkpoint(tmp_path / "notok.ckpt", tmp_path / "hf", tokenizer=str(tokenizer_dir))
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tokenizer_dir))
     ckpt["gpt2_config"]["tie_word_embeddings"] = False

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a .ckpt file, or a sharded / DeepSpeed checkpoint folder")
     parser.add_argument("out_dir", help="the Hugging Face folder to write (a previous export there is replaced atomically)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder/id (default: the one recorded in the checkpoint)")
-    parser.add_argument("--no-tokenizer", action="store_true",
+    which = parser.add_mutually_exclusive_group()  # both: one of them would be ignored
+    which.add_argument("--tokenizer", default=None, help="tokenizer folder/id (default: the one recorded in the checkpoint)")
+    which.add_argument("--no-tokenizer", action="store_true",
                         help="export the model alone (a checkpoint trained without gpt2dist's data module records none)")
     args = parser.parse_args(argv)
     try:
