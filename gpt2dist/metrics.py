@@ -44,12 +44,17 @@ PEAK_BF16_FLOPS: list[tuple[str, str, float]] = [
 ]
 
 
+def is_mig_slice(device_name: str) -> bool:
+    """A MIG partition of a GPU: "NVIDIA H100 80GB HBM3 MIG 1g.10gb"."""
+    return re.search(r"\bmig\b", device_name.lower()) is not None
+
+
 def peak_bf16_flops(device_name: str | None) -> tuple[str, float] | None:
     """(label, peak dense bf16 FLOP/s) for a CUDA device name, or None when it is not in the table."""
     if not device_name:
         return None
     name = device_name.lower()
-    if re.search(r"\bmig\b", name):  # a MIG slice ("... MIG 1g.10gb") has a fraction of the GPU's peak
+    if is_mig_slice(name):  # a fraction of the GPU's peak, which the name does not say
         return None
     for pattern, label, flops in PEAK_BF16_FLOPS:
         if re.search(pattern, name):

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gpt2dist.errors import ConfigError
 from gpt2dist.generation import prompt_ids
-from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops, throughput
+from gpt2dist.metrics import gpt2_flops_per_token, is_mig_slice, peak_bf16_flops, throughput
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class TrainMonitor(Callback):
             found = peak_bf16_flops(name)
             if found is None:
                 self.peak_flops = None
-                why = "is a MIG slice (a fraction of the GPU's peak)" if " mig " in f" {name.lower()} " else \
+                why = "is a MIG slice (a fraction of the GPU's peak)" if is_mig_slice(name) else \
                     "is not in gpt2dist.metrics.PEAK_BF16_FLOPS"
                 rank_zero_warn(f"no MFU: GPU {name!r} {why}; "
                                "set monitor.peak_tflops to its dense bf16 TFLOP/s. tokens/s is still logged.")

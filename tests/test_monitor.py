@@ -89,6 +89,15 @@ def test_old_window_knob_is_accepted_and_ignored():
         mon.TrainMonitor()  # no warning by default
 
 
+def test_a_mig_slice_warns_and_logs_no_mfu(monkeypatch):
+    """A MIG slice matched its whole GPU's peak: an MFU several times too low. No MFU, and the warning says why."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+    cb = mon.TrainMonitor()
+    with pytest.warns(UserWarning, match=r"is a MIG slice \(a fraction of the GPU's peak\); set monitor.peak_tflops"):
+        cb.on_train_start(SimpleNamespace(global_step=0), SimpleNamespace(device=torch.device("cuda", 0)))
+    assert cb.peak_flops is None
+
+
 def test_cpu_warns_and_logs_no_mfu():
     module = tiny_module()
     trainer = SimpleNamespace(global_step=0)
