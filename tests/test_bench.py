@@ -257,3 +257,110 @@ def test_bench_data_refuses_zero_repeats():
     p = subprocess.run([sys.executable, str(REPO / "tools/bench_data.py"), "--repeats", "0"], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.strip() == "bench_data: error: --repeats 0 must be >= 1", p.stderr
+
+
+def _hf_trainer_args(monkeypatch, overrides: list[str]) -> dict:
+    """Build the hf-trainer row as bench does, but stop at Trainer.train: its arguments, and the
+    Inductor config in force while it would train."""
+    pytest.importorskip("accelerate")
+    import argparse
+
+    import torch
+    from torch._inductor import config as inductor_config
+    from transformers import Trainer
+
+    seen = {}
+
+    def train(self, *a, **k):
+        seen.update(args=self.args, coordinate_descent_tuning=inductor_config.coordinate_descent_tuning)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    cfg = bench.load_config([str(REPO / "configs/perf/tiny-cpu.yaml")], [*MICRO[2:-4:2][1:], *overrides])
+    cfg["trainer"]["precision"] = "32-true"
+    bench.run_hf_trainer(cfg, argparse.Namespace(warmup=1, steps=2, batch=2, block=32), torch.device("cpu"))
+    return seen
+
+
+def test_hf_trainer_baseline_is_one_device_even_when_several_gpus_are_visible(monkeypatch):
+    """A single-process Trainer wraps the model in nn.DataParallel over every visible GPU (n_gpu =
+    device_count) and multiplies the batch: on an 8-GPU node the baseline timed DataParallel on 8x our batch."""
+    import torch
+    from transformers import TrainingArguments
+
+    real = TrainingArguments.__dict__["_setup_devices"].func  # a cached_property
+
+    def setup_devices(self):  # what TrainingArguments does on a node with 2 visible GPUs
+        if "_device" not in self.__dict__:
+            self._device = real(self)
+            self._n_gpu = 2
+        return self._device
+
+    monkeypatch.setattr(TrainingArguments, "_setup_devices", property(setup_devices))
+    args = _hf_trainer_args(monkeypatch, [])["args"]
+    assert args.n_gpu == 1 and args.train_batch_size == 2  # was 2 GPUs x 2 = 4
+
+
+def test_hf_trainer_baseline_compiles_with_our_compile_mode_and_inductor_options(monkeypatch):
+    seen = _hf_trainer_args(monkeypatch, ["model.compile=true", "model.compile_mode=reduce-overhead"])
+    assert seen["args"].torch_compile and seen["args"].torch_compile_mode == "reduce-overhead"  # was the default mode
+    from torch._inductor import config as inductor_config
+
+    before = inductor_config.coordinate_descent_tuning
+    seen = _hf_trainer_args(monkeypatch, ["model.compile=true", "model.compile_options={coordinate_descent_tuning: true}"])
+    assert seen["coordinate_descent_tuning"] is True and seen["args"].torch_compile_mode is None  # was not applied
+    assert inductor_config.coordinate_descent_tuning == before  # only while it trains
+
+
+@pytest.mark.parametrize("override", ["trainer.accumulate_grad_batches=4", "trainer.strategy=fsdp", "trainer.devices=8"])
+def test_bench_refuses_trainer_keys_no_row_uses(override):
+    """They passed the key check, then every row ran one device, accumulation 1, no strategy, silently."""
+    with pytest.raises(SystemExit) as e:
+        bench.main([*MICRO, "-o", override])
+    key = override.split("=")[0]
+    assert e.value.code.startswith(f"bench: error: -o {override!r}: bench does not use {key} (every row is one device")
+    assert e.value.code.endswith("drop it") and "\n" not in e.value.code
+
+
+def test_init_args_override_on_a_flat_section_keeps_the_rest_of_it():
+    """`-o model.init_args.lr=0.5` on a flat model section replaced the whole section with {lr: 0.5}:
+    config_overrides gone, the row would build (download) full GPT-2 small."""
+    flat = bench.load_config([str(REPO / "configs/perf/tiny-cpu.yaml")], [])["model"]
+    c = bench.load_config([str(REPO / "configs/perf/tiny-cpu.yaml")], ["model.init_args.lr=0.5"])
+    assert c["model"] == {**flat, "lr": 0.5} and c["model"]["config_overrides"]
+
+
+def test_default_block_is_the_datamodules_and_must_fit_the_model(tmp_path):
+    """Without data.block_size bench took n_positions, where the DataModule (and so `fit` and the real-data
+    row) takes 1024: tokens/s and MFU counted tokens no row trained. An overlong block is refused up front."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  from_scratch: true\n  config_overrides: {n_layer: 1, n_embd: 32, n_head: 2, "
+                   "n_positions: 64, vocab_size: 200}\ndata:\n  batch_size: 2\ntrainer:\n  precision: 32-true\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cpu", "--config", str(cfg), "--steps", "1", "--warmup", "0", "--baseline", "none"])
+    assert e.value.code == ("bench: error: data.block_size=1024 exceeds the model's n_positions=64; "
+                            "lower data.block_size to at most 64")
+
+
+def test_sync_counting_covers_every_timed_step_without_warmup(monkeypatch):
+    """With --warmup 0 counting never started and CUDA rows reported 0.0 syncs/step."""
+    import torch
+
+    class Event:
+        def __init__(self, **k):
+            pass
+
+        def record(self):
+            pass
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    meter = bench.Meter(torch.device("cuda"), warmup=0, steps=2)
+    meter.begin()
+    warnings.warn("called a synchronizing CUDA operation")  # what sync debug mode "warn" raises
+    meter.step_end()
+    meter.step_end()
+    assert modes == ["warn", "default"] and len(meter.syncs) == 1

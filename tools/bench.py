@@ -13,8 +13,12 @@ later wins; `-o key.path=value` overrides one field). Rows, all in this process 
 - torch: a bare PyTorch loop over the same GPT2Module (same perf knobs, same optimizer and
   schedule): what Lightning's step machinery costs.
 - hf-trainer: `transformers.Trainer` on an unpadded GPT2LMHeadModel with the same shape, batch
-  and precision, SDPA attention, its fused AdamW (as ours: CUDA and CPU), and `torch_compile` when ours
-  compiles.
+  and precision, SDPA attention, its fused AdamW (as ours: CUDA and CPU), and `torch_compile` (with
+  our compile mode or Inductor options) when ours compiles; one GPU, as ours. With bf16-true it
+  steps the bf16 weights with plain AdamW, where ours keeps fp32 master weights (more work for us).
+
+The rows time one device's micro-step: of the config's trainer section only `precision` and
+`gradient_clip_val` apply (devices, strategy and accumulate_grad_batches are a cluster run's).
 
 Timing: step time is the time between consecutive step ends (data loading included); on CUDA
 they are events on the GPU timeline with no host sync in between (see `Meter`), and the host
@@ -22,12 +26,15 @@ syncs the training loop itself makes are counted (`syncs/step`). The median over
 steps is reported; `first step` is the first step's time (compile happens there) and
 `compile` = first step - median. MFU uses
 `gpt2dist.metrics.gpt2_flops_per_token` and the card's dense bf16 peak (unknown on CPU: blank).
-Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS sampled at step ends.
+Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS sampled at step ends
+(freed heap is handed back to the OS before each row, so a row does not inherit the last one's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import difflib
 import gc
@@ -78,6 +85,9 @@ def _data_params() -> set[str]:
 
 # -o SECTION.key: the keys each section's class takes (what `gpt2dist fit` would accept there).
 KNOWN_KEYS = {"trainer": _trainer_params, "model": _model_params, "data": _data_params}
+# The trainer keys the rows honour; the rest of a fit config's trainer section (devices, strategy,
+# accumulate_grad_batches, ...) is a multi-GPU run's, and bench times one device's micro-step.
+TRAINER_KEYS_USED = {"precision", "gradient_clip_val"}
 KNOWN_KEYS_WHERE = {"trainer": "lightning.pytorch.Trainer", "model": "gpt2dist.model.GPT2Module",
                     "data": "gpt2dist.data.TokenBlockDataModule"}
 
@@ -104,6 +114,9 @@ def load_config(paths: list[str], overrides: list[str]) -> dict:
             section = cfg.get(path[0])
             if path[1] not in ("class_path", "init_args") and isinstance(section, dict) and "init_args" in section:
                 path.insert(1, "init_args")  # else the class_path/init_args unwrapping below would drop it
+            elif path[1] == "init_args" and len(path) > 2 and not (isinstance(section, dict) and (
+                    "init_args" in section or "class_path" in section)):
+                del path[1]  # a flat section: its init_args key would replace the whole section below
             name = path[2] if path[1] == "init_args" and len(path) > 2 else path[1]
             known = KNOWN_KEYS[path[0]]()
             if name not in known | {"class_path", "init_args"}:
@@ -111,6 +124,11 @@ def load_config(paths: list[str], overrides: list[str]) -> dict:
                 near = difflib.get_close_matches(name, known, n=1)
                 sys.exit(f"bench: error: -o {item!r}: {path[0]} has no {name!r}"
                          + (f"; did you mean {path[0]}.{near[0]}?" if near else f" (see {KNOWN_KEYS_WHERE[path[0]]})"))
+            if path[0] == "trainer" and name not in TRAINER_KEYS_USED:
+                # A real Trainer key that no row would use: the rows ran without it, and said nothing.
+                sys.exit(f"bench: error: -o {item!r}: bench does not use trainer.{name} (every row is one device, "
+                         f"accumulation 1, no strategy; it takes trainer.{', trainer.'.join(sorted(TRAINER_KEYS_USED))}); "
+                         + ("use --cpu to run on CPU" if name == "accelerator" else "drop it"))
         node = cfg
         *parents, leaf = path
         for i, part in enumerate(parents):
@@ -186,6 +204,14 @@ def sync(device: torch.device) -> None:
 _COUNTING = None  # the Meter whose sync counting is on (switched off if its row fails)
 
 
+def release_freed_memory() -> None:
+    """Hand glibc's freed heap back to the OS (malloc_trim), so RSS measures what a row holds."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may then include an earlier row's freed memory
+        pass
+
+
 class Meter:
     """Step-end times, host syncs and memory high-water marks for one row.
 
@@ -213,11 +239,15 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            release_freed_memory()  # else a row's RSS starts at the previous row's malloc high-water mark
         sync(self.device)
         self.start = time.perf_counter()
         if self.device.type == "cuda":
             self.events = [torch.cuda.Event(enable_timing=True)]
             self.events[0].record()
+            if self.warmup == 0:
+                self._count_syncs(True)  # step_end starts counting after the last warm-up step: there is none
 
     def step_end(self) -> None:
         if self.steps is not None and max(len(self.events) - 1, len(self.ends)) >= self.warmup + self.steps:
@@ -485,8 +515,6 @@ def resolve_precision(cfg: dict, device: torch.device, baseline: str) -> str:
 
 
 def autocast_ctx(precision: str, device: torch.device):
-    import contextlib
-
     if precision in AUTOCAST:
         return torch.autocast(device.type, dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
@@ -582,15 +610,25 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
         # Fused where ours is (model.py: CUDA and CPU): a for-loop AdamW is ~9x slower on CPU
         # (model.py's measurement) and would flatter our ratio.
         optim="adamw_torch_fused" if device.type in ("cuda", "cpu") else "adamw_torch",
-        torch_compile=bool(m.get("compile", False)),
+        torch_compile=bool(m.get("compile", False)), torch_compile_mode=m.get("compile_mode"),
         **{ckpt: bool(m.get("activation_checkpointing", False))},
         max_grad_norm=t.get("gradient_clip_val") or 0.0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_pin_memory=cuda, dataloader_num_workers=0, use_cpu=not cuda, seed=cfg.get("seed_everything", 1234),
     )
+    # Single-process Trainer takes every visible GPU as nn.DataParallel (n_gpu = device_count): on an
+    # 8-GPU node it would time DataParallel with an 8x batch against our one device.
+    _ = targs.device  # sets _n_gpu (0 on CPU) once; it is not computed again
+    targs._n_gpu = min(targs._n_gpu, 1)
     ds = SyntheticBlocks(steps * args.batch, args.block, config.vocab_size, hf_format=True)
     trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=[Timer()])
-    trainer.train()
+    # model.compile_options are Inductor config (torch.compile(options=) patches it for its graphs);
+    # Trainer has no such argument, so its compile gets them as a patch around the run.
+    from torch._inductor import config as inductor_config
+
+    options = m.get("compile_options") if m.get("compile") else None
+    with inductor_config.patch(options) if options else contextlib.nullcontext():
+        trainer.train()
     del trainer, model
     return meter
 
@@ -651,15 +689,24 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"bench: error: {flag} {value} must be >= {least}")
     warnings.filterwarnings("ignore", message=".*(set_vital|LeafSpec|does not have many workers|tokens.*EOS).*")
 
+    from gpt2dist.data import TokenBlockDataModule
+    from gpt2dist.errors import ConfigError
     from gpt2dist.metrics import gpt2_flops_per_token, peak_bf16_flops
+    from gpt2dist.model import _check_block_size
 
     cfg = load_config(args.config, args.override)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cpu":
         cfg["trainer"]["accelerator"] = "cpu"
-    args.batch = int(cfg["data"].get("batch_size", 8))
+    # The DataModule's own defaults when the config leaves them out: what `gpt2dist fit` would train.
+    data_defaults = inspect.signature(TokenBlockDataModule.__init__).parameters
+    args.batch = int(cfg["data"].get("batch_size", data_defaults["batch_size"].default))
     config = model_config(cfg)
-    args.block = int(cfg["data"].get("block_size", config.n_positions))
+    args.block = int(cfg["data"].get("block_size", data_defaults["block_size"].default))
+    try:  # on CUDA an overlong block is a device-side assert that breaks every later row
+        _check_block_size(args.block, config.n_positions)
+    except ConfigError as e:
+        sys.exit(f"bench: error: {e}")
     args.cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
     found = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak = args.peak_tflops or (found[1] / 1e12 if found else None)  # TFLOP/s
