@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpt2dist.errors import CheckpointError, GPT2DistError
+from gpt2dist.errors import CheckpointError, ConfigError, GPT2DistError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temporary name, fsync, then rename: a checkpoint name is always complete."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # s3://, gs://, file://: Path() would make it a local folder named "s3:"
+            return super().save_checkpoint(checkpoint, path, storage_options)  # fsspec's own (atomic) write
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -104,8 +106,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def _saves_sharded(strategy) -> bool:
+    """Whether the strategy writes its checkpoints through save_distributed_atomically (strategies.py)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return (isinstance(strategy, DeepSpeedStrategy) or getattr(strategy, "_save_distributed_checkpoint", False)
+            or getattr(strategy, "_state_dict_type", None) == "sharded")
+
+
 def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> None:
     """`save(checkpoint, tmp)` on every rank (a sharded folder), then rank 0 renames tmp onto filepath."""
+    if "://" in str(filepath):
+        raise CheckpointError(f"cannot save the sharded checkpoint {filepath}: FSDP and DeepSpeed write one file per "
+                              "rank to a shared filesystem, not a URL; set checkpoint.dirpath (or "
+                              "trainer.default_root_dir) to a shared folder")
     path = Path(strategy.broadcast(str(filepath)))
     tmp = path.with_name(f".{path.name}.tmp")
     if strategy.global_rank == 0:
@@ -121,6 +135,7 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
         if strategy.global_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise _save_failed(path, error or OSError("another rank failed to write its shard"))
+    failed = None
     if strategy.global_rank == 0:
         try:
             for folder, _, files in os.walk(tmp):  # DeepSpeed folders nest (<tag>/*.pt)
@@ -133,10 +148,19 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old) if path.is_dir() else path.unlink()
             os.replace(tmp, path)
-            fsync_dir(path.parent)
+        except OSError as e:  # e.g. a network filesystem's quota, reported at fsync
+            failed = str(_save_failed(path, e))
+        else:
+            try:
+                fsync_dir(path.parent)
+            except OSError as e:  # the new checkpoint is in place; only the rename's durability is in doubt
+                log.warning("saved %s, but could not fsync its folder (%s): a power loss now could undo the rename",
+                            path, e)
             shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:
-            raise _save_failed(path, e) from None
+    # Rank 0's failure is every rank's: the others would otherwise wait at the next collective for ever.
+    failed = strategy.broadcast(failed, src=0)
+    if failed:
+        raise CheckpointError(failed)
     strategy.barrier("atomic_save_end")
 
 
@@ -202,7 +226,13 @@ class FaultTolerance(Callback):
             self._settle(trainer)  # a due stop raises before this checkpoint is written
         state: dict[str, Any] = {"skipped": self.skipped, "consecutive": self.consecutive}
         if self.save_rng_state:
-            own = self._train_rng or _rng_state()
+            own = self._train_rng
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            if own is None and self._pending_rng is not None and len(self._pending_rng) == world:
+                # Resumed, before the first training batch applied it (a redone validation's save, an
+                # early stop there): the checkpoint's state is training's, not what validation drew since.
+                own = self._pending_rng[torch.distributed.get_rank() if world > 1 else 0]
+            own = own or _rng_state()
             # Called on every rank by Trainer.save_checkpoint; rank 0's copy is what gets written.
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 states: list = [None] * torch.distributed.get_world_size()
@@ -230,6 +260,10 @@ class FaultTolerance(Callback):
 
             # Before the checkpoint is restored: a rank that sees another run folder stops every rank here.
             root, ckpt_dir = str(trainer.default_root_dir), getattr(trainer.checkpoint_callback, "dirpath", None)
+            if "://" in str(ckpt_dir) and _saves_sharded(trainer.strategy):  # else it fails at the first save
+                raise ConfigError(f"checkpoint.dirpath={ckpt_dir} is a URL, but {type(trainer.strategy).__name__} "
+                                  "writes sharded checkpoints (one file per rank) to a shared filesystem; set "
+                                  "checkpoint.dirpath (or trainer.default_root_dir) to a shared folder")
             outside = ckpt_dir and ("://" in str(ckpt_dir) or not Path(ckpt_dir).resolve().is_relative_to(Path(root).resolve()))
             check_ranks_share_the_run([root, *([str(ckpt_dir)] if outside else [])], self.fit_ckpt_path)  # URLs: skipped there
 
@@ -259,8 +293,11 @@ class FaultTolerance(Callback):
             self._redo_validation_of_resumed_step(trainer)
             # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step
             # and would save it again after the next micro-batch, mid-accumulation, over the good one.
+            # Only a callback that saves at training batch ends can: one that saves at validation ends
+            # must still consider the validation redone above (best-by-val/loss, as the uninterrupted run).
             for cb in trainer.checkpoint_callbacks:
-                if hasattr(cb, "_last_global_step_saved"):
+                if hasattr(cb, "_last_global_step_saved") and (
+                        getattr(cb, "_every_n_train_steps", 0) or getattr(cb, "_train_time_interval", None)):
                     cb._last_global_step_saved = trainer.global_step
                 # A step file holds the state from before that step's last.ckpt save (no last_model_path):
                 # resumed from it, Lightning would write last-v1.ckpt beside the run's last.ckpt.
@@ -502,9 +539,15 @@ def check_validation_schedule(trainer: pl.Trainer) -> None:
     for t in counts:
         epoch, at = divmod(t - 1, batches)
         if (at + 1) % accum and at + 1 != batches:  # neither a step boundary nor the epoch's last micro-batch
-            fix = (f"give a number of micro-batches, a multiple of {accum}" if every % accum else
-                   f"set trainer.limit_train_batches={batches - batches % accum} (each epoch then leaves out its last "
-                   f"{batches % accum} micro-batch(es) of {batches})")
+            if every % accum:
+                fix = f"give a number of micro-batches, a multiple of {accum}"
+            elif batches < accum:  # limit_train_batches would be 0: no training at all
+                fix = (f"an epoch is less than one optimizer step, so validate at epoch ends: set "
+                       f"trainer.val_check_interval={math.ceil(every / batches) * batches} (a multiple of {batches}), "
+                       f"or lower trainer.accumulate_grad_batches to at most {batches}")
+            else:
+                fix = (f"set trainer.limit_train_batches={batches - batches % accum} (each epoch then leaves out its "
+                       f"last {batches % accum} micro-batch(es) of {batches})")
             raise GPT2DistError(f"validation every {every} micro-batches (trainer.val_check_interval="
                                 f"{trainer.val_check_interval}) with trainer.accumulate_grad_batches={accum} and "
                                 f"{batches} micro-batches per epoch per process reaches micro-batch {at + 1} of epoch "

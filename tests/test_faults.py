@@ -661,7 +661,7 @@ def test_distributed_atomic_save_handles_nested_folders(tmp_path):
     from gpt2dist.errors import CheckpointError
     from gpt2dist.faults import save_distributed_atomically
 
-    one_rank = SimpleNamespace(broadcast=lambda x: x, global_rank=0, barrier=lambda name=None: None,
+    one_rank = SimpleNamespace(broadcast=lambda x, src=0: x, global_rank=0, barrier=lambda name=None: None,
                                reduce_boolean_decision=lambda decision, all=True: decision)
 
     def deepspeed_like(checkpoint, folder):
@@ -820,6 +820,77 @@ def test_fit_setup_checks_that_all_ranks_see_the_run_and_checkpoint_folders(tmp_
     # Rank 1's run folder is another one.
     msgs = run("split-root", [root, tmp_path / "node2" / "run"], [root / "checkpoints"] * 2)
     assert msgs[0] == msgs[1] and msgs[0].startswith(f"ConfigError: {root} is not one folder for all ranks: rank 1 ")
+
+
+def _distributed_save_where_rank0_cannot_rename(rank: int, world: int, init_file: str, target: str, out) -> None:
+    import datetime
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from gpt2dist.faults import save_distributed_atomically
+
+    # A short timeout: a rank left waiting for rank 0 fails here within seconds, not the suite's minutes.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+
+    def broadcast(obj, src=0):
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def any_rank(decision, all=True):
+        flag = torch.tensor(int(decision))
+        dist.all_reduce(flag)
+        return bool(flag) if not all else int(flag) == world
+
+    strategy = SimpleNamespace(broadcast=broadcast, global_rank=rank, barrier=lambda name=None: dist.barrier(),
+                               reduce_boolean_decision=any_rank)
+    if rank == 0:  # a network filesystem's quota, reported when rank 0 renames the finished folder in
+        os.replace = lambda *a: (_ for _ in ()).throw(OSError(122, "Disk quota exceeded"))
+
+    def shard(checkpoint, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, Path(folder) / f"rank{rank}.pt")
+
+    try:
+        save_distributed_atomically(strategy, shard, {"global_step": 1}, target)
+        out.put((rank, "saved"))
+    except Exception as e:
+        out.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_save_that_fails_on_rank_0_fails_on_every_rank(tmp_path):
+    """Rank 0 alone fsyncs and renames the finished folder: when that failed it raised, and every other
+    rank waited in the closing barrier until the collective timeout (30 minutes by default)."""
+    from conftest import spawn_ranks
+
+    results = dict(spawn_ranks(_distributed_save_where_rank0_cannot_rename, 2, str(tmp_path / "init"),
+                               str(tmp_path / "last.ckpt"), timeout=120))
+    said = f"CheckpointError: could not save checkpoint {tmp_path / 'last.ckpt'} (disk quota exceeded in {tmp_path})"
+    assert results[0] == results[1] and results[0].startswith(said), results
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_checkpoints_to_a_url_are_written_there_or_refused_up_front(tmp_path, monkeypatch):
+    """AtomicCheckpointIO made file:///x/last.ckpt a local ./file:/x/last.ckpt; a sharded strategy
+    (one file per rank) cannot write to a URL at all: refused at setup, not at the first save."""
+    from types import SimpleNamespace
+
+    from gpt2dist.errors import ConfigError
+    from gpt2dist.faults import AtomicCheckpointIO, FaultTolerance
+    from gpt2dist.strategies import FSDP2Strategy
+
+    monkeypatch.chdir(tmp_path)
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, f"file://{tmp_path}/ck/last.ckpt")
+    assert torch.load(tmp_path / "ck" / "last.ckpt")["w"].sum() == 3 and not (tmp_path / "file:").exists()
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), strategy=FSDP2Strategy(),
+                              checkpoint_callback=SimpleNamespace(dirpath="s3://bucket/run/checkpoints"))
+    with pytest.raises(ConfigError, match=r"^checkpoint.dirpath=s3://bucket/run/checkpoints is a URL, but "
+                                          r"FSDP2Strategy writes sharded checkpoints"):
+        FaultTolerance().setup(trainer, None, "fit")
 
 
 # --- the validation of the step a run resumed at -------------------------------------------------
@@ -1063,3 +1134,71 @@ def test_validation_drifting_into_a_step_across_epochs_is_refused_at_train_start
     # A fraction of an epoch: 0.5 of 10 is every 5 micro-batches, with 4 accumulated.
     with pytest.raises(GPT2DistError, match=r"reaches micro-batch 5 of epoch 0: .*; give a number of micro-batches, a multiple of 4$"):
         _schedule_fit(tmp_path / "d", 10, max_steps=3, accumulate_grad_batches=4, val_check_interval=0.5, limit_val_batches=1)
+    # An epoch shorter than one accumulation: the fix said limit_train_batches=0, which trains nothing.
+    short = dict(accumulate_grad_batches=4, check_val_every_n_epoch=None, limit_val_batches=1, max_steps=4)
+    with pytest.raises(GPT2DistError, match=r"reaches micro-batch 1 of epoch 1: .*; an epoch is less than one optimizer "
+                                            r"step, so validate at epoch ends: set trainer.val_check_interval=6 \(a multiple "
+                                            r"of 3\), or lower trainer.accumulate_grad_batches to at most 3$"):
+        _schedule_fit(tmp_path / "e", 3, val_check_interval=4, **short)
+    assert _schedule_fit(tmp_path / "f", 3, val_check_interval=6, **short) == 4  # the fix trains
+
+
+def _best_fit(root: Path, max_steps: int, ckpt_path: str | None = None):
+    """An in-process fit, as the CLI checkpoints: a step file every step (written at the batch's end,
+    like a SIGTERM or requeue save) and a best-by-val/loss file (written at validation's end). Validation
+    runs every step, gives val/loss {1: 1.0, 2: 0.5, 3: 0.8} and draws from the global RNG."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpt2dist.faults import FaultTolerance
+
+    val = {1: 1.0, 2: 0.5, 3: 0.8}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            torch.rand(3)  # validation's own draws must never reach training's stream
+            self.log("val/loss", val[self.trainer.global_step])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    best = ModelCheckpoint(dirpath=root, filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1)
+    callbacks = [FaultTolerance(), best, ModelCheckpoint(dirpath=root, filename="{step}", monitor="step", mode="max",
+                                                         every_n_train_steps=1, save_top_k=-1)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None,
+                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root, callbacks=callbacks)
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
+    trainer.fit(Module(), data, data, ckpt_path=ckpt_path)
+    return best
+
+
+def _saved_torch_rng(path: str) -> list[torch.Tensor]:
+    """Each rank's torch RNG state in a checkpoint's FaultTolerance state (the one dropout draws from)."""
+    states = torch.load(path, weights_only=True)["callbacks"]
+    return [rank["torch"] for rank in next(s["rng"] for s in states.values() if "rng" in s)]
+
+
+def test_a_resume_before_a_validation_offers_it_to_the_best_checkpoint_with_trainings_rng(tmp_path):
+    """A step file is written before that step's validation; resumed from it, FaultTolerance redoes the
+    validation. Every checkpoint callback was told the step was already saved, so that validation never
+    reached best-by-val/loss: best was step 3 (0.8), not step 2 (0.5). And a save there stored the RNG
+    validation had drawn from, not training's (the step file's)."""
+    ref = _best_fit(tmp_path / "ref", 3)
+    assert Path(ref.best_model_path).name == "best-step=2.ckpt" and float(ref.best_model_score) == 0.5
+    (tmp_path / "res").mkdir()
+    step2 = tmp_path / "res" / "step=2.ckpt"
+    shutil.copy(tmp_path / "ref" / "step=2.ckpt", step2)
+    res = _best_fit(tmp_path / "res", 3, str(step2))
+    assert Path(res.best_model_path).name == "best-step=2.ckpt" and float(res.best_model_score) == 0.5
+    (saved,), (ref_saved,), (trained,) = map(_saved_torch_rng, (res.best_model_path, ref.best_model_path, step2))
+    assert torch.equal(saved, trained) and torch.equal(ref_saved, trained)
+    assert not (tmp_path / "res" / "step=2-v1.ckpt").exists()  # the step file itself is not written again
