@@ -87,7 +87,7 @@ class HFExport(Callback):
                 if self.sample_prompt and tokenizer is not None:
                     # From the gathered fp32 copy, on rank 0's CPU: its GPU still holds the sharded training state.
                     text = greedy_text(model.eval(), tokenizer, self.sample_prompt, self.sample_tokens,
-                                       self.sample_repetition_penalty, getattr(model.config, "unpadded_vocab_size", None))
+                                       self.sample_repetition_penalty)
                     rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
         elif trainer.is_global_zero:
             masters = pl_module.master_state_dict() if hasattr(pl_module, "master_state_dict") else None
@@ -129,7 +129,7 @@ class HFExport(Callback):
                            f"(step {checkpoint.get('global_step', '?')}, {monitor} {score:.4f})")
             if self.sample_prompt and tokenizer is not None:
                 text = greedy_text(model.eval(), tokenizer, self.sample_prompt, self.sample_tokens,
-                                   self.sample_repetition_penalty, getattr(model.config, "unpadded_vocab_size", None))
+                                   self.sample_repetition_penalty)
                 rank_zero_info(f"sample ({self.sample_prompt!r}, greedy):\n{text}")
 
 
@@ -263,6 +263,8 @@ class EarlyStop(EarlyStopping):
                          check_on_train_epoch_end=False)  # after each validation, whatever its interval
         self.config_patience = self.patience
         self.stopped_step: int | None = None  # the optimizer step this run stopped at
+        self.stopped_value: float | None = None  # the monitored value that stopped it
+        self._current: float | None = None
         self._deferred = False  # a stop held back by trainer.min_steps / min_epochs was announced
         self._stopped_in_checkpoint: tuple[int, str] | None = None
 
@@ -280,30 +282,43 @@ class EarlyStop(EarlyStopping):
                               f"early_stopping.patience=null")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stopped_step": self.stopped_step}
+        return {**super().state_dict(), "stopped_step": self.stopped_step, "stopped_value": self.stopped_value}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.patience = self.config_patience  # the config's, as for every other knob on resume
         stopped = state_dict.get("stopped_step")
-        self._stopped_in_checkpoint = (stopped, state_dict.get("stopping_reason_message") or "") if stopped is not None else None
+        self._stopped_in_checkpoint = (stopped, state_dict.get("stopping_reason_message") or "",
+                                       state_dict.get("stopped_value")) if stopped is not None else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stopped_in_checkpoint is None:
             return
-        step, reason = self._stopped_in_checkpoint
+        step, reason, value = self._stopped_in_checkpoint
         self._stopped_in_checkpoint = None
         if not self.enabled or trainer.global_step != step:
             return  # early stopping turned off: the run goes on
-        if self.stopping_reason == self.stopping_reason.PATIENCE_EXHAUSTED and self.wait_count < self.patience:
+        why = self.stopping_reason
+        if why == why.PATIENCE_EXHAUSTED and self.wait_count < self.patience:
             return  # a larger patience: the run goes on, counting from the checkpoint's validations
-        self.stopped_step = step
+        # A threshold stop is judged again by the config's threshold, as patience is (the value that stopped it).
+        knob = {why.STOPPING_THRESHOLD: "stopping_threshold", why.DIVERGENCE_THRESHOLD: "divergence_threshold"}.get(why)
+        if knob and value is not None:
+            threshold, v = getattr(self, knob), torch.tensor(value)
+            if threshold is None or not self.monitor_op(v if knob == "stopping_threshold" else -v,
+                                                        threshold if knob == "stopping_threshold" else -threshold):
+                return  # turned off, or moved past the value that stopped the run: it goes on
+        self.stopped_step, self.stopped_value = step, value
         trainer.should_stop = True
-        rank_zero_warn(f"resume: this run stopped early at step {step} ({reason}); nothing left to train. To go on, "
-                       f"raise early_stopping.patience (now {self.patience if self.patience < 2**62 else None}) "
-                       f"or set early_stopping.patience=null and no thresholds")
+        fix = (f"move early_stopping.{knob} (now {getattr(self, knob)}) past {value:.4g}, or set it to null" if knob
+               else "resume from an earlier checkpoint (--ckpt_path FILE), e.g. with a lower model.lr"
+               if why == why.NON_FINITE_METRIC else
+               f"raise early_stopping.patience (now {self.patience if self.patience < 2**62 else None}) "
+               f"or set early_stopping.patience=null and no thresholds")
+        rank_zero_warn(f"resume: this run stopped early at step {step} ({reason}); nothing left to train. To go on, {fix}")
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        self._current = float(current)
         should_stop, reason = super()._evaluate_stopping_criteria(current)
         if should_stop and self.stopping_reason == self.stopping_reason.PATIENCE_EXHAUSTED:
             reason = (f"{self.monitor} has not improved on its best, {float(self.best_score):.4f}, for "
@@ -328,7 +343,7 @@ class EarlyStop(EarlyStopping):
                            f"{trainer.min_steps} / min_epochs={trainer.fit_loop.min_epochs} not reached yet")
 
     def _stopped(self, trainer: pl.Trainer, why: str) -> None:
-        self.stopped_step = trainer.global_step
+        self.stopped_step, self.stopped_value = trainer.global_step, self._current
         rank_zero_info(f"early stopping at step {trainer.global_step}: {why}")
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last:

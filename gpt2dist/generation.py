@@ -102,7 +102,7 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
                  seeds: list[int] | None = None, real_vocab: int | None = None) -> list[list[int]]:
     """Each prompt's token ids followed by its new ones (up to and with EOS), by a GPT2LMHeadModel on its
     own device, in one `generate` per group of rows with the same token budget. Vocabulary rows from
-    `real_vocab` up (padding) are never produced. `seeds` (one per prompt) are needed when sampling."""
+    `real_vocab` (default: the config's unpadded_vocab_size) up, padding, are never produced. `seeds` (one per prompt) are needed when sampling."""
     if sampling.do_sample and (seeds is None or len(seeds) != len(prompts)):
         raise ValueError("sampling needs one seed per prompt")
     device = next(model.parameters()).device
@@ -111,7 +111,9 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
     # Each row's budget: max_new_tokens, or what its prompt leaves of n_positions. Rows are grouped by
     # budget, so a long prompt near the context end does not shorten the others in its batch.
     budget = [max(1, min(max_new_tokens, n_positions - len(x))) for x in ids]
-    real_vocab = real_vocab or model.config.vocab_size
+    # A padded model (pad_vocab_to_multiple_of) says its real vocabulary in its config: rows past it
+    # are zero, and a zero logit can beat every real one.
+    real_vocab = real_vocab or getattr(model.config, "unpadded_vocab_size", None) or model.config.vocab_size
     result: list[list[int]] = [[] for _ in prompts]
     for limit in sorted(set(budget)):
         rows = [i for i, b in enumerate(budget) if b == limit]

@@ -221,3 +221,53 @@ def test_early_stopping_names_the_min_delta_as_configured():
     es._evaluate_stopping_criteria(torch.tensor(2.0))
     stop, reason = es._evaluate_stopping_criteria(torch.tensor(1.995))  # not better by more than 0.01
     assert stop and reason.endswith("(early_stopping.patience=1, min_delta=0.01)"), reason
+
+
+def _threshold_fit(root, max_steps: int, ckpt_path=None, **early_stopping):
+    """A real in-process fit validating every step, val/loss {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}, with
+    the CLI's EarlyStop, FaultTolerance (last.ckpt at the end of fit) and a last.ckpt callback."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpt2dist.callbacks import EarlyStop
+    from gpt2dist.faults import FaultTolerance
+
+    val = {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.log("val/loss", val[self.trainer.global_step])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None,
+                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root,
+                         callbacks=[EarlyStop(**early_stopping), FaultTolerance(),
+                                    ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)])
+    data = torch.utils.data.DataLoader(torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
+    trainer.fit(Module(), data, data, ckpt_path=ckpt_path)
+    return trainer.global_step
+
+
+def test_a_threshold_stop_is_judged_again_by_the_configs_threshold_on_resume(tmp_path):
+    """A run stopped by stopping_threshold stayed stopped on resume whatever the config's threshold, and the
+    warning said to raise patience (which changed nothing). As with patience, the config's value decides."""
+    last = str(tmp_path / "last.ckpt")
+    assert _threshold_fit(tmp_path, 5, stopping_threshold=2.5) == 2  # 2.4 < 2.5
+    with pytest.warns(UserWarning, match=r"resume: this run stopped early at step 2 \(Stopping threshold reached: "
+                                         r"val/loss = 2.4.*\); nothing left to train. To go on, move "
+                                         r"early_stopping.stopping_threshold \(now 2.5\) past 2.4, or set it to null$"):
+        assert _threshold_fit(tmp_path, 5, last, stopping_threshold=2.5) == 2  # the same threshold: stays stopped
+    assert _threshold_fit(tmp_path, 5, last, stopping_threshold=2.0) == 4  # a lower one: goes on to 1.9 < 2.0
+    assert _threshold_fit(tmp_path, 5, last, stopping_threshold=2.0) == 4  # and stays stopped there
+    assert _threshold_fit(tmp_path, 5, last, patience=5) == 5  # no threshold now: trains on to max_steps

@@ -92,6 +92,12 @@ def test_generation_suppresses_padded_rows(tokenizer):
     ref = unpad_vocab(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                                       pad_token_id=tokenizer.eos_token_id)
     assert text == tokenizer.decode(ref[0], skip_special_tokens=True)
+    # The public helpers on the bare HF model read the real vocabulary from its config (they produced
+    # the padded id unless real_vocab was passed).
+    from gpt2dist.generation import generate_ids, generate_texts
+
+    assert generate_ids(model, tokenizer, ["def "], 3) == [ref[0].tolist()]
+    assert generate_texts(model, tokenizer, ["def "], 3) == [text]
 
 
 def _check_hf_folder(folder, ref: GPT2Module):
@@ -266,3 +272,21 @@ def test_compile_options_reach_inductor_and_a_bad_one_is_one_line():
     with pytest.raises(ConfigError, match=r"^model.compile_options: .*coordinate_descent_tuning.*should be bool"):
         GPT2Module(compile=True, compile_options={"coordinate_descent_tuning": 1})
     GPT2Module(compile=True, compile_mode="max-autotune")  # a known mode passes
+
+
+def test_tf32_setting_leaves_the_matmul_precision_readable():
+    """After a user's torch.set_float32_matmul_precision (Lightning's hint), model.tf32 set the legacy
+    allow_tf32 flag, and every later get_float32_matmul_precision() (Inductor's autotuning, the next
+    Trainer) raised on the mix of APIs."""
+    from gpt2dist.perf import set_tf32
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        for user, tf32, expected in [("high", False, "highest"), ("medium", True, "high"), ("highest", True, "high")]:
+            torch.set_float32_matmul_precision(user)
+            set_tf32(tf32)
+            assert torch.get_float32_matmul_precision() == expected and torch.backends.cudnn.allow_tf32 is tf32
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32  # what the cuBLAS kernels read
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
