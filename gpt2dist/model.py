@@ -164,6 +164,9 @@ class GPT2Module(pl.LightningModule):
             from gpt2dist.perf import check_compile_options
 
             check_compile_options(compile_mode, compile_options)
+            if not compile:  # a silent no-op otherwise (the fsdp1 and deepspeed_* overlays turn compile off)
+                rank_zero_warn(f"model.compile_mode / compile_options are set ({compile_mode or compile_options}) but "
+                               "model.compile is false: nothing is compiled; set model.compile=true to use them")
         self.save_hyperparameters()
         self.model = None  # built in configure_model
 
@@ -312,13 +315,12 @@ class GPT2Module(pl.LightningModule):
         gradients are summed in fp32 (bf16-true masters, trainer.accumulate_grad_batches > 1), else None."""
         from torch.nn.parallel import DistributedDataParallel
 
-        from gpt2dist.optim import MasterWeightAdamW
         from gpt2dist.strategies import fp32_reduce_state
 
         trainer = self._trainer
         if trainer is None or trainer.accumulate_grad_batches <= 1:
             return None
-        opt = next((o for o in trainer.optimizers if isinstance(o, MasterWeightAdamW)), None)
+        opt = self._master_optimizer()
         state = fp32_reduce_state(trainer)
         if opt is None or (isinstance(trainer.strategy.model, DistributedDataParallel) and state is None):
             return None  # under a user's DDP comm hook the local sums would never be all-reduced: bf16 sums
@@ -483,6 +485,9 @@ class GPT2Module(pl.LightningModule):
             groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
+        if hp.lr <= 0:  # the schedule is a multiple of lr (LambdaLR): 0 divides by zero
+            raise ConfigError(f"model.lr={hp.lr} must be > 0 (the peak learning rate); to train nothing, use "
+                              "`gpt2dist validate`")
         if hp.min_lr > hp.lr:  # at fit only: evaluating or loading a checkpoint of such a run stays possible
             raise ConfigError(f"model.min_lr={hp.min_lr} is above model.lr={hp.lr}: the cosine decay would raise the "
                               "learning rate; set model.min_lr below model.lr")
@@ -548,13 +553,25 @@ class GPT2Module(pl.LightningModule):
 
     # --- checkpoints ---------------------------------------------------------
 
-    def master_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The fp32 master weights by state_dict key (tied names included) when AdamW keeps them
-        (bf16-true with master_weights), else None."""
+    def _master_optimizer(self):
+        """The trainer's MasterWeightAdamW (bf16-true with master_weights), else None."""
         from gpt2dist.optim import MasterWeightAdamW
 
         trainer = self._trainer
-        opt = next((o for o in (trainer.optimizers if trainer is not None else []) if isinstance(o, MasterWeightAdamW)), None)
+        return next((o for o in (trainer.optimizers if trainer is not None else []) if isinstance(o, MasterWeightAdamW)), None)
+
+    def teardown(self, stage: str) -> None:
+        # Lightning moves optimizer state to the CPU after fit (Strategy.teardown) by walking
+        # optimizer.state; the masters and moments live in MasterWeightAdamW's inner AdamW, so they
+        # stayed on the GPU: 16 B/param, 24 GB for GPT-2 XL, held until the process ends.
+        opt = self._master_optimizer()
+        if opt is not None and stage == "fit":
+            opt.to(torch.device("cpu"))
+
+    def master_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights by state_dict key (tied names included) when AdamW keeps them
+        (bf16-true with master_weights), else None."""
+        opt = self._master_optimizer()
         if opt is None:
             return None
         by_param = {id(p): m for p, m in opt.pairs()}

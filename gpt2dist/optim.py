@@ -61,6 +61,24 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._grads_key: tuple = ()  # the masters they belong to
         self._pending: list[torch.nn.Parameter] = []  # parameters whose fp32 grad holds a micro-batch sum
 
+    def add_param_group(self, param_group: dict) -> None:
+        """A group added after construction (e.g. Lightning's BaseFinetuning unfreezing a layer) gets
+        its masters too: without them its parameters never stepped. Its params may be (name, parameter)
+        pairs; plain parameters are named by position (param_group<i>.<j>), the same on a resume
+        that adds the groups in the same order."""
+        if not hasattr(self, "inner"):  # torch.optim.Optimizer.__init__ adds the first groups
+            return super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        i = len(self.param_groups)
+        named = [p if isinstance(p, tuple) else (f"param_group{i}.{j}", p) for j, p in enumerate(params)]
+        super().add_param_group({**param_group, "params": [p for _, p in named]})
+        group = self.param_groups[-1]
+        with torch.no_grad():
+            masters = [p.detach().float().clone() for p in group["params"]]
+        self.inner.add_param_group({**{k: group[k] for k in HYPER}, "params": masters})
+        self.names.append([n for n, _ in named])
+
     def pairs(self):
         """(model parameter, its fp32 master), group by group."""
         for g, ig in zip(self.param_groups, self.inner.param_groups):
@@ -145,6 +163,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def discard_pending(self) -> None:
         """The sums were consumed elsewhere (DDP's fp32 all-reduce added them to the buckets)."""
         self._pending = []
+
+    @torch.no_grad()
+    def to(self, device: torch.device) -> MasterWeightAdamW:
+        """Move the masters and the inner AdamW's state (moments, steps) to `device`, in place (the
+        inner optimizer keys its state by the master tensors). The fp32 grad buffer is dropped: the
+        next step sets it up again."""
+        if self._pending:
+            self.fold()
+        for _, m in self.pairs():
+            m.grad = None
+            torch.utils.swap_tensors(m, m.to(device))  # the same tensor object, now on `device`
+        self._grads, self._grads_key = [], ()
+        for st in self.inner.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.to(device)
+        return self
 
     def state_dict(self) -> dict:
         sd = self.inner.state_dict()  # fp32 moments and steps, groups indexed 0..n-1 as ours

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import copy
 import math
 from types import SimpleNamespace
@@ -70,6 +72,20 @@ def test_a_schedule_with_no_decay_after_warmup_is_flagged():
     m.trainer = SimpleNamespace(max_steps=500, estimated_stepping_batches=500, strategy=None)
     with pytest.raises(ConfigError, match=r"model.min_lr=0.01 is above model.lr=0.001"):
         m.configure_optimizers()
+    m = tiny_module(lr=0.0, min_lr=0.0)  # was a bare ZeroDivisionError in the schedule's lambda
+    m.trainer = SimpleNamespace(max_steps=500, estimated_stepping_batches=500, strategy=None)
+    with pytest.raises(ConfigError, match=r"^model.lr=0.0 must be > 0"):
+        m.configure_optimizers()
+
+
+def test_compile_settings_without_compile_say_they_do_nothing():
+    """model.compile_mode / compile_options without model.compile=true compiled nothing, silently."""
+    with pytest.warns(UserWarning, match=r"model.compile_mode / compile_options are set \(max-autotune\) but "
+                                         r"model.compile is false: nothing is compiled"):
+        tiny_module(compile_mode="max-autotune")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_module(compile=True, compile_mode="max-autotune")
 
 
 class _GradsAtStepStart(Callback):

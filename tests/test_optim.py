@@ -59,6 +59,42 @@ def test_masters_follow_fp32_adamw_exactly_and_weights_are_their_rounding():
         assert torch.equal(p.detach(), m.bfloat16())  # round to nearest of the master
 
 
+def test_a_group_added_later_gets_masters_and_steps_as_if_it_was_there_from_the_start():
+    """add_param_group (Lightning's BaseFinetuning unfreezing a layer) added the parameters to the outer
+    groups only: they never stepped, silently, and had no masters in the state dict."""
+    params, later = bf16_params(), bf16_params()
+    opt = MasterWeightAdamW(named(params)[:1], weight_decay=0.1, **KW)
+    opt.add_param_group({"params": [later[1]], "weight_decay": 0.0})  # a plain parameter, as BaseFinetuning passes
+    opt.add_param_group({"params": [("b2", params[1])], "weight_decay": 0.0})  # or a (name, parameter) pair
+    ref_params = bf16_params()
+    ref = MasterWeightAdamW(named(ref_params), weight_decay=0.1, **KW)  # the same groups from the start
+    run(opt, [params[0], later[1]], range(3))
+    run(ref, ref_params, range(3))
+    assert torch.equal(params[0], ref_params[0]) and torch.equal(later[1], ref_params[1])
+    assert not torch.equal(later[1], bf16_params()[1])  # it stepped
+    assert list(opt.masters()) == ["w", "param_group1.0", "b2"] and len(opt.state_dict()["masters"]) == 3
+    assert len(opt.inner.param_groups) == 3 and opt.inner.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_teardown_moves_the_masters_and_moments_off_the_training_device():
+    """Lightning's teardown moves optimizer.state to the CPU; ours lives in the inner AdamW, keyed by the
+    masters, and stayed on the GPU after fit (16 B/param). GPT2Module.teardown now moves it, in place."""
+    from gpt2dist.model import GPT2Module
+
+    params = bf16_params()
+    opt = MasterWeightAdamW(named(params), weight_decay=0.1, **KW)
+    run(opt, params, range(2))
+    before = {n: m.clone() for n, m in opt.masters().items()}
+    module = GPT2Module(from_scratch=True, config_overrides={"n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 16})
+    module._trainer = SimpleNamespace(optimizers=[opt])
+    module.teardown("fit")  # to the CPU: where they are; then somewhere observable
+    assert all(torch.equal(m, before[n]) for n, m in opt.masters().items())
+    opt.to(torch.device("meta"))
+    tensors = [*opt.masters().values(), *(v for st in opt.inner.state.values() for v in st.values() if torch.is_tensor(v))]
+    assert len(tensors) == 2 + 2 * 3 and all(t.is_meta for t in tensors)  # masters; exp_avg, exp_avg_sq, step
+    assert set(map(id, opt.inner.state)) == {id(m) for _, m in opt.pairs()}  # the same tensors: state still keyed
+
+
 def test_a_parameter_without_a_gradient_does_not_step():
     params = bf16_params()
     opt = MasterWeightAdamW(named(params, wd=0.0), **KW)
