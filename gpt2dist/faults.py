@@ -256,6 +256,9 @@ class FaultTolerance(Callback):
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         self._trainer = trainer  # state_dict() takes no trainer, and must settle pending flags
         if stage == "fit":
+            # A second fit with this callback (Python API) starts clean; a checkpoint's state is loaded after this.
+            self.skipped = self.consecutive = self._logged_skipped = 0
+            self._pending, self._pending_rng, self._train_rng = [], None, None
             from gpt2dist.resume import check_ranks_share_the_run
 
             # Before the checkpoint is restored: a rank that sees another run folder stops every rank here.

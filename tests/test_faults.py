@@ -1202,3 +1202,33 @@ def test_a_resume_before_a_validation_offers_it_to_the_best_checkpoint_with_trai
     (saved,), (ref_saved,), (trained,) = map(_saved_torch_rng, (res.best_model_path, ref.best_model_path, step2))
     assert torch.equal(saved, trained) and torch.equal(ref_saved, trained)
     assert not (tmp_path / "res" / "step=2-v1.ckpt").exists()  # the step file itself is not written again
+
+
+def test_a_second_fit_with_the_same_fault_tolerance_follows_its_own_seed():
+    """Python API: the callback kept the previous fit's training RNG and restored it at the new fit's first
+    batch, overriding seed_everything (and carried its skip counters over)."""
+    import lightning.pytorch as pl
+
+    from gpt2dist.faults import FaultTolerance
+
+    class Draws(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.draws = torch.nn.Linear(2, 1), []
+
+        def training_step(self, batch, i):
+            self.draws.append(torch.rand(1).item())  # what dropout would draw
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    guard, runs = FaultTolerance(), []
+    for _ in range(2):
+        pl.seed_everything(7)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[guard])
+        module = Draws()
+        trainer.fit(module, torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=1))
+        runs.append(module.draws)
+    assert runs[0] == runs[1] and len(runs[0]) == 3
