@@ -258,7 +258,16 @@ def _run_info(trainer, datamodule, model) -> dict:
             "accumulate": trainer.accumulate_grad_batches, "strategy": type(trainer.strategy).__name__,
             "world_size": trainer.world_size, "model": getattr(model.hparams, "model_name_or_path", "gpt2"),
             "precision": str(trainer.precision), "compile": bool(getattr(model.hparams, "compile", False)),
-            "pad_vocab": int(getattr(model.hparams, "pad_vocab_to_multiple_of", 1) or 1)}
+            "pad_vocab": int(getattr(model.hparams, "pad_vocab_to_multiple_of", 1) or 1),
+            "config_overrides": getattr(model.hparams, "config_overrides", None), "gpu_mem_gb": _gpu_mem_gb(trainer)}
+
+
+def _gpu_mem_gb(trainer) -> float | None:
+    """The card's memory in GB (1e9 bytes, plan.py's unit), for the OOM message's plan command."""
+    device = getattr(trainer.strategy, "root_device", None)
+    if device is None or device.type != "cuda":
+        return None
+    return round(torch.cuda.get_device_properties(device).total_memory / 1e9, 1)
 
 
 def _deepspeed_logs_to_stderr() -> None:

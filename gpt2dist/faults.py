@@ -616,4 +616,10 @@ def plan_command(info: dict) -> str:
     cmd += f" --pad-vocab {int(info.get('pad_vocab') or 1)}"
     if info.get("compile") is not None:
         cmd += f" --compile {'on' if info['compile'] else 'off'}"
-    return cmd
+    if info.get("gpu_mem_gb"):  # the card that ran out, not plan.py's default 80 GB
+        cmd += f" --gpu-mem-gb {info['gpu_mem_gb']:g}"
+    unplanned = [f"precision {info['precision']} (planned as bf16-mixed)"] if info.get("precision") not in (
+        None, "bf16-mixed", "bf16-true") else []
+    if info.get("config_overrides"):
+        unplanned.append(f"model.config_overrides {info['config_overrides']} (planned as the base model)")
+    return cmd + (f"  # not modelled: {'; '.join(unplanned)}" if unplanned else "")

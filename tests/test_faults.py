@@ -574,6 +574,10 @@ def test_oom_plan_command_describes_the_run():
         "python tools/plan.py --model gpt2-large --gpus 8 --seq 1024 --micro-batch 4 --pad-vocab 1 --compile on")
     cmd = plan_command({**base, "precision": "bf16-true", "compile": False, "pad_vocab": 128, "accumulate": 2})
     assert cmd.endswith("--micro-batch 4 --accumulate 2 --precision bf16-true --pad-vocab 128 --compile off")
+    # The card that ran out (not plan.py's default 80 GB); what plan.py does not model is said, not hidden.
+    cmd40 = plan_command({**base, "precision": "32-true", "gpu_mem_gb": 42.4, "config_overrides": {"n_layer": 12}})
+    assert cmd40.endswith("--gpu-mem-gb 42.4  # not modelled: precision 32-true (planned as bf16-mixed); "
+                          "model.config_overrides {'n_layer': 12} (planned as the base model)"), cmd40
     # A model folder with a space stays one argument of the command to copy.
     assert "--model '/data/my models/gpt2 ft' --gpus 8" in plan_command({**base, "model": "/data/my models/gpt2 ft"})
     sys.path.insert(0, str(REPO / "tools"))
