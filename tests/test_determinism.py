@@ -45,3 +45,19 @@ def test_bad_flags_are_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "--threads" in proc.stderr and "'2,x'" in proc.stderr
+
+
+def test_equal_weights_under_different_thread_counts_are_one_outcome(monkeypatch, capsys):
+    """The outcome key held the thread count: with --threads 2,1 processes with equal weights were counted
+    as parted (what the flag exists to ask: does the thread count change the result?)."""
+    from types import SimpleNamespace
+
+    def run(cmd, env=None, **kw):  # each process: its thread count, then the same digests and weights
+        torch.save({"w": torch.ones(2)}, cmd[cmd.index("--child") + 1])
+        return SimpleNamespace(returncode=0, stdout=f"{env['OMP_NUM_THREADS']} aaaa bbbb\n", stderr="")
+
+    monkeypatch.setattr(determinism.subprocess, "run", run)
+    determinism.main(["--processes", "4", "--threads", "2,1", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "| reference (1,2 threads) | 4 | - | 0 of 1 | 0 |" in out and "| other" not in out
+    assert "parted: 0 of 4" in out

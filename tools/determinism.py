@@ -81,20 +81,30 @@ def main(argv: list[str] | None = None) -> None:
             runs = dict(pool.map(one, range(args.processes)))
         import torch
 
-        counts = Counter(runs.values())
+        # An outcome is the per-step digests; the thread count is how a process ran, not what it computed
+        # (as part of the key, --threads 2,1 reported equal weights as parted).
+        outcome_of = {i: r[1:] for i, r in runs.items()}
+        counts = Counter(outcome_of.values())
         reference = counts.most_common(1)[0][0]
-        ref_weights = torch.load(f"{tmp}/{next(i for i, r in runs.items() if r == reference)}.pt", weights_only=True)
+
+        def first(outcome) -> int:
+            return next(i for i, o in outcome_of.items() if o == outcome)
+
+        def threads_of(outcome) -> str:
+            return ",".join(sorted({runs[i][0] for i, o in outcome_of.items() if o == outcome}, key=int))
+
+        ref_weights = torch.load(f"{tmp}/{first(reference)}.pt", weights_only=True)
         print(f"{args.processes} fresh processes, {args.parallel} at a time, "
               f"{args.steps} steps; torch {torch.__version__}, {os.cpu_count()} CPUs")
         print("| outcome | processes | parted at step | tensors off | max diff (tensor) |")
         print("| --- | ---: | ---: | ---: | --- |")
-        print(f"| reference ({reference[0]} threads) | {counts[reference]} | - | 0 of {len(ref_weights)} | 0 |")
+        print(f"| reference ({threads_of(reference)} threads) | {counts[reference]} | - | 0 of {len(ref_weights)} | 0 |")
         for k, (outcome, n) in enumerate(c for c in counts.most_common() if c[0] != reference):
-            weights = torch.load(f"{tmp}/{next(i for i, r in runs.items() if r == outcome)}.pt", weights_only=True)
+            weights = torch.load(f"{tmp}/{first(outcome)}.pt", weights_only=True)
             diffs = {name: (weights[name].double() - w.double()).abs().max().item() for name, w in ref_weights.items()}
             worst = max(diffs, key=diffs.get)
-            step = next((s + 1 for s, (a, b) in enumerate(zip(outcome[1:], reference[1:])) if a != b), "-")
-            print(f"| other {k + 1} ({outcome[0]} threads) | {n} | {step} | {sum(d > 0 for d in diffs.values())} of "
+            step = next((s + 1 for s, (a, b) in enumerate(zip(outcome, reference)) if a != b), "-")
+            print(f"| other {k + 1} ({threads_of(outcome)} threads) | {n} | {step} | {sum(d > 0 for d in diffs.values())} of "
                   f"{len(diffs)} | {diffs[worst]:.3g} ({worst}) |")
         print(f"parted: {args.processes - counts[reference]} of {args.processes}")
 
