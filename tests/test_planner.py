@@ -248,9 +248,23 @@ def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
     assert [(r["compiled"], r["vocab_rows"]) for r in p["rows"]] == [
         (True, 50304), (True, 50304), (False, 50304), (False, 50304), (False, 50304), (False, 50257), (False, 50257)]
     assert "- ZeRO-2: eager: configs/strategy/deepspeed_zero2.yaml sets model.compile false" in out
+    assert "recommendation: DDP, micro-batch up to 31 (first of DDP > ZeRO-1 > ZeRO-2 > FSDP2 > ZeRO-3 > FSDP1 > " \
+           "ZeRO-3 offload that fits micro-batch 4 (--min-micro-batch)" in out
     assert json.loads((tmp_path / "p.json").read_text())["world"] == 8
     p2 = plan_tool.main(["--model", "gpt2-xl", "--gpus", "4", "--nodes", "2", "--gpu-mem-gb", "16"])
     assert p2["world"] == 8 and p2["recommendation"][0] != "DDP"  # 18N of 1.56B = 28 GB does not fit 16 GB
+
+
+def test_a_recommendation_below_the_minimum_micro_batch_says_so(capsys):
+    """When no plan reaches --min-micro-batch the largest micro-batch found is recommended, but the line
+    said it "fits the minimum micro-batch" (178 < 200); the order listed is the rows planned."""
+    p = plan_tool.main(["--model", "gpt2-large", "--gpus", "8", "--min-micro-batch", "200"])
+    out = capsys.readouterr().out
+    name, ckpt, b = p["recommendation"]
+    assert b < 200 and "fits micro-batch" not in out
+    assert f"micro-batch up to {b} (below --min-micro-batch 200, which no plan reaches" in out
+    plan_tool.main(["--model", "gpt2-large", "--gpus", "8", "--strategy", "FSDP2", "--strategy", "ZeRO-3"])
+    assert "(first of FSDP2 > ZeRO-3 that fits" in capsys.readouterr().out
 
 
 def test_presets_follow_the_shipped_configs():

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2dist.errors import GPT2DistError  # noqa: E402
-from gpt2dist.planner import GB, PRECISIONS, STRATEGIES, USABLE_FRACTION, estimate, recommend, shape_from_config  # noqa: E402
+from gpt2dist.planner import GB, PRECISIONS, PREFERENCE, STRATEGIES, USABLE_FRACTION, estimate, recommend, shape_from_config  # noqa: E402
 
 
 # How the shipped configs run each strategy: configs/gpt2-*.yaml compile and pad the vocabulary to a
@@ -74,7 +74,8 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     return {"model": model, "params": shape_from_config(config).params, "vocab": config.vocab_size,
             "vocab_rows": None if pad_vocab is None else shape_from_config(config, pad_vocab).vocab, "world": world, "gpus": gpus,
             "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GB, "seq": seq, "micro_batch": micro_batch,
-            "precision": precision, "accumulate": accumulate, "rows": rows, "recommendation": rec}
+            "precision": precision, "accumulate": accumulate, "rows": rows, "recommendation": rec,
+            "min_micro_batch": max(1, min_micro_batch)}
 
 
 def print_plan(p: dict) -> None:
@@ -99,9 +100,15 @@ def print_plan(p: dict) -> None:
         print("recommendation: nothing fits even micro-batch 1 with checkpointing: add GPUs/nodes or use a smaller model")
     else:
         name, ckpt, b = rec
-        print(f"recommendation: {name}{' + activation checkpointing' if ckpt else ''}, micro-batch up to {b} "
-              f"(first of {' > '.join(['DDP', 'ZeRO-1', 'ZeRO-2', 'FSDP2', 'ZeRO-3', 'FSDP1', 'ZeRO-3 offload'])} "
-              "that fits the minimum micro-batch; accumulate gradients for a larger global batch)")
+        planned = {r["strategy"] for r in p["rows"]}
+        order = " > ".join(s for s in PREFERENCE if s in planned)
+        if b >= p["min_micro_batch"]:
+            why = (f"first of {order} that fits micro-batch {p['min_micro_batch']} (--min-micro-batch), without "
+                   "checkpointing if any does; accumulate gradients for a larger global batch")
+        else:  # recommend's fallback: nothing reached the minimum
+            why = (f"below --min-micro-batch {p['min_micro_batch']}, which no plan reaches: the largest micro-batch "
+                   "any plan fits; add GPUs/nodes or accept it with more accumulation")
+        print(f"recommendation: {name}{' + activation checkpointing' if ckpt else ''}, micro-batch up to {b} ({why})")
 
 
 def validate(bench_jsons: list[str]) -> list[dict]:
