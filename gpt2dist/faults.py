@@ -85,8 +85,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temporary name, fsync, then rename: a checkpoint name is always complete."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # s3://, gs://, file://: Path() would make it a local folder named "s3:"
-            return super().save_checkpoint(checkpoint, path, storage_options)  # fsspec's own (atomic) write
+        if str(path).startswith("file://"):  # a local path: written atomically below
+            path = str(path)[len("file://"):]
+        elif "://" in str(path):  # s3://, gs://: Path() would make it a local folder named "s3:"
+            return super().save_checkpoint(checkpoint, path, storage_options)  # fsspec's write (object stores: whole)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -293,14 +295,14 @@ class FaultTolerance(Callback):
                             "run's (%s: an earlier run's, or the continuation this rollback abandons) to %s; nothing "
                             "was deleted", how, len(paths), ", ".join(p.name for p in paths), dest)
         if trainer.global_step > 0:
-            self._redo_validation_of_resumed_step(trainer)
+            redo = self._redo_validation_of_resumed_step(trainer)
             # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step
-            # and would save it again after the next micro-batch, mid-accumulation, over the good one.
-            # Only a callback that saves at training batch ends can: one that saves at validation ends
-            # must still consider the validation redone above (best-by-val/loss, as the uninterrupted run).
+            # and would save it again (after the next micro-batch, mid-accumulation, or at the epoch end
+            # the resumed loop reaches again) beside the good one, as step<N>-v1. Except for the
+            # validation redone above: a callback that saves at validation ends must still consider it
+            # (best-by-val/loss, the step file), as the uninterrupted run did.
             for cb in trainer.checkpoint_callbacks:
-                if hasattr(cb, "_last_global_step_saved") and (
-                        getattr(cb, "_every_n_train_steps", 0) or getattr(cb, "_train_time_interval", None)):
+                if hasattr(cb, "_last_global_step_saved") and not (redo and _saves_at_validation_end(cb, trainer)):
                     cb._last_global_step_saved = trainer.global_step
                 # A step file holds the state from before that step's last.ckpt save (no last_model_path):
                 # resumed from it, Lightning would write last-v1.ckpt beside the run's last.ckpt.
@@ -309,24 +311,25 @@ class FaultTolerance(Callback):
                     if os.path.exists(last):
                         cb.last_model_path = last
 
-    def _redo_validation_of_resumed_step(self, trainer: pl.Trainer) -> None:
+    def _redo_validation_of_resumed_step(self, trainer: pl.Trainer) -> bool:
         """A step's checkpoint is written at the end of its training batch, before that step's
         validation. Lightning, resuming from it, skips the validation: a SIGTERM or requeue save at a
         validation step lost that validation for good (no val/loss there, no best checkpoint
         considered, early stopping one check short). Here it runs first, as Lightning does for a
         checkpoint written mid-validation, from the first batch. No effect when the step has no
-        validation, or when the checkpoint is the end-of-fit last.ckpt."""
+        validation, or when the checkpoint is the end-of-fit last.ckpt. Returns whether it will run."""
         from lightning.pytorch.loops.evaluation_loop import RestartStage
 
         epoch_loop = trainer.fit_loop.epoch_loop
         if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end):
-            return
+            return False
         val_loop = epoch_loop.val_loop
         # Lightning's restart consults this only where a validation is due (`advance`), and then
         # returns before the next training batch so that `on_advance_end` validates.
         val_loop._restart_stage = RestartStage.RESTARTED_MID_EVALUATION
         val_loop.batch_progress.current.reset()  # from the first batch, not the previous validation's end
         self._redoing_validation = True  # until the first training batch: see on_validation_start
+        return True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
         if self._redoing_validation and trainer.state.fn == "fit":
@@ -454,6 +457,12 @@ class FaultTolerance(Callback):
                     and cb._last_global_step_saved != trainer.global_step):
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
                 cb._last_global_step_saved = trainer.global_step
+
+
+def _saves_at_validation_end(cb, trainer: pl.Trainer) -> bool:
+    """Whether ModelCheckpoint `cb` saves when a validation ends (not at training batch or epoch ends)."""
+    return (isinstance(cb, ModelCheckpoint) and not cb._every_n_train_steps and cb._train_time_interval is None
+            and not cb._should_save_on_train_epoch_end(trainer))
 
 
 def _saves_at(cb, step: int) -> bool:

@@ -1236,3 +1236,42 @@ def test_a_second_fit_with_the_same_fault_tolerance_follows_its_own_seed():
         trainer.fit(module, torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=1))
         runs.append(module.draws)
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_resuming_at_an_epoch_end_does_not_save_that_step_again(tmp_path):
+    """A checkpoint callback that saves at epoch ends (Lightning's default schedule: validation once per
+    epoch) must still be told the resumed step is saved: extended from the end-of-fit last.ckpt, the
+    resumed loop reaches that epoch's end again and wrote step=4-v1.ckpt, which took a top-k slot."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpt2dist.faults import FaultTolerance
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.log("val/loss", self.layer(batch).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(max_steps: int, ckpt_path=None):
+        steps = ModelCheckpoint(dirpath=tmp_path, filename="{step}", monitor="step", mode="max", save_top_k=3,
+                                save_last=True)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=1, num_sanity_val_steps=0,
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=[FaultTolerance(), steps])
+        data = torch.utils.data.DataLoader(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
+        trainer.fit(Module(), data, data, ckpt_path=ckpt_path)
+        return trainer
+
+    first = fit(4)
+    assert first.checkpoint_callbacks[0]._should_save_on_train_epoch_end(first)  # the schedule this test is about
+    fit(12, str(tmp_path / "last.ckpt"))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=12.ckpt", "step=4.ckpt", "step=8.ckpt"]
