@@ -310,7 +310,8 @@ class EarlyStop(EarlyStopping):
                 return  # turned off, or moved past the value that stopped the run: it goes on
         self.stopped_step, self.stopped_value = step, value
         trainer.should_stop = True
-        fix = (f"move early_stopping.{knob} (now {getattr(self, knob)}) past {value:.4g}, or set it to null" if knob
+        past = f"{value:.4g}" if value is not None else "the value that stopped it"  # a checkpoint before 2026-12-05
+        fix = (f"move early_stopping.{knob} (now {getattr(self, knob)}) past {past}, or set it to null" if knob
                else "resume from an earlier checkpoint (--ckpt_path FILE), e.g. with a lower model.lr"
                if why == why.NON_FINITE_METRIC else
                f"raise early_stopping.patience (now {self.patience if self.patience < 2**62 else None}) "

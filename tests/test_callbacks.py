@@ -271,3 +271,16 @@ def test_a_threshold_stop_is_judged_again_by_the_configs_threshold_on_resume(tmp
     assert _threshold_fit(tmp_path, 5, last, stopping_threshold=2.0) == 4  # a lower one: goes on to 1.9 < 2.0
     assert _threshold_fit(tmp_path, 5, last, stopping_threshold=2.0) == 4  # and stays stopped there
     assert _threshold_fit(tmp_path, 5, last, patience=5) == 5  # no threshold now: trains on to max_steps
+    # A checkpoint written before the stopping value was stored: stays stopped, and says so (was a TypeError).
+    from types import SimpleNamespace
+
+    from gpt2dist.callbacks import EarlyStop
+
+    stopped = EarlyStop(stopping_threshold=2.5)
+    stopped.stopping_reason, stopped.stopped_step = stopped.stopping_reason.STOPPING_THRESHOLD, 2
+    state = {k: v for k, v in stopped.state_dict().items() if k != "stopped_value"}
+    resumed, trainer = EarlyStop(stopping_threshold=2.5), SimpleNamespace(global_step=2, should_stop=False)
+    resumed.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"move early_stopping.stopping_threshold \(now 2.5\) past the value that stopped it"):
+        resumed.on_train_start(trainer, None)
+    assert trainer.should_stop
