@@ -63,24 +63,29 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """A group added after construction (e.g. Lightning's BaseFinetuning unfreezing a layer) gets
-        its masters too: without them its parameters never stepped. Its params may be (name, parameter)
-        pairs; plain parameters are named by position (param_group<i>.<j>), the same on a resume
-        that adds the groups in the same order."""
-        if not hasattr(self, "inner"):  # torch.optim.Optimizer.__init__ adds the first groups
-            return super().add_param_group(param_group)
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        i = len(self.param_groups)
-        named = [p if isinstance(p, tuple) else (f"param_group{i}.{j}", p) for j, p in enumerate(params)]
-        super().add_param_group({**param_group, "params": [p for _, p in named]})
-        group = self.param_groups[-1]
-        with torch.no_grad():
-            masters = [p.detach().float().clone() for p in group["params"]]
-        self.inner.add_param_group({**{k: group[k] for k in HYPER}, "params": masters})
-        self.names.append([n for n, _ in named])
+        its masters too: without them its parameters never stepped."""
+        super().add_param_group(param_group)
+        if hasattr(self, "inner"):  # not the first groups, which torch.optim.Optimizer.__init__ adds
+            self._sync_groups()
+
+    def _sync_groups(self) -> None:
+        """Masters and an inner group for each group the inner AdamW lacks: added by add_param_group, or
+        set whole (BaseFinetuning restores `optimizer.param_groups = ...` on resume, before the state
+        loads). Their masters are named by position, param_group<i>.<j>, the same either way."""
+        have = len(self.inner.param_groups)
+        if len(self.param_groups) < have:
+            raise RuntimeError(f"MasterWeightAdamW: {have - len(self.param_groups)} param group(s) were removed; "
+                               "their fp32 masters cannot follow (add groups, or rebuild the optimizer)")
+        for i in range(have, len(self.param_groups)):
+            group = self.param_groups[i]
+            with torch.no_grad():
+                masters = [p.detach().float().clone() for p in group["params"]]
+            self.inner.add_param_group({**{k: group[k] for k in HYPER}, "params": masters})
+            self.names.append([f"param_group{i}.{j}" for j in range(len(masters))])
 
     def pairs(self):
         """(model parameter, its fp32 master), group by group."""
+        self._sync_groups()
         for g, ig in zip(self.param_groups, self.inner.param_groups):
             yield from zip(g["params"], ig["params"])
 
@@ -95,6 +100,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_groups()
         for g, ig in zip(self.param_groups, self.inner.param_groups):
             ig.update({k: g[k] for k in HYPER})
         if self._pending:  # accumulated sums that no one added to p.grad yet
@@ -191,6 +197,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads our own state dict, or a plain AdamW one (then the masters start from the weights)."""
+        self._sync_groups()
         self.inner.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from types import SimpleNamespace
 
@@ -64,16 +65,29 @@ def test_a_group_added_later_gets_masters_and_steps_as_if_it_was_there_from_the_
     groups only: they never stepped, silently, and had no masters in the state dict."""
     params, later = bf16_params(), bf16_params()
     opt = MasterWeightAdamW(named(params)[:1], weight_decay=0.1, **KW)
-    opt.add_param_group({"params": [later[1]], "weight_decay": 0.0})  # a plain parameter, as BaseFinetuning passes
-    opt.add_param_group({"params": [("b2", params[1])], "weight_decay": 0.0})  # or a (name, parameter) pair
+    opt.add_param_group({"params": [later[1]], "weight_decay": 0.0})  # as BaseFinetuning's unfreeze passes it
+    opt.add_param_group({"params": [params[1]], "weight_decay": 0.0})
     ref_params = bf16_params()
     ref = MasterWeightAdamW(named(ref_params), weight_decay=0.1, **KW)  # the same groups from the start
     run(opt, [params[0], later[1]], range(3))
     run(ref, ref_params, range(3))
     assert torch.equal(params[0], ref_params[0]) and torch.equal(later[1], ref_params[1])
     assert not torch.equal(later[1], bf16_params()[1])  # it stepped
-    assert list(opt.masters()) == ["w", "param_group1.0", "b2"] and len(opt.state_dict()["masters"]) == 3
+    assert list(opt.masters()) == ["w", "param_group1.0", "param_group2.0"] and len(opt.state_dict()["masters"]) == 3
     assert len(opt.inner.param_groups) == 3 and opt.inner.param_groups[1]["weight_decay"] == 0.0
+    # A resume (a new process: new parameters, the state through torch.save): BaseFinetuning sets
+    # `optimizer.param_groups` whole on the new optimizer, then the optimizer state loads.
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    new = [torch.nn.Parameter(p.detach().clone()) for p in (params[0], later[1], params[1])]
+    resumed = MasterWeightAdamW([{"params": [("w", new[0])], "weight_decay": 0.1}], **KW)
+    resumed.param_groups = [resumed.param_groups[0], *({**g, "params": [q]} for g, q in zip(opt.param_groups[1:], new[1:]))]
+    resumed.load_state_dict(saved)  # was "a different number of parameter groups"
+    assert all(torch.equal(m, saved["masters"][n]) for n, m in resumed.masters().items()) and len(resumed.masters()) == 3
+    run(resumed, new[:2], range(3, 5))
+    run(opt, [params[0], later[1]], range(3, 5))
+    assert torch.equal(new[1], later[1]) and torch.equal(new[0], params[0])  # resumed exactly
 
 
 def test_teardown_moves_the_masters_and_moments_off_the_training_device():
