@@ -450,6 +450,9 @@ class GPT2Module(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        if hp.lr <= 0:  # the schedule is a multiple of lr (LambdaLR): 0 divided by zero, < 0 torch's bare ValueError
+            raise ConfigError(f"model.lr={hp.lr} must be > 0 (the peak learning rate); to train nothing, use "
+                              "`gpt2dist validate`")
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         # By the shape each parameter had before sharding: ZeRO-3 partitions are empty 1-D tensors
         # and FSDP1 flattens, so p.dim() there would put every weight in the no-decay group.
@@ -485,9 +488,6 @@ class GPT2Module(pl.LightningModule):
             groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
-        if hp.lr <= 0:  # the schedule is a multiple of lr (LambdaLR): 0 divides by zero
-            raise ConfigError(f"model.lr={hp.lr} must be > 0 (the peak learning rate); to train nothing, use "
-                              "`gpt2dist validate`")
         if hp.min_lr > hp.lr:  # at fit only: evaluating or loading a checkpoint of such a run stays possible
             raise ConfigError(f"model.min_lr={hp.min_lr} is above model.lr={hp.lr}: the cosine decay would raise the "
                               "learning rate; set model.min_lr below model.lr")

@@ -87,10 +87,13 @@ def unpad_vocab(model, real_vocab: int | None = None):
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and cuDNN convs (process-wide, like the flags it sets). Matmuls through
-    set_float32_matmul_precision, the API Lightning's hint names: after a user's call to it, setting
-    `allow_tf32` made every later get_float32_matmul_precision() (Inductor, the next Trainer) raise
-    on the "mix of the legacy and new APIs" (torch 2.9+)."""
+    """TF32 for fp32 matmuls and cuDNN convs on CUDA (process-wide, like the flags it sets). Matmuls
+    through set_float32_matmul_precision, the API Lightning's hint names: after a user's call to it,
+    setting `allow_tf32` made every later get_float32_matmul_precision() (Inductor, the next Trainer)
+    raise on the "mix of the legacy and new APIs" (torch 2.9+). That call also sets oneDNN's CPU
+    matmuls (to TF32 where a CPU has it), so a machine without CUDA is left as it is."""
+    if not torch.cuda.is_available():
+        return
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = enabled
 

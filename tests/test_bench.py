@@ -309,6 +309,8 @@ def test_hf_trainer_baseline_compiles_with_our_compile_mode_and_inductor_options
     seen = _hf_trainer_args(monkeypatch, ["model.compile=true", "model.compile_options={coordinate_descent_tuning: true}"])
     assert seen["coordinate_descent_tuning"] is True and seen["args"].torch_compile_mode is None  # was not applied
     assert inductor_config.coordinate_descent_tuning == before  # only while it trains
+    seen = _hf_trainer_args(monkeypatch, ["model.compile=false", "model.compile_mode=reduce-overhead"])
+    assert not seen["args"].torch_compile  # a mode alone would turn Trainer's compile on, ours stays eager
 
 
 @pytest.mark.parametrize("override", ["trainer.accumulate_grad_batches=4", "trainer.strategy=fsdp", "trainer.devices=8"])

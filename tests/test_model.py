@@ -72,10 +72,11 @@ def test_a_schedule_with_no_decay_after_warmup_is_flagged():
     m.trainer = SimpleNamespace(max_steps=500, estimated_stepping_batches=500, strategy=None)
     with pytest.raises(ConfigError, match=r"model.min_lr=0.01 is above model.lr=0.001"):
         m.configure_optimizers()
-    m = tiny_module(lr=0.0, min_lr=0.0)  # was a bare ZeroDivisionError in the schedule's lambda
-    m.trainer = SimpleNamespace(max_steps=500, estimated_stepping_batches=500, strategy=None)
-    with pytest.raises(ConfigError, match=r"^model.lr=0.0 must be > 0"):
-        m.configure_optimizers()
+    for lr in (0.0, -1e-4):  # were a bare ZeroDivisionError in the schedule's lambda, torch's "Invalid learning rate"
+        m = tiny_module(lr=lr, min_lr=-1.0)
+        m.trainer = SimpleNamespace(max_steps=500, estimated_stepping_batches=500, strategy=None)
+        with pytest.raises(ConfigError, match=rf"^model.lr={lr} must be > 0"):
+            m.configure_optimizers()
 
 
 def test_compile_settings_without_compile_say_they_do_nothing():

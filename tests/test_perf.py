@@ -274,13 +274,17 @@ def test_compile_options_reach_inductor_and_a_bad_one_is_one_line():
     GPT2Module(compile=True, compile_mode="max-autotune")  # a known mode passes
 
 
-def test_tf32_setting_leaves_the_matmul_precision_readable():
+def test_tf32_setting_leaves_the_matmul_precision_readable(monkeypatch):
     """After a user's torch.set_float32_matmul_precision (Lightning's hint), model.tf32 set the legacy
     allow_tf32 flag, and every later get_float32_matmul_precision() (Inductor's autotuning, the next
-    Trainer) raised on the mix of APIs."""
+    Trainer) raised on the mix of APIs. Without CUDA nothing is set (oneDNN's CPU matmuls stay IEEE)."""
     from gpt2dist.perf import set_tf32
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    cpu = torch.backends.mkldnn.matmul.fp32_precision
+    set_tf32(True)
+    assert torch.backends.mkldnn.matmul.fp32_precision == cpu and torch.get_float32_matmul_precision() == before[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the flags are process-wide: settable on CPU
     try:
         for user, tf32, expected in [("high", False, "highest"), ("medium", True, "high"), ("highest", True, "high")]:
             torch.set_float32_matmul_precision(user)

@@ -610,7 +610,8 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
         # Fused where ours is (model.py: CUDA and CPU): a for-loop AdamW is ~9x slower on CPU
         # (model.py's measurement) and would flatter our ratio.
         optim="adamw_torch_fused" if device.type in ("cuda", "cpu") else "adamw_torch",
-        torch_compile=bool(m.get("compile", False)), torch_compile_mode=m.get("compile_mode"),
+        # Only with compile: a mode alone turns Trainer's torch_compile on (TrainingArguments.__post_init__).
+        torch_compile=bool(m.get("compile", False)), torch_compile_mode=m.get("compile_mode") if m.get("compile") else None,
         **{ckpt: bool(m.get("activation_checkpointing", False))},
         max_grad_norm=t.get("gradient_clip_val") or 0.0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
