@@ -150,6 +150,16 @@ def test_gpu_check_perf_script_cpu_smoke(tmp_path):
     assert "| gpt2 | 8 x 128 | bf16-true | True | False |" in sections["memory planner vs measured (tools/plan.py --validate)"]
 
 
+def test_gpu_check_perf_script_fails_when_a_row_fails(tmp_path):
+    """Its exit status was tee's (0) even when every row timed out: a device run read it as a success."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "T_LARGE": "1", "T_SMALL": "1",
+           "BF16TRUE": "0", "DATA": "0"}
+    p = subprocess.run(["bash", str(REPO / "tools/gpu_check_perf.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=REPO)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "row large: exit 124 (timed out)" in p.stdout and "FAILED rows: large small" in (tmp_path / "summary.md").read_text()
+
+
 def test_hf_trainer_baseline_checkpoints_activations_and_fuses_adamw_as_ours_does(monkeypatch):
     """A fair baseline: with model.activation_checkpointing on, transformers.Trainer recomputes its blocks
     too, set through the current TrainingArguments name (no deprecation warning, so nothing breaks in v6);

@@ -26,7 +26,8 @@
 #   DEADLINE=560 tools/gpu_check_perf.sh    # rows share 560 s: each is cut to what is left, and skipped
 #                                           # under 45 s, so one device call ends in time (rows run in
 #                                           # priority order: large, small, B32, TRY, TUNE, bf16-true, data, liger, ckpt)
-# Each row runs under its own `timeout`; the full table is printed at the end even if rows fail.
+# Each row runs under its own `timeout`; the full table is printed at the end even if rows fail, and
+# the script then exits 1, naming them (a row skipped for lack of DEADLINE time is not a failure).
 # Only where they are missing (the GPU machine); a full environment keeps its own.
 if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -69,11 +70,12 @@ row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log
     >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 8 "$OUT/$name.log"
-  [ $rc = 0 ] || echo "row $name: exit $rc$([ $rc = 124 ] && echo ' (timed out)')"
+  # 124: timeout's TERM; 137: its KILL 10 s later (-k 10)
+  [ $rc = 0 ] || { echo "row $name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ' (timed out)')"; FAILED+=("$name"); }
 }
 
 START=$(date +%s)
-VALIDATE=()
+VALIDATE=() FAILED=()
 if [ "${BASE:-1}" = 1 ]; then
   row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer
   row small "$T_SMALL" "${SMALL[@]}" --baseline hf-trainer --callbacks
@@ -145,4 +147,7 @@ fi
   done
   echo; echo "### memory planner vs measured (tools/plan.py --validate)"
   [ ${#VALIDATE[@]} -gt 0 ] && $PY tools/plan.py --validate "${VALIDATE[@]}" --json "$OUT/plan_validation.json" 2>&1
+  [ ${#FAILED[@]} -eq 0 ] || { echo; echo "FAILED rows: ${FAILED[*]}"; }
 } | tee "$OUT/summary.md"
+# The exit status says whether every row ran (it was tee's, 0, even when all rows failed).
+[ ${#FAILED[@]} -eq 0 ]
