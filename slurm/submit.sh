@@ -40,7 +40,7 @@ TASKS=${TASKS:-$GPUS}
 command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
 
 # Config files exist, world size agrees with the configs; prints the global batch.
-"$PYTHON" -m gpt2dist.launch --nodes "$NODES" --tasks-per-node "$TASKS" -- "${ARGS[@]}" >&2
+"$PYTHON" -m gpt2dist.launch --nodes "$NODES" --tasks-per-node "$TASKS" -- ${ARGS[@]+"${ARGS[@]}"} >&2
 
 exec sbatch --parsable --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" \
-    --cpus-per-task="$CPUS" --time="$TIME" "$HERE/fit.sbatch" "${ARGS[@]}"
+    --cpus-per-task="$CPUS" --time="$TIME" "$HERE/fit.sbatch" ${ARGS[@]+"${ARGS[@]}"}
