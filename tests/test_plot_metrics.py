@@ -89,3 +89,32 @@ def test_plot_out_path_names_the_written_file_and_refuses_unknown_types(tmp_path
     (csv.parent / "hparams.yaml").write_text("{}\n")
     proc = _run(csv.parent / "hparams.yaml")
     assert proc.returncode == 2 and "give the run folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_requeued_wandb_runs_merge_in_start_order_not_mtime(tmp_path, monkeypatch, capsys):
+    """A requeue's W&B offline run (a new offline-run-<time>-<id> folder) must win over the earlier one;
+    by file mtime a copy without preserved times let the older values win. A file wandb cannot read is
+    one line naming it (was a CalledProcessError traceback that hid wandb's stderr)."""
+    import json
+    import types
+
+    import pytest
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+
+    runs = {"offline-run-20261201_100000-abc": 3.0, "offline-run-20261202_100000-abc": 1.0}
+    for i, (folder, loss) in enumerate(runs.items()):
+        f = tmp_path / folder / "run-abc.wandb"
+        f.parent.mkdir()
+        f.write_text(json.dumps({"type": "history", "history": {"item": {"trainer/global_step": 2, "train/loss": loss}}}))
+        os.utime(f, (2_000_000 - i, 2_000_000 - i))  # the newer run has the older mtime
+    monkeypatch.setattr(plot_metrics.subprocess, "run", lambda cmd, **kw: types.SimpleNamespace(
+        returncode=0, stdout=open(cmd[-1]).read(), stderr=""))
+    assert plot_metrics.read_wandb_runs(tmp_path)["train/loss"] == {2: 1.0}
+    monkeypatch.setattr(plot_metrics.subprocess, "run", lambda cmd, **kw: types.SimpleNamespace(
+        returncode=1, stdout="", stderr="Traceback...\nValueError: not a W&B file"))
+    with pytest.raises(SystemExit):
+        plot_metrics.read_wandb_runs(tmp_path)
+    err = capsys.readouterr().err
+    assert err.startswith("plot_metrics: error: could not read the W&B run file ") and "ValueError: not a W&B file" in err

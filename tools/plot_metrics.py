@@ -71,9 +71,19 @@ def _wandb_exe() -> str:
 
 def read_wandb_runs(root: Path) -> dict[str, dict[int, float]]:
     series: dict = {}
-    for path in sorted(root.rglob("*.wandb"), key=lambda p: p.stat().st_mtime):
-        out = subprocess.run([_wandb_exe(), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
-                             timeout=300, check=True).stdout
+    # Oldest first, so a requeue's values win: by the start time in the run folder's name
+    # (offline-run-YYYYMMDD_HHMMSS-<id>), which a copy keeps; modification times a copy may not.
+    def started(p: Path) -> tuple[str, float]:
+        stamp = re.search(r"\d{8}_\d{6}", p.parent.name)
+        return (stamp.group(0) if stamp else "", p.stat().st_mtime)
+
+    for path in sorted(root.rglob("*.wandb"), key=started):
+        proc = subprocess.run([_wandb_exe(), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            _error(f"could not read the W&B run file {path} (wandb leet inspect: {last}); check that wandb is installed")
+        out = proc.stdout
         for line in out.splitlines():
             rec = json.loads(line)
             if rec.get("type") != "history":
