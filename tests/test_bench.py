@@ -263,10 +263,12 @@ def test_bench_refuses_counts_it_cannot_run(flag, value, least):
         bench.main([*MICRO, flag, str(value)])
 
 
-def test_bench_data_refuses_zero_repeats():
-    p = subprocess.run([sys.executable, str(REPO / "tools/bench_data.py"), "--repeats", "0"], capture_output=True,
+@pytest.mark.parametrize("flag,value,least", [("--repeats", "0", 1), ("--block-size", "0", 2), ("--num-proc", "0", 1),
+                                             ("--mb", "-5", 1)])
+def test_bench_data_refuses_counts_it_cannot_run(flag, value, least):
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench_data.py"), flag, value], capture_output=True,
                        text=True, timeout=120)
-    assert p.returncode == 1 and p.stderr.strip() == "bench_data: error: --repeats 0 must be >= 1", p.stderr
+    assert p.returncode == 1 and p.stderr.strip() == f"bench_data: error: {flag} {value} must be >= {least}", p.stderr
 
 
 def _hf_trainer_args(monkeypatch, overrides: list[str]) -> dict:

@@ -136,14 +136,19 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "gpt2-tokenizer"))
     ap.add_argument("--mb", type=float, default=20.0, help="corpus size in MB (MiB, so >= 20 MB either way)")
     ap.add_argument("--block-size", type=int, default=1024)
-    ap.add_argument("--num-proc", type=int, default=os.cpu_count())
+    ap.add_argument("--num-proc", type=int, default=os.cpu_count(),
+                    help="processes of the reference's datasets.map (gpt2dist's side tokenizes with every core "
+                         "through the Rust tokenizer's own threads)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per way, alternating; the fastest counts")
     ap.add_argument("--out", help="also write the results as JSON here")
     for hidden in ("--_way", "--_corpus", "--_scratch"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.repeats < 1:  # else no run to report (min() of nothing)
-        sys.exit(f"bench_data: error: --repeats {args.repeats} must be >= 1")
+    # --repeats 0: no run to report (min() of nothing); --block-size 0: a ZeroDivisionError mid-run.
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--block-size", args.block_size, 2),
+                               ("--num-proc", args.num_proc, 1), ("--mb", args.mb, 1)):
+        if value < least:
+            sys.exit(f"bench_data: error: {flag} {value:g} must be >= {least}")
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         sys.exit(f"bench_data: no tokenizer at {args.tokenizer} (needs tokenizer.json); pass --tokenizer DIR")
     if args._way:
