@@ -329,3 +329,10 @@ def test_validate_against_bench_json(tmp_path, capsys):
     # A bf16-true run is checked against the bf16-true estimate (20N states, bf16 stream), not bf16-mixed's.
     true = estimate("DDP", shape, 1, 1024, precision="bf16-true").total(16, False) / GB
     assert rows[2]["precision"] == "bf16-true" and rows[2]["estimate_gb"] == pytest.approx(true) != pytest.approx(est)
+    # A JSON without a device, with rows lacking "run" and padding null (unpadded): a row, not a traceback.
+    odd = {k: v for k, v in bench.items() if k != "device"}
+    odd = {**odd, "model": {**bench["model"], "pad_vocab_to_multiple_of": None}, "rows": [{"peak_alloc_gib": 1.0}]}
+    (tmp_path / "odd.json").write_text(json.dumps(odd))
+    row = plan_tool.main(["--validate", str(tmp_path / "odd.json")])["validation"][0]
+    assert row["measured_gb"] is None and row["estimate_gb"] == pytest.approx(
+        estimate("DDP", shape_from_config(build_config("gpt2-large"), 1), 1, 1024).total(16, False) / GB)

@@ -133,7 +133,7 @@ def validate(bench_jsons: list[str]) -> list[dict]:
         except (KeyError, TypeError, AttributeError, ValueError, GPT2DistError) as e:
             rows.append({"bench": path, "error": f"not a tools/bench.py --out result ({type(e).__name__}: {e})"})
             continue
-        shape = shape_from_config(config, int(m.get("pad_vocab_to_multiple_of", 1)))
+        shape = shape_from_config(config, int(m.get("pad_vocab_to_multiple_of") or 1))  # null: unpadded
         precision = str(r.get("precision", "bf16-mixed"))
         if precision not in PRECISIONS:
             rows.append({"bench": path, "error": f"precision {precision}: the planner covers {' and '.join(PRECISIONS)}"})
@@ -142,9 +142,9 @@ def validate(bench_jsons: list[str]) -> list[dict]:
                      precision=precision)  # bench.py steps the optimizer every micro-batch: accumulate=1
         ckpt = bool(m.get("activation_checkpointing"))
         est = e.total(micro_batch, ckpt) / GB
-        ours = next((x for x in bench_rows if isinstance(x, dict) and x["run"] == "gpt2dist" and "error" not in x), None)
+        ours = next((x for x in bench_rows if isinstance(x, dict) and x.get("run") == "gpt2dist" and "error" not in x), None)
         # CPU rows report process RSS, not comparable with the estimate.
-        measured = ours["peak_alloc_gib"] * 2**30 / GB if ours and not str(r["device"]).startswith("CPU") else None
+        measured = ours["peak_alloc_gib"] * 2**30 / GB if ours and not str(r.get("device", "CPU")).startswith("CPU") else None
         rows.append({"bench": path, "model": m.get("model_name_or_path"), "micro_batch": micro_batch, "seq": seq,
                      "precision": precision, "compile": bool(m.get("compile")), "ckpt": ckpt, "estimate_gb": est, "measured_gb": measured,
                      "error_pct": None if measured is None else 100 * (est - measured) / measured})
