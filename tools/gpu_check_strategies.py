@@ -144,7 +144,8 @@ def first_sample(root: Path) -> str:
     files = sorted(root.rglob("samples.txt"))
     if not files:
         return "-"
-    text = files[0].read_text(errors="replace").split("\n", 1)[1].split("\n\n=== step")[0].strip("\n")
+    _, _, rest = files[0].read_text(errors="replace").partition("\n")  # a one-line file: no sample text yet
+    text = rest.split("\n\n=== step")[0].strip("\n")
     return repr(text[:40]).replace("|", "/")  # a table cell
 
 
@@ -250,7 +251,8 @@ def main() -> int:
     for name, status, s, secs in results:
         sample = first_sample(work / name)
         if s:
-            print(f"| {name} | {status} | {s['final_loss']:.4f} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.2f} | {secs:.0f} | {sample} |")
+            loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"  # stats, but no loss logged
+            print(f"| {name} | {status} | {loss} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.2f} | {secs:.0f} | {sample} |")
         else:
             print(f"| {name} | {status} | - | - | - | {secs:.0f} | {sample} |")
     print("\n### what TrainMonitor logged at the last step (MFU needs a known GPU; CPU shows none)\n")
