@@ -124,7 +124,8 @@ def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field"
         numbered = enumerate(rows, 1)
     else:  # JSON lines (.jsonl, or .json holding one object per line)
         def _rows():
-            for lineno, line in enumerate(text.splitlines(), 1):
+            # "\n" only: splitlines() also splits at U+2028/U+2029/U+0085, which JSON allows raw inside strings.
+            for lineno, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         yield lineno, json.loads(line)
@@ -153,7 +154,10 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
             table = pq.read_table(path)
         else:
             # The text column as written: type inference would turn "007" into 7 and "1e3" into 1000.0.
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={field: pa.string()}))
+            # newlines_in_values: a quoted text holding newlines (any real document); without it pyarrow
+            # splits its ~1 MB read blocks inside such a field and the parse fails past the first block.
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                                   convert_options=pacsv.ConvertOptions(column_types={field: pa.string()}))
     except Exception as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if field not in table.column_names:
@@ -200,8 +204,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_documents(docs: list[str], tokenizer, dtype: np.dtype) -> np.ndarray:
-    """Token ids of `docs` with EOS after each, as one flat array.
+def encode_documents(docs: list[str], tokenizer, dtype: np.dtype, literal_eos: str = "boundary") -> np.ndarray:
+    """Token ids of `docs` with EOS after each, as one flat array. `literal_eos`: what a literal
+    "<|endoftext|>" (any special token's text) in a document is: "boundary", that token, as `run_clm.py`'s
+    tokenizer call reads it (TinyStories' .txt joins stories with it); "text", its characters (code or
+    text about GPT; nanoGPT's encode_ordinary), so the only EOS is the one after each document.
 
     Uses the Rust tokenizer's parallel batch encode directly: 3.4x the tokens/s of
     `datasets.map` + `group_texts` on 2 cores (tools/bench_data.py).
@@ -210,7 +217,17 @@ def encode_documents(docs: list[str], tokenizer, dtype: np.dtype) -> np.ndarray:
         return np.zeros(0, dtype=dtype)
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    encodings = encode(docs, add_special_tokens=False)
+    as_text = literal_eos == "text"
+    if as_text:
+        if not hasattr(backend, "encode_special_tokens"):
+            raise DataError("data.literal_eos=text needs tokenizers >= 0.15 (encode_special_tokens); "
+                            "upgrade tokenizers or use data.literal_eos=boundary")
+        backend.encode_special_tokens = True  # on the shared backend: set back below
+    try:
+        encodings = encode(docs, add_special_tokens=False)
+    finally:
+        if as_text:
+            backend.encode_special_tokens = False
     eos = np.array([tokenizer.eos_token_id], dtype=dtype)
     parts = []
     for enc in encodings:
@@ -478,6 +495,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         test_split: str | None = None,
         text_field: str = "text",
         text_unit: Literal["file", "paragraph"] = "file",
+        literal_eos: Literal["boundary", "text"] = "boundary",
         val_fraction: float = 0.05,
         tokenizer: str = "gpt2",
         train_tokenizer_vocab_size: int | None = None,
@@ -507,6 +525,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             test_split: The dataset split for `gpt2dist test` (e.g. `test`); if unset, it evaluates the validation split.
             text_field: The JSON key or table column holding each document's text.
             text_unit: For plain-text files: one document per `file`, or per blank-line separated `paragraph`.
+            literal_eos: A literal "<|endoftext|>" in a document: `boundary` (read as EOS, as run_clm.py does; TinyStories' .txt joins stories with it) or `text` (its characters: code or text about GPT).
             val_fraction: Fraction of documents held out for validation when no validation source is given.
             tokenizer: Hub id or local folder of a Hugging Face tokenizer (ignored when training one).
             train_tokenizer_vocab_size: If set, train a byte-level BPE of this size on the training corpus instead.
@@ -560,6 +579,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.test_split = test_split
         self.dataset_revision = dataset_revision
         self.text_field, self.text_unit, self.val_fraction = text_field, text_unit, val_fraction
+        self.literal_eos = literal_eos
         self.tokenizer_name, self.train_tokenizer_vocab_size = tokenizer, train_tokenizer_vocab_size
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.shuffle, self.seed, self.on_bad_file = shuffle, seed, on_bad_file
@@ -769,6 +789,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
     def _blocks_dir(self) -> Path:
         payload = {"src": self._source_fingerprint(), "tok": tokenizer_fingerprint(self.tokenizer),
+                   # tokenizer_config.json's pick: not in tokenizer.json's hash
+                   "eos": self.tokenizer.eos_token_id, "literal_eos": self.literal_eos,
                    "block": self.block_size, "unit": self.text_unit, "field": self.text_field,
                    "val": [self.val_fraction, self.seed], "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
@@ -782,7 +804,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
             src = {"test": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self._sources()["test"]]}
         else:
             return None
-        payload = {"test_src": src, "tok": tokenizer_fingerprint(self.tokenizer), "block": self.block_size,
+        payload = {"test_src": src, "tok": tokenizer_fingerprint(self.tokenizer), "eos": self.tokenizer.eos_token_id,
+                   "literal_eos": self.literal_eos,
+                   "block": self.block_size,
                    "unit": self.text_unit, "field": self.text_field, "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
 
@@ -859,7 +883,12 @@ class TokenBlockDataModule(pl.LightningDataModule):
             try:
                 os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache
             except OSError:
-                if not (out / "meta.json").exists():  # not a concurrent writer's finished cache
+                if (out / "meta.json").exists():  # a concurrent writer's finished cache
+                    pass
+                elif out.is_dir():  # e.g. a temp-file cleaner took meta.json: never filled in by us
+                    raise DataError(f"the block cache {out} is incomplete (no meta.json); delete that folder and "
+                                    "run again") from None
+                else:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -874,11 +903,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
             size += len(text)
             if size >= batch_chars:
                 for s, docs in pending.items():
-                    writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype), len(docs))
+                    writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype, self.literal_eos), len(docs))
                     docs.clear()
                 size = 0
         for s, docs in pending.items():
-            writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype), len(docs))
+            writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype, self.literal_eos), len(docs))
 
     def _meta(self, splits: dict, dtype: np.dtype) -> dict:
         return {**splits, "block_size": self.block_size, "dtype": dtype.name, "eos_token_id": self.tokenizer.eos_token_id,

@@ -43,7 +43,8 @@ def tokenizer_fingerprint(tok) -> str:
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> None:
     """Train a byte-level BPE (GPT-2's scheme) and save it as a Hugging Face tokenizer folder.
 
-    The folder is written under a temporary name and renamed, so a crash leaves none half-written.
+    The folder is written under a temporary name and renamed, so a crash leaves none half-written,
+    and of concurrent writers (a node each) the first rename wins.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -69,6 +70,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
         from gpt2dist.export import apply_umask
 
         apply_umask(tmp)  # checkpoints record this folder: others must be able to load it
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # Another node's prepare_data (one per node, on a shared cache_dir) trained it first: BPE
+            # training is deterministic, so its copy is this one.
+            if not (out_dir / "tokenizer.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

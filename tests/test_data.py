@@ -361,6 +361,83 @@ def test_csv_text_is_read_as_written(tmp_path):
     assert list(data_mod.read_documents(p)) == ["007", "1e3", "-0"]
 
 
+def test_a_large_csv_with_multi_line_texts_reads_whole(tmp_path):
+    """pyarrow reads a CSV in ~1 MB blocks split at newlines, inside quoted fields too: past the first block
+    a CSV of multi-line documents (any real corpus) failed to parse."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rows = [f"doc {i}\nline two, with a comma\n" for i in range(60_000)]
+    pacsv.write_csv(pa.table({"text": rows}), tmp_path / "big.csv")
+    assert (tmp_path / "big.csv").stat().st_size > 2_000_000
+    assert list(data_mod.read_documents(tmp_path / "big.csv")) == rows
+
+
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw in strings (json.dumps(ensure_ascii=False) writes them);
+    splitlines() split records there and refused the file as invalid JSON."""
+    texts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    p = tmp_path / "web.jsonl"
+    p.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts), encoding="utf-8")
+    assert list(data_mod.read_documents(p)) == texts
+
+
+def test_a_literal_end_of_text_is_a_boundary_by_default_or_text_when_asked(tmp_path, tokenizer_dir, tokenizer):
+    """boundary (run_clm.py's reading): stories joined by "<|endoftext|>" in one .txt (TinyStories) pack as
+    those stories. text: a literal in code or text about GPT stays its characters, the only EOS the one
+    after each document (it cut such documents in two, with no way to say otherwise); its own cache entry."""
+    eos = tokenizer.eos_token_id
+    joined = "Once upon a time.<|endoftext|>The end."
+    ids = encode_documents([joined], tokenizer, np.uint16)
+    assert list(np.flatnonzero(ids == eos)) == [len(tokenizer("Once upon a time.").input_ids), len(ids) - 1]
+    ids = encode_documents(["print('<|endoftext|>')", "b"], tokenizer, np.uint16, literal_eos="text")
+    assert list(np.flatnonzero(ids == eos)) == [len(ids) - 3, len(ids) - 1]  # after each document, nowhere else
+    assert tokenizer.decode(ids[: len(ids) - 3].tolist()) == "print('<|endoftext|>')"  # the literal, as its bytes
+    assert tokenizer.backend_tokenizer.encode_special_tokens is False  # the shared tokenizer is left as it was
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "stories.txt").write_text(joined * 50)
+    dms = [make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "c" / "*.txt")], val_fraction=0.0,
+                   block_size=16, literal_eos=mode) for mode in ("boundary", "text")]
+    counts = []
+    for dm in dms:
+        prepared(dm)
+        counts.append(int((np.asarray(dm.train_set.blocks) == eos).sum()))
+    # 50 joins + the file's EOS, less any in the dropped remainder; as text, at most the file's own EOS.
+    assert counts[0] >= 49 and counts[1] <= 1 and dms[0]._blocks_dir() != dms[1]._blocks_dir()
+
+
+def test_trained_tokenizer_written_twice_to_one_folder(tmp_path):
+    """prepare_data runs once per node: with a shared cache_dir every node trains the tokenizer, and the
+    second rename failed (Directory not empty), stopping the whole job on its first start."""
+    from gpt2dist.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    for _ in range(2):
+        train_bpe_tokenizer(corpus_texts()[:3], 300, tmp_path / "tok")
+    assert len(load_tokenizer(str(tmp_path / "tok"))) == 300
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no temporary folder left
+
+
+def test_the_block_cache_is_keyed_by_the_eos_token_and_an_incomplete_one_is_named(tmp_path, corpus_dir, tokenizer_dir):
+    """tokenizer_config.json's eos_token is not in tokenizer.json's hash: another EOS reused the old blocks.
+    A cache folder without meta.json (a temp-file cleaner) was a raw "Directory not empty" on every run."""
+    import shutil
+
+    other = tmp_path / "tok-other-eos"
+    shutil.copytree(tokenizer_dir, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    tokenizer = data_mod.load_tokenizer(str(tokenizer_dir))
+    cfg["eos_token"] = tokenizer.convert_ids_to_tokens(5)  # another token of the same vocabulary
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")]))
+    dm2 = make_dm(tmp_path, other, train_files=[str(corpus_dir / "*.txt")])
+    dm2.load_tokenizer()
+    assert dm2.tokenizer.eos_token_id == 5 and dm2._blocks_dir() != dm._blocks_dir()
+    (dm._blocks_dir() / "meta.json").unlink()
+    with pytest.raises(DataError, match=rf"^the block cache {dm._blocks_dir()} is incomplete \(no meta.json\); "
+                                        r"delete that folder and run again$"):
+        make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")]).prepare_data()
+
+
 def test_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path):
     from gpt2dist.data import read_documents
 
