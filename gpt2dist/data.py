@@ -361,6 +361,7 @@ class BlockSampler(Sampler[int]):
     def __init__(self, n: int, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0, pad: bool = False):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.num_replicas, self.rank, self.pad, self.epoch = num_replicas, rank, pad, 0
+        self.resume_at: dict | None = None  # a loader position to start the next iterator at (_loader_class)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -395,11 +396,16 @@ class _BlockIterator:
     def __init__(self, sampler: BlockSampler):
         self.sampler, self.epoch, self.num_replicas, self.pos = sampler, sampler.epoch, sampler.num_replicas, 0
         self.indices = sampler.indices(self.epoch)
+        pending = getattr(sampler, "resume_at", None)
+        if pending is not None:  # a position saved under another num_workers (see _Loader.load_state_dict)
+            # Kept until an index is taken: the loader builds its iterator twice (__init__, then _reset).
+            self.load_state_dict(pending)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> int:
+        self.sampler.resume_at = None  # this iterator is the one in use: later epochs start at their start
         if self.pos >= len(self.indices):
             raise StopIteration
         self.pos += 1
@@ -424,6 +430,35 @@ class _BlockIterator:
         self.pos = consumed // self.num_replicas
         # For start_the_epoch_a_resume_is_in (workers read ahead of it); False: a position without its epoch.
         self.sampler.restored = (self.epoch, self.pos) if "epoch" in state else False
+
+
+def _loader_class():
+    """torchdata's StatefulDataLoader, whose state also loads under another `data.num_workers`.
+
+    Its state has one shape without workers and another with them, and it refuses the other shape (an
+    AssertionError on `_snapshot`): a resume on other nodes with another num_workers failed. The
+    dataset holds no state and the position is the BlockSampler's (epoch, global samples), so from a
+    state of the other shape only that is taken: the next epoch iterator starts there."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    class _Loader(StatefulDataLoader):
+        def load_state_dict(self, state: dict) -> None:
+            snapshot = state.get("_snapshot")
+            saved_workers = snapshot["_main_snapshot"]["_num_workers"] if snapshot else 0
+            if saved_workers == self.num_workers or not isinstance(self.sampler, BlockSampler):
+                return super().load_state_dict(state)
+            if state.get("_iterator_finished"):
+                return  # the saved epoch was done: a fresh iterator, as torchdata starts one
+            main = snapshot["_main_snapshot"] if snapshot else state
+            position = dict((main.get("_sampler_iter_state") or {}).get("sampler_iter_state") or {})
+            if snapshot and state.get("_steps_since_snapshot"):  # batches yielded after the snapshot's position
+                position["global_samples"] += state["_steps_since_snapshot"] * self.batch_size * self.sampler.num_replicas
+            if position:
+                log.info("resume: the loader position was saved with %d worker(s), now %d: going on from sample %d of "
+                         "epoch %d", saved_workers, self.num_workers, position["global_samples"], position.get("epoch", 0))
+                self.sampler.resume_at = position
+
+    return _Loader
 
 
 def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
@@ -1053,10 +1088,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def _loader(self, dataset, sampler, drop_last: bool):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return StatefulDataLoader(
+        return _loader_class()(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

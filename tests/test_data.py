@@ -282,6 +282,27 @@ def test_loaders_are_stateful_and_resume_mid_epoch(tmp_path, corpus_dir, tokeniz
     assert all(torch.equal(a, b) for a, b in zip(rest, rest2))
 
 
+@pytest.mark.parametrize("before,after", [(0, 1), (2, 0), (1, 2)])
+def test_a_loader_position_resumes_under_another_num_workers(tmp_path, corpus_dir, tokenizer_dir, before, after):
+    """torchdata's state has one shape without workers and another with them, and refused the other one
+    (AssertionError on '_snapshot'): a resume on other nodes with another data.num_workers crashed."""
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0,
+                          num_workers=before))
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    rest = [b["input_ids"] for b in it]
+    dm.num_workers = after
+    resumed = dm.train_dataloader()  # epoch 0, as Lightning builds it before set_epoch
+    resumed.load_state_dict(state)
+    assert len(rest) > 0
+    assert all(torch.equal(a, b) for a, b in zip(rest, [b["input_ids"] for b in resumed], strict=True))
+    assert resumed.sampler.epoch == 1
+
+
 def test_loader_resume_in_a_later_epoch_keeps_that_epochs_order(tmp_path, corpus_dir, tokenizer_dir):
     """Lightning restores the loader state before it calls set_epoch: the state itself must carry the
     epoch, also when the next run has another world size (2 ranks -> 1, same global batch)."""
