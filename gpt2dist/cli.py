@@ -38,7 +38,7 @@ from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.preemption import Preemption, install_early_handler
 from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoint_fits_strategy,
                              check_explicit_checkpoint, checkpoint_progress, is_deepspeed_folder, newest_checkpoint,
-                             resolve_ckpt_path, resolve_eval_ckpt_path)
+                             no_hpc_autoload, resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_dir_in_run_folder, wandb_error_message
 
 
@@ -149,12 +149,16 @@ class GPT2CLI(LightningCLI):
         # `best`: the best_checkpoint file, then as an explicit file (a rollback to it; a requeue goes on
         # past it). Lightning's `best` knows no best in a new process and took the first callback's.
         ckpt_path = config.get("ckpt_path")
+        fresh = False
         if ckpt_path is None:  # slurm/fit.sbatch: auto, also over the `ckpt_path: null` of a print_config dump
-            ckpt_path = os.environ.get("GPT2DIST_DEFAULT_CKPT_PATH") or None
+            default = os.environ.get("GPT2DIST_DEFAULT_CKPT_PATH")
+            ckpt_path, fresh = default or None, default == ""  # set empty: a fresh start, asked for
         if ckpt_path == "best":
             ckpt_path = self._best_checkpoint_file()
         ckpt_path = resolve_ckpt_path(ckpt_path, self.trainer.default_root_dir,
-                                      getattr(self.trainer.checkpoint_callback, "dirpath", None))
+                                      getattr(self.trainer.checkpoint_callback, "dirpath", None), fresh=fresh)
+        if ckpt_path is None and fresh:
+            no_hpc_autoload(self.trainer)  # else Lightning loads the folder's hpc_ckpt_* anyway
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
         check_checkpoint_fits_strategy(ckpt_path, self.trainer.strategy, self.trainer.world_size)
         for cb in self.trainer.callbacks:

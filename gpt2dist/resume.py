@@ -237,10 +237,15 @@ def prune_requeue_checkpoints(root_dir: str | Path, keep: str | Path) -> list[Pa
 
 
 def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_dir: str | Path | None,
-                      slurm: bool | None = None, restarts: int | None = None) -> str | None:
-    """The `fit` ckpt_path to hand to Lightning (see the module docstring); `restarts`: SLURM_RESTART_COUNT."""
+                      slurm: bool | None = None, restarts: int | None = None, fresh: bool = False) -> str | None:
+    """The `fit` ckpt_path to hand to Lightning (see the module docstring); `restarts`: SLURM_RESTART_COUNT.
+    `fresh`: the user asked for a fresh start (GPT2DIST_DEFAULT_CKPT_PATH set empty): None on the job's
+    first start even where hpc_ckpt_* files would make a SLURM job resume (the caller then keeps
+    Lightning from loading them: `no_hpc_autoload`); a requeue goes on from the run's newest."""
     slurm = SLURMEnvironment.detect() if slurm is None else slurm
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0) if restarts is None else restarts
+    if ckpt_path is None and fresh and restarts == 0:
+        return None
     if ckpt_path is None and not (slurm and (restarts > 0 or list(Path(root_dir).glob("hpc_ckpt_*.ckpt")))):
         return None
     if ckpt_path not in (None, "auto", "last"):
@@ -264,6 +269,20 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
     log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches,
              ckpt_path or "auto (none given: a SLURM job's default)")
     return str(path)
+
+
+def no_hpc_autoload(trainer) -> None:
+    """Keep Lightning from loading `hpc_ckpt_*` when fit gets no ckpt_path under SLURM (its
+    `_parse_ckpt_path` makes None "hpc" whenever one exists): a fresh start asked for in a run folder
+    that was ever requeued. FaultTolerance sets those files aside at train start, before any save."""
+    connector = trainer._checkpoint_connector
+
+    class _NoHpcResume(type(connector)):
+        @property
+        def _hpc_resume_path(self) -> None:
+            return None
+
+    connector.__class__ = _NoHpcResume
 
 
 def _requeued_from(ckpt_path: str, root_dir: str | Path, checkpoint_dir: str | Path | None, restarts: int) -> str:

@@ -143,6 +143,30 @@ def test_a_requeued_job_with_no_ckpt_path_continues_the_run(root):
     assert resolve_ckpt_path(None, root, ck, slurm=False, restarts=1) is None  # not under SLURM
 
 
+def test_a_fresh_start_asked_for_in_a_requeued_run_folder_loads_no_hpc_checkpoint(root, monkeypatch):
+    """`GPT2DIST_DEFAULT_CKPT_PATH= sbatch fit.sbatch` (README: a fresh start) in a folder that was ever
+    requeued (pruning keeps the newest hpc_ckpt_*) resumed it: resolved as auto, and Lightning itself makes
+    a None ckpt_path under SLURM "hpc". A requeue of that job still goes on from the run's newest."""
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from gpt2dist.resume import no_hpc_autoload
+
+    ck = root / "checkpoints"
+    save(root / "hpc_ckpt_3.ckpt", 100, 200)
+    save(ck / "last.ckpt", 120, 240)
+    assert resolve_ckpt_path(None, root, ck, slurm=True, restarts=0) == str(ck / "last.ckpt")  # unset: auto
+    assert resolve_ckpt_path(None, root, ck, slurm=True, restarts=0, fresh=True) is None
+    assert resolve_ckpt_path(None, root, ck, slurm=True, restarts=1, fresh=True) == str(ck / "last.ckpt")
+    trainer = pl.Trainer(default_root_dir=root, accelerator="cpu", logger=False)
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    parse = lambda: trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, None, True, True)  # noqa: E731
+    assert parse() == str(root / "hpc_ckpt_3.ckpt")  # what Lightning did with the fresh start's None
+    no_hpc_autoload(trainer)
+    assert parse() is None
+
+
 def test_fresh_start_and_passthrough(root):
     ck = root / "checkpoints"
     assert resolve_ckpt_path("auto", root, ck, slurm=True) is None  # first run of a job
