@@ -97,7 +97,7 @@ class DiskFullAt(Callback):
 
 
 class RecordSaves(Callback):
-    """Append `global_step accumulating(0|1)` to `path` for every checkpoint the run saves (rank 0)."""
+    """Append `global_step accumulating(0|1) validating(0|1)` to `path` for every checkpoint the run saves (rank 0)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -105,7 +105,8 @@ class RecordSaves(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.global_rank == 0:
             with open(self.path, "a") as f:
-                f.write(f"{trainer.global_step} {int(trainer.fit_loop.epoch_loop._should_accumulate())}\n")
+                f.write(f"{trainer.global_step} {int(trainer.fit_loop.epoch_loop._should_accumulate())} "
+                        f"{int(trainer.validating)}\n")
 
 
 class TermAt(Callback):
