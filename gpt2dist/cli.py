@@ -31,7 +31,8 @@ from gpt2dist.callbacks import EarlyStop, HFExport, PredictionWriter, Validation
 from gpt2dist.data import TokenBlockDataModule
 from gpt2dist.errors import GPT2DistError
 from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator,
-                             check_validation_on_step_boundary, check_writable, oom_message)
+                             check_validation_on_step_boundary, check_writable, oom_message,
+                             remove_stale_hpc_temporaries)
 from gpt2dist.launch import check_srun_seen, check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
@@ -148,6 +149,7 @@ class GPT2CLI(LightningCLI):
         # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).
         # `best`: the best_checkpoint file, then as an explicit file (a rollback to it; a requeue goes on
         # past it). Lightning's `best` knows no best in a new process and took the first callback's.
+        remove_stale_hpc_temporaries(self.trainer.default_root_dir)  # before Lightning or we read the folder
         ckpt_path = config.get("ckpt_path")
         fresh = False
         if ckpt_path is None:  # slurm/fit.sbatch: auto, also over the `ckpt_path: null` of a print_config dump

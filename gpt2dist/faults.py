@@ -81,6 +81,26 @@ def _save_failed(path: Path, err: BaseException) -> CheckpointError:
         f"({', '.join(kept) or 'none yet'}). Free space (or fix the folder), then resume with --ckpt_path last")
 
 
+def temporary_name(path: Path, suffix: str) -> Path:
+    """The hidden name `path` is written under before its rename. Never holding "hpc_ckpt_": Lightning takes
+    any such name for a requeue checkpoint, joining all its digits (.hpc_ckpt_1.ckpt.tmp-4242 read as
+    hpc_ckpt_14242.ckpt: a resume of a file that does not exist, and the next save's number)."""
+    return path.with_name(f".{path.name.replace('hpc_ckpt_', 'hpc-ckpt-')}{suffix}")
+
+
+def remove_stale_hpc_temporaries(root_dir: str | Path) -> None:
+    """Temporaries of Lightning's hpc_ckpt_* saves left in `root_dir` by a job killed while saving (the
+    SIGUSR1 save running past the time limit): Lightning misreads the old names (see temporary_name),
+    and a new name is cleaned only when the same checkpoint name is saved again. Before fit picks a
+    checkpoint; on every rank (idempotent)."""
+    root = Path(root_dir)
+    if "://" in str(root_dir) or not root.is_dir():
+        return
+    for stale in [*root.glob(".hpc_ckpt_*.tmp*"), *root.glob(".hpc-ckpt-*.tmp*"), *root.glob(".hpc_ckpt_*.old"),
+                  *root.glob(".hpc-ckpt-*.old")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temporary name, fsync, then rename: a checkpoint name is always complete."""
 
@@ -91,8 +111,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)  # fsspec's write (object stores: whole)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing this name
+        tmp = temporary_name(path, f".tmp-{os.getpid()}")
+        for stale in path.parent.glob(temporary_name(path, ".tmp-*").name):  # left by a run killed writing this name
             stale.unlink(missing_ok=True)
         try:
             with open(tmp, "wb") as f:
@@ -123,7 +143,7 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
                               "rank to a shared filesystem, not a URL; set checkpoint.dirpath (or "
                               "trainer.default_root_dir) to a shared folder")
     path = Path(strategy.broadcast(str(filepath)))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path, ".tmp")
     if strategy.global_rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
     strategy.barrier("atomic_save_start")
@@ -145,7 +165,7 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
                     with open(os.path.join(folder, name), "rb") as fh:
                         os.fsync(fh.fileno())
                 fsync_dir(Path(folder))
-            old = path.with_name(f".{path.name}.old")
+            old = temporary_name(path, ".old")
             if path.exists() or path.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old) if path.is_dir() else path.unlink()

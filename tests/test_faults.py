@@ -1279,3 +1279,29 @@ def test_resuming_at_an_epoch_end_does_not_save_that_step_again(tmp_path):
     assert first.checkpoint_callbacks[0]._should_save_on_train_epoch_end(first)  # the schedule this test is about
     fit(12, str(tmp_path / "last.ckpt"))
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=12.ckpt", "step=4.ckpt", "step=8.ckpt"]
+
+
+def test_hpc_checkpoint_temporaries_never_look_like_hpc_checkpoints_to_lightning(tmp_path, monkeypatch):
+    """Lightning takes any name holding "hpc_ckpt_" for a requeue checkpoint and joins its digits: a job
+    killed while saving hpc_ckpt_1 left .hpc_ckpt_1.ckpt.tmp-4242, read as hpc_ckpt_14242.ckpt, a file
+    that does not exist (the requeued job crashed loading it; the next save was numbered 14243)."""
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from gpt2dist.faults import AtomicCheckpointIO, remove_stale_hpc_temporaries
+
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False)
+    connector = trainer._checkpoint_connector
+    (tmp_path / ".hpc_ckpt_1.ckpt.tmp-4242").write_bytes(b"partial")  # left by a killed save (old name)
+    (tmp_path / ".hpc_ckpt_2.ckpt.tmp").mkdir()  # a sharded save's folder (old name)
+    assert connector._parse_ckpt_path(TrainerFn.FITTING, None, True, True).endswith("hpc_ckpt_14242.ckpt")
+    remove_stale_hpc_temporaries(tmp_path)
+    assert connector._parse_ckpt_path(TrainerFn.FITTING, None, True, True) is None
+    assert connector.hpc_save_path(str(tmp_path)).endswith("/hpc_ckpt_1.ckpt") and not list(tmp_path.iterdir())
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda s, d: (seen.append(Path(s).name), real(s, d)))
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1)}, tmp_path / "hpc_ckpt_1.ckpt")
+    assert seen == [f".hpc-ckpt-1.ckpt.tmp-{os.getpid()}"] and "hpc_ckpt_" not in seen[0]
