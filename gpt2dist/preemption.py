@@ -53,6 +53,17 @@ def install_early_handler() -> bool:
 _sigterm: list[int] = []  # SIGTERMs recorded by `record_sigterm_without_collectives`, consumed by Preemption
 
 
+def _sigterm_recorder(trainer: pl.Trainer):
+    """A SIGTERM handler that only records the signal (and forwards it to processes Lightning started)."""
+    def record(signum, frame) -> None:
+        log.info("[rank: %d] Received SIGTERM: %d", trainer.global_rank, signum)
+        if not _sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # processes Lightning started itself (no collective)
+        _sigterm.append(signum)
+
+    return record
+
+
 def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
     """Lightning's SIGTERM handling, minus its collectives (lightning 2.6).
 
@@ -71,13 +82,7 @@ def record_sigterm_without_collectives(trainer: pl.Trainer) -> None:
     handlers = getattr(current, "signal_handlers", None)  # Lightning's _HandlersCompose
     if not isinstance(handlers, list) or connector._sigterm_notifier_fn not in handlers:
         return
-
-    def record(signum, frame) -> None:
-        log.info("[rank: %d] Received SIGTERM: %d", trainer.global_rank, signum)
-        if not _sigterm and trainer.strategy.launcher is not None:
-            trainer.strategy.launcher.kill(signum)  # processes Lightning started itself (no collective)
-        _sigterm.append(signum)
-
+    record = _sigterm_recorder(trainer)
     current.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
     # An instance attribute shadows the loop's method: the decision is Preemption's, on the CPU.
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
@@ -148,6 +153,14 @@ class Preemption(Callback):
         self._active = False  # SLURM requeue on SIGUSR1
         self._last_step = -1
         self.sigterm_path: str | None = None  # the checkpoint saved on SIGTERM
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled and os.name != "nt":
+            # Lightning registers its SIGTERM handlers after setup, just before the stage runs: with its
+            # notifier swapped now, ours is what it registers. Else until the hooks below replace it (no
+            # sanity check on a resume: on_train_start), a SIGTERM ran Lightning's broadcast on one rank.
+            trainer._signal_connector._sigterm_notifier_fn = _sigterm_recorder(trainer)
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:

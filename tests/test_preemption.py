@@ -110,3 +110,25 @@ def test_a_preemption_signal_at_an_epochs_last_batch_requeues_unless_the_run_end
         return
     assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == stopped_at
     assert callback.stopped_message(trainer.global_step).startswith(f"stopped by SLURM's preemption signal at step {stopped_at}")
+
+
+def test_a_sigterm_between_lightnings_handler_registration_and_train_start_is_only_recorded():
+    """Lightning registers its SIGTERM handlers just before the stage runs; ours replaced its notifier only at
+    on_sanity_check_start / on_train_start (no sanity check on a resume). A SIGTERM in between ran Lightning's
+    notifier, with its broadcast, on one rank. Preemption.setup now hands Lightning our recorder to register."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from gpt2dist import preemption
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[Preemption()])
+    preemption._sigterm.clear()
+    trainer.callbacks[0].setup(trainer, None, "fit")
+    trainer._signal_connector.register_signal_handlers()  # what Trainer._run does after setup
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption._sigterm == [signal.SIGTERM] and not trainer._signal_connector.received_sigterm
+    finally:
+        trainer._signal_connector.teardown()
+        preemption._sigterm.clear()
