@@ -39,8 +39,11 @@ from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.preemption import Preemption, install_early_handler
 from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoint_fits_strategy,
                              check_explicit_checkpoint, checkpoint_progress, is_deepspeed_folder, newest_checkpoint,
-                             no_hpc_autoload, resolve_ckpt_path, resolve_eval_ckpt_path)
+                             no_hpc_autoload, recorded_start, record_start, resolve_ckpt_path,
+                             resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_dir_in_run_folder, wandb_error_message
+
+log = logging.getLogger(__name__)
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -149,7 +152,8 @@ class GPT2CLI(LightningCLI):
         # `auto`/`last`: the newest good checkpoint, ours or Lightning's hpc_ckpt_* (gpt2dist/resume.py).
         # `best`: the best_checkpoint file, then as an explicit file (a rollback to it; a requeue goes on
         # past it). Lightning's `best` knows no best in a new process and took the first callback's.
-        remove_stale_hpc_temporaries(self.trainer.default_root_dir)  # before Lightning or we read the folder
+        root = self.trainer.default_root_dir
+        remove_stale_hpc_temporaries(root)  # before Lightning or we read the folder
         ckpt_path = config.get("ckpt_path")
         fresh = False
         if ckpt_path is None:  # slurm/fit.sbatch: auto, also over the `ckpt_path: null` of a print_config dump
@@ -157,10 +161,20 @@ class GPT2CLI(LightningCLI):
             ckpt_path, fresh = default or None, default == ""  # set empty: a fresh start, asked for
         if ckpt_path == "best":
             ckpt_path = self._best_checkpoint_file()
-        ckpt_path = resolve_ckpt_path(ckpt_path, self.trainer.default_root_dir,
-                                      getattr(self.trainer.checkpoint_callback, "dirpath", None), fresh=fresh)
+        slurm, restarts = SLURMEnvironment.detect(), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        first = recorded_start(root) if slurm and restarts > 0 else None
+        if first is not None:  # requeued before train start: the folder's newest is still the other run's
+            ckpt_path, fresh = first["ckpt_path"], first["fresh"]
+            log.info("resume: SLURM requeue %d of a job that stopped before train start: it starts as first asked "
+                     "(%s)", restarts, ckpt_path or "fresh")
+        requested = ckpt_path
+        ckpt_path = resolve_ckpt_path(ckpt_path, root, getattr(self.trainer.checkpoint_callback, "dirpath", None),
+                                      restarts=0 if first is not None else None, fresh=fresh)
         if ckpt_path is None and fresh:
             no_hpc_autoload(self.trainer)  # else Lightning loads the folder's hpc_ckpt_* anyway
+        if (slurm and (restarts == 0 or first is not None) and requested not in ("auto", "last", "hpc")
+                and "://" not in str(root) and self.trainer.is_global_zero):
+            record_start(root, ckpt_path, fresh)  # until FaultTolerance sets the other checkpoints aside
         self.config_init[str(self.subcommand)]["ckpt_path"] = ckpt_path  # what trainer.fit receives
         check_checkpoint_fits_strategy(ckpt_path, self.trainer.strategy, self.trainer.world_size)
         for cb in self.trainer.callbacks:

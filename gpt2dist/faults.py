@@ -307,6 +307,10 @@ class FaultTolerance(Callback):
                 moved = set_aside_other_runs(self.fit_ckpt_path, trainer.default_root_dir,
                                              getattr(trainer.checkpoint_callback, "dirpath", None))
             trainer.strategy.barrier("gpt2dist_set_aside")
+            if trainer.is_global_zero:
+                from gpt2dist.resume import clear_start_record
+
+                clear_start_record(trainer.default_root_dir)  # set aside: a requeue now goes on from its own saves
             how = "starts fresh" if self.fit_ckpt_path is None else f"starts from {self.fit_ckpt_path}"
             self.fit_ckpt_path = "unknown"  # once per fit the CLI prepared
             if moved:

@@ -23,6 +23,9 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
 - A fit that starts behind the folder's newest checkpoint (fresh, a rollback to an older one, or
   another folder's) first moves what `auto`/`last` would prefer over its own checkpoints into
   `checkpoints/set-aside-*/` (`set_aside_other_runs`, called by FaultTolerance.on_train_start).
+  Until then a SLURM job keeps its start in `<default_root_dir>/.gpt2dist-start.json`
+  (`record_start`): requeued before train start (preempted in data preparation), it starts as
+  first asked, not from the folder's newest checkpoint, which is still the other run's.
 
 Every rank resolves the choice itself, so a fit on 2+ ranks first checks that all of them see one run
 folder and resume the same step (`check_ranks_share_the_run`, from FaultTolerance.setup): a node-local
@@ -269,6 +272,39 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
     log.info("resume: %s (global_step %d, %d batches seen) chosen by --ckpt_path %s", path, step, batches,
              ckpt_path or "auto (none given: a SLURM job's default)")
     return str(path)
+
+
+START_RECORD = ".gpt2dist-start.json"
+
+
+def record_start(root_dir: str | Path, ckpt_path: str | None, fresh: bool) -> None:
+    """Rank 0 of a SLURM job's first start that is not `auto`/`last`: this job's start, until
+    FaultTolerance has set the folder's other checkpoints aside (`clear_start_record`)."""
+    import json
+
+    root = Path(root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{START_RECORD}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"job": os.environ.get("SLURM_JOB_ID"), "ckpt_path": ckpt_path, "fresh": fresh}))
+    os.replace(tmp, root / START_RECORD)
+
+
+def recorded_start(root_dir: str | Path) -> dict | None:
+    """This SLURM job's recorded start ({"ckpt_path", "fresh"}), when an earlier attempt of it stopped
+    before train start; None otherwise (no record, or another job's)."""
+    import json
+
+    try:
+        rec = json.loads((Path(root_dir) / START_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    job = os.environ.get("SLURM_JOB_ID")
+    return rec if isinstance(rec, dict) and job and rec.get("job") == job else None
+
+
+def clear_start_record(root_dir: str | Path) -> None:
+    if "://" not in str(root_dir):
+        (Path(root_dir) / START_RECORD).unlink(missing_ok=True)
 
 
 def no_hpc_autoload(trainer) -> None:

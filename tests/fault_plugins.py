@@ -24,14 +24,19 @@ class KillAt(Callback):
     """SIGKILL the run at optimizer step `step` (1-based): `mid_accumulation` after the first
     micro-batch's backward of that step; `during_save` while that step's checkpoint `name` lies
     complete under its temporary name, before the rename; `between_renames` after an existing
-    sharded `name` was moved away and before the new one is renamed in."""
+    sharded `name` was moved away and before the new one is renamed in; `before_train` at fit's setup
+    (e.g. a requeue while data is prepared), `step` unused."""
 
     def __init__(self, step: int, when: str = "mid_accumulation", name: str = "last.ckpt"):
         self.step, self.when, self.name = step, when, name
         self._real_replace = os.replace
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.when == "before_train" and stage == "fit":
+            _kill_group()
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.when == "mid_accumulation" or trainer.global_rank != 0:
+        if self.when in ("mid_accumulation", "before_train") or trainer.global_rank != 0:
             return
         real, me = self._real_replace, self
 

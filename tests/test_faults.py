@@ -67,9 +67,9 @@ def overlay(root: Path, *callbacks: dict, **sections) -> Path:
     return path
 
 
-def cli(config: Path, *args: str, timeout: int = 300, sub: str = "fit") -> subprocess.CompletedProcess:
+def cli(config: Path, *args: str, timeout: int = 300, sub: str = "fit", env: dict | None = None) -> subprocess.CompletedProcess:
     """The real CLI in its own session (so a plugin's SIGKILL takes the whole process group)."""
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}:{REPO}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}:{REPO}", "PYTHONUNBUFFERED": "1", **(env or {})}
     return run_group([sys.executable, "-m", "gpt2dist", sub, "--config", str(config), *args], timeout, cwd=REPO, env=env)
 
 
@@ -190,6 +190,28 @@ def test_killed_rollback_or_fresh_start_resumes_itself_not_the_earlier_checkpoin
     assert {p.name for p in aside.iterdir()} == {p for p in before if p in expected or p.startswith("best-step0000006")}
     assert_bitwise(weights(run_dir(config)), reference)
     assert not list(ck.glob("*-v1.ckpt"))  # the moved names were free again: no last-v1.ckpt
+
+
+def test_a_job_requeued_before_train_start_starts_as_first_asked(tmp, corpus_dir, tokenizer_dir, reference):
+    """A fresh start (GPT2DIST_DEFAULT_CKPT_PATH set empty) in a folder holding a finished run, requeued
+    before train start (preempted while preparing data): the requeue resolved like auto and resumed the
+    other run's step 6, which was not set aside yet. The job's start is recorded until it is."""
+    config = _copy_of_reference(tmp, corpus_dir, tokenizer_dir, "requeued_early")
+    root = run_dir(config)
+    ck = root / "checkpoints"
+    before = sorted(p.name for p in ck.glob("*.ckpt"))
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "gpt2dist", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "GPT2DIST_DEFAULT_CKPT_PATH": ""}
+    killed = cli(config, "--config", str(overlay(root, {"class_path": "fault_plugins.KillAt",
+                                                        "init_args": {"step": 0, "when": "before_train"}})),
+                 env={**slurm, "SLURM_RESTART_COUNT": "0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (root / ".gpt2dist-start.json").is_file() and sorted(p.name for p in ck.glob("*.ckpt")) == before
+    requeued = ok(cli(config, env={**slurm, "SLURM_RESTART_COUNT": "1"}))
+    assert "SLURM requeue 1 of a job that stopped before train start: it starts as first asked (fresh)" in requeued.stderr
+    assert "fit starts fresh: moved" in requeued.stderr
+    assert_bitwise(weights(root), reference)  # this run from its own start, as the reference ran
+    assert not (root / ".gpt2dist-start.json").exists()
 
 
 def test_a_resume_without_the_rng_state_is_caught(tmp, corpus_dir, tokenizer_dir, reference):
