@@ -163,9 +163,17 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
     if field not in table.column_names:
         raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set {knob}")
     kind = table.schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # Parquet numbers: str(3) would be packed as text
+    # Text in any of Arrow's string layouts: plain, large, a view (newer writers), dictionary-encoded
+    # (pandas' category dtype). Numbers are refused: str(3) would be packed as text.
+    def texts(t) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t) is True
+
+    if not (texts(kind) or pa.types.is_dictionary(kind) and texts(kind.value_type)):
         raise DataError(f"{path}: column {field!r} is {kind}, not text; set {knob} to the text column")
-    for n, value in enumerate(table.column(field).to_pylist(), 1):
+    column = table.column(field)
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        column = column.cast(pa.large_string())
+    for n, value in enumerate(column.to_pylist(), 1):
         if value is not None:
             yield str(value)
         elif not skip_null:
@@ -514,6 +522,31 @@ def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
 # ----------------------------------------------------------------------------- the DataModule
 
 
+def _splits_overlap(a: str, b: str) -> bool:
+    """Whether two `datasets` split specs (`train`, `train[:1%]`, `train[1%:]`) can share rows: the same
+    split, one of them whole, or percent slices whose ranges meet. Other slices (row counts, `+`): only
+    the same spec counts, since their sizes are not known here."""
+    def parse(spec: str):
+        m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*", spec)
+        if not m:
+            return None
+        base, lo, lo_pct, hi, hi_pct = m.groups()
+        if lo is None:  # no slice: all of it
+            return base, 0.0, 100.0
+        if (lo and not lo_pct) or (hi and not hi_pct) or lo.startswith("-") or hi.startswith("-"):
+            return base, None, None  # rows or negative indices: ranges unknown
+        return base, float(lo or 0), float(hi or 100)
+
+    if a.strip() == b.strip():
+        return True
+    pa, pb = parse(a), parse(b)
+    if pa is None or pb is None or pa[0] != pb[0]:
+        return False
+    if None in pa[1:] or None in pb[1:]:
+        return pa[1:] == (0.0, 100.0) or pb[1:] == (0.0, 100.0)  # only a whole split is known to overlap
+    return pa[1] < pb[2] and pb[1] < pa[2]
+
+
 class TokenBlockDataModule(pl.LightningDataModule):
     """Tokenizes and packs a corpus into fixed-size blocks, cached on disk, with resumable loaders."""
 
@@ -589,9 +622,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
             if name and not dataset_name:
                 raise DataError(f"data.{knob} names a split of data.dataset_name, which is unset; "
                                 f"use data.{knob.replace('split', 'files')} with data.train_files")
-            if name and name == split:  # evaluating on text the model trained on reads as a better model than it is
-                raise DataError(f"data.{knob}={name!r} is the training split (data.split); name a held-out split, "
-                                f"or unset data.{knob}")
+            if name and _splits_overlap(name, split):  # evaluating on trained text reads as a better model than it is
+                raise DataError(f"data.{knob}={name!r} is {'the training split' if name == split else 'part of the training split'}"
+                                f" (data.split={split!r}); name a held-out split (e.g. split 'train[1%:]' and "
+                                f"{knob} 'train[:1%]'), or unset data.{knob}")
         if test_split and test_split == val_split:  # the split that picked the best checkpoint reads better than it is
             raise DataError(f"data.test_split={test_split!r} is also data.val_split; name another split for the test, "
                             "or unset data.test_split")

@@ -394,6 +394,20 @@ def test_a_large_csv_with_multi_line_texts_reads_whole(tmp_path):
     assert list(data_mod.read_documents(tmp_path / "big.csv")) == rows
 
 
+def test_parquet_text_in_any_arrow_string_layout_is_text(tmp_path):
+    """A dictionary-encoded column (pandas' category dtype) or a string_view one was refused as 'not text'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array(["a", "b", None, "a"]).dictionary_encode()}), tmp_path / "cat.parquet")
+    pq.write_table(pa.table({"text": pa.array(["x", "y"], type=pa.string_view())}), tmp_path / "view.parquet")
+    assert list(data_mod.read_documents(tmp_path / "cat.parquet")) == ["a", "b", "a"]  # the null: no document
+    assert list(data_mod.read_documents(tmp_path / "view.parquet")) == ["x", "y"]
+    pq.write_table(pa.table({"text": pa.array([1, 2]).dictionary_encode()}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match="column .text. is int64, not text"):  # numbers stay refused
+        list(data_mod.read_documents(tmp_path / "ints.parquet"))
+
+
 def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
     """JSON allows U+2028, U+2029 and U+0085 raw in strings (json.dumps(ensure_ascii=False) writes them);
     splitlines() split records there and refused the file as invalid JSON."""
@@ -558,9 +572,15 @@ def test_test_files_are_packed_in_a_cache_of_their_own(tmp_path, corpus_dir, tok
     (lambda c, t: dict(train_files=[f"{c}/abc.txt"], test_split="test"),
      ["data.test_split names a split of data.dataset_name, which is unset; use data.test_files"]),
     (lambda c, t: dict(dataset_name="wikitext", test_split="train"),
-     ["data.test_split='train' is the training split (data.split); name a held-out split, or unset data.test_split"]),
+     ["data.test_split='train' is the training split (data.split='train'); name a held-out split (e.g. split "
+      "'train[1%:]' and test_split 'train[:1%]'), or unset data.test_split"]),
+    # A slice of the training split, or slices whose ranges meet: validated on trained text (was accepted).
+    (lambda c, t: dict(dataset_name="wikitext", val_split="train[:1%]"),
+     ["data.val_split='train[:1%]' is part of the training split (data.split='train')"]),
+    (lambda c, t: dict(dataset_name="wikitext", split="train[1%:]", val_split="train[:2%]"),
+     ["data.val_split='train[:2%]' is part of the training split (data.split='train[1%:]')"]),
     (lambda c, t: dict(dataset_name="wikitext", split="validation", val_split="validation"),
-     ["data.val_split='validation' is the training split (data.split)"]),
+     ["data.val_split='validation' is the training split (data.split='validation')"]),
     (lambda c, t: dict(dataset_name="wikitext", test_files=[f"{c}/abc.txt"]),
      ["data.test_files goes with data.train_files, not data.dataset_name; use data.test_split"]),
     (lambda c, t: dict(train_files=[f"{c}/*.txt"], test_files=[f"{t}/x.txt"]),
