@@ -129,3 +129,27 @@ def spawn_ranks(target, world: int, init_file: str, *args, timeout: int = 240) -
         p.join(timeout=60)
         assert p.exitcode == 0
     return results
+
+
+def linear_module(val_loss=None):
+    """A Lightning module of one Linear(2, 1) layer trained with SGD on 2-wide float batches, for tests of
+    callbacks and checkpointing rather than of the model. `val_loss(module, batch)`: the val/loss each
+    validation logs (default: the training loss on the batch)."""
+    import lightning.pytorch as pl
+    import torch
+
+    class LinearModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.log("val/loss", val_loss(self, batch) if val_loss else self.layer(batch).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return LinearModule()

@@ -233,21 +233,9 @@ def _threshold_fit(root, max_steps: int, ckpt_path=None, **early_stopping):
     from gpt2dist.callbacks import EarlyStop
     from gpt2dist.faults import FaultTolerance
 
+    from conftest import linear_module
+
     val = {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, i):
-            return self.layer(batch).pow(2).mean()
-
-        def validation_step(self, batch, i):
-            self.log("val/loss", val[self.trainer.global_step])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None,
                          limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
@@ -255,7 +243,7 @@ def _threshold_fit(root, max_steps: int, ckpt_path=None, **early_stopping):
                          callbacks=[EarlyStop(**early_stopping), FaultTolerance(),
                                     ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)])
     data = torch.utils.data.DataLoader(torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
-    trainer.fit(Module(), data, data, ckpt_path=ckpt_path)
+    trainer.fit(linear_module(lambda m, b: val[m.trainer.global_step]), data, data, ckpt_path=ckpt_path)
     return trainer.global_step
 
 

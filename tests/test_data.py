@@ -282,19 +282,23 @@ def test_loaders_are_stateful_and_resume_mid_epoch(tmp_path, corpus_dir, tokeniz
     assert all(torch.equal(a, b) for a, b in zip(rest, rest2))
 
 
+def _state_after_3_batches_of_epoch_1(dm) -> tuple[dict, list]:
+    """A train loader's state after 3 batches of epoch 1, and the batches (input_ids) the epoch has left."""
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    return loader.state_dict(), [b["input_ids"] for b in it]
+
+
 @pytest.mark.parametrize("before,after", [(0, 1), (2, 0), (1, 2)])
 def test_a_loader_position_resumes_under_another_num_workers(tmp_path, corpus_dir, tokenizer_dir, before, after):
     """torchdata's state has one shape without workers and another with them, and refused the other one
     (AssertionError on '_snapshot'): a resume on other nodes with another data.num_workers crashed."""
     dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0,
                           num_workers=before))
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(1)
-    it = iter(loader)
-    for _ in range(3):
-        next(it)
-    state = loader.state_dict()
-    rest = [b["input_ids"] for b in it]
+    state, rest = _state_after_3_batches_of_epoch_1(dm)
     dm.num_workers = after
     resumed = dm.train_dataloader()  # epoch 0, as Lightning builds it before set_epoch
     resumed.load_state_dict(state)
@@ -307,13 +311,7 @@ def test_loader_resume_in_a_later_epoch_keeps_that_epochs_order(tmp_path, corpus
     """Lightning restores the loader state before it calls set_epoch: the state itself must carry the
     epoch, also when the next run has another world size (2 ranks -> 1, same global batch)."""
     dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], val_fraction=0.0))
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(1)
-    it = iter(loader)
-    for _ in range(3):
-        next(it)
-    state = loader.state_dict()
-    rest = [b["input_ids"] for b in it]
+    state, rest = _state_after_3_batches_of_epoch_1(dm)
     fresh = dm.train_dataloader()  # epoch 0, as Lightning builds it
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(rest, [b["input_ids"] for b in fresh], strict=True))

@@ -1182,22 +1182,13 @@ def _best_fit(root: Path, max_steps: int, ckpt_path: str | None = None):
 
     from gpt2dist.faults import FaultTolerance
 
+    from conftest import linear_module
+
     val = {1: 1.0, 2: 0.5, 3: 0.8}
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, i):
-            return self.layer(batch).pow(2).mean()
-
-        def validation_step(self, batch, i):
-            torch.rand(3)  # validation's own draws must never reach training's stream
-            self.log("val/loss", val[self.trainer.global_step])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def val_loss(module, batch):
+        torch.rand(3)  # validation's own draws must never reach training's stream
+        return val[module.trainer.global_step]
 
     best = ModelCheckpoint(dirpath=root, filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1)
     callbacks = [FaultTolerance(), best, ModelCheckpoint(dirpath=root, filename="{step}", monitor="step", mode="max",
@@ -1207,7 +1198,7 @@ def _best_fit(root: Path, max_steps: int, ckpt_path: str | None = None):
                          enable_model_summary=False, default_root_dir=root, callbacks=callbacks)
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
-    trainer.fit(Module(), data, data, ckpt_path=ckpt_path)
+    trainer.fit(linear_module(val_loss), data, data, ckpt_path=ckpt_path)
     return best
 
 
@@ -1271,21 +1262,8 @@ def test_resuming_at_an_epoch_end_does_not_save_that_step_again(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from conftest import linear_module
     from gpt2dist.faults import FaultTolerance
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, i):
-            return self.layer(batch).pow(2).mean()
-
-        def validation_step(self, batch, i):
-            self.log("val/loss", self.layer(batch).pow(2).mean())
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def fit(max_steps: int, ckpt_path=None):
         steps = ModelCheckpoint(dirpath=tmp_path, filename="{step}", monitor="step", mode="max", save_top_k=3,
@@ -1294,7 +1272,7 @@ def test_resuming_at_an_epoch_end_does_not_save_that_step_again(tmp_path):
                              logger=False, enable_progress_bar=False, enable_model_summary=False,
                              default_root_dir=tmp_path, callbacks=[FaultTolerance(), steps])
         data = torch.utils.data.DataLoader(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
-        trainer.fit(Module(), data, data, ckpt_path=ckpt_path)
+        trainer.fit(linear_module(), data, data, ckpt_path=ckpt_path)
         return trainer
 
     first = fit(4)
