@@ -36,7 +36,7 @@ from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_
 from gpt2dist.launch import check_srun_seen, check_srun_world
 from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
-from gpt2dist.preemption import Preemption, install_early_handler
+from gpt2dist.preemption import Preemption, RequeueStop, install_early_handler
 from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoint_fits_strategy,
                              check_explicit_checkpoint, checkpoint_progress, is_deepspeed_folder, newest_checkpoint,
                              no_hpc_autoload, recorded_start, record_start, resolve_ckpt_path,
@@ -343,6 +343,11 @@ def main(args: list[str] | None = None) -> None:
     except torch.OutOfMemoryError:
         print(f"gpt2dist: error: {oom_message(_RUN)}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except RequeueStop as e:
+        # SLURM's preemption signal during fit's validation: saved (and requeued) after a validation batch.
+        if e.message:
+            print(f"gpt2dist: error: {e.message}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
     except SIGTERMException:
         # Lightning stops at the end of the batch with a SystemExit of code 0: a killed run must not
         # look like a finished one to `fit && upload`, schedulers or CI (128 + 15, as the shell says).

@@ -9,13 +9,17 @@ default action of SIGUSR1 kills the process). Here the handler only records the 
 next optimizer-step boundary the ranks agree (one CPU all-reduce of a 0/1 flag, `agree_on_flags`) and then all run
 Lightning's requeue routine together, so the checkpoint is a consistent state from which the
 resumed losses equal an uninterrupted run's. A requeue SLURM refuses ends the run with one line and
-exit 138 (`cli.main`), not exit 0 at the preemption step.
+exit 138 (`cli.main`), not exit 0 at the preemption step. A signal during fit's validation is acted on
+after the current validation batch, not after the whole validation and one more step (a long
+validation outlasted SLURM's 90 s warning): the checkpoint is the one the step boundary before that
+validation would have written, and the resumed run redoes the validation (FaultTolerance).
 
 Which checkpoint a restarted job loads is `gpt2dist/resume.py`'s job.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -119,6 +123,16 @@ def agree_on_flags(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+class RequeueStop(SIGTERMException):
+    """Leaves fit mid-validation after a SIGUSR1 save (and requeue): all ranks raise it after the same
+    validation batch. A SystemExit: exit code 0 when SLURM took the requeue, 138 (128 + SIGUSR1) with
+    `message` when it refused (`cli.main` prints the message)."""
+
+    def __init__(self, message: str | None):
+        super().__init__(0 if message is None else 128 + signal.SIGUSR1)
+        self.message = message
+
+
 def _run_ends_at_this_step(trainer: pl.Trainer) -> bool:
     """Whether fit ends after this batch: max_steps reached, or the last batch of the last epoch.
     Not Lightning's `_is_training_done`: that is true at the end of every epoch, and a SIGUSR1 first
@@ -134,15 +148,17 @@ class Preemption(Callback):
     """Stop signals, acted on at the next optimizer step by all ranks together. SLURM's SIGUSR1: save
     `hpc_ckpt_N.ckpt` and requeue the job (Lightning's routine, plus the requeue's outcome). SIGTERM
     (a scheduler's preemption or time limit, `kill`, anywhere): save `last.ckpt` and stop (the CLI
-    exits 143). Either way training stops without exporting. In validate / test / predict, SIGTERM
-    stops every rank after the same batch, with nothing reported for the unfinished split (exit 143)."""
+    exits 143). Either way training stops without exporting. During fit's validation either is acted on
+    after the current validation batch, and the resumed run redoes that validation. In validate / test /
+    predict, SIGTERM stops every rank after the same batch, with nothing reported for the unfinished
+    split (exit 143)."""
 
     def __init__(self, enabled: bool = True, check_every_n_steps: int = 1):
         """
         Args:
             enabled: Take over SLURM's requeue signal and SIGTERM (off: Lightning's handlers, which stop mid-step without saving).
-            check_every_n_steps: Optimizer steps between the ranks' agreement on a received signal
-                (one CPU all-reduce of two numbers each time; 90 s of warning covers many steps).
+            check_every_n_steps: Optimizer steps (and fit's validation batches) between the ranks' agreement
+                on a received signal (one CPU all-reduce of two numbers each time; 90 s of warning covers many steps).
         """
         if check_every_n_steps < 1:
             raise ValueError(f"preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
@@ -153,6 +169,8 @@ class Preemption(Callback):
         self._active = False  # SLURM requeue on SIGUSR1
         self._last_step = -1
         self.sigterm_path: str | None = None  # the checkpoint saved on SIGTERM
+        self._mid_validation = False  # saving during fit's validation: see on_save_checkpoint
+        self._val_progress_at_step: dict | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.enabled and os.name != "nt":
@@ -178,6 +196,8 @@ class Preemption(Callback):
             # install_early_handler kept Lightning from installing its own: put Lightning's back.
             signal.signal(env.requeue_signal or signal.SIGUSR1, trainer._signal_connector._slurm_sigusr_handler_fn)
         self._last_step = trainer.global_step
+        # A resumed run may redo its step's validation before any training batch (FaultTolerance).
+        self._val_progress_at_step = copy.deepcopy(trainer.fit_loop.epoch_loop.val_loop.batch_progress.state_dict())
         if trainer.is_global_zero:
             how = "at the next optimizer step" if self._active else "off"
             log.info("cluster environment: %s (world size %d); requeue on preemption signal: %s",
@@ -188,6 +208,9 @@ class Preemption(Callback):
         if not self.enabled or self.requeued or self.sigterm_path or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
+        # What this step boundary's checkpoint holds of the validation loop: a save during the validation
+        # that may follow writes it instead (see on_save_checkpoint). A few integers, copied once per step.
+        self._val_progress_at_step = copy.deepcopy(trainer.fit_loop.epoch_loop.val_loop.batch_progress.state_dict())
         if trainer.global_step % self.check_every_n_steps:
             return
         usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
@@ -196,27 +219,10 @@ class Preemption(Callback):
             # resume at max_steps, where Lightning trains nothing and no export runs.
             _received.clear()
             return
-        if usr1:
-            signum = _received[0] if _received else signal.SIGUSR1
-            _received.clear()
-            self._save_and_requeue(trainer, signum)
-            self.requeued = True
-        elif term:
-            _sigterm.clear()
-            self._save_on_sigterm(trainer)
-        else:
+        if not (usr1 or term):
             return
-        for cb in trainer.callbacks:
-            if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
-                cb.enabled = False  # the job is not finished: no Hugging Face export this time
-            if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_global_step_saved"):
-                # Stopping would make it save this same step again (train end): a second full write
-                # of a large model inside SLURM's 90 s warning, for nothing.
-                cb._last_global_step_saved = trainer.global_step
-        if term and not usr1:
-            # Every rank at once: Lightning raises SIGTERMException at the end of this batch (exit 143).
-            trainer._signal_connector.received_sigterm = True
-        else:
+        self._save_and_stop_others(trainer, usr1)
+        if usr1:
             trainer.should_stop = True
             # Lightning ignores a stop request before trainer.min_steps / min_epochs; the job is leaving now
             # (the resumed run reads both from its config again).
@@ -225,8 +231,69 @@ class Preemption(Callback):
             # would spend SLURM's warning window before the exit, off schedule. The resumed run
             # validates this step first if one was due (FaultTolerance).
             trainer.fit_loop.epoch_loop._skip_next_val = True
+        else:
+            # Every rank at once: Lightning raises SIGTERMException at the end of this batch (exit 143).
+            trainer._signal_connector.received_sigterm = True
 
-    # --- validate / test / predict on their own (fit's validation stops at fit's next step boundary)
+    def _fit_validation_batch_end(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        """A signal during fit's validation: act after this batch. Waiting for the next step boundary
+        meant the rest of the validation and one more step first; a long validation (a big split,
+        generated samples) then outlasted SLURM's 90 s warning and the job was killed unsaved.
+        Nothing of this validation is reported; the checkpoint is the step boundary's (the training
+        state has not moved since), and the resumed run redoes the validation from its first batch."""
+        if self.requeued or self.sigterm_path or trainer.sanity_checking or batch_idx % self.check_every_n_steps:
+            return
+        if trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch:
+            return  # the validation is whole after this batch: it stands, and the next step boundary acts
+        usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
+        if not (usr1 or term):
+            return
+        if _run_ends_at_this_step(trainer):
+            _received.clear()  # the last step's validation: the run finishes as usual (see on_train_batch_end)
+            return
+        self._mid_validation = True
+        try:
+            self._save_and_stop_others(trainer, usr1)
+        finally:
+            self._mid_validation = False
+        rank_zero_info(f"stopped during the validation of step {trainer.global_step}: the resumed run validates it again")
+        if usr1:
+            raise RequeueStop(self.stopped_message(trainer.global_step))  # every rank, after this same batch
+        # Lightning's evaluation loop raises SIGTERMException after this batch (not the last), on every rank.
+        trainer._signal_connector.received_sigterm = True
+
+    def _save_and_stop_others(self, trainer: pl.Trainer, usr1: bool) -> None:
+        """Save (and requeue on SIGUSR1), then keep the other callbacks from acting on the stop."""
+        if usr1:
+            signum = _received[0] if _received else signal.SIGUSR1
+            _received.clear()
+            self._save_and_requeue(trainer, signum)
+            self.requeued = True
+        else:
+            _sigterm.clear()
+            self._save_on_sigterm(trainer)
+        for cb in trainer.callbacks:
+            if hasattr(cb, "enabled") and type(cb).__name__ == "HFExport":
+                cb.enabled = False  # the job is not finished: no Hugging Face export this time
+            if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_global_step_saved"):
+                # Stopping would make it save this same step again (train end): a second full write
+                # of a large model inside SLURM's 90 s warning, for nothing.
+                cb._last_global_step_saved = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        if not self._mid_validation:
+            return
+        # Saved mid-validation: write the loops as the step boundary before it left them. The training
+        # batch reads as not yet completed (Lightning's "saved on train batch end", which FaultTolerance
+        # resumes by redoing the step's validation), and the validation loop as before this validation.
+        # Lightning would otherwise skip the validation on resume (a save "after the last batch").
+        fit = checkpoint["loops"]["fit_loop"]
+        progress = fit["epoch_loop.batch_progress"]
+        for counts in (progress["total"], progress["current"]):
+            counts["completed"] = counts["processed"] - 1
+        fit["epoch_loop.val_loop.batch_progress"] = copy.deepcopy(self._val_progress_at_step)
+
+    # --- validation / test / predict batches
 
     def _eval_start(self, trainer: pl.Trainer, pl_module) -> None:
         if self.enabled and trainer.state.fn != TrainerFn.FITTING:
@@ -239,7 +306,10 @@ class Preemption(Callback):
         """After each evaluation batch the ranks agree on a SIGTERM (their shares are padded to equal
         batch counts) and all stop after that batch: the CLI exits 143, and no partial mean is reported
         as the split's loss. After the last batch the result is whole, and stands."""
-        if not self.enabled or trainer.state.fn == TrainerFn.FITTING:
+        if not self.enabled:
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._fit_validation_batch_end(trainer, batch_idx)
             return
         if agree_on_flags([bool(_sigterm)])[0]:
             _sigterm.clear()

@@ -156,6 +156,19 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:8]
 
 
+class SignalInValidation(Callback):
+    """A real signal (TERM, or SLURM's USR1) to this process after batch `batch` of fit's validation at
+    optimizer step `step` (a preemption while a long validation runs); with `rank`, only that rank's process gets it."""
+
+    def __init__(self, step: int, batch: int = 0, signum: str = "TERM", rank: int | None = None):
+        self.step, self.batch, self.signum, self.rank = step, batch, getattr(signal, f"SIG{signum}"), rank
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if (not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == self.batch
+                and self.rank in (None, trainer.global_rank)):
+            os.kill(os.getpid(), self.signum)
+
+
 class RecordBatches(Callback):
     """Append `global_step epoch batch_idx digest` to `path` for every training micro-batch (rank 0):
     which data a run saw, in which order. With `trace`, also `global_step epoch batch_idx loss weights rng

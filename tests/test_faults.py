@@ -984,20 +984,50 @@ def stopped_early(tmp, corpus_dir, tokenizer_dir):
     return step, vals, weights(root)
 
 
-@pytest.mark.parametrize("fault", ["sigterm", "kill"])
+@pytest.mark.parametrize("fault", ["sigterm", "kill", "sigterm_in_validation", "usr1_in_validation"])
 def test_resume_redoes_the_validation_of_its_step_so_early_stopping_and_logs_match(tmp, corpus_dir, tokenizer_dir,
                                                                                   stopped_early, fault):
     """sigterm: SIGTERM after step 2 saves last.ckpt before step 2's validation and exits; that
     validation never ran. kill: SIGKILL mid-step 3, after step 2's validation ran; the resume starts
     from step 2's checkpoint, written before it (the best checkpoint's mode is max, so no file of step 2
-    was written after its validation: `last` would take that one and need no redo). Either way the resumed run validates step 2 first, so
+    was written after its validation: `last` would take that one and need no redo). *_in_validation:
+    SIGTERM, or SLURM's SIGUSR1 under a (simulated) SLURM job, after the first of step 2's 2
+    validation batches: saved and stopped there (before: after the validation and step 3), with no
+    row of that validation; the USR1 job is requeued (exit 0) and its requeue resumes from
+    hpc_ckpt_1.ckpt. Either way the resumed run validates step 2 first, so
     every validation row (logger step and value) equals the uninterrupted run's, early stopping stops
     at the same step, and the weights are the same. Without the redo it stopped a step later."""
     step, ref_vals, ref_weights = stopped_early
     config = write_config(tmp, corpus_dir, tokenizer_dir, f"stop_{fault}")
     root = run_dir(config)
     args = [*EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root)]
-    if fault == "sigterm":
+    env = None
+    if fault == "usr1_in_validation":
+        bin_dir = tmp / f"bin_{fault}"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {bin_dir}/calls\n")
+        (bin_dir / "scontrol").chmod(0o755)
+        env = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "gpt2dist", "SLURM_JOB_ID": "4243", "SLURM_PROCID": "0",
+               "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_RESTART_COUNT": "0",
+               "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    if fault.endswith("_in_validation"):
+        signal_in = {"class_path": "fault_plugins.SignalInValidation",
+                     "init_args": {"step": 2, "batch": 0, "signum": "USR1" if env else "TERM"}}
+        p = cli(config, *args, "--config", str(overlay(root, signal_in)), env=env)
+        assert p.returncode == (0 if env else 143), p.stderr[-3000:]
+        assert "stopped during the validation of step 2" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert val_rows(root) == ref_vals[:1] and not (root / "hf_model").exists()
+        if env:
+            assert (bin_dir / "calls").read_text() == "requeue 4243\n"
+            assert torch.load(root / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 2
+            p = ok(cli(config, *args, *traced(config), env={**env, "SLURM_RESTART_COUNT": "1"}))  # the requeued job
+            assert f"resume: {root / 'hpc_ckpt_1.ckpt'} (global_step 2" in p.stderr, p.stderr[-3000:]
+            rows = val_rows(root, last_only=True)
+            assert rows == ref_vals[1:], (rows, ref_vals)
+            assert f"early stopping at step {step}:" in p.stderr + p.stdout
+            assert_bitwise(weights(root), ref_weights, first_parting(root / "trace.txt", tmp / "stop_ref" / "trace.txt"))
+            return
+    elif fault == "sigterm":
         p = cli(config, *args, "--config", str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 2}})))
         assert p.returncode == 143, p.stderr[-3000:]
         assert val_rows(root) == ref_vals[:1]  # step 1's only
@@ -1044,24 +1074,30 @@ def test_an_early_stopped_run_stays_stopped_on_resume_unless_patience_is_raised(
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == again > step
 
 
-def test_ddp_sigterm_at_a_validation_step_resumes_with_that_validation(tmp, corpus_dir, tokenizer_dir):
-    """DDP x2, SIGTERM to rank 1 after step 2: both ranks save before that step's validation and exit;
-    the resumed ranks validate that step first, together, and the run stops early where the
-    uninterrupted DDP run did, with its validation rows and weights."""
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_ddp_sigterm_at_a_validation_step_resumes_with_that_validation(tmp, corpus_dir, tokenizer_dir, where):
+    """DDP x2, SIGTERM to rank 1 after step 2 (step), or after the first of its batches of step 2's
+    validation (validation): both ranks save before that step's validation (or stop it after that
+    batch, as one) and exit; the resumed ranks validate that step first, together, and the run stops
+    early where the uninterrupted DDP run did, with its validation rows and weights."""
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")]
-    ref = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_stop_ref", devices=2)
-    ok(cli(ref, *ddp, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(run_dir(ref))))
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_stop_ref", devices=2, keep=True)
+    if not (run_dir(ref) / "hf_model").exists():  # one reference for both cases
+        ok(cli(ref, *ddp, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(run_dir(ref))))
     ref_vals = val_rows(run_dir(ref))
     stop = stop_step([v for _, v in ref_vals], 2, rising=True)
     assert len(ref_vals) == stop < STEPS
-    config = write_config(tmp, corpus_dir, tokenizer_dir, "ddp_stop_sigterm", devices=2)
+    config = write_config(tmp, corpus_dir, tokenizer_dir, f"ddp_stop_sigterm_{where}", devices=2)
     root = run_dir(config)
     args = [*ddp, *EVERY_STEP, *STOP_WHEN_NOT_RISING, *csv_logger(root)]
-    p = cli(config, *args, "--config",
-            str(overlay(root, {"class_path": "fault_plugins.TermAt", "init_args": {"step": 2, "rank": 1}})), timeout=180)
+    plugin = ({"class_path": "fault_plugins.TermAt", "init_args": {"step": 2, "rank": 1}} if where == "step" else
+              {"class_path": "fault_plugins.SignalInValidation", "init_args": {"step": 2, "rank": 1}})
+    p = cli(config, *args, "--config", str(overlay(root, plugin)), timeout=180)
     assert p.returncode == 143, (p.returncode, p.stderr[-3000:])
     saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert saved in (2, 3) and saved <= stop and val_rows(root) == ref_vals[: saved - 1]
+    assert saved in ((2, 3) if where == "step" else (2,)) and saved <= stop and val_rows(root) == ref_vals[: saved - 1]
+    if where == "validation":
+        assert "stopped during the validation of step 2" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
     resume(config, *args)
     assert val_rows(root) == ref_vals  # the saved step's validation included, none twice
     # Tokens of both ranks: 4 sequences x 32 tokens per step, as with one process; counted on across the resume.

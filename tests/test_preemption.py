@@ -4,6 +4,7 @@ to one DDP rank, SLURM's SIGUSR1 requeue, 2-node scancel) are in test_faults.py 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -132,3 +133,135 @@ def test_a_sigterm_between_lightnings_handler_registration_and_train_start_is_on
     finally:
         trainer._signal_connector.teardown()
         preemption._sigterm.clear()
+
+
+class _Validations:
+    """Records (global_step, batches run) of each fit validation, and puts a signal in the recorders
+    after validation batch `batch` of step `step` (or, with batch None, at the start of that step's
+    training batch: the step-boundary path)."""
+
+    def __new__(cls, signum: int, step: int, batch: int | None):
+        import lightning.pytorch as pl
+
+        from gpt2dist import preemption
+
+        class Callback(pl.Callback):
+            def __init__(self):
+                self.runs: list[list[int]] = []
+                self.sent = False
+
+            def _send(self):
+                self.sent = True
+                (preemption._received if signum == signal.SIGUSR1 else preemption._sigterm).append(signum)
+
+            def on_train_batch_start(self, trainer, *args):
+                if batch is None and trainer.global_step == step - 1 and not self.sent:
+                    self._send()
+
+            def on_validation_start(self, trainer, *args):
+                if not trainer.sanity_checking:
+                    self.runs.append([trainer.global_step, 0])
+
+            def on_validation_batch_end(self, trainer, pl_module, outputs, b, batch_idx, dataloader_idx=0):
+                if trainer.sanity_checking:
+                    return
+                self.runs[-1][1] += 1
+                if batch is not None and trainer.global_step == step and batch_idx == batch and not self.sent:
+                    self._send()
+
+        return Callback()
+
+
+def _fit(tmp_path, *callbacks, ckpt_path=None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from gpt2dist.faults import FaultTolerance
+
+    pl.seed_everything(7)
+
+    class UnderSlurm(Preemption):
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            self._active = True  # as SLURMEnvironment with auto_requeue turns it on
+
+    model = BoringModel()
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[*callbacks, FaultTolerance(), UnderSlurm()], default_root_dir=tmp_path,
+                         max_steps=6, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=4,
+                         num_sanity_val_steps=0, accelerator="cpu", deterministic=True)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("how", ["term", "usr1", "usr1-refused"])
+def test_a_signal_during_fits_validation_stops_after_that_batch_and_the_resume_redoes_it(tmp_path, monkeypatch, how):
+    """A signal during step 4's validation (4 batches) was acted on only after the rest of it and one
+    more training step: a long validation outlasted SLURM's 90 s warning and the job died unsaved.
+    Now every rank saves after the current validation batch and leaves: the checkpoint is the one
+    the step-4 boundary writes (a signal there gives the same file), the process exits 143
+    (SIGTERM), 0 (requeued) or 138 (requeue refused, with one line naming the checkpoint), and the
+    resumed run validates step 4 again from its first batch and ends as the uninterrupted run."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from gpt2dist import preemption
+    from gpt2dist.preemption import RequeueStop
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\n" + (
+        "echo 'Requeue of job 42 disabled' >&2\nexit 1\n" if how == "usr1-refused" else "exit 0\n"))
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    signum = signal.SIGTERM if how == "term" else signal.SIGUSR1
+
+    reference = _Validations(signum, step=99, batch=None)
+    _fit(tmp_path / "ref", reference)
+    assert reference.runs == [[2, 4], [4, 4], [6, 4]]
+
+    saved = {}
+    for where, batch in (("boundary", None), ("validation", 1)):
+        record = _Validations(signum, step=4, batch=batch)
+        (bin_dir / "calls").unlink(missing_ok=True)
+        if how != "term" and where == "boundary":
+            trainer = _fit(tmp_path / where, record)  # Lightning's stop request: fit returns
+            assert trainer.global_step == 4 and record.runs == [[2, 4]]
+        else:
+            with pytest.raises(SystemExit) as stop:
+                _fit(tmp_path / where, record)
+            assert type(stop.value) is (SIGTERMException if how == "term" else RequeueStop)
+        assert not preemption._received and not preemption._sigterm
+        saved[where] = tmp_path / where / ("checkpoints/last.ckpt" if how == "term" else "hpc_ckpt_1.ckpt")
+        if how != "term":
+            assert (bin_dir / "calls").read_text() == "requeue 42\n"
+        if where == "validation":
+            assert record.runs == [[2, 4], [4, 2]]  # stopped after batch 1, not after batch 3 and step 5
+            if how != "term":
+                assert stop.value.code == (138 if how == "usr1-refused" else 0)
+                assert stop.value.message is None if how == "usr1" else stop.value.message.startswith(
+                    f"stopped by SLURM's preemption signal at step 4 and saved {saved[where]}, "
+                    "but `scontrol requeue 42` failed (Requeue of job 42 disabled)")
+    boundary, during = (torch.load(saved[w], weights_only=False) for w in ("boundary", "validation"))
+    assert during["global_step"] == 4
+    assert during["loops"] == boundary["loops"]
+    for key in ("state_dict", "optimizer_states", "callbacks"):
+        assert str(during[key]) == str(boundary[key]), key  # (tensors printed: same values, same run)
+
+    # The redone validation is cut short by a signal too: the same checkpoint again.
+    again = _Validations(signum, step=4, batch=1)
+    with pytest.raises(SystemExit):
+        _fit(tmp_path / "validation", again, ckpt_path=str(saved["validation"]))
+    assert again.runs == [[4, 2]]
+    path = tmp_path / "validation" / ("checkpoints/last.ckpt" if how == "term" else "hpc_ckpt_2.ckpt")
+    loops = torch.load(path, weights_only=False)["loops"]
+    # Only the count of the validation before step 4 differs (0 here): the resume's redo had reset it,
+    # and a resume never reads it (a redo resets it, and a validation that is not redone starts afresh).
+    for saved_loops in (loops, boundary["loops"]):
+        saved_loops["fit_loop"]["epoch_loop.val_loop.batch_progress"]["current"] = None
+    assert loops == boundary["loops"]
+    # (The weights of a resumed BoringModel are not compared: its plain DataLoader restarts the epoch.
+    # test_faults.py resumes the real model from a signal mid-validation, bitwise.)
+    resumed = _Validations(signum, step=99, batch=None)
+    trainer = _fit(tmp_path / "validation", resumed, ckpt_path=str(path))
+    assert resumed.runs == [[4, 4], [6, 4]] and trainer.global_step == 6  # step 4's validation again, whole
