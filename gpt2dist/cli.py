@@ -38,9 +38,9 @@ from gpt2dist.model import GPT2Module
 from gpt2dist.monitor import SampleLogger, TrainMonitor
 from gpt2dist.preemption import Preemption, RequeueStop, install_early_handler
 from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoint_fits_strategy,
-                             check_explicit_checkpoint, checkpoint_progress, is_deepspeed_folder, newest_checkpoint,
-                             no_hpc_autoload, recorded_start, record_start, resolve_ckpt_path,
-                             resolve_eval_ckpt_path)
+                             check_explicit_checkpoint, checkpoint_progress, hold_run_folder, is_deepspeed_folder,
+                             newest_checkpoint, no_hpc_autoload, recorded_start, record_start, release_run_folders,
+                             resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_dir_in_run_folder, wandb_error_message
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,11 @@ class GPT2CLI(LightningCLI):
         # `best`: the best_checkpoint file, then as an explicit file (a rollback to it; a requeue goes on
         # past it). Lightning's `best` knows no best in a new process and took the first callback's.
         root = self.trainer.default_root_dir
+        environment = self.trainer._accelerator_connector.cluster_environment
+        if self.trainer.is_global_zero and environment.local_rank() == 0 and environment.node_rank() == 0:
+            # Rank 0 only (Lightning's launcher process itself, or srun's / torchrun's rank 0): a refusal
+            # here ends the job before the others meet it (`srun --kill-on-bad-exit`, torchrun's agent).
+            hold_run_folder(root)  # before the W&B run, the config file and the checkpoints are touched
         remove_stale_hpc_temporaries(root)  # before Lightning or we read the folder
         ckpt_path = config.get("ckpt_path")
         fresh = False
@@ -363,6 +368,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"gpt2dist: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
+        release_run_folders()
         # Tear the process group down before interpreter exit: a gloo group left to the atexit
         # handlers sometimes aborts the rank whose peer exited first (seen ~1 in 8 two-node runs).
         import torch.distributed as dist

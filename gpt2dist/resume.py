@@ -27,6 +27,11 @@ Checkpoint choice (`resolve_ckpt_path`, applied by the CLI before `fit`):
   (`record_start`): requeued before train start (preempted in data preparation), it starts as
   first asked, not from the folder's newest checkpoint, which is still the other run's.
 
+One fit per run folder: rank 0 holds a lock on `<default_root_dir>/.gpt2dist-lock` from before fit
+(`hold_run_folder`, before the W&B run, the config file or any checkpoint is touched) until it ends.
+A second fit in that folder (the same job submitted twice) would set the first one's checkpoints
+aside, overwrite its last.ckpt and resume its steps; it stops with one line naming the holder instead.
+
 Every rank resolves the choice itself, so a fit on 2+ ranks first checks that all of them see one run
 folder and resume the same step (`check_ranks_share_the_run`, from FaultTolerance.setup): a node-local
 default_root_dir would otherwise let one node resume while another starts fresh.
@@ -36,6 +41,8 @@ Stop signals (SLURM's SIGUSR1, SIGTERM) are handled in `gpt2dist/preemption.py`.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import re
@@ -275,6 +282,72 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
 
 
 START_RECORD = ".gpt2dist-start.json"
+
+
+RUN_LOCK = ".gpt2dist-lock"
+_HELD: dict[str, int] = {}  # run folder -> the open lock file this process holds a lock through
+
+
+def _job() -> str | None:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"SLURM job {array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"SLURM job {os.environ['SLURM_JOB_ID']}"
+    return f"torchrun {os.environ['TORCHELASTIC_RUN_ID']}" if os.environ.get("TORCHELASTIC_RUN_ID") else None
+
+
+def hold_run_folder(root_dir: str | Path) -> None:
+    """Rank 0 of a fit: lock `<root_dir>/.gpt2dist-lock` for as long as this process fits there; another
+    fit holding it is a ConfigError naming it. A POSIX lock (fcntl): the kernel drops it when the
+    process ends, however it ends (SIGKILL, a node reboot for NFS's lock manager), so no stale lock
+    survives a crash; forked data workers do not inherit it; NFS and most cluster filesystems share it
+    across nodes. A filesystem without locks (Lustre mounted without `flock`) gets a warning, no check.
+    Closing any descriptor of the file drops a POSIX lock, so this process never opens it twice."""
+    if "://" in str(root_dir) or os.name == "nt":
+        return
+    import fcntl
+
+    root = Path(root_dir).expanduser().resolve()
+    if str(root) in _HELD:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # the folder itself was checked writable before (check_writable)
+        log.warning("cannot open %s (%s): a second fit in this run folder at the same time is not detected",
+                    path, e.strerror or e)
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        held = e.errno in (errno.EACCES, errno.EAGAIN)
+        holder = os.pread(fd, 4096, 0).decode(errors="replace") if held else ""
+        os.close(fd)
+        if not held:
+            log.warning("cannot lock %s (%s): this filesystem has no file locks, so a second fit in this run "
+                        "folder at the same time is not detected", path, e.strerror or e)
+            return
+        try:
+            h = json.loads(holder)
+            who = ", ".join(x for x in (f"pid {h['pid']} on {h['host']}", h.get("job"), f"since {h['since']}") if x)
+        except (ValueError, KeyError, TypeError):
+            who = "its process is still starting"
+        raise ConfigError(f"run folder {root} is in use by another fit ({who}): two fits in one folder set aside, "
+                          "overwrite and resume each other's checkpoints; wait for it to end or stop it, or set "
+                          "trainer.default_root_dir to another folder") from None
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    _HELD[str(root)] = fd
+
+
+def release_run_folders() -> None:
+    """End of fit (cli.main): let the next fit in those folders start, in this process or another."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])  # closing the descriptor drops the lock
 
 
 def record_start(root_dir: str | Path, ckpt_path: str | None, fresh: bool) -> None:

@@ -169,6 +169,23 @@ class SignalInValidation(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class WaitAtTrainStart(Callback):
+    """Touches `path`.reached at train start, then waits (up to 120 s) until `path` exists: a fit that is
+    still running while the test starts another."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import time
+        from pathlib import Path
+
+        Path(self.path + ".reached").touch()
+        deadline = time.monotonic() + 120
+        while not Path(self.path).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 class RecordBatches(Callback):
     """Append `global_step epoch batch_idx digest` to `path` for every training micro-batch (rank 0):
     which data a run saw, in which order. With `trace`, also `global_step epoch batch_idx loss weights rng

@@ -1341,3 +1341,36 @@ def test_hpc_checkpoint_temporaries_never_look_like_hpc_checkpoints_to_lightning
     monkeypatch.setattr(os, "replace", lambda s, d: (seen.append(Path(s).name), real(s, d)))
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1)}, tmp_path / "hpc_ckpt_1.ckpt")
     assert seen == [f".hpc-ckpt-1.ckpt.tmp-{os.getpid()}"] and "hpc_ckpt_" not in seen[0]
+
+
+def test_a_second_fit_in_a_running_fits_folder_stops_with_one_line_and_touches_nothing(tmp, corpus_dir, tokenizer_dir):
+    """The same job submitted twice: the second fit would set the first's checkpoints aside (it starts
+    behind them), overwrite its config and last.ckpt, and a resume of either would take the other's
+    steps. It stops before touching the folder, naming the fit that holds it; the first finishes."""
+    import threading
+    import time
+
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "two_fits")
+    root = run_dir(config)
+    gate = root.parent / "two_fits.gate"
+    first: dict = {}
+    wait = overlay(root, {"class_path": "fault_plugins.WaitAtTrainStart", "init_args": {"path": str(gate)}})
+    thread = threading.Thread(target=lambda: first.update(p=cli(config, "--config", str(wait))))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not Path(str(gate) + ".reached").exists() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert Path(str(gate) + ".reached").exists(), first.get("p") and first["p"].stderr[-3000:]
+        before = {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+        second = cli(config)
+        assert second.returncode == 2, second.stderr[-3000:]
+        [line] = [l for l in second.stderr.splitlines() if l.startswith("gpt2dist: error:")]
+        assert line.startswith(f"gpt2dist: error: run folder {root.resolve()} is in use by another fit (pid "), line
+        assert {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+    finally:
+        gate.touch()
+        thread.join()
+    ok(first["p"])
+    assert (root / "hf_model").is_dir() and torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
+    ok(cli(config, "--ckpt_path", "last"))  # the folder is free again: nothing left to train, and it says so

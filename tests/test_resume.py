@@ -385,3 +385,48 @@ def test_lightning_hpc_checkpoint_is_the_largest_number_not_the_newest_name(root
         save(root / f"hpc_ckpt_{n}.ckpt", n, n)
     (root / "hpc_ckpt_x.ckpt").write_text("")  # not Lightning's name
     assert lightning_hpc_checkpoint(root) == root / "hpc_ckpt_10.ckpt"  # 10 > 9, though "9" sorts after "10"
+
+
+def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path):
+    """A second process locking a run folder another holds gets one line naming the holder (pid, host,
+    SLURM job); a holder killed with SIGKILL leaves no lock behind; a second call in the holding process
+    keeps the lock (a POSIX lock drops when any descriptor of the file closes), and release frees it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from gpt2dist.errors import ConfigError
+    from gpt2dist.resume import hold_run_folder, release_run_folders
+
+    folder = tmp_path / "run"
+    script = ("import sys, time\nfrom gpt2dist.resume import hold_run_folder\n"
+              "try:\n    hold_run_folder(sys.argv[1])\nexcept Exception as e:\n    print(e, flush=True); sys.exit(2)\n"
+              "print('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n")
+
+    def other(wait_s: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, str(folder), str(wait_s)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "SLURM_JOB_ID": "777"})
+
+    holder = other(120)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError) as refused:
+            hold_run_folder(folder)
+        assert str(refused.value).startswith(f"run folder {folder.resolve()} is in use by another fit "
+                                             f"(pid {holder.pid} on {socket.gethostname()}, SLURM job 777, since ")
+        assert "set trainer.default_root_dir to another folder" in str(refused.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    hold_run_folder(folder)  # the killed holder's lock went with it
+    try:
+        hold_run_folder(folder)  # again in this process: a no-op that must not drop the lock
+        p = other(0)
+        assert p.communicate(timeout=60)[0].startswith(f"run folder {folder.resolve()} is in use by another fit (pid {os.getpid()}")
+        assert p.returncode == 2
+    finally:
+        release_run_folders()
+    p = other(0)
+    assert p.communicate(timeout=60)[0] == "held\n" and p.returncode == 0
