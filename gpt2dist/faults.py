@@ -249,14 +249,15 @@ class FaultTolerance(Callback):
         state: dict[str, Any] = {"skipped": self.skipped, "consecutive": self.consecutive}
         if self.save_rng_state:
             own = self._train_rng
-            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            world = torch.distributed.get_world_size() if distributed else 1
             if own is None and self._pending_rng is not None and len(self._pending_rng) == world:
                 # Resumed, before the first training batch applied it (a redone validation's save, an
                 # early stop there): the checkpoint's state is training's, not what validation drew since.
                 own = self._pending_rng[torch.distributed.get_rank() if world > 1 else 0]
             own = own or _rng_state()
             # Called on every rank by Trainer.save_checkpoint; rank 0's copy is what gets written.
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if distributed:
                 states: list = [None] * torch.distributed.get_world_size()
                 torch.distributed.all_gather_object(states, own)
             else:

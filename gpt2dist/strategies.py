@@ -357,7 +357,7 @@ def is_zero3_partitioned(model: torch.nn.Module) -> bool:
 
 
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def _post_order(module: torch.nn.Module):
