@@ -171,8 +171,11 @@ class Preemption(Callback):
         self.sigterm_path: str | None = None  # the checkpoint saved on SIGTERM
         self._mid_validation = False  # saving during fit's validation: see on_save_checkpoint
         self._val_progress_at_step: dict | None = None
+        self._loaded_loops: dict | None = None  # the resumed checkpoint's, until the first training batch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._loaded_loops = None  # a second fit with this callback: only its own checkpoint counts
         if self.enabled and os.name != "nt":
             # Lightning registers its SIGTERM handlers after setup, just before the stage runs: with its
             # notifier swapped now, ours is what it registers. Else until the hooks below replace it (no
@@ -203,7 +206,13 @@ class Preemption(Callback):
             log.info("cluster environment: %s (world size %d); requeue on preemption signal: %s",
                      type(env).__name__, trainer.world_size, how)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        # A resume may redo its step's validation before any training batch: a save during it is this
+        # checkpoint again, loops included (the live ones are already past the reset of a resume).
+        self._loaded_loops = copy.deepcopy(checkpoint.get("loops"))
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._loaded_loops = None  # trained past the loaded checkpoint
         # Only at optimizer-step boundaries: a mid-accumulation checkpoint would lose the partial gradients.
         if not self.enabled or self.requeued or self.sigterm_path or trainer.global_step == self._last_step:
             return
@@ -248,7 +257,10 @@ class Preemption(Callback):
         usr1, term = agree_on_flags([self._active and bool(_received), bool(_sigterm)])
         if not (usr1 or term):
             return
-        if _run_ends_at_this_step(trainer):
+        loop = trainer.fit_loop
+        redone_last = (self._loaded_loops is not None and loop.max_epochs is not None  # a redo: epoch rolled over
+                       and _is_max_limit_reached(trainer.current_epoch, loop.max_epochs))
+        if _run_ends_at_this_step(trainer) or redone_last:
             _received.clear()  # the last step's validation: the run finishes as usual (see on_train_batch_end)
             return
         self._mid_validation = True
@@ -282,6 +294,11 @@ class Preemption(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
         if not self._mid_validation:
+            return
+        if self._loaded_loops is not None:
+            # The resumed step's redone validation: at an epoch's last batch, Lightning's resume has already
+            # rolled the epoch over, and loops patched from the live ones would skip the validation next time.
+            checkpoint["loops"] = copy.deepcopy(self._loaded_loops)
             return
         # Saved mid-validation: write the loops as the step boundary before it left them. The training
         # batch reads as not yet completed (Lightning's "saved on train batch end", which FaultTolerance

@@ -300,10 +300,13 @@ def _job() -> str | None:
 def hold_run_folder(root_dir: str | Path) -> None:
     """Rank 0 of a fit: lock `<root_dir>/.gpt2dist-lock` for as long as this process fits there; another
     fit holding it is a ConfigError naming it. A POSIX lock (fcntl): the kernel drops it when the
-    process ends, however it ends (SIGKILL, a node reboot for NFS's lock manager), so no stale lock
-    survives a crash; forked data workers do not inherit it; NFS and most cluster filesystems share it
-    across nodes. A filesystem without locks (Lustre mounted without `flock`) gets a warning, no check.
-    Closing any descriptor of the file drops a POSIX lock, so this process never opens it twice."""
+    process ends, however it ends (SIGKILL included); forked data workers do not inherit it; NFS's lock
+    manager shares it across nodes. A crashed node's lock can outlive it on NFS (until its lease ends,
+    or the node reboots): a requeued SLURM job that finds its own earlier run holding it (SLURM ends a
+    job before requeuing it) takes the lock over on a fresh file. A filesystem without locks (Lustre
+    mounted without `flock`) gets a warning and no check; node-local locks (NFS `nolock`, Lustre
+    `localflock`) guard one node only. Closing any descriptor of the file drops a POSIX lock, so this
+    process never opens it twice."""
     if "://" in str(root_dir) or os.name == "nt":
         return
     import fcntl
@@ -313,34 +316,48 @@ def hold_run_folder(root_dir: str | Path) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     path = root / RUN_LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # the folder itself was checked writable before (check_writable)
-        log.warning("cannot open %s (%s): a second fit in this run folder at the same time is not detected",
-                    path, e.strerror or e)
-        return
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        held = e.errno in (errno.EACCES, errno.EAGAIN)
-        holder = os.pread(fd, 4096, 0).decode(errors="replace") if held else ""
-        os.close(fd)
-        if not held:
-            log.warning("cannot lock %s (%s): this filesystem has no file locks, so a second fit in this run "
-                        "folder at the same time is not detected", path, e.strerror or e)
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # the folder itself was checked writable before (check_writable)
+            log.warning("cannot open %s (%s): a second fit in this run folder at the same time is not detected",
+                        path, e.strerror or e)
             return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            held = e.errno in (errno.EACCES, errno.EAGAIN)
+            holder = os.pread(fd, 4096, 0).decode(errors="replace") if held else ""
+            os.close(fd)
+            if not held:
+                log.warning("cannot lock %s (%s): this filesystem has no file locks, so a second fit in this run "
+                            "folder at the same time is not detected", path, e.strerror or e)
+                return
         try:
             h = json.loads(holder)
             who = ", ".join(x for x in (f"pid {h['pid']} on {h['host']}", h.get("job"), f"since {h['since']}") if x)
         except (ValueError, KeyError, TypeError):
-            who = "its process is still starting"
+            h, who = {}, "its process is still starting"
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if attempt == 0 and restarts > 0 and _job() and h.get("job") == _job():
+            # This job's own earlier run, ended by SLURM before this requeue: a lock left by its crashed
+            # node. A fresh file under the name is a new lock (the stale one stays on the old file).
+            log.warning("run folder lock %s is still held by this job's earlier run (%s), which SLURM ended before "
+                        "requeue %d (a crashed node's lock): taking it over", path, who, restarts)
+            tmp = root / f"{RUN_LOCK}.tmp-{os.getpid()}"
+            tmp.write_text("")
+            os.replace(tmp, path)
+            continue
         raise ConfigError(f"run folder {root} is in use by another fit ({who}): two fits in one folder set aside, "
                           "overwrite and resume each other's checkpoints; wait for it to end or stop it, or set "
-                          "trainer.default_root_dir to another folder") from None
+                          f"trainer.default_root_dir to another folder (if it is no longer running, its node crashed: "
+                          f"remove {path})") from None
     record = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job(),
               "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
+    os.fsync(fd)  # another node reads the holder from it
     _HELD[str(root)] = fd
 
 

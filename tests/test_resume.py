@@ -387,10 +387,11 @@ def test_lightning_hpc_checkpoint_is_the_largest_number_not_the_newest_name(root
     assert lightning_hpc_checkpoint(root) == root / "hpc_ckpt_10.ckpt"  # 10 > 9, though "9" sorts after "10"
 
 
-def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path):
+def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path, monkeypatch):
     """A second process locking a run folder another holds gets one line naming the holder (pid, host,
     SLURM job); a holder killed with SIGKILL leaves no lock behind; a second call in the holding process
     keeps the lock (a POSIX lock drops when any descriptor of the file closes), and release frees it."""
+    import json
     import os
     import signal
     import socket
@@ -407,7 +408,7 @@ def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path):
 
     def other(wait_s: float) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", script, str(folder), str(wait_s)], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "SLURM_JOB_ID": "777"})
+                                env={**os.environ, "SLURM_JOB_ID": "777", "SLURM_RESTART_COUNT": "0"})
 
     holder = other(120)
     try:
@@ -416,7 +417,21 @@ def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path):
             hold_run_folder(folder)
         assert str(refused.value).startswith(f"run folder {folder.resolve()} is in use by another fit "
                                              f"(pid {holder.pid} on {socket.gethostname()}, SLURM job 777, since ")
-        assert "set trainer.default_root_dir to another folder" in str(refused.value)
+        assert f"set trainer.default_root_dir to another folder (if it is no longer running, its node crashed: " \
+               f"remove {folder.resolve() / '.gpt2dist-lock'})" in str(refused.value)
+        # The same SLURM job, requeued: the holder is its own earlier run, which SLURM ended (a lock a
+        # crashed node left on NFS): taken over on a fresh file. Not on the job's first start.
+        monkeypatch.setenv("SLURM_JOB_ID", "777")
+        with pytest.raises(ConfigError, match="is in use by another fit"):
+            hold_run_folder(folder)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        hold_run_folder(folder)
+        p = other(0)
+        assert p.communicate(timeout=60)[0].startswith(f"run folder {folder.resolve()} is in use by another fit (pid {os.getpid()}")
+        release_run_folders()  # (before this process opens the file itself: that would drop the lock)
+        assert json.loads((folder / ".gpt2dist-lock").read_text())["job"] == "SLURM job 777"
+        monkeypatch.delenv("SLURM_RESTART_COUNT")
+        monkeypatch.delenv("SLURM_JOB_ID")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
