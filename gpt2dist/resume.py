@@ -306,7 +306,7 @@ def hold_run_folder(root_dir: str | Path) -> None:
     job before requeuing it) takes the lock over on a fresh file. A filesystem without locks (Lustre
     mounted without `flock`) gets a warning and no check; node-local locks (NFS `nolock`, Lustre
     `localflock`) guard one node only. Closing any descriptor of the file drops a POSIX lock, so this
-    process never opens it twice."""
+    process never opens it twice. The holder removes the file when it ends (release_run_folders)."""
     if "://" in str(root_dir) or os.name == "nt":
         return
     import fcntl
@@ -316,7 +316,8 @@ def hold_run_folder(root_dir: str | Path) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     path = root / RUN_LOCK
-    for attempt in range(2):
+    took_over = False
+    for _ in range(10):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # the folder itself was checked writable before (check_writable)
@@ -325,7 +326,6 @@ def hold_run_folder(root_dir: str | Path) -> None:
             return
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
         except OSError as e:
             held = e.errno in (errno.EACCES, errno.EAGAIN)
             holder = os.pread(fd, 4096, 0).decode(errors="replace") if held else ""
@@ -334,13 +334,22 @@ def hold_run_folder(root_dir: str | Path) -> None:
                 log.warning("cannot lock %s (%s): this filesystem has no file locks, so a second fit in this run "
                             "folder at the same time is not detected", path, e.strerror or e)
                 return
+        else:
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder removed that file as it ended (or a takeover replaced it): try the name again
+            continue
         try:
             h = json.loads(holder)
             who = ", ".join(x for x in (f"pid {h['pid']} on {h['host']}", h.get("job"), f"since {h['since']}") if x)
         except (ValueError, KeyError, TypeError):
             h, who = {}, "its process is still starting"
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-        if attempt == 0 and restarts > 0 and _job() and h.get("job") == _job():
+        if not took_over and restarts > 0 and _job() and h.get("job") == _job():
             # This job's own earlier run, ended by SLURM before this requeue: a lock left by its crashed
             # node. A fresh file under the name is a new lock (the stale one stays on the old file).
             log.warning("run folder lock %s is still held by this job's earlier run (%s), which SLURM ended before "
@@ -348,11 +357,16 @@ def hold_run_folder(root_dir: str | Path) -> None:
             tmp = root / f"{RUN_LOCK}.tmp-{os.getpid()}"
             tmp.write_text("")
             os.replace(tmp, path)
+            took_over = True
             continue
         raise ConfigError(f"run folder {root} is in use by another fit ({who}): two fits in one folder set aside, "
                           "overwrite and resume each other's checkpoints; wait for it to end or stop it, or set "
                           f"trainer.default_root_dir to another folder (if it is no longer running, its node crashed: "
                           f"remove {path})") from None
+    else:
+        log.warning("could not lock %s: it was replaced 10 times while locking; a second fit in this run folder at "
+                    "the same time is not detected", path)
+        return
     record = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job(),
               "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     os.ftruncate(fd, 0)
@@ -362,9 +376,16 @@ def hold_run_folder(root_dir: str | Path) -> None:
 
 
 def release_run_folders() -> None:
-    """End of fit (cli.main): let the next fit in those folders start, in this process or another."""
+    """End of fit (cli.main): remove the lock files this process holds and drop the locks, so the next fit
+    in those folders starts (a fit that opened the file meanwhile sees it gone and takes the name again)."""
     while _HELD:
-        os.close(_HELD.popitem()[1])  # closing the descriptor drops the lock
+        root, fd = _HELD.popitem()
+        try:
+            if os.stat(Path(root) / RUN_LOCK).st_ino == os.fstat(fd).st_ino:
+                os.unlink(Path(root) / RUN_LOCK)  # still holding the lock: nobody holds that file after us
+        except OSError:
+            pass  # gone already, or a takeover replaced it: leave the name to its holder
+        os.close(fd)  # drops the lock
 
 
 def record_start(root_dir: str | Path, ckpt_path: str | None, fresh: bool) -> None:

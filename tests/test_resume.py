@@ -390,8 +390,8 @@ def test_lightning_hpc_checkpoint_is_the_largest_number_not_the_newest_name(root
 def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path, monkeypatch):
     """A second process locking a run folder another holds gets one line naming the holder (pid, host,
     SLURM job); a holder killed with SIGKILL leaves no lock behind; a second call in the holding process
-    keeps the lock (a POSIX lock drops when any descriptor of the file closes), and release frees it."""
-    import json
+    keeps the lock (a POSIX lock drops when any descriptor of the file closes), and release frees it
+    and removes the file (a failed fit leaves its folder as it was)."""
     import os
     import signal
     import socket
@@ -427,9 +427,10 @@ def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path, monkeyp
         monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
         hold_run_folder(folder)
         p = other(0)
-        assert p.communicate(timeout=60)[0].startswith(f"run folder {folder.resolve()} is in use by another fit (pid {os.getpid()}")
-        release_run_folders()  # (before this process opens the file itself: that would drop the lock)
-        assert json.loads((folder / ".gpt2dist-lock").read_text())["job"] == "SLURM job 777"
+        assert p.communicate(timeout=60)[0].startswith(f"run folder {folder.resolve()} is in use by another fit "
+                                                       f"(pid {os.getpid()} on {socket.gethostname()}, SLURM job 777, ")
+        release_run_folders()
+        assert not (folder / ".gpt2dist-lock").exists()  # the holder removes it as it ends
         monkeypatch.delenv("SLURM_RESTART_COUNT")
         monkeypatch.delenv("SLURM_JOB_ID")
     finally:
@@ -443,5 +444,50 @@ def test_one_fit_per_run_folder_and_no_stale_lock_after_a_kill(tmp_path, monkeyp
         assert p.returncode == 2
     finally:
         release_run_folders()
+    assert not (folder / ".gpt2dist-lock").exists()
     p = other(0)
     assert p.communicate(timeout=60)[0] == "held\n" and p.returncode == 0
+
+
+def test_a_fit_that_opened_the_lock_file_as_its_holder_removed_it_locks_the_name_again(tmp_path, monkeypatch):
+    """The holder removes the lock file as it ends. A fit that opened the file just before (a new start
+    racing the end of the old fit) then locks the removed file: without a check of the name it would hold
+    a lock nobody sees, and a third fit would start beside it. It takes the name again."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from gpt2dist.resume import hold_run_folder, release_run_folders
+
+    folder = tmp_path / "run"
+    script = ("import sys\nfrom gpt2dist.resume import hold_run_folder, release_run_folders\n"
+              "try:\n    hold_run_folder(sys.argv[1])\nexcept Exception as e:\n    print(e, flush=True); sys.exit(2)\n"
+              "print('held', flush=True)\nsys.stdin.readline()\nrelease_run_folders()\nprint('released', flush=True)\n")
+
+    def other() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+
+    old = other()
+    assert old.stdout.readline() == "held\n"
+    real_lockf, raced = fcntl.lockf, []
+
+    def lockf_after_the_holder_ended(fd, flags):
+        if not raced:  # this fit has opened the old file: now its holder ends and removes it
+            raced.append(1)
+            old.stdin.write("\n")
+            old.stdin.flush()
+            assert old.stdout.readline() == "released\n"
+        return real_lockf(fd, flags)
+
+    monkeypatch.setattr(fcntl, "lockf", lockf_after_the_holder_ended)
+    try:
+        hold_run_folder(folder)
+        monkeypatch.undo()
+        third = other()
+        out = third.communicate("\n", timeout=60)[0]
+        assert out.startswith(f"run folder {folder.resolve()} is in use by another fit (pid {os.getpid()}") and raced, out
+    finally:
+        release_run_folders()
+        old.wait(timeout=60)
