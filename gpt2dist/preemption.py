@@ -231,15 +231,15 @@ class Preemption(Callback):
         if not (usr1 or term):
             return
         self._save_and_stop_others(trainer, usr1)
+        # No validation before the exit: a stop request makes Lightning run one at once (meant for early
+        # stopping), and a due one would run (a batch of it, under SIGTERM) inside the grace period for
+        # nothing. The resumed run validates this step first if one was due (FaultTolerance).
+        trainer.fit_loop.epoch_loop._skip_next_val = True
         if usr1:
             trainer.should_stop = True
             # Lightning ignores a stop request before trainer.min_steps / min_epochs; the job is leaving now
             # (the resumed run reads both from its config again).
             trainer.fit_loop.epoch_loop.min_steps, trainer.fit_loop.min_epochs = None, None
-            # A stop request makes Lightning run a validation at once (meant for early stopping): here it
-            # would spend SLURM's warning window before the exit, off schedule. The resumed run
-            # validates this step first if one was due (FaultTolerance).
-            trainer.fit_loop.epoch_loop._skip_next_val = True
         else:
             # Every rank at once: Lightning raises SIGTERMException at the end of this batch (exit 143).
             trainer._signal_connector.received_sigterm = True
