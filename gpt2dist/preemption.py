@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gpt2dist.resume import prune_requeue_checkpoints
+from gpt2dist.resume import prune_requeue_checkpoints, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +360,7 @@ class Preemption(Callback):
         if not trainer.is_global_zero:
             return
         prune_requeue_checkpoints(trainer.default_root_dir, self.hpc_path)
-        array_id = os.environ.get("SLURM_ARRAY_JOB_ID")
-        job_id = f"{array_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_id else os.environ["SLURM_JOB_ID"]
+        job_id = slurm_job_id()
         try:
             r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
             why = "" if r.returncode == 0 else (r.stderr.strip() or r.stdout.strip() or f"exit code {r.returncode}")

@@ -288,12 +288,17 @@ RUN_LOCK = ".gpt2dist-lock"
 _HELD: dict[str, int] = {}  # run folder -> the open lock file this process holds a lock through
 
 
-def _job() -> str | None:
+def slurm_job_id() -> str | None:
+    """This SLURM job's id as scontrol takes it: `123`, or `123_4` for task 4 of an array job."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"SLURM job {array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"SLURM job {os.environ['SLURM_JOB_ID']}"
+    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def _job() -> str | None:
+    if slurm_job_id():
+        return f"SLURM job {slurm_job_id()}"
     return f"torchrun {os.environ['TORCHELASTIC_RUN_ID']}" if os.environ.get("TORCHELASTIC_RUN_ID") else None
 
 

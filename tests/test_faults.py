@@ -159,6 +159,12 @@ def reference(tmp, corpus_dir, tokenizer_dir):
     return weights(tmp / "reference")
 
 
+def slurm_env(job_id: str) -> dict:
+    """What SLURM sets for a 1-task job (Lightning's SLURMEnvironment detects it), without a cluster."""
+    return {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "gpt2dist", "SLURM_JOB_ID": job_id, "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+
+
 def _copy_of_reference(tmp: Path, corpus_dir, tokenizer_dir, name: str) -> Path:
     """A config whose run folder holds the finished reference run's checkpoints (no export)."""
     import shutil
@@ -200,8 +206,7 @@ def test_a_job_requeued_before_train_start_starts_as_first_asked(tmp, corpus_dir
     root = run_dir(config)
     ck = root / "checkpoints"
     before = sorted(p.name for p in ck.glob("*.ckpt"))
-    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "gpt2dist", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "GPT2DIST_DEFAULT_CKPT_PATH": ""}
+    slurm = {**slurm_env("4242"), "GPT2DIST_DEFAULT_CKPT_PATH": ""}
     killed = cli(config, "--config", str(overlay(root, {"class_path": "fault_plugins.KillAt",
                                                         "init_args": {"step": 0, "when": "before_train"}})),
                  env={**slurm, "SLURM_RESTART_COUNT": "0"})
@@ -1007,9 +1012,7 @@ def test_resume_redoes_the_validation_of_its_step_so_early_stopping_and_logs_mat
         bin_dir.mkdir(exist_ok=True)
         (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {bin_dir}/calls\n")
         (bin_dir / "scontrol").chmod(0o755)
-        env = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "gpt2dist", "SLURM_JOB_ID": "4243", "SLURM_PROCID": "0",
-               "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_RESTART_COUNT": "0",
-               "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        env = {**slurm_env("4243"), "SLURM_RESTART_COUNT": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     if fault.endswith("_in_validation"):
         signal_in = {"class_path": "fault_plugins.SignalInValidation",
                      "init_args": {"step": 2, "batch": 0, "signum": "USR1" if env else "TERM"}}
