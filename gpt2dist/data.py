@@ -13,6 +13,7 @@ path/size/mtime, the tokenizer's content, the block size and the split settings.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -93,19 +94,70 @@ class BadFileError(DataError):
 
 
 def _decode(path: Path, raw: bytes) -> str:
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a Windows "Unicode" export: NUL bytes, but not binary
-        raise BadFileError(path, "is UTF-16 (byte order mark)", "convert it (e.g. iconv -f utf-16 -t utf-8)")
-    if b"\x00" in raw:  # anywhere: NUL is valid UTF-8, so a NUL-padded tail (a crashed writer) would be trained on
-        raise BadFileError(path, "looks binary (NUL bytes)", "remove it from the file list")
+    _check_bytes(path, raw, 0)
     try:
         return raw.decode("utf-8-sig")  # a leading UTF-8 byte order mark is not text: it would be a token
     except UnicodeDecodeError as e:
         raise BadFileError(path, f"not UTF-8 (byte {e.start})", "convert it (e.g. iconv -t utf-8)") from None
 
 
+def _check_bytes(path: Path, raw: bytes, offset: int) -> None:
+    """The binary checks of the file's bytes `raw`, which start at byte `offset`."""
+    if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a Windows "Unicode" export: NUL bytes, but not binary
+        raise BadFileError(path, "is UTF-16 (byte order mark)", "convert it (e.g. iconv -f utf-16 -t utf-8)")
+    if b"\x00" in raw:  # anywhere: NUL is valid UTF-8, so a NUL-padded tail (a crashed writer) would be trained on
+        raise BadFileError(path, "looks binary (NUL bytes)", "remove it from the file list")
+
+
+# Bytes per read of a JSON-lines file (and of any record file's check): a 20 GB JSON-lines corpus is read
+# in 16 MB pieces, not into 20 GB of bytes + ~20-80 GB of str + a list of its lines.
+READ_CHUNK = 16 << 20
+
+
+def _check_text_file(path: Path) -> None:
+    """`_decode`'s checks (UTF-16, NUL bytes, invalid UTF-8 at byte N) over the file in READ_CHUNK pieces.
+    Run before a record is read, so a bad file yields no document: `on_bad_file=skip` leaves out the whole
+    file, never its first part."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(READ_CHUNK)
+            _check_bytes(path, chunk, offset)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # e.object is the decoder's carried bytes (an unfinished character) + this chunk.
+                raise BadFileError(path, f"not UTF-8 (byte {offset + len(chunk) - len(e.object) + e.start})",
+                                   "convert it (e.g. iconv -t utf-8)") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+def _json_lines(lines: Iterator[str], path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of JSON lines; blank lines are skipped."""
+    # "\n" only: splitlines() also splits at U+2028/U+2029/U+0085, which JSON allows raw inside strings.
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    """The "\n"-ended lines of a checked UTF-8 file, one at a time (a leading byte order mark dropped)."""
+    with open(path, "rb", buffering=READ_CHUNK) as f:
+        for i, raw in enumerate(f):  # a binary file splits at b"\n" only
+            line = raw.decode("utf-8")
+            yield line.removeprefix("\ufeff") if i == 0 else line
+
+
 def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
+    """The texts of a .json file (read whole: a list of records, one record, or JSON lines)."""
     stripped, rows = text.lstrip(), None
-    if path.suffix.lower() == ".json" and stripped.startswith("{") and "\n" in stripped.strip():
+    if stripped.startswith("{") and "\n" in stripped.strip():
         try:  # one pretty-printed object over many lines, not JSON lines
             whole = json.loads(text)
         except json.JSONDecodeError:
@@ -115,24 +167,16 @@ def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field"
         elif isinstance(whole, dict):  # e.g. {"data": [...]}: valid JSON, but not records
             raise DataError(f"{path}: one JSON object with keys {sorted(whole)[:5]}, not records; give a list of "
                             f"records or JSON lines (one record per line), or set data.text_field to the text's key")
-    elif path.suffix.lower() == ".json" and stripped.startswith("["):
+    elif stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if rows is not None:
-        numbered = enumerate(rows, 1)
-    else:  # JSON lines (.jsonl, or .json holding one object per line)
-        def _rows():
-            # "\n" only: splitlines() also splits at U+2028/U+2029/U+0085, which JSON allows raw inside strings.
-            for lineno, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    try:
-                        yield lineno, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+    numbered = enumerate(rows, 1) if rows is not None else _json_lines(iter(text.split("\n")), path)
+    yield from _record_texts(path, numbered, field, knob, skip_null)
 
-        numbered = _rows()
+
+def _record_texts(path: Path, numbered, field: str, knob: str, skip_null: bool) -> Iterator[str]:
     for n, row in numbered:
         if not isinstance(row, dict) or field not in row:
             raise DataError(f"{path}:{n}: record has no field {field!r}; set {knob} to the text's key")
@@ -144,25 +188,57 @@ def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field"
         yield value
 
 
+def _arrow_batches(path: Path, batches) -> Iterator:
+    """`batches` (pyarrow record batches), a reader's failure as one line naming the file."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        yield batch
+
+
 def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
+    """The texts of a Parquet or CSV file's column `field`, read a batch at a time (1 MB of CSV, or 1,024
+    Parquet rows of a row group), never the whole table."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     try:
         if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
+            # pre_buffer=False: pyarrow's default pre-buffers every row group it is asked for, and its peak
+            # grew with the file (127 MiB over start for 200 MB, 71 MiB without at any size).
+            pf = pq.ParquetFile(path, pre_buffer=False)
+            names, schema = pf.schema_arrow.names, pf.schema_arrow
+            if field in names:
+                batches = pf.iter_batches(batch_size=1024, columns=[field])
         else:
-            # The text column as written: type inference would turn "007" into 7 and "1e3" into 1000.0.
+            _check_text_file(path)  # NUL bytes, UTF-16, invalid UTF-8: a bad file, which on_bad_file=skip skips
             # newlines_in_values: a quoted text holding newlines (any real document); without it pyarrow
-            # splits its ~1 MB read blocks inside such a field and the parse fails past the first block.
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                                   convert_options=pacsv.ConvertOptions(column_types={field: pa.string()}))
+            # splits its read blocks inside such a field and the parse fails past the first block.
+            parse = pacsv.ParseOptions(newlines_in_values=True)
+            names = pacsv.open_csv(path, parse_options=parse).schema.names  # the header (and one block)
+            if field in names:
+                # The text column only, as written: type inference would turn "007" into 7 and "1e3" into
+                # 1000.0; streamed, another column's types are inferred from the first block, which a
+                # later block may break ("12" then "n/a").
+                # 1 MB blocks (pyarrow's default): with 4 or 16 MB ones its peak grew with the file (99 -> 203 MiB
+                # over start for 60 -> 200 MB), and reading was slower (243 vs 423 MB/s).
+                reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20), parse_options=parse,
+                                        convert_options=pacsv.ConvertOptions(column_types={field: pa.string()},
+                                                                             include_columns=[field]))
+                schema, batches = reader.schema, reader
+    except BadFileError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if field not in table.column_names:
-        raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set {knob}")
-    kind = table.schema.field(field).type
+    if field not in names:
+        raise DataError(f"{path}: no column {field!r} (has {names}); set {knob}")
+    kind = schema.field(field).type
     # Text in any of Arrow's string layouts: plain, large, a view (newer writers), dictionary-encoded
     # (pandas' category dtype). Numbers are refused: str(3) would be packed as text.
     def texts(t) -> bool:
@@ -170,14 +246,17 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
 
     if not (texts(kind) or pa.types.is_dictionary(kind) and texts(kind.value_type)):
         raise DataError(f"{path}: column {field!r} is {kind}, not text; set {knob} to the text column")
-    column = table.column(field)
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        column = column.cast(pa.large_string())
-    for n, value in enumerate(column.to_pylist(), 1):
-        if value is not None:
-            yield str(value)
-        elif not skip_null:
-            raise DataError(f"{path}: row {n} of column {field!r} is null, not a string")
+    n = 0
+    for batch in _arrow_batches(path, batches):
+        column = batch.column(0)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = column.cast(pa.large_string())
+        for value in column.to_pylist():
+            n += 1
+            if value is not None:
+                yield str(value)
+            elif not skip_null:
+                raise DataError(f"{path}: row {n} of column {field!r} is null, not a string")
 
 
 _BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
@@ -192,8 +271,12 @@ def read_documents(path: Path, text_field: str = "text", text_unit: str = "file"
     if suffix in {".parquet", ".csv"}:
         yield from _table_texts(path, text_field, knob, skip_null)
         return
+    if suffix == ".jsonl":
+        _check_text_file(path)  # the whole file first: a bad one yields no document
+        yield from _record_texts(path, _json_lines(_file_lines(path), path), text_field, knob, skip_null)
+        return
     text = _decode(path, path.read_bytes())
-    if suffix in {".jsonl", ".json"}:
+    if suffix == ".json":
         yield from _json_texts(path, text, text_field, knob, skip_null)
     elif text_unit == "paragraph":
         # A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone

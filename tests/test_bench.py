@@ -271,6 +271,25 @@ def test_bench_data_refuses_counts_it_cannot_run(flag, value, least):
     assert p.returncode == 1 and p.stderr.strip() == f"bench_data: error: {flag} {value} must be >= {least}", p.stderr
 
 
+def test_bench_read_reads_every_document_each_way(tmp_path):
+    """tools/bench_read.py: every way reads the file's every document (the tool checks the count), one row each."""
+    out = tmp_path / "read.json"
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench_read.py"), "--mb", "0.5", "--formats", "jsonl,parquet",
+                        "--ways", "gpt2dist,whole", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["format"], r["way"]) for r in rows] == [("jsonl", "gpt2dist"), ("jsonl", "whole"),
+                                                       ("parquet", "gpt2dist"), ("parquet", "whole")]
+    assert all(r["docs"] == rows[0]["docs"] > 200 and r["peak"] >= r["start"] > 0 for r in rows), rows
+    table = [line.split() for line in p.stdout.splitlines() if line.startswith(("jsonl", "parquet"))]
+    assert [(t[0], t[1], t[-1]) for t in table if t[1] == "gpt2dist"] == [("jsonl", "gpt2dist", "1.00"),
+                                                                        ("parquet", "gpt2dist", "1.00")]
+    bad = subprocess.run([sys.executable, str(REPO / "tools/bench_read.py"), "--ways", "gpt2dist,pandas"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip() == \
+        "bench_read: error: --ways 'pandas' is not one of gpt2dist,whole,datasets", bad.stderr
+
+
 def _hf_trainer_args(monkeypatch, overrides: list[str]) -> dict:
     """Build the hf-trainer row as bench does, but stop at Trainer.train: its arguments, and the
     Inductor config in force while it would train."""

@@ -493,6 +493,75 @@ def test_on_bad_file_skip_warns_and_continues(tmp_path, corpus_dir, tokenizer_di
         prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.txt")], val_fraction=0.0))
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_a_record_file_is_read_a_piece_at_a_time(tmp_path, monkeypatch, kind):
+    """A 16 MB file of records in 1 MB pieces: Python memory stays near a piece. Read whole (its bytes,
+    its text, a list of every line or row), a 20 GB JSON-lines corpus needed ~60 GB of memory."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(data_mod, "READ_CHUNK", 1 << 20)
+    docs = [f"doc {i}\n" + "caf\xe9 au lait, " * 60 for i in range(20_000)]  # ~850 chars each, quoted newlines in CSV
+    p = tmp_path / f"corpus.{kind}"
+    if kind == "jsonl":
+        p.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+    elif kind == "csv":
+        pacsv.write_csv(pa.table({"id": list(range(len(docs))), "text": docs}), p)
+    else:
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), p, row_group_size=1024)
+    assert sum(map(len, docs)) > 16_000_000
+    tracemalloc.start()
+    try:
+        n = chars = 0
+        for i, d in enumerate(data_mod.read_documents(p)):
+            assert d == docs[i]
+            n, chars = n + 1, chars + len(d)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (n, chars) == (len(docs), sum(map(len, docs)))
+    assert peak < 6_000_000, f"{peak / 1e6:.1f} MB of Python memory for 16 MB of text"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_bad_record_file_yields_no_document_and_names_its_byte(tmp_path, monkeypatch, kind):
+    """Checked before its first record: read in pieces, a bad byte at the end must not leave the file's
+    first part trained on under on_bad_file=skip. The byte named is the file's, across piece ends."""
+    monkeypatch.setattr(data_mod, "READ_CHUNK", 64)
+    head = (json.dumps({"text": "caf\xe9 " * 40}) + "\n") * 5 if kind == "jsonl" else "text\n" + "caf\xe9 x\n" * 40
+    raw = head.encode("utf-8")
+    p = tmp_path / f"bad.{kind}"
+    for bad, problem in ((b"\xe9 au lait\n", f"not UTF-8 (byte {len(raw)})"), (b"a\x00b\n", "looks binary (NUL bytes)")):
+        p.write_bytes(raw + bad)
+        docs = data_mod.read_documents(p)
+        with pytest.raises(data_mod.BadFileError) as err:
+            next(docs)  # the first document already: none of the file is read as text
+        assert err.value.problem == f"{p}: {problem}"
+    # A character split across two pieces is whole: é's two bytes at every offset around a piece end.
+    for pad in range(4):
+        text = "x" * (62 + pad) + "caf\xe9"
+        p.write_bytes((json.dumps({"text": text}, ensure_ascii=False) + "\n" if kind == "jsonl" else f"text\n{text}\n").encode())
+        assert list(data_mod.read_documents(p)) == [text]
+
+
+def test_on_bad_file_skip_leaves_out_a_csv_that_is_not_utf8(tmp_path, corpus_dir, tokenizer_dir, caplog):
+    """pyarrow read a Latin-1 CSV's text as binary, refused as 'not text' whatever on_bad_file said."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa.table({"text": [(corpus_dir / "textwrap.txt").read_text()]}), tmp_path / "good.csv")
+    (tmp_path / "bad.csv").write_bytes(("text\n" + "caf\xe9\n" * 50).encode("latin-1"))
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.csv")], val_fraction=0.0,
+                          on_bad_file="skip"))
+    assert dm.stats["train"]["documents"] == 1
+    assert any("bad.csv: not UTF-8 (byte 8)" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match=r"bad.csv: not UTF-8 \(byte 8\); convert it .*, or set data.on_bad_file=skip$"):
+        prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.csv")], val_fraction=0.0))
+
+
 def test_a_cache_dir_inside_the_corpus_is_not_read_as_corpus(tmp_path, tokenizer_dir, tokenizer, caplog):
     corpus = tmp_path / "data"
     corpus.mkdir()
