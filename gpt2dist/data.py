@@ -25,6 +25,7 @@ import shutil
 import sysconfig
 import tempfile
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Literal
 
@@ -259,7 +260,24 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
                 raise DataError(f"{path}: row {n} of column {field!r} is null, not a string")
 
 
-_BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+# A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone made
+# such a file one document.
+_BLANK_LINE = re.compile(r"[ \t]*\r?\n")
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """The blank-line-separated paragraphs of a text file, read a line at a time (a multi-GB dump packs)."""
+    _check_text_file(path)  # the whole file first: a bad one yields no paragraph
+    lines: list[str] = []
+    for i, line in enumerate(chain(_file_lines(path), ["\n"])):  # a blank line after the last ends the last paragraph
+        # A blank line ends the paragraph before it; the first line has none before it, so it is text (as
+        # the packed caches split it: whitespace then, unless the next line is blank too).
+        if i == 0 or not _BLANK_LINE.fullmatch(line):
+            lines.append(line)
+        elif lines:
+            para, lines = "".join(lines), []
+            if para.strip():
+                yield para.strip("\r\n")
 
 
 def read_documents(path: Path, text_field: str = "text", text_unit: str = "file",
@@ -275,15 +293,12 @@ def read_documents(path: Path, text_field: str = "text", text_unit: str = "file"
         _check_text_file(path)  # the whole file first: a bad one yields no document
         yield from _record_texts(path, _json_lines(_file_lines(path), path), text_field, knob, skip_null)
         return
+    if suffix != ".json" and text_unit == "paragraph":
+        yield from _paragraphs(path)
+        return
     text = _decode(path, path.read_bytes())
     if suffix == ".json":
         yield from _json_texts(path, text, text_field, knob, skip_null)
-    elif text_unit == "paragraph":
-        # A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone
-        # made such a file one document.
-        for para in _BLANK_LINES.split(text):
-            if para.strip():
-                yield para.strip("\r\n")
     else:
         yield text
 

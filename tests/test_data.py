@@ -787,6 +787,27 @@ def test_paragraphs_split_on_blank_lines_with_spaces_or_crlf(tmp_path):
         assert not any(d.endswith(("\r", "\n")) for d in got), (name, got)
 
 
+def test_paragraphs_are_read_a_line_at_a_time_as_the_whole_text_split_them(tmp_path, monkeypatch):
+    """Read a line at a time (a multi-GB text dump in paragraph mode was read whole): the same paragraphs as
+    splitting the whole text at blank lines, on 3,000 random texts of the characters that matter."""
+    import random
+    import re
+
+    monkeypatch.setattr(data_mod, "READ_CHUNK", 16)  # lines longer than the read buffer too
+    whole = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")  # the rule as it was, on the whole text
+    rng, p = random.Random(0), tmp_path / "t.txt"
+    for _ in range(3000):
+        text = "".join(rng.choice("ab \t\r\n\n") for _ in range(rng.randint(0, 40)))
+        if rng.random() < 0.1:
+            text = "\ufeff" + text
+        p.write_bytes(text.encode())
+        expected = [para.strip("\r\n") for para in whole.split(text.removeprefix("\ufeff")) if para.strip()]
+        assert list(data_mod.read_documents(p, text_unit="paragraph")) == expected, repr(text)
+    p.write_bytes(b"one\n\ntwo \xff\n")
+    with pytest.raises(data_mod.BadFileError, match="not UTF-8 \\(byte 9\\)"):
+        next(data_mod.read_documents(p, text_unit="paragraph"))  # checked before the first paragraph
+
+
 @pytest.mark.parametrize("stride, windows", [(3, 7), (5, 5), (7, 4), (8, 3)])
 def test_strided_windows_predict_every_token_once(tmp_path, stride, windows):
     """3 blocks of 8 tokens = a stream of 24. Windows every `stride` tokens (plus one ending at the stream's

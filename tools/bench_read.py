@@ -1,4 +1,4 @@
-"""Read one large record file (JSON lines, CSV or Parquet) three ways and compare memory and speed.
+"""Read one large corpus file (JSON lines, CSV, Parquet, paragraphs of text) three ways: memory and speed.
 
     python tools/bench_read.py                          # 300 MB of records in each format
     python tools/bench_read.py --mb 1000 --formats jsonl --out read.json
@@ -7,12 +7,15 @@ The file is synthetic (~2 KB English-like documents with newlines and non-ASCII 
 web or domain corpus). Each way runs in a fresh subprocess that goes over every document (counting
 characters, as the packer hands them on to the tokenizer in 4 MB batches) and reports its peak RSS:
 
-- gpt2dist: `gpt2dist.data.read_documents`, as `prepare_data` reads a corpus file: checked whole for bad
-  bytes first, then read a piece (READ_CHUNK) or a Parquet batch at a time.
+- gpt2dist: `gpt2dist.data.read_documents`, as `prepare_data` reads a corpus file (`.txt` with
+  `text_unit=paragraph`): checked whole for bad bytes first, then read a piece (READ_CHUNK), a line or
+  a Parquet batch at a time.
 - whole: the file read at once (gpt2dist before it streamed): the bytes, their text and every line
-  (JSON lines), or the whole table and its column as a Python list (pyarrow read_csv / read_table).
-- datasets: Hugging Face `datasets.load_dataset(json|csv|parquet)` into a fresh cache folder (it
-  converts the file to Arrow on disk, then memory-maps it), then every text read in batches.
+  (JSON lines) or paragraph (text), or the whole table and its column as a Python list (pyarrow
+  read_csv / read_table).
+- datasets: Hugging Face `datasets.load_dataset(json|csv|parquet|text)` (text: `sample_by="paragraph"`)
+  into a fresh cache folder (it converts the file to Arrow on disk, then memory-maps it), then every
+  text read in batches.
 
 `over start` is the peak RSS less the process's RSS after its imports; the ratio column divides it by
 gpt2dist's. MB/s is the file's size over the wall time of the read (and, for datasets, its conversion).
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FORMATS, WAYS = ("jsonl", "csv", "parquet"), ("gpt2dist", "whole", "datasets")
+FORMATS, WAYS = ("jsonl", "csv", "parquet", "txt"), ("gpt2dist", "whole", "datasets")
 WORDS = ("the of and to in is that for it as with was on be by this are or from at an which café naïve "
          "Zürich über résumé model data training loss token gradient batch layer attention").split()
 
@@ -52,6 +55,8 @@ def write_corpus(path: Path, mb: float, seed: int = 0) -> int:
         with open(path, "w", encoding="utf-8") as f:
             for i, d in enumerate(docs):
                 f.write(json.dumps({"id": i, "text": d}, ensure_ascii=False) + "\n")
+    elif path.suffix == ".txt":
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     elif path.suffix == ".csv":
         pacsv.write_csv(pa.table({"id": list(range(len(docs))), "text": docs}), path)
     else:
@@ -66,6 +71,13 @@ def read_whole(path: Path):
             if line.strip():
                 yield json.loads(line)["text"]
         return
+    if path.suffix == ".txt":
+        import re
+
+        for para in re.split(r"\r?\n(?:[ \t]*\r?\n)+", path.read_bytes().decode("utf-8")):
+            if para.strip():
+                yield para.strip("\r\n")
+        return
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -78,8 +90,9 @@ def read_datasets(path: Path, cache: str):
     import datasets
 
     datasets.disable_progress_bars()
-    kind = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache)
+    kind = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[path.suffix]
+    extra = {"sample_by": "paragraph"} if kind == "text" else {}
+    ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **extra)
     for batch in ds.select_columns(["text"]).iter(batch_size=1000):
         yield from batch["text"]
 
@@ -101,7 +114,7 @@ def child(way: str, path: Path) -> None:
 
     start_rss = _status_bytes("VmRSS")
     t0 = time.perf_counter()
-    docs = read_documents(path) if way == "gpt2dist" else read_whole(path) if way == "whole" else read_datasets(path, cache)
+    docs = read_documents(path, text_unit="paragraph") if way == "gpt2dist" else read_whole(path) if way == "whole" else read_datasets(path, cache)
     n = chars = 0
     for d in docs:
         n, chars = n + 1, chars + len(d)
