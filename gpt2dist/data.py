@@ -408,9 +408,21 @@ class TokenBlocks(Dataset):
 
     def __init__(self, path: Path, block_size: int, dtype: np.dtype):
         self.path, self.block_size, self.dtype = Path(path), block_size, np.dtype(dtype)
-        n = os.path.getsize(path) // (self.dtype.itemsize * block_size)
-        self.blocks = np.memmap(path, dtype=self.dtype, mode="r", shape=(n, block_size)) if n else None
-        self.n = n
+        self.n = os.path.getsize(path) // (self.dtype.itemsize * block_size)
+        self._map()
+
+    def _map(self) -> None:
+        self.blocks = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n, self.block_size)) if self.n else None
+
+    # Pickled by path: a memmap pickles as an array of its whole data, so each spawned loader worker
+    # (macOS's and Windows' default start method, or multiprocessing_context="spawn") got a private copy
+    # of the split in memory (8 workers x a 20 GB train.bin).
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "blocks": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
 
     def __len__(self) -> int:
         return self.n
@@ -429,8 +441,7 @@ class StridedWindows:
 
     def __init__(self, blocks: TokenBlocks, stride: int):
         self.blocks, self.block_size, self.stride = blocks, blocks.block_size, stride
-        self.tokens = blocks.blocks.reshape(-1) if blocks.n else np.zeros(0, blocks.dtype)
-        total = len(self.tokens)
+        total = blocks.n * blocks.block_size
         starts = list(range(0, total - self.block_size + 1, stride)) if total >= self.block_size else []
         if starts and starts[-1] + self.block_size < total:
             starts.append(total - self.block_size)  # the tail, with as much context as fits
@@ -439,6 +450,11 @@ class StridedWindows:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The split's tokens end to end: a view of the blocks' memmap (pickled by path with them)."""
+        return self.blocks.blocks.reshape(-1) if self.blocks.n else np.zeros(0, self.blocks.dtype)
 
     def scored(self, k: int) -> int:
         """How many of window k's block_size - 1 targets are new (the last ones): all in window 0."""

@@ -830,6 +830,26 @@ def test_strided_windows_predict_every_token_once(tmp_path, stride, windows):
     assert view[len(view)]["loss_weight"] == 0.0  # padding past the end (uneven shards) weighs nothing
 
 
+def test_token_blocks_go_to_spawned_loader_workers_by_path_not_by_content(tmp_path):
+    """A memmap pickles as its whole data: each spawned loader worker (macOS's default) held a private copy
+    of the split. Pickled by path, the pickle stays small and the workers read the same blocks."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from gpt2dist.data import StridedWindows, TokenBlocks
+
+    np.arange(64 * 1000, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 1,000 blocks of 64: 128 KB
+    blocks = TokenBlocks(tmp_path / "train.bin", 64, np.uint16)
+    for ds in (blocks, StridedWindows(blocks, 48)):
+        raw = pickle.dumps(ds)
+        assert len(raw) < (8_000 if isinstance(ds, TokenBlocks) else 40_000), len(raw)  # the window starts: ints
+        copy = pickle.loads(raw)
+        assert len(copy) == len(ds) and all(torch.equal(copy[i]["input_ids"], ds[i]["input_ids"]) for i in (0, 7, len(ds) - 1))
+    loader = DataLoader(blocks, batch_size=100, num_workers=1, multiprocessing_context="spawn")
+    assert torch.equal(torch.cat([b["input_ids"] for b in loader]), torch.arange(64 * 1000).view(1000, 64))
+
+
 def test_eval_stride_is_checked_against_block_size(corpus_dir, tokenizer_dir, tmp_path):
     for bad in (0, 65):
         with pytest.raises(DataError, match=rf"^data.eval_stride={bad} must be in \[1, data.block_size=64\]"):
