@@ -306,6 +306,12 @@ def _deepspeed_logs_to_stderr() -> None:
             import deepspeed  # noqa: F401
 
 
+def _wandb_run():
+    """The W&B run in progress in this process, if wandb is imported at all (never imported here)."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
 def main(args: list[str] | None = None) -> None:
     # Workers never tokenize, so the Rust pool may stay on after fork (and not warn about it).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -318,6 +324,11 @@ def main(args: list[str] | None = None) -> None:
     install_early_handler()
     if any(a.startswith("--print_config") for a in (sys.argv[1:] if args is None else args)):
         _deepspeed_logs_to_stderr()
+    # The W&B run's id and folder go to wandb.init through the environment (tracking.prepare_wandb):
+    # set back as they were after this run, or a second main() in the process (a notebook, a sweep
+    # script) logged into the first one's W&B run, or at least its folder.
+    wandb_env = {k: os.environ.get(k) for k in ("WANDB_RUN_ID", "WANDB_DIR")}
+    wandb_run_before = _wandb_run()
     try:
         cli = GPT2CLI(
             GPT2Module,
@@ -369,6 +380,24 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         release_run_folders()
+        # Lightning never finishes the W&B run it started, and a later WandbLogger in this process reuses a run
+        # in progress: the second main()'s metrics went to the first's run. A run someone else started (a W&B
+        # sweep agent's wandb.init around main()) is theirs to finish.
+        run = _wandb_run()
+        if run is not None and run is not wandb_run_before:
+            # The exit code W&B's own exit hook would have seen: 0 (finished, or requeued to go on), else failed.
+            leaving = sys.exc_info()[1]
+            code = 0 if leaving is None else (leaving.code or 0) if isinstance(leaving, SystemExit) else 1
+            run.finish(exit_code=code if isinstance(code, int) else 1)
+            if wandb_run_before is None:
+                # W&B reads its environment once per session ("changes ... will be ignored because your wandb
+                # session has already started"): ended, the next main()'s run id and folder count.
+                sys.modules["wandb"].teardown()
+        for k, v in wandb_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         # Tear the process group down before interpreter exit: a gloo group left to the atexit
         # handlers sometimes aborts the rank whose peer exited first (seen ~1 in 8 two-node runs).
         import torch.distributed as dist

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -271,3 +272,45 @@ def test_a_setting_wandb_refuses_is_named_not_the_login(monkeypatch):
     assert "wandb login" not in message
     # W&B's missing login is a UsageError too: it keeps the login advice.
     assert "wandb login" in wandb_error_message(UsageError("No API key configured. Use `wandb login` to log in."))
+
+
+def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_path, corpus_dir, tokenizer_dir):
+    """`gpt2dist.cli.main` twice in one process (a notebook, a sweep script) under a SLURM job: the W&B run
+    id and folder the first set in the environment (for wandb.init) stayed, and the second fit logged into
+    the first's W&B run, inside the first's run folder."""
+    import hashlib
+    import subprocess
+    import sys
+
+    roots = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    script = "\n".join([
+        "import json, os, sys",
+        "from gpt2dist.cli import main",
+        "for args in json.loads(sys.argv[1]):",
+        "    try:",
+        "        main(args)",
+        "    except SystemExit as e:",
+        "        assert not e.code, e.code",
+        "print('left:', sorted(k for k in ('WANDB_RUN_ID', 'WANDB_DIR') if k in os.environ))",
+        # A run started around main() (a W&B sweep agent's wandb.init): Lightning logs into it; it is not ours to end.
+        "import wandb",
+        "outer = wandb.init(mode='offline', dir=os.getcwd(), id='outer-run')",
+        "main(json.loads(sys.argv[2]))",
+        "print('outer kept:', wandb.run is outer)",
+        "outer.finish()",
+    ])
+    runs = [[*fit_args(r, corpus_dir, tokenizer_dir, max_steps=2), "--config", str(REPO / "configs/logging/wandb.yaml"),
+             "--samples.sample_every_n_steps=0"] for r in roots]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
+    env.update(WANDB_MODE="offline", SLURM_JOB_ID="4242", PYTHONPATH=str(REPO))
+    inside = [*fit_args(tmp_path / "c" / "run", corpus_dir, tokenizer_dir, max_steps=2), "--config",
+              str(REPO / "configs/logging/wandb.yaml"), "--samples.sample_every_n_steps=0"]
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(runs), json.dumps(inside)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left: []" in proc.stdout and "outer kept: True" in proc.stdout
+    assert [p.name for p in (tmp_path / "wandb").glob("offline-run-*")][0].endswith("outer-run")
+    for root in roots:
+        run_id = f"slurm-4242-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}"  # this folder's id in this job
+        found = sorted(p.name for p in (root / "wandb").glob("offline-run-*"))
+        assert len(found) == 1 and found[0].endswith(run_id), (root, found)
