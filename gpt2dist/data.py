@@ -776,6 +776,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.test_set: TokenBlocks | None = None  # only with data.test_files / data.test_split
         self.stats: dict = {}
         self._skipped: set[str] = set()  # bad files already warned about
+        self._distinct_texts: int | None = None  # of the documents val_fraction holds out from (_val_keys)
 
     # --- sources -------------------------------------------------------------
 
@@ -960,6 +961,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             units[digest] = units.get(digest, 0) + len(text)
             digest_of[key] = digest
         chosen = choose_val_docs(units, self.val_fraction, self.seed)
+        self._distinct_texts = len(units)  # for the too-small message: copies of one text are one unit
         return {key for key, digest in digest_of.items() if digest in chosen}
 
     def _train_docs_for_tokenizer(self) -> Iterator[tuple[str, str]]:
@@ -1140,10 +1142,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
             own = "data.val_split" if self.dataset_name else "data.val_files"
             if given:
                 fix = f"add text to {given} or lower data.block_size"
-            elif meta["train"]["documents"] + meta["val"]["documents"] < 2:
+            elif meta["train"]["documents"] + meta["val"]["documents"] < 2 or self._distinct_texts == 1:
                 # Whole documents are held out and one is always kept for training: with a single
-                # document no val_fraction gives a validation split.
-                fix = f"the corpus is 1 document, so data.val_fraction cannot hold one out: give {own}"
+                # document no val_fraction gives a validation split. Nor with copies of one text (a
+                # corpus of one file's duplicates): copies are held out together, as one document.
+                n = meta["train"]["documents"] + meta["val"]["documents"]
+                what = "1 document" if n < 2 else f"{n} copies of one text (held out together, or not at all)"
+                fix = f"the corpus is {what}, so data.val_fraction cannot hold one out: give {own}"
                 if self.text_unit == "file" and any(p.suffix.lower() in TEXT_SUFFIXES for p in self._sources().get("train", [])):
                     fix = f"{fix}, split it with data.text_unit=paragraph"
                 fix += ", or set data.val_fraction=0 (no validation)"

@@ -584,11 +584,20 @@ def test_single_document_hint_names_fixes_that_work(tmp_path, corpus_dir, tokeni
     text = (corpus_dir / "textwrap.txt").read_text()
     one = tmp_path / f"one.{source}"
     one.write_text(text if source == "txt" else json.dumps({"text": text}))
+    # Copies of that one text (the same file under three names): held out together, so no better.
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in ("a", "b", "c"):
+        (copies / f"{name}.{source}").write_text(one.read_text())
+    with pytest.raises(DataError, match=r"the corpus is 3 copies of one text \(held out together, or not at all\), "
+                                        r"so data.val_fraction cannot hold one out: give data.val_files"):
+        prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(copies / "*")], val_fraction=0.05))
     kw = dict(train_files=[str(one)], val_fraction=0.05)
     with pytest.raises(DataError) as err:
         prepared(make_dm(tmp_path, tokenizer_dir, **kw))
     msg = str(err.value)
     assert "validation split too small" in msg and "raise data.val_fraction" not in msg and "\n" not in msg
+    assert "the corpus is 1 document, so" in msg
     assert "data.val_files" in msg and "data.val_fraction=0" in msg
     assert ("data.text_unit=paragraph" in msg) == (source == "txt")  # paragraphs of plain text only
     assert prepared(make_dm(tmp_path, tokenizer_dir, **{**kw, "val_fraction": 0.0})).stats["val"]["blocks"] == 0
