@@ -273,18 +273,21 @@ def recorded_batches(path: Path) -> list[tuple[int, int, int, str]]:
     return [(int(s), int(e), int(i), d) for s, e, i, d in (line.split() for line in path.read_text().splitlines())]
 
 
-@pytest.mark.parametrize("devices, num_workers, steps_into_epoch1", [(1, 0, 2), (1, 1, 2), (2, 0, 2), (1, 0, 1)])
+@pytest.mark.parametrize("devices, num_workers, steps_into_epoch1, reload", [
+    (1, 0, 2, 0), (1, 1, 2, 0), (2, 0, 2, 0), (1, 0, 1, 0), (1, 1, 2, 1)])
 def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenizer_dir, devices, num_workers,
-                                                       steps_into_epoch1):
+                                                       steps_into_epoch1, reload):
     """Killed in epoch 1 (a few blocks per epoch), resumed with --ckpt_path last: the resumed run sees
     epoch 1's shuffle from where it stopped, not epoch 0's order (rank 0's batches under DDP), and
     ends bitwise equal. steps_into_epoch1=1: resumed from the checkpoint saved after the validation at
-    epoch 0's end (val_check_interval 4 divides it), which starts epoch 1 at its first batch."""
-    name = f"epoch1_d{devices}_w{num_workers}_s{steps_into_epoch1}"
+    epoch 0's end (val_check_interval 4 divides it), which starts epoch 1 at its first batch. reload=1:
+    with trainer.reload_dataloaders_every_n_epochs=1 (a new loader each epoch, as Lightning builds it)."""
+    name = f"epoch1_d{devices}_w{num_workers}_s{steps_into_epoch1}_r{reload}"
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
              "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
-             "--trainer.max_steps", "12", "--trainer.val_check_interval", "4"]
+             "--trainer.max_steps", "12", "--trainer.val_check_interval", "4",
+             *(["--trainer.reload_dataloaders_every_n_epochs", str(reload)] if reload else [])]
 
     def recording(config: Path) -> tuple[Path, list[str]]:
         return run_dir(config) / "batches.txt", traced(config)
@@ -314,6 +317,7 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
     ("limited", 1, 0),  # trainer.limit_train_batches: the epoch ends before the data does
     ("extend", 1, 0),  # a run whose max_steps ended epoch 0, continued with a larger max_steps
     ("epochs", 1, 0),  # max_epochs 2, no max_steps: Lightning restores no loader position at an epoch's end
+    ("reload", 1, 1),  # a SIGTERM save, with trainer.reload_dataloaders_every_n_epochs=1 (a new loader per epoch)
 ])
 def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, tokenizer_dir, how, devices, num_workers):
     """A checkpoint at the last step of epoch 0, with no validation there (a SIGTERM or SLURM requeue save,
@@ -326,6 +330,7 @@ def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, to
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
              "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
              "--trainer.val_check_interval", "6", *(["--trainer.limit_train_batches", "10"] if how == "limited" else []),
+             *(["--trainer.reload_dataloaders_every_n_epochs", "1"] if how == "reload" else []),
              "--model.decay_steps", "12"]  # the LR schedule of 12 steps, also in a first leg of max_steps `end`
     length = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2"] if how == "epochs" else ["--trainer.max_steps", "12"]
     ref = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_ref", devices=devices, num_workers=num_workers)
