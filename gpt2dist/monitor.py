@@ -393,6 +393,9 @@ class SampleLogger(Callback):
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                # No explicit step: W&B's step_sync puts it at the latest trainer/global_step,
-                # consistent with Lightning's metrics (the table's own `step` column is exact).
-                logger.log_table("samples", columns=["step", "prompt", "text"], data=self.rows)
+                # At the x (trainer/global_step) where Lightning logs this step's loss, right after this hook:
+                # the step index, step - 1. Without one, W&B's step_sync put the table at the last x logged,
+                # a step earlier (or log_every_n_steps earlier). The `step` column counts steps done, as
+                # checkpoint names and samples.txt do.
+                logger.log_table("samples", columns=["step", "prompt", "text"], data=self.rows,
+                                 step=trainer.fit_loop.epoch_loop._batches_that_stepped)

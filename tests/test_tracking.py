@@ -154,6 +154,11 @@ def test_offline_run_has_metrics_config_and_samples(wandb_run):
     assert table["columns"] == ["step", "prompt", "text"]
     assert [(r[0], r[1]) for r in table["data"]] == [(3, "def "), (3, "import"), (6, "def "), (6, "import")]
     assert all(r[2].startswith(r[1]) and len(r[2]) > len(r[1]) for r in table["data"])
+    # Each table at the x of its step's loss (trainer/global_step = step index = steps done - 1), not at the x
+    # logged before it (2 and 5, not 1 and 4).
+    history = [r["history"]["item"] for r in inspect(wandb_run.run_dir, summary=False) if r.get("type") == "history"]
+    assert [h.get("trainer/global_step") for h in history if "samples._type" in h] == [2, 5]
+    assert {h["trainer/global_step"] for h in history if "train/loss" in h} >= {2, 5}
 
 
 def test_resume_continues_the_same_run_and_step_axis(wandb_run, wandb_resumed):
