@@ -227,10 +227,13 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 def load_distcp_folder(path: Path) -> dict:
     """A FSDP2 / FSDP1 sharded checkpoint folder consolidated in CPU memory (no process group). Lightning's
-    `_load_distributed_checkpoint`, except that non-tensor entries and meta.pt are read weights-only:
-    torch's planner unpickles them in full, so a crafted shard would run code just by being exported."""
+    `_load_distributed_checkpoint`, except that .metadata, non-tensor entries and meta.pt are read weights-only:
+    torch unpickles them in full, so a crafted folder would run code just by being exported."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    from gpt2dist.resume import read_distcp_metadata
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -243,9 +246,18 @@ def load_distcp_folder(path: Path) -> dict:
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
+    class WeightsOnlyReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # torch's, with the .metadata pickle read weights-only
+            metadata = read_distcp_metadata(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    read_distcp_metadata(path)  # refused with its own line, before the loader wraps the error
     checkpoint: dict = {}
     try:
-        _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=WeightsOnlyPlanner(), no_dist=True)
+        _load_state_dict(checkpoint, storage_reader=WeightsOnlyReader(path), planner=WeightsOnlyPlanner(), no_dist=True)
         meta = Path(path) / "meta.pt"  # Lightning's trainer state, beside the shards
         if meta.is_file():
             checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))

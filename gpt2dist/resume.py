@@ -45,6 +45,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -89,6 +90,50 @@ def deepspeed_classes(folder: str | Path, files: list[Path]) -> list[type]:
     return allowed
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global that a sharded folder's .metadata may not load (not a truncated pickle)."""
+
+
+class _DistcpMetadataUnpickler(pickle.Unpickler):
+    """A sharded folder's `.metadata`: a plain pickle, which torch's FileSystemReader (under Lightning's resume
+    and its export) unpickles in full. Here only what torch writes there loads: the data classes of
+    torch.distributed.checkpoint.metadata, its _StorageInfo, dtypes, torch.Size, layouts and paths."""
+
+    _OTHERS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata":
+            import torch.distributed.checkpoint.metadata as dcp_metadata
+
+            obj = getattr(dcp_metadata, name, None)
+            if isinstance(obj, type) and obj.__module__ == module:  # a class of its own, not one it imports
+                return obj
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in self._OTHERS:
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
+def read_distcp_metadata(folder: str | Path):
+    """The `.metadata` of a sharded checkpoint folder, unpickled with only torch's own metadata types allowed:
+    CheckpointError (UNSAFE, naming the global) for anything else, before it is called."""
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _DistcpMetadataUnpickler(f).load()
+    except _Refused as e:
+        raise CheckpointError(f"sharded checkpoint {folder}: .metadata needs {e} to load; {UNSAFE}, so it is not "
+                              f"loaded") from None
+    except Exception as e:  # empty or cut short by a kill
+        raise CheckpointError(f"sharded checkpoint {folder} cannot be read (.metadata: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); it may be truncated: use an "
+                              f"earlier checkpoint") from None
+
+
 def _meta(path: str | Path) -> tuple[dict | None, str]:
     """(Lightning's checkpoint dict, memory-mapped: tensors are read only when touched, "") or
     (None, why it cannot be read). Sharded folders: the rank-0 file that holds the trainer state."""
@@ -111,6 +156,8 @@ def _meta(path: str | Path) -> tuple[dict | None, str]:
         # (DeepSpeed unpickles them in full when it resumes, so a folder must pass here first).
         # Every file of the tag (DeepSpeed's resume reads them all in full), not only the one read here.
         allowed = deepspeed_classes(p, sorted(tag.glob("*.pt"))) if tag else []
+        if p.is_dir() and tag is None:
+            read_distcp_metadata(p)  # Lightning's resume unpickles it in full: it must pass here first
         with torch.serialization.safe_globals(allowed):
             ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
         int(ckpt["global_step"])

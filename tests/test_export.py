@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -372,6 +373,34 @@ def test_a_sharded_folder_with_a_pickled_object_is_refused_without_running_it(tm
         dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     with pytest.raises(CheckpointError, match=r"holds objects that only a full unpickle reads.*not loaded$"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_sharded_folders_metadata_pickle_is_read_weights_only_by_export_and_resume(tmp_path):
+    """torch's FileSystemReader unpickles .metadata in full: exporting a crafted folder ran its code (and a
+    resume would have, in Lightning's loader). Now refused, naming the global, before anything is called;
+    a real folder's .metadata (dataclasses, dtypes, Size, layouts, paths) still loads."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from gpt2dist.resume import _progress, read_distcp_metadata
+
+    good = tmp_path / "good"
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"state_dict": {"model.x": torch.zeros(2, 3, dtype=torch.bfloat16)}, "global_step": 3},
+                 checkpoint_id=str(good), no_dist=True)
+    assert set(read_distcp_metadata(good).state_dict_metadata) == {"state_dict.model.x", "global_step"}
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    torch.save({"global_step": 3}, bad / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"^sharded checkpoint .*bad: .metadata needs io.open to load; it "
+                                              r"holds objects that only a full unpickle reads.*not loaded$"):
+        export_checkpoint(bad, tmp_path / "hf")
+    progress, why = _progress(bad)  # resume's look at a candidate: unreadable, not resumed by Lightning
+    assert progress is None and "needs io.open" in why
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
 
