@@ -233,6 +233,9 @@ class ValidationReport(Callback):
         print("  ".join(parts), flush=True)
 
 
+_NOT_THIS_TIME = object()  # EarlyStop: no stop was agreed at this validation
+
+
 class EarlyStop(EarlyStopping):
     """Stop `fit` when the validation metric has stopped improving (off unless `patience` or a
     threshold is set). Lightning's EarlyStopping, made resumable: a stopped run stays stopped on
@@ -330,7 +333,25 @@ class EarlyStop(EarlyStopping):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        super().on_validation_end(trainer, pl_module)
+        if self._deferred and self.stopped_step is None:
+            # Lightning sets the message only when the ranks agree to stop: left as this, they did not.
+            self.stopping_reason_message = _NOT_THIS_TIME
+        try:
+            super().on_validation_end(trainer, pl_module)
+        finally:
+            withdrawn = self.stopping_reason_message is _NOT_THIS_TIME
+            if withdrawn:
+                self.stopping_reason_message = None  # never a checkpoint's
+        if withdrawn:
+            # The stop held back by min_steps / min_epochs no longer holds (the value improved since, or came
+            # back inside a threshold): Lightning would still stop at min_steps, for a reason gone stale, and
+            # a resume (its patience not used up) would train on from there.
+            self._deferred = False
+            self.stopping_reason = self.stopping_reason.NOT_STOPPED
+            trainer.should_stop = False
+            rank_zero_info(f"early stopping deferred earlier is off at step {trainer.global_step}: {self.monitor}="
+                           f"{self._current:.4f} (best {float(self.best_score):.4f}) no longer stops the run")
+            return
         if self.stopped_step is not None or not trainer.should_stop or self.stopping_reason == self.stopping_reason.NOT_STOPPED:
             return  # going on, or stopped already, or stopping for another reason (a requeue)
         why = (self.stopping_reason_message or "").replace(" Signaling Trainer to stop.", "")

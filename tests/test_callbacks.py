@@ -223,9 +223,9 @@ def test_early_stopping_names_the_min_delta_as_configured():
     assert stop and reason.endswith("(early_stopping.patience=1, min_delta=0.01)"), reason
 
 
-def _threshold_fit(root, max_steps: int, ckpt_path=None, **early_stopping):
-    """A real in-process fit validating every step, val/loss {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}, with
-    the CLI's EarlyStop, FaultTolerance (last.ckpt at the end of fit) and a last.ckpt callback."""
+def _threshold_fit(root, max_steps: int, ckpt_path=None, val=None, min_steps=None, **early_stopping):
+    """A real in-process fit validating every step, val/loss {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8} (or `val`),
+    with the CLI's EarlyStop, FaultTolerance (last.ckpt at the end of fit) and a last.ckpt callback."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -235,9 +235,10 @@ def _threshold_fit(root, max_steps: int, ckpt_path=None, **early_stopping):
 
     from conftest import linear_module
 
-    val = {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}
+    val = val or {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}
 
-    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, min_steps=min_steps, min_epochs=0 if min_steps else None,
+                         val_check_interval=1, check_val_every_n_epoch=None,
                          limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root,
                          callbacks=[EarlyStop(**early_stopping), FaultTolerance(),
@@ -245,6 +246,19 @@ def _threshold_fit(root, max_steps: int, ckpt_path=None, **early_stopping):
     data = torch.utils.data.DataLoader(torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), batch_size=1)
     trainer.fit(linear_module(lambda m, b: val[m.trainer.global_step]), data, data, ckpt_path=ckpt_path)
     return trainer.global_step
+
+
+def test_a_stop_held_back_by_min_steps_is_called_off_when_the_value_improves(tmp_path):
+    """patience 1, min_steps 4: step 2 (3.1 after 3.0) asks to stop, held back to step 4. Step 3 improves, so that
+    stop no longer holds. Lightning still stopped at step 4 (a stale reason, improving there too), and the
+    resume, its patience not used up, trained on. Now the stop is called off, and step 5 (2.9 after 2.8)
+    stops the run, for good."""
+    val = {1: 3.0, 2: 3.1, 3: 2.9, 4: 2.8, 5: 2.9, 6: 3.0, 7: 2.7, 8: 2.6}
+    assert _threshold_fit(tmp_path, 8, val=val, min_steps=4, patience=1) == 5
+    with pytest.warns(UserWarning, match=r"resume: this run stopped early at step 5 "):
+        assert _threshold_fit(tmp_path, 8, str(tmp_path / "last.ckpt"), val=val, min_steps=4, patience=1) == 5
+    # Still held back, and still holding at min_steps: the stop comes there (step 4: 3.2, no better than 3.0).
+    assert _threshold_fit(tmp_path / "b", 8, val={**val, 3: 3.3, 4: 3.2}, min_steps=4, patience=1) == 4
 
 
 def test_a_threshold_stop_is_judged_again_by_the_configs_threshold_on_resume(tmp_path):
