@@ -263,6 +263,7 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
 # A blank line may hold spaces or tabs, and end in CRLF (Windows files): splitting on "\n\n" alone made
 # such a file one document.
 _BLANK_LINE = re.compile(r"[ \t]*\r?\n")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def _paragraphs(path: Path) -> Iterator[str]:
@@ -1312,8 +1313,10 @@ class TokenBlockDataModule(pl.LightningDataModule):
             for path in paths:
                 try:
                     if path.suffix.lower() in TEXT_SUFFIXES:
-                        # One prompt per line; blank lines separate nothing and are not prompts.
-                        lines = _decode(path, path.read_bytes()).splitlines()
+                        # One prompt per line; blank lines separate nothing and are not prompts. Lines end at
+                        # \n, \r\n or \r only: splitlines() also split at form feeds (source files hold them)
+                        # and U+2028 (web text), which made one line two prompts.
+                        lines = _LINE_END.split(_decode(path, path.read_bytes()))
                         found += [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
                     else:
                         found += [(f"{path} record {n}", t) for n, t in enumerate(

@@ -896,6 +896,16 @@ def test_predict_file_glob_reads_every_match_in_name_order_and_errors_name_the_p
         assert str(e.value).startswith(says), str(e.value)
 
 
+def test_a_prompt_line_ends_at_a_line_end_only(tmp_path, tokenizer_dir, corpus_dir):
+    """splitlines() also split at a form feed (in source files), U+2028 (in web text) and other separators:
+    two lines read as four prompts, every later output row and file:N shifted."""
+    p = tmp_path / "prompts.txt"
+    p.write_bytes("def f():\x0c  return 1\nclass A\u2028B:\r\nx\x1cy\rlast".encode())
+    dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], predict_file=str(p))
+    assert dm.prompts_with_origin() == [(f"{p}:1", "def f():\x0c  return 1"), (f"{p}:2", "class A\u2028B:"),
+                                        (f"{p}:3", "x\x1cy"), (f"{p}:4", "last")]
+
+
 def test_only_predict_goes_without_training_data(tmp_path, tokenizer_dir, corpus_dir):
     """The training source is refused where data is packed (prepare_data, setup for fit/validate/test), not at
     construction: predict loads a tokenizer only. A tokenizer trained at fit is found by the fit's data section."""
