@@ -23,6 +23,7 @@ names (`train/device/items_per_sec`) differ from ours.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -318,6 +319,10 @@ def generate_samples(pl_module, tokenizer, prompts: list[str], max_new_tokens: i
         pl_module.train(was_training)
 
 
+def _sample_entry(step: int, prompt: str, text: str) -> str:
+    return f"=== step {step} | prompt {prompt!r}\n{text}\n\n"
+
+
 class SampleLogger(Callback):
     """Every `sample_every_n_steps`, greedy samples from `prompts`: a W&B table `samples`
     (step, prompt, text) when a WandbLogger is active, and always `samples.txt` next to the checkpoints."""
@@ -361,6 +366,13 @@ class SampleLogger(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
+        if trainer.is_global_zero and getattr(trainer, "ckpt_path", None) and self.path(trainer).exists():
+            # Resumed: the file holds the samples of steps after the checkpoint too, which this run trains
+            # (and samples) again. The checkpoint's rows are every sample up to it: the file is those.
+            path = self.path(trainer)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(_sample_entry(*row) for row in self.rows), encoding="utf-8")
+            os.replace(tmp, path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -387,8 +399,7 @@ class SampleLogger(Callback):
         path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            for s, p, t in new:
-                f.write(f"=== step {s} | prompt {p!r}\n{t}\n\n")
+            f.write("".join(_sample_entry(*row) for row in new))
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:

@@ -4,6 +4,7 @@ and greedy samples under FSDP2 sharding (real 2-process gloo)."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -276,3 +277,33 @@ def test_tokens_are_counted_while_the_monitor_is_off(tmp_path):
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=[off])
     trainer.fit(module, train_dataloaders=loader)
     assert off.state_dict() == {"tokens_trained": 3 * 4 * 16}  # steps x seqs x tokens
+
+
+def test_samples_txt_after_a_resume_holds_each_step_once(tmp_path, monkeypatch):
+    """samples.txt is appended to: a run killed after sampling past its last checkpoint, resumed, samples those
+    steps again and wrote them twice (step 4 twice below); the W&B table, restored from the checkpoint, did not."""
+    monkeypatch.setattr(mon, "generate_samples", lambda module, tok, prompts, n, seed, strategy=None:
+                        [f"{p} at step {module.step}" for p in prompts])
+
+    def trainer(step, ckpt_path=None):
+        return SimpleNamespace(global_step=step, callbacks=[], is_global_zero=True, strategy=None, loggers=[],
+                               datamodule=SimpleNamespace(tokenizer=object()), ckpt_path=ckpt_path,
+                               checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+
+    def train(cb, t, to):
+        cb.on_train_start(t, None)
+        while t.global_step < to:
+            t.global_step += 1
+            cb.on_train_batch_end(t, SimpleNamespace(step=t.global_step), None, None, 0)
+
+    first = mon.SampleLogger(sample_every_n_steps=2, prompts=["The"])
+    train(first, trainer(0), 2)
+    checkpoint = {"rows": [list(r) for r in first.state_dict()["rows"]]}  # saved at step 2
+    train(first, trainer(2), 5)  # samples step 4, then killed at step 5
+    resumed = mon.SampleLogger(sample_every_n_steps=2, prompts=["The"])
+    resumed.load_state_dict(checkpoint)
+    train(resumed, trainer(2, ckpt_path="last.ckpt"), 6)
+    text = (tmp_path / "samples.txt").read_text()
+    assert re.findall(r"=== step (\d+) \| prompt 'The'\nThe at step (\d+)", text) == [("2", "2"), ("4", "4"), ("6", "6")]
+    assert [r[0] for r in resumed.rows] == [2, 4, 6]
+    assert not list(tmp_path.glob(".samples.txt*"))
