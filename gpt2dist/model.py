@@ -470,7 +470,11 @@ class GPT2Module(pl.LightningModule):
         # for DeepSpeed's CPU-offloaded partitions. On CPU, the quickstart's 1.33M params, 2 threads:
         # 1.1 ms per step fused vs 11.0 foreach, 9.7 for-loop (torch 2.13, median of 30).
         offloaded = deepspeed_offloads_optimizer(self.trainer.strategy)  # always call: it also configures DeepSpeed
-        fused = self.device.type in ("cuda", "cpu") and not offloaded
+        # Not under a GradScaler (16-mixed): a fused AdamW unscales inside its own step, so Lightning unscales
+        # neither before clipping (it refuses to clip, and every preset clips) nor before the grad-norm hook
+        # (train/grad_norm logged x65536, the NaN guard's norm too).
+        scaled = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None) is not None
+        fused = self.device.type in ("cuda", "cpu") and not offloaded and not scaled
         bf16_weights = any(p.dtype == torch.bfloat16 for _, p in named)  # trainer.precision bf16-true
         owner = keeps_own_master_weights(self.trainer.strategy)
         if hp.master_weights and bf16_weights and owner is False:

@@ -229,3 +229,39 @@ def test_max_new_tokens_below_one_is_refused(tokens):
     """It generated one token anyway (generate_ids' budget is at least 1), with exit 0."""
     with pytest.raises(ConfigError, match=rf"^model.max_new_tokens={tokens} must be >= 1"):
         GPT2Module(from_scratch=True, max_new_tokens=tokens)
+
+
+def test_16_mixed_clips_and_logs_the_unscaled_grad_norm():
+    """Under a GradScaler the fused AdamW (our default) unscales inside its step: Lightning refused to clip
+    ("does not allow for gradient clipping", and every preset clips), and train/grad_norm was the scaled norm
+    (x init_scale). Now the norms logged at scale 1024 equal those at scale 1."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from gpt2dist.monitor import TrainMonitor
+
+    class Norms(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.seen.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+    def norms(init_scale: float) -> list[float]:
+        torch.manual_seed(0)
+        module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, warmup_steps=2)
+        ids = torch.randint(0, 512, (4 * 3, 16), generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
+        probe = Norms()
+        trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                             gradient_clip_val=1.0, callbacks=[TrainMonitor(), probe],
+                             plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))])
+        trainer.fit(module, train_dataloaders=loader)
+        assert trainer.precision_plugin.scaler.get_scale() == init_scale  # no step overflowed
+        return probe.seen
+
+    unscaled, scaled = norms(1.0), norms(1024.0)
+    assert len(unscaled) == 3 and all(n > 0 for n in unscaled)
+    assert scaled == pytest.approx(unscaled, rel=1e-2)
