@@ -202,6 +202,51 @@ def _arrow_batches(path: Path, batches) -> Iterator:
         yield batch
 
 
+def _csv_rows(path: Path, parse, convert, first_only: bool = False):
+    """pyarrow's streaming CSV reader over `path` (record batches), or with `first_only` the opened reader.
+    1 MB blocks (pyarrow's default): with 4 or 16 MB ones its peak grew with the file (99 -> 203 MiB over start
+    for 60 -> 200 MB), and reading was slower (243 vs 423 MB/s). A row longer than a block (a book-length text)
+    is refused by pyarrow ("straddling object"): read again with 8x the block, from the row it reached."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    block, size = 1 << 20, path.stat().st_size
+
+    def opened():
+        return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block), parse_options=parse,
+                              convert_options=convert)
+
+    if first_only:
+        while True:
+            try:
+                return opened()
+            except pa.ArrowInvalid as e:
+                if "straddl" not in str(e) or block > size:
+                    raise
+                block *= 8
+
+    def rows():
+        nonlocal block
+        done = 0  # rows handed on
+        while True:
+            seen = 0
+            try:
+                for batch in opened():
+                    if seen + batch.num_rows <= done:  # handed on before a retry
+                        seen += batch.num_rows
+                        continue
+                    batch, seen = batch.slice(done - seen), done
+                    seen = done = done + batch.num_rows
+                    yield batch
+                return
+            except pa.ArrowInvalid as e:
+                if "straddl" not in str(e) or block > size:
+                    raise
+                block *= 8
+
+    return rows()
+
+
 def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
     """The texts of a Parquet or CSV file's column `field`, read a batch at a time (1 MB of CSV, or 1,024
     Parquet rows of a row group), never the whole table."""
@@ -222,17 +267,13 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
             # newlines_in_values: a quoted text holding newlines (any real document); without it pyarrow
             # splits its read blocks inside such a field and the parse fails past the first block.
             parse = pacsv.ParseOptions(newlines_in_values=True)
-            names = pacsv.open_csv(path, parse_options=parse).schema.names  # the header (and one block)
+            names = _csv_rows(path, parse, None, first_only=True).schema.names  # the header (and one block)
             if field in names:
                 # The text column only, as written: type inference would turn "007" into 7 and "1e3" into
                 # 1000.0; streamed, another column's types are inferred from the first block, which a
                 # later block may break ("12" then "n/a").
-                # 1 MB blocks (pyarrow's default): with 4 or 16 MB ones its peak grew with the file (99 -> 203 MiB
-                # over start for 60 -> 200 MB), and reading was slower (243 vs 423 MB/s).
-                reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20), parse_options=parse,
-                                        convert_options=pacsv.ConvertOptions(column_types={field: pa.string()},
-                                                                             include_columns=[field]))
-                schema, batches = reader.schema, reader
+                text_only = pacsv.ConvertOptions(column_types={field: pa.string()}, include_columns=[field])
+                schema, batches = pa.schema([(field, pa.string())]), _csv_rows(path, parse, text_only)
     except BadFileError:
         raise
     except Exception as e:
@@ -638,28 +679,33 @@ def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
 
 
 def _splits_overlap(a: str, b: str) -> bool:
-    """Whether two `datasets` split specs (`train`, `train[:1%]`, `train[1%:]`) can share rows: the same
-    split, one of them whole, or percent slices whose ranges meet. Other slices (row counts, `+`): only
-    the same spec counts, since their sizes are not known here."""
+    """Whether two `datasets` split specs (`train`, `train[:1%]`, `train[1%:]`, `train[:500]`) can share rows:
+    the same split, one of them whole, or slices in one unit (percent, or rows) whose ranges meet. Others
+    (percent against rows, negative indices, `+`): only the same spec counts, since split sizes are not
+    known here."""
     def parse(spec: str):
         m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*", spec)
         if not m:
             return None
         base, lo, lo_pct, hi, hi_pct = m.groups()
-        if lo is None:  # no slice: all of it
-            return base, 0.0, 100.0
-        if (lo and not lo_pct) or (hi and not hi_pct) or lo.startswith("-") or hi.startswith("-"):
-            return base, None, None  # rows or negative indices: ranges unknown
-        return base, float(lo or 0), float(hi or 100)
+        if lo is None or not (lo or hi):  # no slice, or [:]: all of it
+            return base, "all", 0.0, math.inf
+        units = {pct for bound, pct in ((lo, lo_pct), (hi, hi_pct)) if bound}
+        if lo.startswith("-") or hi.startswith("-") or len(units) > 1:
+            return base, None, None, None  # negative indices, or [10:50%]: ranges unknown
+        unit = units.pop() or "rows"
+        return base, unit, float(lo or 0), float(hi) if hi else (100.0 if unit == "%" else math.inf)
 
     if a.strip() == b.strip():
         return True
     pa, pb = parse(a), parse(b)
     if pa is None or pb is None or pa[0] != pb[0]:
         return False
-    if None in pa[1:] or None in pb[1:]:
-        return pa[1:] == (0.0, 100.0) or pb[1:] == (0.0, 100.0)  # only a whole split is known to overlap
-    return pa[1] < pb[2] and pb[1] < pa[2]
+    if "all" in (pa[1], pb[1]):
+        return True  # a whole split holds any slice of it
+    if pa[1] is None or pb[1] is None or pa[1] != pb[1]:
+        return False
+    return pa[2] < pb[3] and pb[2] < pa[3]
 
 
 class TokenBlockDataModule(pl.LightningDataModule):
@@ -741,9 +787,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
                 raise DataError(f"data.{knob}={name!r} is {'the training split' if name == split else 'part of the training split'}"
                                 f" (data.split={split!r}); name a held-out split (e.g. split 'train[1%:]' and "
                                 f"{knob} 'train[:1%]'), or unset data.{knob}")
-        if test_split and test_split == val_split:  # the split that picked the best checkpoint reads better than it is
-            raise DataError(f"data.test_split={test_split!r} is also data.val_split; name another split for the test, "
-                            "or unset data.test_split")
+        if test_split and val_split and _splits_overlap(test_split, val_split):
+            # the split that picked the best checkpoint reads better than it is
+            how = "is also" if test_split.strip() == val_split.strip() else "shares rows with"
+            raise DataError(f"data.test_split={test_split!r} {how} data.val_split{'' if how == 'is also' else f'={val_split!r}'}; "
+                            "name another split for the test, or unset data.test_split")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if block_size < 2:
@@ -927,13 +975,19 @@ class TokenBlockDataModule(pl.LightningDataModule):
         that run reads the files again and stops at the bad one (error's keys stay as they were)."""
         return {"bad": "skip"} if self.on_bad_file == "skip" else {}
 
+    def _hold_out_key(self) -> list | None:
+        """What picks the held-out validation documents, when some are (val_fraction of the training source; not
+        with data.val_files / data.val_split): a seed sweep over a given validation set re-tokenized the corpus."""
+        held_out = not (self.val_files or self.val_split) and self.val_fraction > 0
+        return [self.val_fraction, self.seed] if held_out else None
+
     def _key(self, payload: dict) -> str:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def _tokenizer_dir(self) -> Path:
         # The held-out documents (val_fraction, seed) are not trained on: another hold-out, another tokenizer.
         payload = {"src": self._source_fingerprint(), "unit": self.text_unit, "field": self.text_field,
-                   "vocab": self.train_tokenizer_vocab_size, "val": [self.val_fraction, self.seed], "v": CACHE_VERSION}
+                   "vocab": self.train_tokenizer_vocab_size, "val": self._hold_out_key(), "v": CACHE_VERSION}
         return self.cache_dir / "tokenizers" / self._key(payload)
 
     def _load_or_train_tokenizer(self, train_if_missing: bool, missing_fix: str = "prepare_data did not run on this node"):
@@ -978,7 +1032,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
                    # tokenizer_config.json's pick: not in tokenizer.json's hash
                    "eos": self.tokenizer.eos_token_id, "literal_eos": self.literal_eos,
                    "block": self.block_size, "unit": self.text_unit, "field": self.text_field,
-                   "val": [self.val_fraction, self.seed], "v": CACHE_VERSION, **self._bad_file_key()}
+                   "val": self._hold_out_key(), "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
 
     def _test_blocks_dir(self) -> Path | None:
@@ -1018,6 +1072,12 @@ class TokenBlockDataModule(pl.LightningDataModule):
         """fit / validate / test (and prepare) pack the training data; `predict` needs only the tokenizer."""
         if not self.train_files and not self.dataset_name:
             raise DataError("no training data: set data.train_files (paths or globs) or data.dataset_name")
+        local = self._local_dataset_dir()
+        if local is not None and Path(os.path.realpath(self.cache_dir)).is_relative_to(os.path.realpath(local)):
+            # Its files key the cache (the packed blocks would change the key they are stored under), and
+            # load_dataset reads a folder's every data file: the cache's val.bin became a "validation" split.
+            raise DataError(f"data.cache_dir={str(self.cache_dir)!r} is inside the data set folder "
+                            f"data.dataset_name={self.dataset_name!r}, which is read whole; move data.cache_dir out of it")
 
     def _predicting(self) -> bool:
         return self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING

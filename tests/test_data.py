@@ -392,6 +392,18 @@ def test_a_large_csv_with_multi_line_texts_reads_whole(tmp_path):
     assert list(data_mod.read_documents(tmp_path / "big.csv")) == rows
 
 
+def test_a_csv_row_longer_than_a_read_block_is_read(tmp_path):
+    """pyarrow refuses a row longer than its 1 MB read block ("straddling object straddles two block
+    boundaries"): one book-length text stopped the run. First, middle and last rows of 3 MB, with newlines."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    book = ("It was a dark and stormy night, \"said he\".\n" * 70_000)[:3_000_000]
+    for rows in ([book, "short", "after"], [f"r{i}" for i in range(50_000)] + [book] + ["tail"], ["a", "b", book]):
+        pacsv.write_csv(pa.table({"n": list(range(len(rows))), "text": rows}), tmp_path / "books.csv")
+        assert list(data_mod.read_documents(tmp_path / "books.csv")) == rows
+
+
 def test_parquet_text_in_any_arrow_string_layout_is_text(tmp_path):
     """A dictionary-encoded column (pandas' category dtype) or a string_view one was refused as 'not text'."""
     import pyarrow as pa
@@ -469,6 +481,19 @@ def test_the_block_cache_is_keyed_by_the_eos_token_and_an_incomplete_one_is_name
     with pytest.raises(DataError, match=rf"^the block cache {dm._blocks_dir()} is incomplete \(no meta.json\); "
                                         r"delete that folder and run again$"):
         make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")]).prepare_data()
+
+
+def test_the_seed_keys_the_cache_only_when_it_picks_the_held_out_documents(tmp_path, corpus_dir, tokenizer_dir):
+    """With data.val_files (or val_split) the seed only shuffles, which the cache does not hold: a seed sweep
+    re-tokenized the corpus (and retrained a trained tokenizer) for the same blocks."""
+    files = [str(p) for p in sorted(corpus_dir.glob("*.txt"))]
+    given = dict(train_files=files[1:], val_files=files[:1], train_tokenizer_vocab_size=300)
+    held = dict(train_files=files, val_fraction=0.2, train_tokenizer_vocab_size=300)
+    for kw, same in ((given, True), (held, False)):
+        a, b = (make_dm(tmp_path, None, **kw, seed=seed) for seed in (1, 2))
+        assert (a._tokenizer_dir() == b._tokenizer_dir()) is same
+        a.tokenizer = b.tokenizer = data_mod.load_tokenizer(str(tokenizer_dir))
+        assert (a._blocks_dir() == b._blocks_dir()) is same
 
 
 def test_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path):
@@ -655,6 +680,13 @@ def test_test_files_are_packed_in_a_cache_of_their_own(tmp_path, corpus_dir, tok
      ["data.val_split='train[:1%]' is part of the training split (data.split='train')"]),
     (lambda c, t: dict(dataset_name="wikitext", split="train[1%:]", val_split="train[:2%]"),
      ["data.val_split='train[:2%]' is part of the training split (data.split='train[1%:]')"]),
+    (lambda c, t: dict(dataset_name="wikitext", split="train[:50000]", val_split="train[:500]"),  # rows (was accepted)
+     ["data.val_split='train[:500]' is part of the training split (data.split='train[:50000]')"]),
+    (lambda c, t: dict(dataset_name="wikitext", split="train[1000:]", val_split="train[:1000]", test_split="train[:100]"),
+     ["data.test_split='train[:100]' shares rows with data.val_split='train[:1000]'; name another split"]),
+    (lambda c, t: dict(dataset_name=str(t), cache_dir=str(t / "cache")),  # re-packed each run, or read as data
+     ["data.cache_dir='{t}/cache' is inside the data set folder data.dataset_name='{t}', which is read whole; "
+      "move data.cache_dir out of it"]),
     (lambda c, t: dict(dataset_name="wikitext", split="validation", val_split="validation"),
      ["data.val_split='validation' is the training split (data.split='validation')"]),
     (lambda c, t: dict(dataset_name="wikitext", test_files=[f"{c}/abc.txt"]),
@@ -668,7 +700,7 @@ def test_test_and_val_sources_that_would_mislead_are_refused(tmp_path, corpus_di
     with pytest.raises(DataError) as err:
         prepared(make_dm(tmp_path, tokenizer_dir, **kw(corpus_dir, tmp_path)))
     msg = str(err.value)
-    assert all(n.format(c=corpus_dir) in msg for n in needles) and "\n" not in msg, msg
+    assert all(n.format(c=corpus_dir, t=tmp_path) in msg for n in needles) and "\n" not in msg, msg
 
 
 def test_checkpointed_data_state_tells_a_resume_on_other_data(tmp_path, corpus_dir, tokenizer_dir, tokenizer):
