@@ -122,6 +122,15 @@ def check_submission(nodes: int, tasks_per_node: int, fit_args: list[str]) -> st
     strategy = _get(cfg, "trainer.strategy")
     init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
     dp, tp = init.get("data_parallel_size"), init.get("tensor_parallel_size", 1)
+    if isinstance(strategy, dict) and _class_name(strategy.get("class_path")) == "ModelParallelStrategy":
+        # Lightning's defaults, "auto": data parallel = nodes, tensor parallel = devices per node.
+        dp = nodes if init.get("data_parallel_size", "auto") == "auto" else init.get("data_parallel_size")
+        tp = tasks_per_node if init.get("tensor_parallel_size", "auto") == "auto" else init.get("tensor_parallel_size")
+        if isinstance(tp, int) and tp > 1:
+            raise ConfigError(f"{where}: ModelParallelStrategy with tensor_parallel_size={tp} "
+                              f"({'auto: the devices per node' if init.get('tensor_parallel_size', 'auto') == 'auto' else 'as set'}), "
+                              f"and GPT2Module has no tensor parallelism; use configs/strategy/fsdp.yaml "
+                              f"(gpt2dist.strategies.FSDP2Strategy) or set tensor_parallel_size: 1")
     if isinstance(dp, int) and isinstance(tp, int) and dp * tp != world:
         raise ConfigError(f"{where}: strategy data_parallel_size x tensor_parallel_size = {dp} x {tp} = {dp * tp}, "
                           f"but the job has {nodes} node(s) x {tasks_per_node} = {world} processes: make them equal")

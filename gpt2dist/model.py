@@ -211,6 +211,15 @@ class GPT2Module(pl.LightningModule):
 
         from gpt2dist.perf import apply_perf_options, pad_vocab
 
+        mesh = self._device_mesh
+        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            # Lightning's ModelParallelStrategy, whose sizes default to "auto" (tensor parallel = devices per node):
+            # GPT-2 here has no tensor-parallel plan, so each tensor-parallel group's ranks would train on the same
+            # batches, the global batch that many times smaller than it reads.
+            raise ConfigError(f"trainer.strategy {type(self._trainer.strategy).__name__} has tensor_parallel_size="
+                              f"{mesh['tensor_parallel'].size()}, and GPT2Module has no tensor parallelism; use "
+                              f"configs/strategy/fsdp.yaml (gpt2dist.strategies.FSDP2Strategy, data parallel over "
+                              f"every process) or set tensor_parallel_size: 1")
         config = self.resolve_config()
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "zero_stage_3", False):

@@ -117,6 +117,14 @@ CASES = {
     "config_deepspeed_on_cpu": (lambda c, g: ["--config", "configs/strategy/deepspeed_zero2.yaml"],
                                 "DeepSpeedStrategy (DeepSpeed) needs CUDA GPUs, but the accelerator is cpu", 2),
     "config_fsdp1_on_cpu": (lambda c, g: ["--config", "configs/strategy/fsdp1.yaml"], "(FSDP1) needs CUDA GPUs", 2),
+    # Lightning's ModelParallelStrategy splits the ranks into tensor-parallel groups that GPT2Module does not use:
+    # both ranks trained on the same batches (a global batch half what it reads).
+    "config_tensor_parallel": (lambda c, g: ["--trainer.devices", "2", "--trainer.strategy",
+                                             "lightning.pytorch.strategies.ModelParallelStrategy",
+                                             "--trainer.strategy.init_args.data_parallel_size", "1",
+                                             "--trainer.strategy.init_args.tensor_parallel_size", "2"],
+                               "trainer.strategy ModelParallelStrategy has tensor_parallel_size=2, and GPT2Module has no "
+                               "tensor parallelism; use configs/strategy/fsdp.yaml", 2),
     # --- checkpoint
     "ckpt_missing": (lambda c, g: ["--ckpt_path", f"{c}/gone.ckpt"], "gone.ckpt: no such file or folder", 2),
     "ckpt_truncated": (lambda c, g: ["--ckpt_path", truncated(c, g)], "half.ckpt: not a complete checkpoint", 2),

@@ -67,6 +67,24 @@ def test_a_later_strategy_class_drops_the_earlier_ones_settings(tmp_path):
         check_submission(1, 8, [*args, "--config", str(short)])
 
 
+def test_model_parallel_sizes_default_as_lightning_resolves_them_and_tensor_parallel_is_refused(tmp_path):
+    """Lightning's ModelParallelStrategy defaults both sizes to "auto" (data parallel = nodes, tensor parallel =
+    devices per node). The check took tensor parallel for 1: it passed data_parallel_size 16 on 2 x 8 (which
+    Lightning stops at start: 16 x 8 != 16), refused 2 (2 x 8 = 16, valid for Lightning), and printed a
+    16-process global batch for two "auto"s, where GPT2Module (no tensor parallelism) trains on 2."""
+    mp = "lightning.pytorch.strategies.ModelParallelStrategy"
+    large = ["--config", str(REPO / "configs/gpt2-large.yaml"), "--trainer.num_nodes=2"]
+    for init, needle in (({"data_parallel_size": 16}, "tensor_parallel_size=8 (auto: the devices per node)"),
+                         ({"data_parallel_size": 2}, "tensor_parallel_size=8 (auto: the devices per node)"),
+                         ({}, "tensor_parallel_size=8 (auto"),
+                         ({"data_parallel_size": 8, "tensor_parallel_size": 2}, "tensor_parallel_size=2 (as set)")):
+        with pytest.raises(ConfigError, match=None) as e:
+            check_submission(2, 8, [*large, "--config", cfg(tmp_path, trainer={"strategy": {"class_path": mp, "init_args": init}})])
+        assert needle in str(e.value) and "GPT2Module has no tensor parallelism; use configs/strategy/fsdp.yaml" in str(e.value)
+    ok = cfg(tmp_path, trainer={"strategy": {"class_path": mp, "init_args": {"tensor_parallel_size": 1, "data_parallel_size": 16}}})
+    assert "16 processes" in check_submission(2, 8, [*large, "--config", ok])
+
+
 def test_arguments_apply_in_order_as_the_cli_applies_them():
     """LightningCLI: a --config after an override overrides it (`gpt2dist fit ... --print_config` agrees).
     The line said 32 seqs where the job trains 128."""
