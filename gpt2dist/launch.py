@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -174,15 +175,49 @@ def check_srun_seen(environment: str, env=None) -> None:
                       f"name the allocation (salloc --job-name gpt2dist ...) or submit with slurm/submit.sh")
 
 
+def array_task_ids(spec: str) -> list[int]:
+    """The task ids of an sbatch --array spec: `0-3`, `1,3,5-7`, `0-15:4` (a step), `0-99%10` (at most 10 at once)."""
+    ids: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:-(\d+)(?::(\d+))?)?\s*", part)
+        if not m or (m.group(3) is not None and int(m.group(3)) < 1):
+            raise ConfigError(f"job array {spec!r}: {part!r} is not an id or range (e.g. 0-3, 1,3,5-7, 0-15:4, 0-99%10)")
+        lo, hi, step = int(m.group(1)), int(m.group(2) or m.group(1)), int(m.group(3) or 1)
+        ids.extend(range(lo, hi + 1, step))
+    return sorted(set(ids))
+
+
+def check_array(nodes: int, tasks_per_node: int, fit_args: list[str], spec: str) -> str:
+    """check_submission for every task of a job array, `%a` in the arguments replaced by its id (as
+    slurm/fit.sbatch does); an array whose arguments hold no `%a` is refused, as fit.sbatch refuses it
+    (after the queue wait, had it not been checked here)."""
+    ids = array_task_ids(spec)
+    if not any("%a" in a for a in fit_args):
+        raise ConfigError(f"job array {spec!r}: every task would get the same arguments, so the same run folder; put %a "
+                          f"(the task id) in --trainer.default_root_dir (e.g. runs/sweep-%a) or in --config (sweep/%a.yaml)")
+    lines = {}
+    for i in ids:
+        try:
+            lines.setdefault(check_submission(nodes, tasks_per_node, [a.replace("%a", str(i)) for a in fit_args]), []).append(i)
+        except ConfigError as e:
+            raise ConfigError(f"array task {i}: {e}") from None
+    return "\n".join(f"array task(s) {','.join(map(str, t)) if len(t) <= 8 else f'{t[0]}..{t[-1]} ({len(t)})'}: {line}"
+                     for line, t in lines.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt2dist.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--tasks-per-node", type=int, required=True)
+    p.add_argument("--array", default=None, help="an sbatch --array spec: check each task (%%a = its id)")
     p.add_argument("fit_args", nargs=argparse.REMAINDER, help="-- then the gpt2dist fit arguments")
     a = p.parse_args(argv)
     fit_args = a.fit_args[1:] if a.fit_args[:1] == ["--"] else a.fit_args
     try:
-        print(check_submission(a.nodes, a.tasks_per_node, fit_args), flush=True)
+        if a.array:
+            print(check_array(a.nodes, a.tasks_per_node, fit_args, a.array), flush=True)
+        else:
+            print(check_submission(a.nodes, a.tasks_per_node, fit_args), flush=True)
     except ConfigError as e:
         print(f"gpt2dist: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -7,7 +7,8 @@
 #
 # Options: --nodes N (1), --gpus-per-node G (8), --tasks-per-node T (G; needed when G is 0),
 # --cpus-per-task C (8), --time HH:MM:SS (24:00:00), each also as --opt=value. Everything else goes to `gpt2dist fit`.
-# Partition, account, QOS: sbatch's own environment (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS).
+# Partition, account, QOS, a job array: sbatch's own environment (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS,
+# SBATCH_ARRAY=0-3 with %a, the task id, in the arguments: --config sweep/%a.yaml).
 # Prints the job id on success.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,8 +40,11 @@ TASKS=${TASKS:-$GPUS}
 ((GPUS == 0 || GPUS == TASKS)) || die "--tasks-per-node $TASKS != --gpus-per-node $GPUS: one process per GPU"
 command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
 
-# Config files exist, world size agrees with the configs; prints the global batch.
-"$PYTHON" -m gpt2dist.launch --nodes "$NODES" --tasks-per-node "$TASKS" -- ${ARGS[@]+"${ARGS[@]}"} >&2
+# Config files exist, world size agrees with the configs; prints the global batch. A job array (sbatch's own
+# SBATCH_ARRAY=0-3): each task's arguments, %a its id, as fit.sbatch will run them.
+ARRAY=()
+[[ -n ${SBATCH_ARRAY:-} ]] && ARRAY=(--array "$SBATCH_ARRAY")
+"$PYTHON" -m gpt2dist.launch --nodes "$NODES" --tasks-per-node "$TASKS" ${ARRAY[@]+"${ARRAY[@]}"} -- ${ARGS[@]+"${ARGS[@]}"} >&2
 
 exec sbatch --parsable --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" \
     --cpus-per-task="$CPUS" --time="$TIME" "$HERE/fit.sbatch" ${ARGS[@]+"${ARGS[@]}"}

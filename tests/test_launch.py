@@ -133,6 +133,41 @@ def test_submit_sh_takes_sbatch_style_options_and_refuses_leading_zeros(tmp_path
         "submit.sh: error: --gpus-per-node '08' is not a whole number (no sign, no leading zero)"), r.stderr
 
 
+def test_a_job_array_is_checked_task_by_task_as_fit_sbatch_runs_it(tmp_path):
+    """SBATCH_ARRAY=0-3 slurm/submit.sh: the check read `sweep-%a.yaml` as a file name and refused a valid sweep,
+    and passed an array without %a, whose every task then waited in the queue to exit 2 in fit.sbatch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gpt2dist.launch import array_task_ids
+
+    assert array_task_ids("0-3") == [0, 1, 2, 3] and array_task_ids("1,3,5-7") == [1, 3, 5, 6, 7]
+    assert array_task_ids("0-15:4") == [0, 4, 8, 12] and array_task_ids("0-99%10") == list(range(100))
+    with pytest.raises(ConfigError, match="job array '0-x': '0-x' is not an id or range"):
+        array_task_ids("0-x")
+    for i, batch in enumerate((4, 8, 4)):
+        (tmp_path / f"sweep-{i}.yaml").write_text(yaml.safe_dump({"data": {"batch_size": batch}}))
+    (tmp_path / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/queued"\necho 123\n')
+    (tmp_path / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable}
+
+    def submit(array, *args):
+        return subprocess.run(["bash", str(REPO / "slurm/submit.sh"), "--config", str(REPO / "configs/gpt2-large.yaml"), *args],
+                              env={**env, "SBATCH_ARRAY": array}, capture_output=True, text=True, timeout=120)
+
+    r = submit("0-2", "--config", str(tmp_path / "sweep-%a.yaml"))
+    assert r.returncode == 0 and r.stdout.strip() == "123", r.stderr
+    assert "array task(s) 0,2: global batch: 4 seqs" in r.stderr and "array task(s) 1: global batch: 8 seqs" in r.stderr
+    assert str(tmp_path / "sweep-%a.yaml") in (tmp_path / "queued").read_text()  # fit.sbatch substitutes it per task
+    (tmp_path / "queued").unlink()
+    for array, args, says in (("0-3", ["--config", str(tmp_path / "sweep-%a.yaml")], "array task 3: config file "),
+                              ("0-3", [], "job array '0-3': every task would get the same arguments, so the same run folder")):
+        r = submit(array, *args)
+        assert r.returncode == 2 and says in r.stderr and not (tmp_path / "queued").exists(), r.stderr
+
+
 @pytest.mark.parametrize("env, nodes, devices, needle", [
     ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}, 1, 1,
      "srun started 2 task(s) on 1 node(s), but the trainer runs trainer.num_nodes=1 x trainer.devices=1 = 1 process(es): "
