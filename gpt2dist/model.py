@@ -65,7 +65,9 @@ def build_config(model_name_or_path: str, overrides: dict | None = None, dropout
     if dropout is not None:
         config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
     for key, value in kwargs.items():
-        setattr(config, key, value)
+        # The kernel is config._attn_implementation: a plain attribute of that name was saved with the config
+        # but not used when the model is built from it (from_scratch, ZeRO-3), which ran SDPA.
+        setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
     for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
             raise ConfigError(f"model.config_overrides: {key}={getattr(config, key)!r} must be a positive integer")
@@ -234,8 +236,11 @@ class GPT2Module(pl.LightningModule):
             self.model = GPT2LMHeadModel(config)
         else:
             try:
+                # dtype: the one trainer.precision builds in (bf16 under bf16-true, else fp32), not the stored
+                # one: a folder saved in bf16 trained bf16 weights under 32-true and bf16-mixed.
                 self.model = GPT2LMHeadModel.from_pretrained(
-                    self.hparams.model_name_or_path, config=config, attn_implementation=self.hparams.attn_implementation
+                    self.hparams.model_name_or_path, config=config, attn_implementation=self.hparams.attn_implementation,
+                    dtype=torch.get_default_dtype(),
                 )
             except Exception as e:
                 raise ConfigError(

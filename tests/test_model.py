@@ -265,3 +265,33 @@ def test_16_mixed_clips_and_logs_the_unscaled_grad_norm():
     unscaled, scaled = norms(1.0), norms(1024.0)
     assert len(unscaled) == 3 and all(n > 0 for n in unscaled)
     assert scaled == pytest.approx(unscaled, rel=1e-2)
+
+
+def test_attention_kernel_is_the_configured_one_when_built_from_scratch_too():
+    """model.attn_implementation=eager set a plain config attribute that building from a config ignores: a
+    from-scratch (or ZeRO-3) model ran SDPA, and output_attentions returned nothing."""
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 300}, attn_implementation="eager")
+    m.configure_model()
+    assert m.model.config._attn_implementation == "eager"
+    out = m.model(torch.randint(0, 300, (1, 8)), output_attentions=True)
+    assert len(out.attentions) == TINY["n_layer"] and out.attentions[0].shape == (1, TINY["n_head"], 8, 8)
+
+
+@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("bf16-mixed", torch.float32),
+                                              ("bf16-true", torch.bfloat16)])
+def test_pretrained_weights_load_in_the_precisions_dtype_not_the_stored_one(tmp_path, precision, dtype):
+    """from_pretrained keeps the stored dtype: a folder saved in bf16 trained bf16 weights under 32-true and
+    bf16-mixed ("autocast over fp32 weights"), and the optimizer switched to MasterWeightAdamW unasked."""
+    import lightning.pytorch as pl
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=300)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    module = GPT2Module(model_name_or_path=str(tmp_path / "bf16"), dropout=0.0, warmup_steps=1)
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, precision=precision, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4))
+    assert {p.dtype for p in module.parameters()} == {dtype}
+    opt = trainer.optimizers[0]
+    assert type(getattr(opt, "_optimizer", opt)).__name__ == ("MasterWeightAdamW" if dtype == torch.bfloat16 else "AdamW")
