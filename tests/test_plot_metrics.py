@@ -56,6 +56,34 @@ def test_resumed_csv_versions_merge_in_version_order_not_mtime(tmp_path):
     assert plot_metrics.read_csv_runs(tmp_path)["train/loss"] == {0: 5.0, 1: 4.0, 2: 1.0, 3: 0.5}
 
 
+def test_an_evaluations_own_log_in_the_run_folder_is_not_part_of_the_training_curves(tmp_path, monkeypatch):
+    """`gpt2dist validate` / `test` log their own CSV version (and W&B run) into the run folder, at step 0: the
+    final model's val/loss was drawn as the training curve's first point."""
+    import json
+    import types
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+
+    (tmp_path / "logs/version_0").mkdir(parents=True)
+    (tmp_path / "logs/version_0/metrics.csv").write_text("step,train/loss,val/loss\n1,5.0,\n1,,4.5\n3,4.0,\n3,,3.5\n")
+    (tmp_path / "logs/version_1").mkdir(parents=True)
+    (tmp_path / "logs/version_1/metrics.csv").write_text("step,val/loss,val/ppl\n0,3.5,33.1\n")  # validate, after fit
+    series = plot_metrics.read_csv_runs(tmp_path)
+    assert series["val/loss"] == {1: 4.5, 3: 3.5} and "val/ppl" not in series
+    assert plot_metrics.read_csv_runs(tmp_path / "logs/version_1/metrics.csv")["val/loss"] == {0: 3.5}  # asked for by name
+    items = {"offline-run-20261201_100000-fit": [{"trainer/global_step": 3, "train/loss": 4.0, "lr": 1e-3},
+                                                 {"trainer/global_step": 3, "val/loss": 3.5}],
+             "offline-run-20261202_100000-val": [{"trainer/global_step": 0, "val/loss": 3.5}]}
+    for folder, rows in items.items():
+        (tmp_path / "wandb" / folder).mkdir(parents=True)
+        (tmp_path / "wandb" / folder / "run.wandb").write_text(
+            "\n".join(json.dumps({"type": "history", "history": {"item": r}}) for r in rows))
+    monkeypatch.setattr(plot_metrics.subprocess, "run", lambda cmd, **kw: types.SimpleNamespace(
+        returncode=0, stdout=open(cmd[-1]).read(), stderr=""))
+    assert plot_metrics.read_wandb_runs(tmp_path / "wandb")["val/loss"] == {3: 3.5}
+
+
 def _run(*args, pre=""):
     code = (f"import runpy, sys\n{pre}\nsys.argv = ['plot_metrics.py', *sys.argv[1:]]\n"
             f"runpy.run_path({str(REPO / 'tools/plot_metrics.py')!r}, run_name='__main__')")

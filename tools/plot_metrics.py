@@ -46,10 +46,20 @@ def _version(path: Path) -> tuple:
     return (int(m[1]) if m else -1, str(path))
 
 
+# A fit's log has these; `gpt2dist validate` / `test` write their own version (CSV) or run (W&B) into the run
+# folder too, at step 0: merged, the final model's val/loss was drawn as the training curve's first point.
+TRAINING = ("train/loss", "lr")
+
+
+def _training_log(rows: list[dict]) -> bool:
+    return any(k in row for row in rows for k in TRAINING)
+
+
 def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
     series: dict = {}
     paths = [root] if root.is_file() else root.rglob("metrics.csv")
     for path in sorted(paths, key=_version):
+        rows = []
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 if not row.get("step"):
@@ -60,7 +70,10 @@ def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
                         values[k] = float(v)
                     except (TypeError, ValueError):
                         pass
-                _merge(series, float(row["step"]), values)
+                rows.append(values)
+        if _training_log(rows) or root.is_file():
+            for values in rows:
+                _merge(series, values["step"], values)
     return series
 
 
@@ -83,14 +96,11 @@ def read_wandb_runs(root: Path) -> dict[str, dict[int, float]]:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             _error(f"could not read the W&B run file {path} (wandb leet inspect: {last}); check that wandb is installed")
-        out = proc.stdout
-        for line in out.splitlines():
-            rec = json.loads(line)
-            if rec.get("type") != "history":
-                continue
-            item = rec["history"]["item"]
-            if "trainer/global_step" in item:
-                _merge(series, item["trainer/global_step"], item)
+        items = [rec["history"]["item"] for rec in map(json.loads, proc.stdout.splitlines()) if rec.get("type") == "history"]
+        if _training_log(items):
+            for item in items:
+                if "trainer/global_step" in item:
+                    _merge(series, item["trainer/global_step"], item)
     return series
 
 
