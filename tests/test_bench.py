@@ -242,6 +242,11 @@ def test_ratio_is_against_a_row_of_ours_never_a_baseline(monkeypatch, capsys):
     ("model.no_such_knob=1", "model has no 'no_such_knob' (see gpt2dist.model.GPT2Module)"),
     ("model.lr=[1", "-o 'model.lr=[1': the value is not valid YAML"),  # was a yaml traceback
     ("model.dropout.p=1", "-o 'model.dropout.p=1': model.dropout is 0.0, not a section"),  # was an AttributeError
+    # A misspelt section, or none: the row ran with the config's value, saying nothing.
+    ("date.batch_size=2", "-o 'date.batch_size=2': 'date' is not a section; did you mean data?"),
+    ("compile=false", "-o 'compile=false': 'compile' is not a section; sections: trainer, model, data, seed_everything"),
+    ("model=3", "-o 'model=3': give a key of the model section, e.g. -o model."),
+    ("model.config_overrides.n_head=3", "n_embd=32 is not divisible by n_head=3"),  # was a traceback
 ])
 def test_bench_refuses_unknown_or_malformed_overrides(override, message):
     with pytest.raises(SystemExit) as e:

@@ -110,6 +110,12 @@ def load_config(paths: list[str], overrides: list[str]) -> dict:
             sys.exit(f"bench: error: -o {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
                      "quote or fix it, e.g. -o 'model.betas=[0.9, 0.95]'")
         path = key.split(".")
+        if path[0] not in KNOWN_KEYS and path[0] != "seed_everything" or path[0] in KNOWN_KEYS and len(path) < 2:
+            # -o date.batch_size=2 (or model=...) ran the row with the config's value, saying nothing.
+            near = difflib.get_close_matches(path[0], [*KNOWN_KEYS, "seed_everything"], n=1)
+            sys.exit(f"bench: error: -o {item!r}: " + (f"{path[0]!r} is not a section" + (f"; did you mean {near[0]}?" if near
+                     else "; sections: trainer, model, data, seed_everything") if path[0] not in KNOWN_KEYS else
+                     f"give a key of the {path[0]} section, e.g. -o {path[0]}.{sorted(KNOWN_KEYS[path[0]]())[0]}=..."))
         if path[0] in KNOWN_KEYS and len(path) > 1:
             section = cfg.get(path[0])
             if path[1] not in ("class_path", "init_args") and isinstance(section, dict) and "init_args" in section:
@@ -702,9 +708,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The DataModule's own defaults when the config leaves them out: what `gpt2dist fit` would train.
     data_defaults = inspect.signature(TokenBlockDataModule.__init__).parameters
     args.batch = int(cfg["data"].get("batch_size", data_defaults["batch_size"].default))
-    config = model_config(cfg)
     args.block = int(cfg["data"].get("block_size", data_defaults["block_size"].default))
     try:  # on CUDA an overlong block is a device-side assert that breaks every later row
+        config = model_config(cfg)  # a bad config_overrides (n_head 3 of n_embd 64): one line, not a traceback
         _check_block_size(args.block, config.n_positions)
     except ConfigError as e:
         sys.exit(f"bench: error: {e}")
