@@ -630,7 +630,7 @@ def oom_message(info: dict) -> str:
             f"{info.get('world_size')} process(es)). Try: halve data.batch_size and double "
             f"trainer.accumulate_grad_batches and trainer.val_check_interval (same global batch, same validation "
             f"steps: the interval counts micro-batches); activation checkpointing "
-            f"(configs/perf, or the strategy's activation_checkpointing); a sharded strategy "
+            f"(model.activation_checkpointing=true); a sharded strategy "
             f"(configs/strategy/fsdp.yaml); bf16 precision. Estimate first with: "
             f"{plan_command(info)}")
 

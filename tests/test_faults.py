@@ -504,7 +504,7 @@ def test_oom_message(tmp, corpus_dir, tokenizer_dir):
     assert p.returncode == 3
     line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error: out of memory")][0]
     for needle in ("data.batch_size=2", "data.block_size=32", "accumulate_grad_batches=2", "SingleDeviceStrategy",
-                   "tools/plan.py", "--micro-batch 2"):
+                   "tools/plan.py", "--micro-batch 2", "activation checkpointing (model.activation_checkpointing=true)"):
         assert needle in line, needle
     # test and predict say what those stages hold, and name their own knobs (before: "batch_size=None").
     oom = ["--config", str(overlay(run_dir(config), {"class_path": "fault_plugins.RaiseOOM"}))]
