@@ -41,7 +41,8 @@ from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoin
                              check_explicit_checkpoint, checkpoint_progress, hold_run_folder, is_deepspeed_folder,
                              newest_checkpoint, no_hpc_autoload, recorded_start, record_start, release_run_folders,
                              resolve_ckpt_path, resolve_eval_ckpt_path)
-from gpt2dist.tracking import RunConfig, prepare_wandb, start_wandb_runs, wandb_dir_in_run_folder, wandb_error_message
+from gpt2dist.tracking import (RunConfig, prepare_wandb, scrub, start_wandb_runs, wandb_dir_in_run_folder,
+                               wandb_error_message)
 
 log = logging.getLogger(__name__)
 
@@ -388,11 +389,15 @@ def main(args: list[str] | None = None) -> None:
             # The exit code W&B's own exit hook would have seen: 0 (finished, or requeued to go on), else failed.
             leaving = sys.exc_info()[1]
             code = 0 if leaving is None else (leaving.code or 0) if isinstance(leaving, SystemExit) else 1
-            run.finish(exit_code=code if isinstance(code, int) else 1)
-            if wandb_run_before is None:
-                # W&B reads its environment once per session ("changes ... will be ignored because your wandb
-                # session has already started"): ended, the next main()'s run id and folder count.
-                sys.modules["wandb"].teardown()
+            try:
+                run.finish(exit_code=code if isinstance(code, int) else 1)
+                if wandb_run_before is None:
+                    # W&B reads its environment once per session ("changes ... will be ignored because your wandb
+                    # session has already started"): ended, the next main()'s run id and folder count.
+                    sys.modules["wandb"].teardown()
+            except Exception as e:  # an upload that fails must not replace the run's own exit code or error
+                print(f"gpt2dist: warning: W&B could not finish the run ({type(e).__name__}: "
+                      f"{scrub(str(e).splitlines()[0][:200]) if str(e) else ''})", file=sys.stderr, flush=True)
         for k, v in wandb_env.items():
             if v is None:
                 os.environ.pop(k, None)
