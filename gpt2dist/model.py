@@ -236,11 +236,8 @@ class GPT2Module(pl.LightningModule):
             self.model = GPT2LMHeadModel(config)
         else:
             try:
-                # dtype: the one trainer.precision builds in (bf16 under bf16-true, else fp32), not the stored
-                # one: a folder saved in bf16 trained bf16 weights under 32-true and bf16-mixed.
                 self.model = GPT2LMHeadModel.from_pretrained(
-                    self.hparams.model_name_or_path, config=config, attn_implementation=self.hparams.attn_implementation,
-                    dtype=torch.get_default_dtype(),
+                    self.hparams.model_name_or_path, config=config, attn_implementation=self.hparams.attn_implementation
                 )
             except Exception as e:
                 raise ConfigError(
@@ -248,6 +245,11 @@ class GPT2Module(pl.LightningModule):
                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); give a local folder, or set "
                     "model.from_scratch=true"
                 ) from None
+            # In the dtype trainer.precision builds in (bf16 under bf16-true, else fp32), not the stored one: a
+            # folder saved in bf16 trained bf16 weights under 32-true and bf16-mixed. Cast here, not by
+            # from_pretrained's dtype argument, which transformers < 4.56 (allowed: >= 4.45) calls torch_dtype.
+            if any(p.dtype != torch.get_default_dtype() for p in self.model.parameters()):
+                self.model.to(torch.get_default_dtype())
         # Padding after building: the real rows are initialised (or loaded) exactly as unpadded.
         real_vocab = pad_vocab(self.model, self.hparams.pad_vocab_to_multiple_of)
         if self.model.config.vocab_size != real_vocab:

@@ -303,6 +303,12 @@ def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_pat
         "main(json.loads(sys.argv[2]))",
         "print('outer kept:', wandb.run is outer)",
         "outer.finish()",
+        # A finish that fails (an upload): one warning line; main returns as the fit did, the environment set back.
+        "wandb.sdk.wandb_run.Run.finish = lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError('upload failed'))",
+        "main(json.loads(sys.argv[1])[0] + ['--trainer.default_root_dir=' + os.path.join(os.getcwd(), 'd', 'run')])",
+        "print('after failed finish:', sorted(k for k in ('WANDB_RUN_ID', 'WANDB_DIR') if k in os.environ), flush=True)",
+        "sys.stderr.flush()",
+        "os._exit(0)  # W&B's exit hook would try the patched finish again",
     ])
     runs = [[*fit_args(r, corpus_dir, tokenizer_dir, max_steps=2), "--config", str(REPO / "configs/logging/wandb.yaml"),
              "--samples.sample_every_n_steps=0"] for r in roots]
@@ -313,8 +319,9 @@ def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_pat
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(runs), json.dumps(inside)], capture_output=True,
                           text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "left: []" in proc.stdout and "outer kept: True" in proc.stdout
-    assert [p.name for p in (tmp_path / "wandb").glob("offline-run-*")][0].endswith("outer-run")
+    assert "left: []" in proc.stdout and "outer kept: True" in proc.stdout and "after failed finish: []" in proc.stdout
+    assert "gpt2dist: warning: W&B could not finish the run (RuntimeError: upload failed)" in proc.stderr
+    assert any(p.name.endswith("outer-run") for p in (tmp_path / "wandb").glob("offline-run-*"))
     for root in roots:
         run_id = f"slurm-4242-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}"  # this folder's id in this job
         found = sorted(p.name for p in (root / "wandb").glob("offline-run-*"))
