@@ -160,6 +160,23 @@ def test_gpu_check_perf_script_fails_when_a_row_fails(tmp_path):
     assert "row large: exit 124 (timed out)" in p.stdout and "FAILED rows: large small" in (tmp_path / "summary.md").read_text()
 
 
+def test_bench_exits_1_when_a_row_fails(tmp_path):
+    """bench.py caught a row's error (e.g. a CUDA OOM), printed it in the table and exited 0, so
+    gpu_check_perf.sh, which reads the exit status, passed a row that had no number."""
+    stub = tmp_path / "stub" / "accelerate"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('accelerate stubbed out by the test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{stub.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), *MICRO, "--baseline", "hf-trainer",
+                        "--out", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    # transformers' GPT-2 imports accelerate too once it finds it, so both rows fail here
+    assert "bench: failed rows: gpt2dist, hf-trainer" in p.stderr and "| hf-trainer | failed: " in p.stdout
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert rows[0]["error"] == "ImportError: accelerate stubbed out by the test"
+    assert rows[1]["error"].startswith("RuntimeError: hf-trainer baseline needs `accelerate`")
+
+
 def test_hf_trainer_baseline_checkpoints_activations_and_fuses_adamw_as_ours_does(monkeypatch):
     """A fair baseline: with model.activation_checkpointing on, transformers.Trainer recomputes its blocks
     too, set through the current TrainingArguments name (no deprecation warning, so nothing breaks in v6);

@@ -531,10 +531,24 @@ def test_two_node_emulation(overlay, tmp_path, corpus_dir, tokenizer_dir):
     assert (tmp_path / overlay / "hf_model" / "model.safetensors").exists()
 
 
+def test_gpu_check_script_refuses_bad_arguments_before_any_row(tmp_path):
+    """An unknown overlay started a fit that failed, and an odd --steps gave a false export FAIL (no
+    checkpoint at the last step), each after the other rows had spent device time."""
+    for args, says in ((["--rows", "ddp,fsdp2"], "row 'fsdp2': no configs/strategy/fsdp2.yaml"),
+                       (["--steps", "5"], "--steps 5: give an even number >= 2")):
+        p = subprocess.run([sys.executable, str(REPO / "tools/gpu_check_strategies.py"), "--cpu-smoke", *args],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path / "o")})
+        assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert not list(tmp_path.glob("o/*"))
+
+
 def test_gpu_check_script_cpu_smoke(tmp_path):
+    # $OUT does not exist yet: the script makes it (it wrote its result files into a missing folder at the end)
+    out = tmp_path / "out"
     p = subprocess.run(["bash", str(REPO / "tools/gpu_check_strategies.sh"), "--cpu-smoke"], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+                       timeout=600, env={**os.environ, "OUT": str(out)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert (out / "strategies_logs.txt").read_text().count("===== ") >= 5  # 3 rows + fsdp's resume + its export
     tables = [[[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")
                and "---" not in line] for block in p.stdout.split("\n\n")]
     measured, logged = [t for t in tables if t]

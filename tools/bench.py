@@ -819,4 +819,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Exit 1 when a row failed in every repeat: the table above still has the good rows, but a caller
+    # (tools/gpu_check_perf.sh) reads the exit status, and a CUDA OOM in a row read as a pass.
+    failed = [r["run"] for r in main()["rows"] if "error" in r]
+    if failed:
+        print(f"bench: failed rows: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)

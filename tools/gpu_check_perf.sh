@@ -70,8 +70,9 @@ row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log
     >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 8 "$OUT/$name.log"
-  # 124: timeout's TERM; 137: its KILL 10 s later (-k 10)
-  [ $rc = 0 ] || { echo "row $name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ' (timed out)')"; FAILED+=("$name"); }
+  # 124: timeout's TERM; 137: its KILL 10 s later (-k 10); 1: a run of the row failed (e.g. an OOM), in its table
+  local why=""; { [ $rc = 124 ] || [ $rc = 137 ]; } && why=" (timed out)"; [ $rc = 1 ] && why=" (a run failed: see its table)"
+  [ $rc = 0 ] || { echo "row $name: exit $rc$why"; FAILED+=("$name"); }
 }
 
 START=$(date +%s)

@@ -38,6 +38,8 @@ def row_overlay(name: str) -> tuple[str, list[str]]:
     strategy, _, knob = name.partition("+")
     if knob not in ("", "compile"):
         raise SystemExit(f"row {name!r}: the only row suffix is '+compile'")
+    if not (REPO / "configs/strategy" / f"{strategy}.yaml").exists():
+        raise SystemExit(f"row {name!r}: no configs/strategy/{strategy}.yaml (rows: {', '.join(GPU_ROWS)})")
     if not knob:
         return strategy, []
     pad = "1" if strategy.startswith("deepspeed_zero3") else "128"
@@ -207,8 +209,11 @@ def main() -> int:
     args = ap.parse_args()
     cpu = args.cpu_smoke
     steps = args.steps or (6 if cpu else 20)
+    if steps < 2 or steps % 2:  # checkpoints every steps/2; the resume starts halfway, the export reads the last
+        ap.error(f"--steps {steps}: give an even number >= 2")
     row_timeout = args.row_timeout or (240 if cpu else 75)
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check_"))
+    out.mkdir(parents=True, exist_ok=True)  # made before the rows: a missing $OUT lost every result at the end
     # Checkpoints of a 355M model are ~4 GB each: keep them out of $OUT (only the table goes back).
     work = Path(tempfile.mkdtemp(prefix="gpu_check_strategies_"))
     cfg = base_config(work, cpu, steps)
