@@ -313,23 +313,8 @@ def _wandb_run():
     return getattr(wandb, "run", None) if wandb is not None else None
 
 
-def main(args: list[str] | None = None) -> None:
-    # Workers never tokenize, so the Rust pool may stay on after fork (and not warn about it).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    # Known-noisy deprecations from torchdata / Lightning internals, not actionable by users.
-    warnings.filterwarnings("ignore", message=".*set_vital.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("gpt2dist").setLevel(logging.INFO)
-    # Under SLURM a requeue signal (SIGUSR1) may come during start-up, whose default action kills us.
-    install_early_handler()
-    if any(a.startswith("--print_config") for a in (sys.argv[1:] if args is None else args)):
-        _deepspeed_logs_to_stderr()
-    # The W&B run's id and folder go to wandb.init through the environment (tracking.prepare_wandb):
-    # set back as they were after this run, or a second main() in the process (a notebook, a sweep
-    # script) logged into the first one's W&B run, or at least its folder.
-    wandb_env = {k: os.environ.get(k) for k in ("WANDB_RUN_ID", "WANDB_DIR")}
-    wandb_run_before = _wandb_run()
+def _run_cli(args: list[str] | None) -> None:
+    """The CLI run, with each known failure turned into one line and its exit code."""
     try:
         cli = GPT2CLI(
             GPT2Module,
@@ -379,6 +364,32 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"gpt2dist: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    # Workers never tokenize, so the Rust pool may stay on after fork (and not warn about it).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # Known-noisy deprecations from torchdata / Lightning internals, not actionable by users.
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gpt2dist").setLevel(logging.INFO)
+    # Under SLURM a requeue signal (SIGUSR1) may come during start-up, whose default action kills us.
+    install_early_handler()
+    if any(a.startswith("--print_config") for a in (sys.argv[1:] if args is None else args)):
+        _deepspeed_logs_to_stderr()
+    # The W&B run's id and folder go to wandb.init through the environment (tracking.prepare_wandb), and
+    # Lightning's WandbLogger(offline=True) sets WANDB_MODE=dryrun: set back as they were after this run, or a
+    # second main() in the process (a notebook, a sweep script) logged into the first one's W&B run, or at
+    # least its folder, or offline when it was meant to go online.
+    wandb_env = {k: os.environ.get(k) for k in ("WANDB_RUN_ID", "WANDB_DIR", "WANDB_MODE")}
+    wandb_run_before = _wandb_run()
+    leaving = None  # the exception this call ends with; not sys.exc_info(), which sees a caller's `except` block
+    try:
+        _run_cli(args)
+    except BaseException as e:
+        leaving = e
+        raise
     finally:
         release_run_folders()
         # Lightning never finishes the W&B run it started, and a later WandbLogger in this process reuses a run
@@ -387,7 +398,6 @@ def main(args: list[str] | None = None) -> None:
         run = _wandb_run()
         if run is not None and run is not wandb_run_before:
             # The exit code W&B's own exit hook would have seen: 0 (finished, or requeued to go on), else failed.
-            leaving = sys.exc_info()[1]
             code = 0 if leaving is None else (leaving.code or 0) if isinstance(leaving, SystemExit) else 1
             try:
                 run.finish(exit_code=code if isinstance(code, int) else 1)

@@ -105,8 +105,15 @@ class RunConfig(SaveConfigCallback):
         # SaveConfigCallback.setup, except that a logger without a folder (WandbLogger with
         # save_dir=null) writes config.yaml to default_root_dir instead of failing.
         if not self.already_saved:
-            log_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks call it
-            path = os.path.join(log_dir, self.config_filename)
+            log_dir, name = trainer.log_dir, self.config_filename  # log_dir broadcasts: all ranks call it
+            if log_dir is None:
+                # Every subcommand shares that folder (a CSV logger gives each its version_N): `test` replaced
+                # fit's config.yaml, the one to rerun or resume, with its own, which `fit` refuses (verbose).
+                log_dir = trainer.default_root_dir
+                stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn ("predict")
+                if stage != "fit":
+                    name = f"{stage}_{name}"
+            path = os.path.join(log_dir, name)
             if trainer.is_global_zero:
                 if os.path.isfile(path) and not self.overwrite:
                     raise RuntimeError(f"{path} exists; set save_config_kwargs overwrite=True or use another folder")
@@ -215,6 +222,12 @@ def _unused(run_id: str, wandb_dir: str | None, env) -> str:
 def wandb_error_message(err: BaseException) -> str | None:
     """One line for `cli.main` when W&B itself refused to start or log (no API key, server unreachable);
     None for any other exception."""
+    if getattr(err, "title", None) == "Settings" and callable(getattr(err, "errors", None)):
+        # W&B's Settings (pydantic) refused a value, e.g. WANDB_MODE=ofline: a traceback from pydantic_core.
+        problem = (err.errors() or [{}])[0]
+        field = ".".join(str(x) for x in problem.get("loc", ())) or "?"
+        return (f"W&B refused a setting ({field}: {scrub(str(problem.get('msg', ''))[:300])}); fix it in the W&B "
+                f"logger section (trainer.logger) or the environment (WANDB_{field.upper()})")
     if not any(c.__module__.startswith("wandb.") for c in type(err).__mro__):
         return None
     first = scrub(next((line.strip() for line in str(err).splitlines() if line.strip()), ""))  # never echo a key

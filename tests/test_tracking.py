@@ -227,6 +227,7 @@ def test_predict_writes_its_rows_as_a_wandb_table_too(wandb_run, tmp_path, corpu
     rows of predictions.jsonl (index, sample, prompt, text), sampled, 2 per prompt."""
     root = tmp_path / "pred"
     shutil.copytree(wandb_run.root / "checkpoints", root / "checkpoints")
+    shutil.copy(wandb_run.root / "config.yaml", root / "config.yaml")  # the fit's, as it wrote it
     args = fit_args(root, corpus_dir, tokenizer_dir)[1:]  # fit's model and data arguments, for predict
     env = {"WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET, "WANDB_MODE": "offline"}
     p = run_cli("predict", *args, "--config", str(REPO / "configs/logging/wandb.yaml"), "--ckpt_path", "last",
@@ -241,6 +242,10 @@ def test_predict_writes_its_rows_as_a_wandb_table_too(wandb_run, tmp_path, corpu
     table = json.loads((run / "files" / table_ref["path"]).read_text())
     assert table["columns"] == ["index", "sample", "prompt", "text"]
     assert table["data"] == [[r["index"], r["sample"], r["prompt"], r["text"]] for r in rows]
+    # The W&B logger has no folder, so every subcommand writes to default_root_dir: predict's resolved config
+    # goes beside the fit's, which it replaced (and which `fit --config` then refused: `verbose` is not fit's).
+    assert (root / "config.yaml").read_bytes() == (wandb_run.root / "config.yaml").read_bytes()
+    assert "  predict_prompts:\n  - 'def '\n  - import\n" in (root / "predict_config.yaml").read_text()
 
 
 def test_git_state_is_the_packages_own_checkout_or_unknown(tmp_path):
@@ -277,6 +282,12 @@ def test_a_setting_wandb_refuses_is_named_not_the_login(monkeypatch):
     assert "wandb login" not in message
     # W&B's missing login is a UsageError too: it keeps the login advice.
     assert "wandb login" in wandb_error_message(UsageError("No API key configured. Use `wandb login` to log in."))
+    # W&B's Settings refuse a bad value through pydantic (not a wandb.* class): it went out as a traceback.
+    with pytest.raises(Exception) as refused:
+        pytest.importorskip("wandb").Settings(mode="ofline")
+    assert wandb_error_message(refused.value) == (
+        "W&B refused a setting (mode: Input should be 'online', 'offline', 'shared', 'disabled', 'dryrun' or 'run'); "
+        "fix it in the W&B logger section (trainer.logger) or the environment (WANDB_MODE)")
 
 
 def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_path, corpus_dir, tokenizer_dir):
@@ -291,11 +302,18 @@ def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_pat
     script = "\n".join([
         "import json, os, sys",
         "from gpt2dist.cli import main",
-        "for args in json.loads(sys.argv[1]):",
-        "    try:",
-        "        main(args)",
-        "    except SystemExit as e:",
-        "        assert not e.code, e.code",
+        "import wandb.sdk.wandb_run as wr",
+        "codes, real_finish = [], wr.Run.finish",
+        "wr.Run.finish = lambda self, exit_code=None, **k: (codes.append(exit_code), real_finish(self, exit_code=exit_code, **k))[1]",
+        "first, second = json.loads(sys.argv[1])",
+        "main(first)",
+        # Called from a caller's `except` block (a retry): its exception is not this run's (it was finished failed).
+        "try:",
+        "    raise ValueError('an earlier attempt failed')",
+        "except ValueError:",
+        "    main(second)",
+        "print('exit codes:', codes)",
+        "wr.Run.finish = real_finish",
         "print('left:', sorted(k for k in ('WANDB_RUN_ID', 'WANDB_DIR') if k in os.environ))",
         # A run started around main() (a W&B sweep agent's wandb.init): Lightning logs into it; it is not ours to end.
         "import wandb",
@@ -305,8 +323,11 @@ def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_pat
         "outer.finish()",
         # A finish that fails (an upload): one warning line; main returns as the fit did, the environment set back.
         "wandb.sdk.wandb_run.Run.finish = lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError('upload failed'))",
-        "main(json.loads(sys.argv[1])[0] + ['--trainer.default_root_dir=' + os.path.join(os.getcwd(), 'd', 'run')])",
-        "print('after failed finish:', sorted(k for k in ('WANDB_RUN_ID', 'WANDB_DIR') if k in os.environ), flush=True)",
+        # ... and a logger told offline=true with WANDB_MODE unset: Lightning sets WANDB_MODE=dryrun, which stayed,
+        # so a later main() meant to go online ran offline without a word.
+        "del os.environ['WANDB_MODE']",
+        "main(first + ['--trainer.default_root_dir=' + os.path.join(os.getcwd(), 'd', 'run'), '--trainer.logger.init_args.offline=true'])",
+        "print('after failed finish:', sorted(k for k in ('WANDB_RUN_ID', 'WANDB_DIR', 'WANDB_MODE') if k in os.environ), flush=True)",
         "sys.stderr.flush()",
         "os._exit(0)  # W&B's exit hook would try the patched finish again",
     ])
@@ -320,6 +341,7 @@ def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_pat
                           text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "left: []" in proc.stdout and "outer kept: True" in proc.stdout and "after failed finish: []" in proc.stdout
+    assert "exit codes: [0, 0]" in proc.stdout, proc.stdout
     assert "gpt2dist: warning: W&B could not finish the run (RuntimeError: upload failed)" in proc.stderr
     assert any(p.name.endswith("outer-run") for p in (tmp_path / "wandb").glob("offline-run-*"))
     for root in roots:
