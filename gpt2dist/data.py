@@ -991,6 +991,14 @@ class TokenBlockDataModule(pl.LightningDataModule):
         return self.cache_dir / "tokenizers" / self._key(payload)
 
     def _load_or_train_tokenizer(self, train_if_missing: bool, missing_fix: str = "prepare_data did not run on this node"):
+        tok = self._find_or_train_tokenizer(train_if_missing, missing_fix)
+        # Prompts (predict, samples, the export's sample) are encoded as the documents were packed: under
+        # literal_eos=text a quoted "<|endoftext|>" is its characters, not the document boundary the model
+        # learned to start afresh after. (Packing sets the backend's own switch: encode_documents.)
+        tok.split_special_tokens = self.literal_eos == "text"
+        return tok
+
+    def _find_or_train_tokenizer(self, train_if_missing: bool, missing_fix: str):
         if not self.train_tokenizer_vocab_size:
             return load_tokenizer(self.tokenizer_name)
         tok_dir = self._tokenizer_dir()

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from gpt2dist.errors import CheckpointError, ConfigError
 from gpt2dist.generation import Sampling, generate_texts, prompt_ids, row_seed
+from gpt2dist.tokenizer import tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -612,6 +613,7 @@ class GPT2Module(pl.LightningModule):
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         if tokenizer is not None:  # lets tools/export_hf.py find the tokenizer again
             checkpoint["tokenizer_name_or_path"] = str(tokenizer.name_or_path)
+            checkpoint["tokenizer_identity"] = tokenizer_identity(tokenizer)  # what the ids mean: checked on load
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._saved_schedule = checkpoint.get("lr_schedule", {})
@@ -643,3 +645,19 @@ class GPT2Module(pl.LightningModule):
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
             raise CheckpointError(f"the checkpoint is for a different model ({desc}); use the matching model config")
+        self._check_tokenizer(checkpoint)
+
+    def _check_tokenizer(self, checkpoint: dict) -> None:
+        """The same vocabulary size is not the same tokenizer: a tokenizer trained again on a corpus with one
+        more file (data.train_tokenizer_vocab_size) kept 512 tokens, and 214 of them meant other text. The
+        weights would be read through the wrong ids (resumed, evaluated, sampled) without a word."""
+        saved = checkpoint.get("tokenizer_identity")
+        tokenizer = getattr(self._datamodule(), "tokenizer", None)
+        if saved is None or tokenizer is None or tokenizer_identity(tokenizer) == saved:
+            return  # a checkpoint from before this check, or no tokenizer at hand
+        recorded = checkpoint.get("tokenizer_name_or_path")
+        trained = getattr(self._datamodule(), "train_tokenizer_vocab_size", None)
+        fix = (f"set data.tokenizer={recorded}" + (" and data.train_tokenizer_vocab_size=null (the data changed, so "
+               "a new tokenizer was trained)" if trained else "")) if recorded else "use the tokenizer it was trained with"
+        raise CheckpointError(f"the checkpoint was trained with another tokenizer ({recorded or 'not recorded'}) than "
+                              f"this run's ({tokenizer.name_or_path}): its token ids mean other text; {fix}")

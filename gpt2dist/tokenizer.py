@@ -32,7 +32,24 @@ def load_tokenizer(name_or_path: str, fix: str = "set data.tokenizer to a local 
         ) from None
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {name_or_path!r} has no eos_token; packing needs one between documents")
+    if not tok("a b", add_special_tokens=False).input_ids:
+        # transformers builds an empty tokenizer (one token, <|endoftext|>) from a folder without tokenizer
+        # files, e.g. an export made with --no-tokenizer: every text encoded to nothing, predict echoed prompts.
+        raise DataError(f"tokenizer {name_or_path!r} encodes text to no tokens: the folder holds no tokenizer files "
+                        "(tokenizer.json, or vocab.json + merges.txt); pass the tokenizer the model was trained with")
     return tok
+
+
+def tokenizer_identity(tok) -> str:
+    """What the token ids mean: a hash of the vocabulary, the BPE merges and the EOS id. Stored in checkpoints
+    and compared on load; unlike `tokenizer_fingerprint`, not the serialisation, which a `tokenizers`
+    upgrade may change (its merges went from "a b" strings to [a, b] pairs)."""
+    import json
+
+    model = json.loads(tok.backend_tokenizer.to_str()).get("model", {})
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
+    payload = {"vocab": sorted(tok.get_vocab().items()), "merges": merges, "eos": tok.eos_token_id}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tok) -> str:

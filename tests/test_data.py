@@ -449,6 +449,15 @@ def test_a_literal_end_of_text_is_a_boundary_by_default_or_text_when_asked(tmp_p
         counts.append(int((np.asarray(dm.train_set.blocks) == eos).sum()))
     # 50 joins + the file's EOS, less any in the dropped remainder; as text, at most the file's own EOS.
     assert counts[0] >= 49 and counts[1] <= 1 and dms[0]._blocks_dir() != dms[1]._blocks_dir()
+    # A prompt (predict, samples, the export's sample) is encoded as the documents were: under text, a quoted
+    # literal was fed as EOS, the boundary the model learned to start a new document after.
+    from gpt2dist.generation import prompt_ids
+
+    prompt = "EOS = '<|endoftext|>'\n"
+    as_packed = [encode_documents([prompt], dm.tokenizer, np.uint16, literal_eos=mode)[:-1].tolist()
+                 for dm, mode in zip(dms, ("boundary", "text"))]
+    assert [prompt_ids(dm.tokenizer, prompt, 1024) for dm in dms] == as_packed
+    assert eos in as_packed[0] and eos not in as_packed[1]
 
 
 def test_trained_tokenizer_written_twice_to_one_folder(tmp_path):

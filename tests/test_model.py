@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -295,3 +296,46 @@ def test_pretrained_weights_load_in_the_precisions_dtype_not_the_stored_one(tmp_
     assert {p.dtype for p in module.parameters()} == {dtype}
     opt = trainer.optimizers[0]
     assert type(getattr(opt, "_optimizer", opt)).__name__ == ("MasterWeightAdamW" if dtype == torch.bfloat16 else "AdamW")
+
+
+def test_a_checkpoint_is_refused_under_another_tokenizer_of_the_same_size(tmp_path, corpus_dir):
+    """A trained tokenizer (data.train_tokenizer_vocab_size) is trained again when the corpus changes: one more
+    file kept 300 tokens, with other merges. validate read the weights through the new ids and reported a
+    worse loss, without a word; the checkpoint records what its ids mean, and the error names the fix."""
+    import shutil
+
+    from conftest import run_cli
+    from run_fixtures import fit_args
+
+    corpus, root = tmp_path / "corpus", tmp_path / "run"
+    shutil.copytree(corpus_dir, corpus)
+    args = [a for a in fit_args(root, corpus, tmp_path / "unused", max_steps=2) if not a.startswith(
+        ("--data.tokenizer=", "--model.config_overrides=", "--samples."))]
+    args += ["--data.train_tokenizer_vocab_size=300", "--samples.sample_every_n_steps=0",
+             f"--model.config_overrides={json.dumps(TINY)}"]
+    p = run_cli(*args, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first_tok = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["tokenizer_name_or_path"]
+    evaluate = ["validate", *args[1:], "--ckpt_path", "last"]
+    (corpus / "more.txt").write_text("def added(x):\n    return x * 2 + len(str(x))\n" * 40)
+    p = run_cli(*evaluate, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"gpt2dist: error: the checkpoint was trained with another tokenizer ({first_tok}) than this run's "
+        f"({p.stderr.split(' than this run' + chr(39) + 's (')[1].split(')')[0]}): its token ids mean other text; "
+        f"set data.tokenizer={first_tok} and data.train_tokenizer_vocab_size=null (the data changed, so a new "
+        "tokenizer was trained)"), p.stderr[-2000:]
+    # The fix it names: the recorded tokenizer, none trained.
+    p = run_cli(*evaluate, f"--data.tokenizer={first_tok}", "--data.train_tokenizer_vocab_size=null", timeout=300)
+    assert p.returncode == 0 and "val/loss" in p.stdout, p.stderr[-3000:]
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
+    """transformers builds a one-token tokenizer from a folder holding only config.json (an export made with
+    --no-tokenizer): every text encoded to no ids, and predict echoed its prompts with exit 0."""
+    from gpt2dist.errors import DataError
+    from gpt2dist.tokenizer import load_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=300)).config.save_pretrained(tmp_path)
+    with pytest.raises(DataError, match="encodes text to no tokens: the folder holds no tokenizer files"):
+        load_tokenizer(str(tmp_path))
