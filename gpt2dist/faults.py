@@ -120,12 +120,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            fsync_dir(path.parent)
         except BaseException as e:
             tmp.unlink(missing_ok=True)  # whatever stopped the write: no partial file is left behind
             if isinstance(e, OSError) or isinstance(e, RuntimeError) and _write_failed(e):
                 raise _save_failed(path, e) from None
             raise
+        _fsync_renamed(path)
+
+
+def _fsync_renamed(path: Path) -> None:
+    """Make a rename durable. After it, the new checkpoint is in place: a folder that refuses fsync (EINVAL
+    on some FUSE and network mounts) is a warning, not "nothing was replaced" (false) and a stopped run."""
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        log.warning("saved %s, but could not fsync its folder (%s): a power loss now could undo the rename", path, e)
 
 
 def _saves_sharded(strategy) -> bool:
@@ -173,11 +182,7 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
         except OSError as e:  # e.g. a network filesystem's quota, reported at fsync
             failed = str(_save_failed(path, e))
         else:
-            try:
-                fsync_dir(path.parent)
-            except OSError as e:  # the new checkpoint is in place; only the rename's durability is in doubt
-                log.warning("saved %s, but could not fsync its folder (%s): a power loss now could undo the rename",
-                            path, e)
+            _fsync_renamed(path)
             shutil.rmtree(old, ignore_errors=True)
     # Rank 0's failure is every rank's: the others would otherwise wait at the next collective for ever.
     failed = strategy.broadcast(failed, src=0)
@@ -380,8 +385,8 @@ class FaultTolerance(Callback):
     # --- non-finite values ---------------------------------------------------
     # The check is the full model's gradient norm (the one TrainMonitor logs: computed once per
     # step), the same on every rank: DDP grads are averaged, FSDP shards' squares summed across
-    # ranks. A NaN/inf loss makes NaN gradients. None: DeepSpeed keeps its own gradients and its own
-    # overflow check.
+    # ranks. A NaN/inf loss makes NaN gradients. DeepSpeed keeps its own gradients and its own overflow
+    # check (it skips such a step): there the loss is checked, as under 16-mixed.
     #
     # With a fused AdamW (the default on GPUs), nothing waits for the GPU: the flag goes to the
     # kernel as `found_inf`, the mechanism GradScaler uses, and the kernel itself leaves weights,
@@ -397,14 +402,19 @@ class FaultTolerance(Callback):
         from gpt2dist.monitor import step_grad_norm
         from gpt2dist.optim import skips_on_found_inf
 
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
         norm = step_grad_norm(trainer, pl_module)
-        if norm is None:
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        if norm is None and not deepspeed:
             return
         step = trainer.global_step + 1
         opt = getattr(optimizer, "_optimizer", optimizer)  # under a LightningOptimizer
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if deepspeed or getattr(trainer.precision_plugin, "scaler", None) is not None:
             # 16-mixed: an overflowing gradient is the GradScaler's to skip (routine while it lowers its
             # scale from 65536; it skips the step and halves the scale). Only a non-finite loss is a fault.
+            # DeepSpeed: its engine holds the gradients and skips an overflowing step itself, silently (five
+            # in a row went by with exit 0 and an export): the loss is checked, counted and stopped on here.
             loss = getattr(pl_module, "window_loss_sum", None)
             if loss is None:
                 return
@@ -567,11 +577,13 @@ def check_validation_schedule(trainer: pl.Trainer) -> None:
         counts = range(every, batches + 1, every)
     else:  # counted across epochs; the epoch positions repeat after batches / gcd(batches, every) validations
         steps_per_epoch = math.ceil(batches / accum)
+        # The micro-batches this fit can see: up to max_steps, and within max_epochs (whichever ends it first;
+        # the presets set max_steps, and --trainer.max_epochs 1 on a small corpus was refused for epochs it
+        # would never reach).
+        total = batches * (trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 10**9)
         if trainer.max_steps > 0:
             full, rest = divmod(trainer.max_steps, steps_per_epoch)
-            total = full * batches + min(batches, rest * accum)
-        else:
-            total = batches * (trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 10**9)
+            total = min(total, full * batches + min(batches, rest * accum))
         counts = range(every, min(total, every * (batches // math.gcd(batches, every))) + 1, every)
     for t in counts:
         epoch, at = divmod(t - 1, batches)

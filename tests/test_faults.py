@@ -487,6 +487,44 @@ def test_nan_stop_policy(tmp, corpus_dir, tokenizer_dir):
     assert last["global_step"] == 2 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+def test_nan_policy_holds_under_deepspeed(tmp, corpus_dir, tokenizer_dir):
+    """DeepSpeed keeps the gradients (no norm for the guard) and skips an overflowing step itself, silently:
+    five inf-loss steps in a row went by with exit 0 and an export of a model trained 1 step of 6. The loss
+    is checked there: skipped steps are counted and warned, and max_consecutive_nan stops the run."""
+    from cpu_strategies import cpu_overlay
+
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "nan_deepspeed", dropout=0.0)
+    inject = {"class_path": "fault_plugins.InjectNaN", "init_args": {"steps": [2, 3, 4], "target": "loss"}}
+    p = cli(config, "--config", str(cpu_overlay("deepspeed_zero2", tmp)), "--config",
+            str(overlay(run_dir(config), inject)), "--faults.nan_policy", "skip", "--faults.max_consecutive_nan", "2")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "step 2: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in p.stderr
+    line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error:")][0]
+    assert "non-finite loss or gradient norm at step 3" in line and "2 consecutive" in line, line
+    assert not (run_dir(config) / "hf_model").exists()
+
+
+def test_a_folder_that_refuses_fsync_after_the_rename_is_a_warning(tmp_path, monkeypatch, caplog):
+    """fsync of the folder sat inside the write's try: its EINVAL (some FUSE / network mounts) came after the
+    rename, and stopped the run saying "nothing was replaced", while last.ckpt already held the new step."""
+    import errno
+    import logging
+
+    import gpt2dist.faults as faults
+
+    io, ck = faults.AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 3}, ck)
+
+    def refuse(path):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(faults, "fsync_dir", refuse)
+    with caplog.at_level(logging.WARNING, logger="gpt2dist.faults"):
+        io.save_checkpoint({"global_step": 4}, ck)
+    assert torch.load(ck, weights_only=True)["global_step"] == 4 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert f"saved {ck}, but could not fsync its folder ([Errno 22] Invalid argument)" in caplog.text
+
+
 def test_disk_full_keeps_previous_checkpoint(tmp, corpus_dir, tokenizer_dir):
     config = write_config(tmp, corpus_dir, tokenizer_dir, "disk_full", dropout=0.0)
     ck = run_dir(config) / "checkpoints"
@@ -1205,6 +1243,8 @@ def test_validation_drifting_into_a_step_across_epochs_is_refused_at_train_start
         _schedule_fit(tmp_path / "a", 5, max_steps=6, **drift)
     assert _schedule_fit(tmp_path / "b", 5, max_steps=6, limit_train_batches=4, **drift) == 6  # the fix trains
     assert _schedule_fit(tmp_path / "c", 5, max_steps=3, **drift) == 3  # one epoch: no drift, not refused
+    # max_epochs ends it first (the presets' max_steps, capped at one epoch): refused for epochs it never reaches.
+    assert _schedule_fit(tmp_path / "g", 5, max_steps=6, max_epochs=1, **drift) == 3
     # A fraction of an epoch: 0.5 of 10 is every 5 micro-batches, with 4 accumulated.
     with pytest.raises(GPT2DistError, match=r"reaches micro-batch 5 of epoch 0: .*; give a number of micro-batches, a multiple of 4$"):
         _schedule_fit(tmp_path / "d", 10, max_steps=3, accumulate_grad_batches=4, val_check_interval=0.5, limit_val_batches=1)
