@@ -134,8 +134,10 @@ def test_submit_sh_takes_sbatch_style_options_and_refuses_leading_zeros(tmp_path
 
 
 def test_a_job_array_is_checked_task_by_task_as_fit_sbatch_runs_it(tmp_path):
-    """SBATCH_ARRAY=0-3 slurm/submit.sh: the check read `sweep-%a.yaml` as a file name and refused a valid sweep,
-    and passed an array without %a, whose every task then waited in the queue to exit 2 in fit.sbatch."""
+    """slurm/submit.sh --array 0-3: the check read `sweep-%a.yaml` as a file name and refused a valid sweep,
+    and passed an array without %a, whose every task then waited in the queue to exit 2 in fit.sbatch. The
+    array was left to sbatch's environment as SBATCH_ARRAY, which sbatch never reads (SBATCH_ARRAY_INX): one
+    plain job was queued, with a literal %a. Now it is passed to sbatch as checked."""
     import os
     import subprocess
     import sys
@@ -153,14 +155,26 @@ def test_a_job_array_is_checked_task_by_task_as_fit_sbatch_runs_it(tmp_path):
     (tmp_path / "sbatch").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable}
 
-    def submit(array, *args):
-        return subprocess.run(["bash", str(REPO / "slurm/submit.sh"), "--config", str(REPO / "configs/gpt2-large.yaml"), *args],
-                              env={**env, "SBATCH_ARRAY": array}, capture_output=True, text=True, timeout=120)
+    def submit(array, *args, extra_env=None):
+        return subprocess.run(["bash", str(REPO / "slurm/submit.sh"), "--config", str(REPO / "configs/gpt2-large.yaml"),
+                               *(["--array", array] if array else []), *args], env={**env, **(extra_env or {})},
+                              capture_output=True, text=True, timeout=120)
 
-    r = submit("0-2", "--config", str(tmp_path / "sweep-%a.yaml"))
-    assert r.returncode == 0 and r.stdout.strip() == "123", r.stderr
-    assert "array task(s) 0,2: global batch: 4 seqs" in r.stderr and "array task(s) 1: global batch: 8 seqs" in r.stderr
-    assert str(tmp_path / "sweep-%a.yaml") in (tmp_path / "queued").read_text()  # fit.sbatch substitutes it per task
+    sweep = ["--config", str(tmp_path / "sweep-%a.yaml")]
+    for array, extra_env in (("0-2", None), (None, {"SBATCH_ARRAY_INX": "0-2"})):  # the flag, or sbatch's variable
+        r = submit(array, *sweep, extra_env=extra_env)
+        assert r.returncode == 0 and r.stdout.strip() == "123", r.stderr
+        assert "array task(s) 0,2: global batch: 4 seqs" in r.stderr and "array task(s) 1: global batch: 8 seqs" in r.stderr
+        queued = (tmp_path / "queued").read_text().split()
+        assert "--array=0-2" in queued and queued[-1] == str(tmp_path / "sweep-%a.yaml")  # fit.sbatch fills in %a
+        (tmp_path / "queued").unlink()
+    r = submit(None, *sweep, extra_env={"SBATCH_ARRAY": "0-2"})
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "submit.sh: error: SBATCH_ARRAY is not read by sbatch; pass --array 0-2 (or SBATCH_ARRAY_INX)"), r.stderr
+    # Started by a relative path with CDPATH exported: `cd` printed the folder, and sbatch got a path of two lines.
+    r = subprocess.run(["bash", "slurm/submit.sh", "--config", str(REPO / "configs/gpt2-large.yaml")], cwd=REPO,
+                       env={**env, "CDPATH": "."}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and str(REPO / "slurm/fit.sbatch") in (tmp_path / "queued").read_text().split(), r.stderr
     (tmp_path / "queued").unlink()
     for array, args, says in (("0-3", ["--config", str(tmp_path / "sweep-%a.yaml")], "array task 3: config file "),
                               ("0-3", [], "job array '0-3': every task would get the same arguments, so the same run folder")):
