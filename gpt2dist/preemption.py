@@ -34,24 +34,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gpt2dist import early_signal
 from gpt2dist.resume import prune_requeue_checkpoints, slurm_job_id
 
 log = logging.getLogger(__name__)
 
-_received: list[int] = []  # signals recorded by the early handler, consumed by Preemption
-
-
-def _record(signum, frame) -> None:
-    _received.append(signum)
+# SIGUSR1s recorded by the early handler (installed by `gpt2dist.__main__` before torch is imported), consumed
+# by Preemption: the same list.
+_received = early_signal.received
 
 
 def install_early_handler() -> bool:
-    """Under SLURM, record SIGUSR1 from process start instead of dying on it. Lightning then sees a
-    handler in place and does not install its own; `Preemption` does the requeue."""
-    if os.name == "nt" or not SLURMEnvironment.detect():
-        return False
-    signal.signal(signal.SIGUSR1, _record)
-    return True
+    """Under SLURM, record SIGUSR1 instead of dying on it (`gpt2dist.early_signal`); for `cli.main()` called
+    from Python, where `gpt2dist.__main__` did not run."""
+    return early_signal.install()
 
 
 _sigterm: list[int] = []  # SIGTERMs recorded by `record_sigterm_without_collectives`, consumed by Preemption

@@ -271,3 +271,31 @@ def test_a_signal_during_fits_validation_stops_after_that_batch_and_the_resume_r
     resumed = _Validations(signum, step=99, batch=None)
     trainer = _fit(tmp_path / "validation", resumed, ckpt_path=str(path), schedule=schedule)
     assert resumed.runs == [[4, 4], [6, 4]] and trainer.global_step == 6  # step 4's validation again, whole
+
+
+@pytest.mark.parametrize("command", ["python -m gpt2dist", "gpt2dist"])
+def test_a_preemption_signal_while_torch_is_imported_is_recorded_not_fatal(tmp_path, command):
+    """SLURM's SIGUSR1 during start-up: the handler was installed in cli.main, after torch, Lightning and
+    transformers had loaded (5 s here, more on a shared filesystem), so the signal's default action killed the
+    task (exit 138) and srun --kill-on-bad-exit the job, unrequeued. It is now installed before any of them.
+    The signal is sent by the process itself at the moment `import torch` starts (an audit hook)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "def hook(event, args):\n"
+        "    if event == 'import' and args[0] == 'torch' and not getattr(hook, 'sent', False):\n"
+        "        hook.sent = True\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "sys.addaudithook(hook)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", SLURM_NTASKS="1", SLURM_JOB_NAME="gpt2dist", SLURM_JOB_ID="42")
+    start = [sys.executable, "-m", "gpt2dist"] if command.startswith("python") else [str(Path(sys.executable).with_name("gpt2dist"))]
+    p = subprocess.run([*start, "fit", "--print_config", "--config", str(REPO / "configs/quickstart.yaml")],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])  # -10: killed by SIGUSR1
+    assert "seed_everything:" in p.stdout
