@@ -41,6 +41,7 @@ from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoin
                              check_explicit_checkpoint, checkpoint_progress, hold_run_folder, is_deepspeed_folder,
                              newest_checkpoint, no_hpc_autoload, recorded_start, record_start, release_run_folders,
                              resolve_ckpt_path, resolve_eval_ckpt_path)
+from gpt2dist.strategies import check_strategy_precision
 from gpt2dist.tracking import (RunConfig, prepare_wandb, scrub, start_wandb_runs, wandb_dir_in_run_folder,
                                wandb_error_message)
 
@@ -110,6 +111,7 @@ class GPT2CLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         trainer = config.get("trainer", {})
         check_writable(trainer.get("default_root_dir"))
+        check_strategy_precision(trainer.get("strategy"), trainer.get("precision"))
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             save_dir = (logger.get("init_args") or {}).get("save_dir") if hasattr(logger, "get") else None

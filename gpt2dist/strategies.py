@@ -61,6 +61,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:
+            return super().model_to_device()
+        # Lightning moves the whole module to the GPU after configure_model has sharded it: that took the
+        # offloaded shards off the CPU, and FSDP2 refuses them at its first forward ("should be materialized
+        # on CPU"). Only the buffers go to the device; FSDP2 copies each parameter shard in for its all-gather.
+        for module in self.model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(self.root_device)
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if not self._save_distributed_checkpoint or storage_options is not None:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -130,6 +140,13 @@ class FSDP1Strategy(FSDPStrategy):
             limit_all_gathers=limit_all_gathers,
             process_group_backend=process_group_backend,
         )
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        # Lightning's FSDPPrecision refuses to clip by norm (it has no handle on the root unit), and every
+        # preset clips (gradient_clip_val 1.0): the first optimizer step died. The root FSDP unit's
+        # clip_grad_norm_ sums the shards' squares over the right group (world, node or none), then scales.
+        self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.model.clip_grad_norm_(clip_val)
 
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
@@ -208,6 +225,33 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
                 torch.distributed.broadcast(tensor.data, src=0)
 
 
+# Lightning's ModelParallelStrategy (FSDP2) takes these precisions (and the legacy "32", "bf16" names);
+# 16-mixed's GradScaler and 64-true it refuses in a ValueError traceback from inside Trainer(...).
+_FSDP2_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+
+
+def check_strategy_precision(strategy, precision) -> None:
+    """Before the Trainer is built: refuse, in one line, a precision the chosen strategy cannot run.
+    `strategy` is the config's trainer.strategy (a class_path dict or a name), `precision` its value."""
+    from gpt2dist.errors import ConfigError
+
+    path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not isinstance(path, str) or "." not in path:
+        return
+    try:
+        import importlib
+
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return  # jsonargparse names a class it cannot import itself
+    legacy = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-true"}
+    given = "32-true" if precision is None else legacy.get(str(precision), str(precision))
+    if isinstance(cls, type) and issubclass(cls, ModelParallelStrategy) and given not in _FSDP2_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision}: FSDP2 ({name}) takes {', '.join(_FSDP2_PRECISIONS)}; "
+                          "on a GPU without bf16 (V100, T4) use 16-mixed with configs/strategy/ddp.yaml or fsdp1.yaml")
+
+
 def _gpt2_block_class():
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
@@ -227,7 +271,9 @@ def shard_fsdp2(module, mesh, precision: str = "32-true") -> None:
     offload = getattr(strategy, "cpu_offload", False)
     reshard = getattr(strategy, "reshard_after_forward", True)
     mp_mode = getattr(strategy, "mixed_precision", "auto")
-    kwargs = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    # Pinned host memory (async copies to the GPU) needs an accelerator: on a CPU mesh, plain memory.
+    pin = mesh.device_type != "cpu"
+    kwargs = {"mesh": mesh, "offload_policy": CPUOffloadPolicy(pin_memory=pin) if offload else OffloadPolicy()}
     if mp_mode == "auto" and "bf16" in str(precision):
         # bf16 compute and all-gathers (half the traffic), fp32 gradient reduce-scatter: summing
         # bf16 gradients over many ranks loses precision (8 mantissa bits).

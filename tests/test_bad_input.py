@@ -117,6 +117,11 @@ CASES = {
     "config_deepspeed_on_cpu": (lambda c, g: ["--config", "configs/strategy/deepspeed_zero2.yaml"],
                                 "DeepSpeedStrategy (DeepSpeed) needs CUDA GPUs, but the accelerator is cpu", 2),
     "config_fsdp1_on_cpu": (lambda c, g: ["--config", "configs/strategy/fsdp1.yaml"], "(FSDP1) needs CUDA GPUs", 2),
+    # Lightning refuses 16-mixed under ModelParallelStrategy from inside Trainer(...): a ValueError traceback.
+    "config_fsdp2_16_mixed": (lambda c, g: ["--config", "configs/strategy/fsdp.yaml", "--trainer.precision", "16-mixed"],
+                              "trainer.precision=16-mixed: FSDP2 (FSDP2Strategy) takes 32-true, bf16-mixed, bf16-true, "
+                              "16-true; on a GPU without bf16 (V100, T4) use 16-mixed with configs/strategy/ddp.yaml or "
+                              "fsdp1.yaml", 2),
     # Lightning's ModelParallelStrategy splits the ranks into tensor-parallel groups that GPT2Module does not use:
     # both ranks trained on the same batches (a global batch half what it reads).
     "config_tensor_parallel": (lambda c, g: ["--trainer.devices", "2", "--trainer.strategy",
