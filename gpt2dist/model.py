@@ -50,6 +50,11 @@ def build_config(model_name_or_path: str, overrides: dict | None = None, dropout
     if model_name_or_path in GPT2_SIZES:
         config = GPT2Config(**GPT2_SIZES[model_name_or_path])
     elif os.path.isdir(model_name_or_path):
+        if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
+            # transformers 5 gives a default GPT2Config (124M) for a folder without one: a run folder given for
+            # its hf_model was planned, or built, as GPT-2 small.
+            raise ConfigError(f"model.model_name_or_path={model_name_or_path!r} is a folder without config.json; "
+                              f"give a Hugging Face model folder (a run's hf_model) or one of {', '.join(GPT2_SIZES)}")
         config = GPT2Config.from_pretrained(model_name_or_path)
     else:
         try:
@@ -490,8 +495,18 @@ class GPT2Module(pl.LightningModule):
         # Not under a GradScaler (16-mixed): a fused AdamW unscales inside its own step, so Lightning unscales
         # neither before clipping (it refuses to clip, and every preset clips) nor before the grad-norm hook
         # (train/grad_norm logged x65536, the NaN guard's norm too).
-        scaled = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None) is not None
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        scaled = getattr(plugin, "scaler", None) is not None
         fused = self.device.type in ("cuda", "cpu") and not offloaded and not scaled
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+        if fused and isinstance(plugin, MixedPrecision):
+            # bf16-mixed has no GradScaler, so nothing is unscaled, yet Lightning's AMP plugin refuses to clip
+            # for any optimizer that could unscale inside its step (fused AdamW): every GPU preset (bf16-mixed,
+            # gradient_clip_val 1.0) died at its first optimizer step. The base plugin's clip: clip_grad_norm_.
+            import types
+
+            plugin.clip_gradients = types.MethodType(Precision.clip_gradients, plugin)
         bf16_weights = any(p.dtype == torch.bfloat16 for _, p in named)  # trainer.precision bf16-true
         owner = keeps_own_master_weights(self.trainer.strategy)
         if hp.master_weights and bf16_weights and owner is False:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 import shutil
 from pathlib import Path
@@ -557,3 +558,33 @@ def test_prepare_counts_device_ids_as_lightning_does(devices, world):
     trainer = SimpleNamespace(devices=devices, num_nodes=1, accumulate_grad_batches=1, max_steps=-1)
     assert _epoch_line(data, trainer) == (f"one epoch = {1000 // world:,} optimizer steps of 8 seqs x 1 accum x {world} "
                                           f"process(es) = {8 * world} seqs x 64 tokens = {8 * world * 64:,} tokens/step")
+
+
+def test_a_gpu_preset_trains_as_shipped_but_for_its_hardware_size_and_data(tmp_path, corpus_dir, tokenizer_dir):
+    """configs/gpt2-large.yaml with its own precision (bf16-mixed), clipping, accumulation, compile, vocabulary
+    padding and optimizer settings; only the machine (1 CPU), the model size, the data and the step count
+    are changed. The combination was never run whole: Lightning's AMP plugin refused to clip for the fused
+    AdamW, so every GPU preset died at its first optimizer step."""
+    root = tmp_path / "run"
+    p = run_cli("fit", "--config", "configs/gpt2-large.yaml",
+                "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={root}",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",
+                "--trainer.logger.name=logs", "--trainer.enable_progress_bar=false",
+                "--model.from_scratch=true", f"--model.config_overrides={json.dumps(TINY)}", "--model.warmup_steps=1",
+                "--data.dataset_name=null", "--data.dataset_config=null", "--data.val_split=null", "--data.test_split=null",
+                f"--data.train_files=[{corpus_dir}/*.txt]", f"--data.tokenizer={tokenizer_dir}", "--data.val_fraction=0.2",
+                "--data.block_size=64", "--data.batch_size=2", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'cache'}",
+                "--export.sample_prompt=null", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "GPT2Blocks compiled regionally" in p.stdout + p.stderr
+    rows = metrics(root)
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    norms = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+    assert len(losses) == len(norms) == 4 and all(math.isfinite(x) for x in losses + norms), rows
+    config = yaml.safe_load((root / "logs" / "version_0" / "config.yaml").read_text())
+    assert (config["trainer"]["precision"], config["trainer"]["gradient_clip_val"], config["trainer"]["accumulate_grad_batches"],
+            config["model"]["compile"], config["model"]["pad_vocab_to_multiple_of"]) == ("bf16-mixed", 1.0, 2, True, 128)
+    from safetensors.torch import load_file
+
+    assert load_file(root / "hf_model" / "model.safetensors")["transformer.wte.weight"].shape[0] == 512  # unpadded

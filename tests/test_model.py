@@ -268,6 +268,41 @@ def test_16_mixed_clips_and_logs_the_unscaled_grad_norm():
     assert scaled == pytest.approx(unscaled, rel=1e-2)
 
 
+def test_bf16_mixed_clips_with_the_fused_adamw():
+    """bf16-mixed has no GradScaler, but Lightning's AMP plugin refused to clip for the fused AdamW ("does not
+    allow for gradient clipping ... 'fused' optimizer?"): every GPU preset (bf16-mixed, gradient_clip_val 1.0)
+    died at its first optimizer step. The fused AdamW now steps gradients clipped to the limit."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from gpt2dist.monitor import TrainMonitor
+
+    class Probe(Callback):
+        def __init__(self):
+            self.raw, self.stepped = [], []
+
+        def on_train_start(self, trainer, pl_module):
+            opt = trainer.optimizers[0]
+            assert opt.defaults["fused"]
+            norm = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+            # after the step (the closure computing the gradients runs inside it); the fused AdamW leaves them as it read them
+            opt.register_step_post_hook(lambda *_: self.stepped.append(float(norm())))
+
+        def on_train_batch_end(self, trainer, *args):
+            self.raw.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+    torch.manual_seed(0)
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, warmup_steps=2)
+    ids = torch.randint(0, 512, (4 * 3, 16), generator=torch.Generator().manual_seed(0))
+    probe = Probe()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                         gradient_clip_val=0.5, callbacks=[TrainMonitor(), probe])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4))
+    assert len(probe.raw) == len(probe.stepped) == 3 and min(probe.raw) > 0.5  # each step had to be clipped
+    assert probe.stepped == pytest.approx([0.5] * 3, rel=1e-3)
+
+
 def test_attention_kernel_is_the_configured_one_when_built_from_scratch_too():
     """model.attn_implementation=eager set a plain config attribute that building from a config ignores: a
     from-scratch (or ZeRO-3) model ran SDPA, and output_attentions returned nothing."""

@@ -300,6 +300,8 @@ def test_a_recommendation_fits_as_the_overlay_runs_it():
     (["--gpu-mem-gb", "-5"], "--gpu-mem-gb=-5.0 must be a positive number of GB"),
     (["--seq", "4096"], "--seq 4096 exceeds gpt2-large's n_positions=1024; plan --seq 1024 or less"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot load the config"),
+    # A folder without config.json (a run folder, not its hf_model) was planned as GPT-2 small, 124M.
+    (["--model", str(REPO / "configs")], f"model.model_name_or_path='{REPO / 'configs'}' is a folder without config.json"),
     (["--json", "/nonexistent/dir/p.json"], "--json /nonexistent/dir/p.json: No such file or directory"),
 ])
 def test_bad_plan_input_is_one_line(args, says):
