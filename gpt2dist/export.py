@@ -341,4 +341,14 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     if not tok_name:  # a folder without one loads in transformers with a one-token tokenizer, silently
         raise CheckpointError(f"{ckpt_path} records no tokenizer (it was trained without gpt2dist's data module); "
                               f"pass --tokenizer DIR, the tokenizer it was trained with (or --no-tokenizer: the model alone)")
-    return save_hf_folder(model, load_tokenizer(tok_name, fix), out_dir)
+    tok = load_tokenizer(tok_name, fix)
+    from gpt2dist.tokenizer import tokenizer_identity
+
+    recorded = checkpoint.get("tokenizer_identity")
+    if recorded and tokenizer_identity(tok) != recorded:
+        # As validate/test/predict refuse it (GPT2Module._check_tokenizer): a folder pairing the weights with
+        # another tokenizer of the same size loads and generates, as other text, with nothing left to check.
+        raise CheckpointError(f"{tok_name} is not the tokenizer {ckpt_path} was trained with "
+                              f"({checkpoint.get('tokenizer_name_or_path') or 'not recorded'}): its token ids mean "
+                              f"other text; pass --tokenizer DIR with that tokenizer (or a copy of it)")
+    return save_hf_folder(model, tok, out_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, corpus_texts
 from gpt2dist.errors import CheckpointError, GPT2DistError
 from gpt2dist.export import EXPORT_MARKER, checkpoint_kind, export_checkpoint, load_checkpoint_file, save_hf_folder
 
@@ -38,6 +38,29 @@ def test_single_file_checkpoint_exports_exactly(tmp_path, tokenizer_dir):
     with torch.no_grad():
         assert torch.equal(GPT2LMHeadModel.from_pretrained(str(out)).eval()(x).logits, model.eval()(x).logits)
     assert (out / "tokenizer.json").exists()
+
+
+def test_export_refuses_another_tokenizer_than_the_checkpoints(tmp_path, tokenizer_dir, tokenizer):
+    """validate, test and predict refuse a checkpoint under another tokenizer; the export paired the weights
+    with any --tokenizer of a size that fits, and the folder then generated other text with nothing to check.
+    A copy of the recorded tokenizer (moved elsewhere) is the same tokenizer and passes."""
+    import shutil
+
+    from gpt2dist.tokenizer import tokenizer_identity, train_bpe_tokenizer
+
+    _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
+    ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    ckpt["tokenizer_identity"] = tokenizer_identity(tokenizer)
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    train_bpe_tokenizer(corpus_texts()[:4], 512, tmp_path / "other")  # same size, other merges
+    p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(tmp_path / "x.ckpt"), str(tmp_path / "hf"),
+                        "--tokenizer", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        f"export_hf: error: {tmp_path / 'other'} is not the tokenizer {tmp_path / 'x.ckpt'} was trained with "
+        f"({tokenizer_dir}): its token ids mean other text; pass --tokenizer DIR with that tokenizer (or a copy of it)"), p.stderr
+    assert not (tmp_path / "hf").exists()
+    shutil.copytree(tokenizer_dir, tmp_path / "moved")
+    assert (export_checkpoint(tmp_path / "x.ckpt", tmp_path / "hf", tokenizer=str(tmp_path / "moved")) / "tokenizer.json").is_file()
 
 
 def test_checkpoint_kinds(tmp_path, tokenizer_dir):

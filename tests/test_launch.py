@@ -253,3 +253,26 @@ def test_torchrun_launch_without_slurm(tmp_path, corpus_dir, tokenizer_dir):
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in out and "GLOBAL_RANK: 1, MEMBER: 2/2" in out
     assert "cluster environment: TorchElasticEnvironment (world size 2)" in out
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("script", ["fit.sbatch", "eval.sbatch"])
+def test_sbatch_scripts_keep_the_hugging_face_caches_where_the_libraries_look(tmp_path, script):
+    """HF_HOME defaulted to ~/.cache/huggingface, not the libraries' own ${XDG_CACHE_HOME:-~/.cache}/huggingface:
+    on a cluster that points XDG_CACHE_HOME at scratch, what the login node downloaded was not found (offline
+    compute nodes failed) or was downloaded again into the home quota. A stub srun records what the job sees."""
+    import os
+    import subprocess
+
+    (tmp_path / "srun").write_text('#!/bin/sh\necho "$HF_HOME $HF_DATASETS_CACHE" >> "$(dirname "$0")/seen"\n')
+    (tmp_path / "srun").chmod(0o755)
+    slurm = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "7",
+             "SLURM_JOB_NODELIST": "n1", "PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path / "home")}
+    args = ["--config", "x.yaml"] if script == "fit.sbatch" else ["test", "--config", "x.yaml"]
+    for extra, expected in (({"XDG_CACHE_HOME": "/scratch/u/cache"}, "/scratch/u/cache/huggingface"),
+                            ({}, f"{tmp_path}/home/.cache/huggingface"),
+                            ({"HF_HOME": "/shared/hf", "XDG_CACHE_HOME": "/scratch/u/cache"}, "/shared/hf")):
+        (tmp_path / "seen").unlink(missing_ok=True)
+        r = subprocess.run(["bash", str(REPO / "slurm" / script), *args], env={**slurm, **extra}, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert set((tmp_path / "seen").read_text().splitlines()) == {f"{expected} {expected}/datasets"}, extra
