@@ -99,6 +99,7 @@ def base_config(work: Path, cpu: bool, steps: int) -> dict:
             "accelerator": "cpu" if cpu else "gpu", "devices": 2 if cpu else 1,
             "precision": "32-true" if cpu else "bf16-mixed",
             "max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
+            "gradient_clip_val": 1.0,  # as every preset: clipping is strategy-specific (FSDP1, fused AdamW + bf16-mixed)
             "limit_val_batches": 2, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
             "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
         },
