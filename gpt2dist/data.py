@@ -635,7 +635,8 @@ def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
       epoch had no batches (max_steps: the one after it trained instead); with limit_train_batches,
       it got the rest of the previous one.
     - Resumed from fit's end where max_steps ended an epoch (a finished run extended): it counts that
-      epoch twice and keeps its batch counts, ending the next epoch after one batch.
+      epoch twice and keeps its batch counts, ending the next epoch after one batch. Ended inside an
+      epoch, it counts that epoch done: the rest of it trains as the next one.
     - No loader position restored in epoch >= 1 (max_epochs runs save at on_train_epoch_end, where
       Lightning restores none): epoch 0's order.
     The loader position is the record of what was trained: its epoch is done when no whole
@@ -654,9 +655,30 @@ def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
             iter(fit._data_fetcher)  # the epoch it resumes in, from its first block
         return
     epoch, pos = restored
-    if pos // loader.batch_size < trainer.num_training_batches or trainer.current_epoch == epoch:
-        # Mid-epoch, Lightning continues it where it stopped; at the epoch's end with its epoch not
-        # yet counted done (saved after validation there), it ends the epoch and starts the next itself.
+    if pos // loader.batch_size < trainer.num_training_batches:
+        # Mid-epoch, Lightning continues it where it stopped. But fit's end-of-epoch save after max_steps
+        # ended the fit inside the epoch counts that epoch done: a longer max_steps (a finished run
+        # extended) trained the rest of it as the next epoch, then the one after's order (that epoch's
+        # never), and max_epochs stopped an epoch short. The epoch is counted as the one going on.
+        if trainer.current_epoch == epoch + 1 and not fit.epoch_loop.restarted_on_train_batch_end:
+            progress = fit.epoch_progress
+            for counts in (progress.current, progress.total):
+                counts.ready = counts.started = counts.processed = counts.completed = epoch
+        # Lightning counts the epoch's batches done in the checkpoint's batch size and ends the epoch at this
+        # run's batch count: a larger global batch (data.batch_size, or more processes) ended it early,
+        # dropping k x (b' - b) samples k batches in (doubled half-way: the whole second half). Counted again
+        # in this loader's batches (drop_last: whole batches from the position on).
+        left = len(sampler) - pos
+        done = len(sampler) // loader.batch_size - left // loader.batch_size
+        batches = fit.epoch_loop.batch_progress.current
+        if done != batches.processed:
+            shift = done - batches.processed
+            batches.ready, batches.started = batches.ready + shift, batches.started + shift
+            batches.processed, batches.completed = batches.processed + shift, batches.completed + shift
+        return
+    if trainer.current_epoch == epoch:
+        # At the epoch's end with its epoch not yet counted done (saved after validation there), Lightning
+        # ends the epoch and starts the next itself.
         return
     if not fit.epoch_loop.restarted_on_train_batch_end:
         # Resumed from fit's end: the finished epoch counted once, and the new epoch's batch counts as

@@ -625,6 +625,9 @@ class GPT2Module(pl.LightningModule):
             for state in checkpoint.get("optimizer_states", []):
                 if isinstance(state.get("masters"), dict):
                     state["masters"] = "state_dict"
+        batch = self._batch_setup()
+        if batch:  # what a resume compares its global batch with
+            checkpoint["batch_setup"] = batch
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         if tokenizer is not None:  # lets tools/export_hf.py find the tokenizer again
             checkpoint["tokenizer_name_or_path"] = str(tokenizer.name_or_path)
@@ -661,6 +664,30 @@ class GPT2Module(pl.LightningModule):
             desc = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
             raise CheckpointError(f"the checkpoint is for a different model ({desc}); use the matching model config")
         self._check_tokenizer(checkpoint)
+        self._warn_on_another_global_batch(checkpoint.get("batch_setup"))
+
+    def _batch_setup(self) -> dict | None:
+        """The global batch's factors: micro-batch x processes x accumulation."""
+        micro = getattr(self._datamodule(), "batch_size", None)
+        if self._trainer is None or not isinstance(micro, int):
+            return None
+        return {"micro_batch": micro, "world_size": self.trainer.world_size,
+                "accumulate": self.trainer.accumulate_grad_batches}
+
+    def _warn_on_another_global_batch(self, saved: dict | None) -> None:
+        """A resume under another global batch is legitimate (more nodes, a larger micro-batch), and the data
+        position is kept (data.start_the_epoch_a_resume_is_in: no block skipped or repeated), but it is no
+        longer the run that was started: said once, with what changed."""
+        ours = self._batch_setup()
+        if not saved or not ours or self.trainer.state.fn != "fit" or saved == ours:
+            return
+        size = lambda b: b["micro_batch"] * b["world_size"] * b["accumulate"]
+        show = lambda b: f"{b['micro_batch']} x {b['world_size']} processes x {b['accumulate']} accumulated"
+        partial = (" The first optimizer step may accumulate fewer micro-batches (Lightning counts the window from "
+                   "the epoch's start)." if saved["accumulate"] != ours["accumulate"] else "")
+        rank_zero_warn(f"resume: the global batch was {show(saved)} = {size(saved)} sequences per optimizer step, now "
+                       f"{show(ours)} = {size(ours)}: training goes on from the same data position, but each step holds "
+                       f"other samples than the uninterrupted run's, and the lr schedule goes on by step.{partial}")
 
     def _check_tokenizer(self, checkpoint: dict) -> None:
         """The same vocabulary size is not the same tokenizer: a tokenizer trained again on a corpus with one

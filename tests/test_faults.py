@@ -316,6 +316,7 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
     ("sigterm", 1, 0), ("sigterm", 1, 1), ("sigterm", 2, 0),
     ("limited", 1, 0),  # trainer.limit_train_batches: the epoch ends before the data does
     ("extend", 1, 0),  # a run whose max_steps ended epoch 0, continued with a larger max_steps
+    ("extend_mid", 1, 0),  # ... ended one step before epoch 0's end: Lightning counted epoch 0 done
     ("epochs", 1, 0),  # max_epochs 2, no max_steps: Lightning restores no loader position at an epoch's end
     ("reload", 1, 1),  # a SIGTERM save, with trainer.reload_dataloaders_every_n_epochs=1 (a new loader per epoch)
 ])
@@ -324,7 +325,9 @@ def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, to
     or the end of fit). Lightning resumed with the finished loader position: epoch 1 got no batches and
     training went on with epoch 2's order (epoch 1 never trained); with limit_train_batches, epoch 1 got
     the rest of epoch 0; extended, epoch 1 ended after one batch; under max_epochs 2 the resumed run
-    trained nothing. Now batch for batch and bitwise the uninterrupted run."""
+    trained nothing; extended from a fit that max_steps ended inside epoch 0, the rest of epoch 0 was
+    trained as epoch 1, then epoch 2's order (epoch 1's never). Now batch for batch and bitwise the
+    uninterrupted run."""
     name = f"epoch_end_{how}_d{devices}_w{num_workers}"
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
@@ -340,19 +343,49 @@ def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, to
     assert 3 <= end <= 8 and (2 * end) % 6, seen  # a few steps per epoch; no validation at its end
     config = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_cut", devices=devices, num_workers=num_workers)
     log = run_dir(config) / "batches.txt"
-    if how == "extend":
-        ok(cli(config, *small, "--trainer.max_steps", str(end), *traced(config)))
+    stop = end  # the step the first leg ends at; extend_mid: inside epoch 0, with no validation there
+    if how == "extend_mid":  # (a validation at fit's last step leaves another state, which Lightning resumes well)
+        stop = next(s for s in (end - 1, end - 2) if (2 * s) % 6)
+    if how.startswith("extend"):
+        # extend_mid: no checkpoint every step, so last.ckpt is fit's end-of-epoch save, as in a default run
+        every = ["--checkpoint.every_n_train_steps", "null"] if how == "extend_mid" else []
+        ok(cli(config, *small, "--trainer.max_steps", str(stop), *every, *traced(config)))
     else:
         term = {"class_path": "fault_plugins.TermAt", "init_args": {"step": end}}
         p = cli(config, *small, *length, "--config", str(overlay(run_dir(config), term, recorder(config))))
         assert p.returncode == 143 and f"last.ckpt (step {end})" in p.stderr, (p.returncode, p.stderr[-3000:])
     first_leg = len(recorded_batches(log))
     resumed = ok(cli(config, *small, *length, *traced(config), "--ckpt_path", "last"))
-    assert f"global_step {end}" in resumed.stderr
+    assert f"global_step {stop}" in resumed.stderr
     after = recorded_batches(log)[first_leg:]
-    assert after[0][1:3] == (1, 0) and after == [b for b in seen if b[0] >= end], (after[:3], [b for b in seen if b[0] >= end][:3])
+    assert (after[0][1] == 0 and after[0][2] > 0) if how == "extend_mid" else after[0][1:3] == (1, 0), after[:3]
+    assert after == [b for b in seen if b[0] >= stop], (after[:3], [b for b in seen if b[0] >= stop][:3])
     assert_bitwise(weights(run_dir(config)), weights(run_dir(ref)),
                    first_parting(run_dir(config) / "trace.txt", run_dir(ref) / "trace.txt"))
+
+
+def test_a_resume_with_a_larger_micro_batch_trains_the_rest_of_the_epoch(tmp, corpus_dir, tokenizer_dir):
+    """Resumed one step into epoch 0 with data.batch_size 2 -> 4 (accumulate 2 -> 1: the same 4 blocks per
+    step): Lightning counted the epoch's micro-batches done in the old size (2) and ended the epoch at the new
+    count, so the resumed epoch stopped one batch (4 blocks) short, silently; doubled half-way, it lost the
+    whole second half. It now takes the batches from the loader's position: batch for batch what a run at
+    batch_size 4 trains from its step 1, into epoch 1."""
+    small = ["--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]", "--data.val_files",
+             f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64", "--trainer.val_check_interval", "100",
+             "--trainer.max_steps", "10"]
+    larger = ["--data.batch_size", "4", "--trainer.accumulate_grad_batches", "1"]
+    ref = write_config(tmp, corpus_dir, tokenizer_dir, "larger_batch_ref")
+    ok(cli(ref, *small, *larger, *traced(ref)))
+    seen = recorded_batches(run_dir(ref) / "batches.txt")
+    per_epoch = sum(1 for b in seen if b[1] == 0)
+    assert 3 <= per_epoch < 10 and seen[per_epoch][1:3] == (1, 0), seen  # epoch 0 ends within the run
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "larger_batch")
+    ok(cli(config, *small, "--trainer.max_steps", "1"))  # 2 micro-batches of 2 blocks
+    p = ok(cli(config, *small, *larger, *traced(config), "--ckpt_path", "last"))
+    after = recorded_batches(run_dir(config) / "batches.txt")
+    assert after == seen[1:], (after[:per_epoch + 1], seen[:per_epoch + 1])
+    assert ("resume: the global batch was 2 x 1 processes x 2 accumulated = 4 sequences per optimizer step, now 4 x 1 "
+            "processes x 1 accumulated = 4") in " ".join(p.stderr.split()), p.stderr[-3000:]
 
 
 def test_ddp_kill_resume_is_bitwise_exact(tmp, corpus_dir, tokenizer_dir):
