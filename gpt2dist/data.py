@@ -158,8 +158,8 @@ def _file_lines(path: Path) -> Iterator[str]:
 def _json_texts(path: Path, text: str, field: str, knob: str = "data.text_field", skip_null: bool = True) -> Iterator[str]:
     """The texts of a .json file (read whole: a list of records, one record, or JSON lines)."""
     stripped, rows = text.lstrip(), None
-    if stripped.startswith("{") and "\n" in stripped.strip():
-        try:  # one pretty-printed object over many lines, not JSON lines
+    if stripped.startswith("{"):
+        try:  # one object (pretty-printed, or on one line), not JSON lines: JSON lines fail at their second line
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # JSON lines, or broken: the line-by-line reader below names the line

@@ -75,6 +75,14 @@ def test_a_pretty_printed_json_record_is_one_document_and_an_object_of_records_i
         list(data_mod.read_documents(wrapped))
     assert str(err.value) == (f"{wrapped}: one JSON object with keys ['data', 'version'], not records; give a list of "
                               "records or JSON lines (one record per line), or set data.text_field to the text's key")
+    # On one line, as json.dump writes it: read as JSON lines, it said "record has no field 'text'; set
+    # data.text_field", which cannot help (the value is a list).
+    wrapped.write_text(json.dumps({"data": [{"text": "x"}], "version": 1}))
+    with pytest.raises(DataError, match=r"one JSON object with keys \['data', 'version'\], not records"):
+        list(data_mod.read_documents(wrapped))
+    lines = tmp_path / "lines.json"  # JSON lines in a .json file: still records, one per line
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert list(data_mod.read_documents(lines)) == ["a", "b"]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "paragraph"])
