@@ -112,6 +112,10 @@ class HFExport(Callback):
         (with a warning) when no validation has saved one."""
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.monitor not in (None, "step") and cb.best_model_path:
+                if "://" not in str(cb.best_model_path) and not os.path.exists(cb.best_model_path):
+                    rank_zero_warn(f"export.source=best: the best checkpoint {cb.best_model_path} is gone (deleted or "
+                                   f"moved): exporting the final weights")
+                    return None
                 return cb.best_model_path, cb.monitor, float(cb.best_model_score)
         rank_zero_warn("export.source=best, but no validation saved a best checkpoint (best_checkpoint.monitor "
                        "val/loss): exporting the final weights; validate during fit (trainer.val_check_interval)")
@@ -234,6 +238,7 @@ class ValidationReport(Callback):
 
 
 _NOT_THIS_TIME = object()  # EarlyStop: no stop was agreed at this validation
+VALIDATION_METRICS = ("val/loss", "val/ppl")  # what GPT2Module logs at each validation (its _eval_step)
 
 
 class EarlyStop(EarlyStopping):
@@ -270,11 +275,16 @@ class EarlyStop(EarlyStopping):
         self._current: float | None = None
         self._deferred = False  # a stop held back by trainer.min_steps / min_epochs was announced
         self._stopped_in_checkpoint: tuple[int, str] | None = None
+        self._deferred_in_checkpoint: float | None = None  # a deferred stop's value, from a checkpoint
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if not self.enabled or stage != "fit":
             return
+        if self.monitor not in VALIDATION_METRICS:
+            # Lightning finds out at the first validation (hundreds of steps in), in a traceback.
+            raise ConfigError(f"early_stopping.monitor={self.monitor!r} is not logged at validation; use "
+                              f"{' or '.join(VALIDATION_METRICS)}")
         # Without validation the check never runs: the run would silently train to max_steps.
         val_set = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule is not None else None
         why = ("trainer.limit_val_batches=0 turns validation off" if trainer.limit_val_batches == 0 else
@@ -285,7 +295,11 @@ class EarlyStop(EarlyStopping):
                               f"early_stopping.patience=null")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stopped_step": self.stopped_step, "stopped_value": self.stopped_value}
+        # A stop held back by min_steps / min_epochs (its value): Lightning saves no trainer.should_stop, so a
+        # run resumed before min_steps trained on to the next regular validation, past the uninterrupted stop.
+        deferred = self._current if self._deferred and self.stopped_step is None else None
+        return {**super().state_dict(), "stopped_step": self.stopped_step, "stopped_value": self.stopped_value,
+                "deferred_value": deferred}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -293,24 +307,39 @@ class EarlyStop(EarlyStopping):
         stopped = state_dict.get("stopped_step")
         self._stopped_in_checkpoint = (stopped, state_dict.get("stopping_reason_message") or "",
                                        state_dict.get("stopped_value")) if stopped is not None else None
+        self._deferred_in_checkpoint = state_dict.get("deferred_value") if stopped is None else None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stopped_in_checkpoint is None:
-            return
-        step, reason, value = self._stopped_in_checkpoint
-        self._stopped_in_checkpoint = None
-        if not self.enabled or trainer.global_step != step:
-            return  # early stopping turned off: the run goes on
+    def _still_stops(self, value: float | None) -> tuple[bool, str | None]:
+        """Whether the checkpoint's stop (or deferred stop) holds under this config: patience used up, or the
+        value that stopped it still past the config's threshold. -> (holds, the threshold's knob, if one)."""
         why = self.stopping_reason
         if why == why.PATIENCE_EXHAUSTED and self.wait_count < self.patience:
-            return  # a larger patience: the run goes on, counting from the checkpoint's validations
+            return False, None  # a larger patience: the run goes on, counting from the checkpoint's validations
         # A threshold stop is judged again by the config's threshold, as patience is (the value that stopped it).
         knob = {why.STOPPING_THRESHOLD: "stopping_threshold", why.DIVERGENCE_THRESHOLD: "divergence_threshold"}.get(why)
         if knob and value is not None:
             threshold, v = getattr(self, knob), torch.tensor(value)
             if threshold is None or not self.monitor_op(v if knob == "stopping_threshold" else -v,
                                                         threshold if knob == "stopping_threshold" else -threshold):
-                return  # turned off, or moved past the value that stopped the run: it goes on
+                return False, knob  # turned off, or moved past the value that stopped the run: it goes on
+        return why != why.NOT_STOPPED, knob
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        deferred, self._deferred_in_checkpoint = self._deferred_in_checkpoint, None
+        if deferred is not None and self.enabled and self._still_stops(deferred)[0]:
+            # Asked again: Lightning trains on to min_steps / min_epochs and validates there, as uninterrupted.
+            self._deferred, self._current = True, deferred
+            trainer.should_stop = True
+        if self._stopped_in_checkpoint is None:
+            return
+        step, reason, value = self._stopped_in_checkpoint
+        self._stopped_in_checkpoint = None
+        if not self.enabled or trainer.global_step != step:
+            return  # early stopping turned off: the run goes on
+        holds, knob = self._still_stops(value)
+        if not holds:
+            return
+        why = self.stopping_reason
         self.stopped_step, self.stopped_value = step, value
         trainer.should_stop = True
         past = f"{value:.4g}" if value is not None else "the value that stopped it"  # a checkpoint before 2026-12-05

@@ -112,6 +112,9 @@ CASES = {
                                        "early_stopping.patience=0 must be >= 1", 2),
     "config_early_stopping_without_validation": (lambda c, g: ["--early_stopping.patience", "2", "--trainer.limit_val_batches", "0"],
                                                  "early_stopping needs validation during fit, and trainer.limit_val_batches=0", 2),
+    # Lightning finds a misspelt monitor at the first validation, after training, in a traceback.
+    "config_early_stopping_monitor_typo": (lambda c, g: ["--early_stopping.patience", "2", "--early_stopping.monitor", "val/los"],
+                                           "early_stopping.monitor='val/los' is not logged at validation; use val/loss or val/ppl", 2),
     "config_early_stopping_without_val_split": (lambda c, g: ["--early_stopping.patience", "2", "--data.val_fraction", "0"],
                                                 "early_stopping needs validation during fit, and the data has no validation split", 2),
     "config_deepspeed_on_cpu": (lambda c, g: ["--config", "configs/strategy/deepspeed_zero2.yaml"],

@@ -223,7 +223,7 @@ def test_early_stopping_names_the_min_delta_as_configured():
     assert stop and reason.endswith("(early_stopping.patience=1, min_delta=0.01)"), reason
 
 
-def _threshold_fit(root, max_steps: int, ckpt_path=None, val=None, min_steps=None, **early_stopping):
+def _threshold_fit(root, max_steps: int, ckpt_path=None, val=None, min_steps=None, val_every: int = 1, **early_stopping):
     """A real in-process fit validating every step, val/loss {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8} (or `val`),
     with the CLI's EarlyStop, FaultTolerance (last.ckpt at the end of fit) and a last.ckpt callback."""
     import lightning.pytorch as pl
@@ -238,7 +238,7 @@ def _threshold_fit(root, max_steps: int, ckpt_path=None, val=None, min_steps=Non
     val = val or {1: 3.0, 2: 2.4, 3: 2.2, 4: 1.9, 5: 1.8}
 
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, min_steps=min_steps, min_epochs=0 if min_steps else None,
-                         val_check_interval=1, check_val_every_n_epoch=None,
+                         val_check_interval=val_every, check_val_every_n_epoch=None,
                          limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root,
                          callbacks=[EarlyStop(**early_stopping), FaultTolerance(),
@@ -259,6 +259,22 @@ def test_a_stop_held_back_by_min_steps_is_called_off_when_the_value_improves(tmp
         assert _threshold_fit(tmp_path, 8, str(tmp_path / "last.ckpt"), val=val, min_steps=4, patience=1) == 5
     # Still held back, and still holding at min_steps: the stop comes there (step 4: 3.2, no better than 3.0).
     assert _threshold_fit(tmp_path / "b", 8, val={**val, 3: 3.3, 4: 3.2}, min_steps=4, patience=1) == 4
+
+
+def test_a_stop_held_back_by_min_steps_survives_a_resume(tmp_path):
+    """Validation every 2 steps, patience 1, min_steps 5: step 4 (3.1 after 3.0) asks to stop, held back;
+    Lightning validates again at min_steps and stops there (3.2). Interrupted at step 4 (a requeue between the
+    deferral and min_steps), the resume knew of no stop (trainer.should_stop is not saved): it trained on to
+    the next regular validation, step 6, and exported other weights."""
+    val = {2: 3.0, 4: 3.1, 5: 3.2, 6: 3.3, 8: 3.4, 10: 3.5}
+    assert _threshold_fit(tmp_path / "whole", 10, val=val, min_steps=5, val_every=2, patience=1) == 5
+    assert _threshold_fit(tmp_path / "cut", 4, val=val, min_steps=5, val_every=2, patience=1) == 4
+    assert _threshold_fit(tmp_path / "cut", 10, str(tmp_path / "cut" / "last.ckpt"), val=val, min_steps=5, val_every=2,
+                          patience=1) == 5
+    # A larger patience on resume: the deferred stop no longer holds, the run goes on (to step 8: 3 without a best).
+    assert _threshold_fit(tmp_path / "cut2", 4, val=val, min_steps=5, val_every=2, patience=1) == 4
+    assert _threshold_fit(tmp_path / "cut2", 10, str(tmp_path / "cut2" / "last.ckpt"), val=val, min_steps=5, val_every=2,
+                          patience=3) == 8
 
 
 def test_a_threshold_stop_is_judged_again_by_the_configs_threshold_on_resume(tmp_path):

@@ -588,3 +588,23 @@ def test_a_gpu_preset_trains_as_shipped_but_for_its_hardware_size_and_data(tmp_p
     from safetensors.torch import load_file
 
     assert load_file(root / "hf_model" / "model.safetensors")["transformer.wte.weight"].shape[0] == 512  # unpadded
+
+
+def test_a_rollback_whose_best_checkpoint_is_gone_saves_and_exports_its_own_best(tmp_path, corpus_dir, tokenizer_dir):
+    """Rolled back to step 16 (its best then: best-step0000015.ckpt, which save_top_k 1 deleted at step 30) with a
+    far higher lr: the run never beat the restored score, saved no best, and export.source=best failed after
+    training ("does not exist"), leaving the abandoned run's hf_model in place. The missing best is forgotten
+    at train start, so step 30's validation saves this run's best, which is exported."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    run = tmp_path / "run"
+    every = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]  # a step file per step, all kept
+    r = run_cli("fit", "--config", str(cfg), "--trainer.logger", "false", "--export.sample_prompt", "null", *every)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-step0000030.ckpt"]  # 15's was deleted
+    r = run_cli("fit", "--config", str(cfg), "--trainer.logger", "false", "--export.sample_prompt", "null", *every,
+                "--export.source", "best", "--model.lr", "0.3", "--ckpt_path", str(run / "checkpoints" / "step0000016.ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = " ".join((r.stdout + r.stderr).split())
+    assert f"resume: val/loss's best checkpoint(s) {run / 'checkpoints' / 'best-step0000015.ckpt'} no longer exist" in out
+    best = run / "checkpoints" / "best-step0000030.ckpt"  # this run's, written at its step 30
+    assert f"exported Hugging Face model to {run / 'hf_model'} from the best checkpoint {best} (step 30" in out, out[-2000:]
