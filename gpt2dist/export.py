@@ -194,7 +194,8 @@ def model_from_lightning_state(checkpoint: dict, source: str = "checkpoint"):
     """A GPT2LMHeadModel rebuilt from a GPT2Module checkpoint dict (`gpt2_config` + `model.*`)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    if "gpt2_config" not in checkpoint or "state_dict" not in checkpoint:
+    # Not a dict: a .pt of a bare tensor or list ("in" on a tensor raised a RuntimeError traceback).
+    if not isinstance(checkpoint, dict) or "gpt2_config" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{source} is not a gpt2dist checkpoint (no gpt2_config/state_dict)")
     model = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["gpt2_config"]))
     state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}

@@ -63,6 +63,18 @@ def test_export_refuses_another_tokenizer_than_the_checkpoints(tmp_path, tokeniz
     assert (export_checkpoint(tmp_path / "x.ckpt", tmp_path / "hf", tokenizer=str(tmp_path / "moved")) / "tokenizer.json").is_file()
 
 
+def test_a_file_that_is_not_a_checkpoint_dict_is_one_line(tmp_path):
+    """A .pt holding a bare tensor (or a list) loads weights-only, and `"gpt2_config" in tensor` raised a
+    RuntimeError traceback from tools/export_hf.py."""
+    for name, obj in (("tensor.pt", torch.zeros(3)), ("list.pt", [1, 2]), ("plain.pt", {"weights": torch.zeros(2)})):
+        torch.save(obj, tmp_path / name)
+        p = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), str(tmp_path / name), str(tmp_path / "hf")],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+            f"export_hf: error: {tmp_path / name} is not a gpt2dist checkpoint (no gpt2_config/state_dict)"), p.stderr
+        assert not (tmp_path / "hf").exists()
+
+
 def test_checkpoint_kinds(tmp_path, tokenizer_dir):
     _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
     (tmp_path / "distcp").mkdir()
