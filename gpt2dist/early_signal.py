@@ -15,7 +15,8 @@ import signal
 received: list[int] = []  # SIGUSR1s recorded here, consumed by preemption.Preemption
 
 
-def _record(signum, frame) -> None:
+def record(signum, frame) -> None:
+    """The handler: note the signal; `Preemption` acts on it at the next optimizer step."""
     received.append(signum)
 
 
@@ -30,5 +31,5 @@ def install() -> bool:
     install its own; `Preemption` does the requeue. Returns whether it was installed."""
     if os.name == "nt" or not under_srun():
         return False
-    signal.signal(signal.SIGUSR1, _record)
+    signal.signal(signal.SIGUSR1, record)
     return True

@@ -190,7 +190,7 @@ class Preemption(Callback):
         env = trainer._accelerator_connector.cluster_environment
         self._active = self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt"
         if self._active:
-            signal.signal(env.requeue_signal or signal.SIGUSR1, _record)
+            signal.signal(env.requeue_signal or signal.SIGUSR1, early_signal.record)
         elif not self.enabled and isinstance(env, SLURMEnvironment) and env.auto_requeue and os.name != "nt":
             # install_early_handler kept Lightning from installing its own: put Lightning's back.
             signal.signal(env.requeue_signal or signal.SIGUSR1, trainer._signal_connector._slurm_sigusr_handler_fn)
