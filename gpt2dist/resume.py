@@ -714,3 +714,38 @@ class DeepSpeedFolderIO(TorchCheckpointIO):
         from gpt2dist.export import load_deepspeed_folder
 
         return load_deepspeed_folder(Path(path))
+
+
+def forget_missing_best(trainer) -> None:  # after set_aside_other_runs, at train start of a resumed fit (faults.py)
+    """A resumed best-by-validation ModelCheckpoint whose best files are gone: a rollback to an earlier step
+    file restores the best of that time, which save_top_k has since deleted (or the set-aside moved). The
+    run then never beat its score, saved no best, and export.source=best failed after training ("does not
+    exist"), leaving the abandoned run's hf_model in place. Those entries are dropped, so this run's
+    validations save their own best."""
+    import math
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or cb.monitor in (None, "step") or not cb.best_model_path:
+            continue
+        # best_k_models, or only best_model_path (Lightning restores only that from another folder's checkpoint)
+        known = [p for p in {*cb.best_k_models, cb.best_model_path} if "://" not in str(p)]
+        gone = [p for p in known if not os.path.exists(p)] if trainer.is_global_zero else None
+        gone = trainer.strategy.broadcast(gone)
+        if not gone:
+            continue
+        for path in gone:
+            cb.best_k_models.pop(path, None)
+        if trainer.is_global_zero:
+            log.warning("resume: %s's best checkpoint(s) %s no longer exist (deleted by save_top_k, or set aside): "
+                        "this run saves its own best from its next validation", cb.monitor, ", ".join(map(str, gone)))
+        if cb.best_k_models:
+            pick = min if cb.mode == "min" else max
+            cb.best_model_path = pick(cb.best_k_models, key=cb.best_k_models.get)
+            cb.best_model_score = cb.best_k_models[cb.best_model_path]
+            cb.kth_best_model_path = (max if cb.mode == "min" else min)(cb.best_k_models, key=cb.best_k_models.get)
+            cb.kth_value = cb.best_k_models[cb.kth_best_model_path]
+        else:
+            cb.best_model_path, cb.best_model_score, cb.kth_best_model_path = "", None, ""
+            cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
