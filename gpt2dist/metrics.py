@@ -62,18 +62,22 @@ def peak_bf16_flops(device_name: str | None) -> tuple[str, float] | None:
     return None
 
 
+def gpt2_block_params(n_embd: int, n_inner: int | None = None) -> int:
+    """One GPT2Block: ln_1 (2d) + c_attn (3d^2 + 3d) + attn c_proj (d^2 + d) + ln_2 (2d)
+    + c_fc (d*f + f) + mlp c_proj (f*d + d), with f = n_inner or 4d (12d^2 + 13d when f = 4d)."""
+    d, f = n_embd, n_inner or 4 * n_embd
+    return 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * f + f) + (f * d + d)
+
+
 def gpt2_param_count(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_inner: int | None = None) -> dict:
     """Parameter counts of a (tied) GPT2LMHeadModel, from its config alone.
 
     Computed from the config, not from `module.parameters()`: under FSDP/ZeRO-3 each rank only
     holds a shard, and counting local tensors would make N (and MFU) world-size dependent.
-    Per block: ln_1 (2d) + c_attn (3d^2 + 3d) + attn c_proj (d^2 + d) + ln_2 (2d)
-    + c_fc (d*f + f) + mlp c_proj (f*d + d), with f = n_inner or 4d.
     """
-    d, f = n_embd, n_inner or 4 * n_embd
-    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * f + f) + (f * d + d)
+    d = n_embd
     wte, wpe = vocab_size * d, n_positions * d
-    total = wte + wpe + n_layer * block + 2 * d  # + ln_f
+    total = wte + wpe + n_layer * gpt2_block_params(d, n_inner) + 2 * d  # + ln_f
     return {"total": total, "wte": wte, "wpe": wpe, "flops_n": total - wpe}
 
 

@@ -50,8 +50,8 @@ real `Trainer.fit` on CPU (same shape, one process) grew 354.1 MB per 4 layers, 
 GPT2Module.optimizer_step therefore frees them right after the step, as the probe and a plain loop
 do: the same fit then grew 302.1 MB (checkpointed 209.9 -> 186.6), final weights bitwise unchanged.
 
-Activations (bf16 matmuls, SDPA flash attention so no s^2 term, dropout 0 so no masks), after
-Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
+Activations (bf16 matmuls, SDPA flash attention so no s^2 term, and none of its dropout mask),
+after Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
 
     ACT_PER_LAYER * s * b * d bytes, ACT_PER_LAYER = 36 with fused GELU (torch.compile):
       LN inputs 2 x 4sbh (fp32 residual stream) + LN-output bf16 copies for QKV and MLP-in 2 x 2sbh
@@ -61,6 +61,15 @@ Korthikanti et al. 2022 ("Reducing Activation Recomputation"), per layer:
     attention residual instead of keeping it.)
     A bf16 residual stream (bf16-true, and every ZeRO row: DeepSpeed runs bf16 weights with no
     autocast) halves the two LN inputs: 36 - 4 = 32 compiled, 60 - 4 = 56 eager.
+    An MLP of width f = n_inner (not 4d): the 4h-wide terms scale by f/4d, so 20 + 4f/d compiled
+    (GELU input + MLP-out input, 2 bytes each per f element) and 20 + 10f/d eager.
+    Dropout (resid_pdrop > 0: the hub's GPT-2 configs and configs/gpt2-*.yaml, which do not set
+    model.dropout, train at 0.1): each of the block's two residual dropouts keeps a mask, 1 byte
+    per element on CUDA (native_dropout's bool mask): + 2 sbh per layer, and the embedding dropout
+    (embd_pdrop) + 1 sbh once. GPT-2 Large on 8 x 80 GB, DDP: 36 -> 38 per layer, micro-batch 31 -> 29.
+    (On CPU, saved-tensor hooks measured + 4 per layer, the masks kept at 2 bytes; the CUDA figure
+    is native_dropout's bool mask, not yet measured on a GPU. The attention dropout lives inside
+    the SDPA kernel, as a seed, not a mask.)
 
 Head: ln_f's fp32 input + its bf16 copy for lm_head, 6 sbh (bf16 stream: 2 + 2 = 4). Logits, per
 (token x vocab row): compiled loss 4 (bf16 logits kept for backward + their bf16 grad; the fp32
@@ -80,11 +89,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gpt2dist.metrics import gpt2_block_params
+
 GB = 1e9
 GiB = 2**30
 
-ACT_PER_LAYER_FUSED = 36  # bytes per (token x hidden) per layer, compiled blocks
+ACT_PER_LAYER_FUSED = 36  # bytes per (token x hidden) per layer, compiled blocks (f = 4d)
 ACT_PER_LAYER_EAGER = 60  # eager tanh-GELU keeps three more 4h-wide bf16 tensors
+ACT_ATTN_PART = 20  # of both: LN inputs 8 + their bf16 copies 4 + Q, K, V 6 + attention output 2
+ACT_MLP_FUSED, ACT_MLP_EAGER = 4, 10  # per (token x MLP width f): 36 = 20 + 4 x 4, 60 = 20 + 10 x 4
+DROPOUT_MASK_BYTES = 1  # per masked element: CUDA's native_dropout keeps a bool mask
 BF16_STREAM_SAVING = 4  # per (token x hidden) per layer: the two LN inputs kept in bf16, not fp32
 HEAD_BYTES = 6  # per (token x hidden): ln_f's fp32 input + bf16 copy for lm_head (bf16 stream: 4)
 LOGIT_BYTES_COMPILED = 4  # per (token x vocab): bf16 logits + bf16 grad (compiled loss: no fp32 copy)
@@ -107,12 +121,18 @@ class Shape:
     n_head: int
     vocab: int  # padded rows if the model pads
     n_positions: int = 1024
+    n_inner: int | None = None  # the MLP width; None: 4d
+    resid_pdrop: float = 0.0  # > 0: each block keeps two dropout masks
+    embd_pdrop: float = 0.0  # > 0: the embedding output keeps one
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
 
     @property
     def block_params(self) -> int:
-        """One GPT2Block: qkv 3d^2+3d, proj d^2+d, MLP 8d^2+5d, two LayerNorms 4d = 12d^2 + 13d."""
-        d = self.n_embd
-        return 12 * d * d + 13 * d
+        """One GPT2Block: qkv 3d^2+3d, proj d^2+d, MLP 2df+f+d, two LayerNorms 4d (12d^2 + 13d at f = 4d)."""
+        return gpt2_block_params(self.n_embd, self.n_inner)
 
     @property
     def root_params(self) -> int:
@@ -181,7 +201,8 @@ class Estimate:
 
 def shape_from_config(config, pad_to: int = 1) -> Shape:
     vocab = math.ceil(config.vocab_size / pad_to) * pad_to
-    return Shape(config.n_layer, config.n_embd, config.n_head, vocab, config.n_positions)
+    return Shape(config.n_layer, config.n_embd, config.n_head, vocab, config.n_positions,
+                 getattr(config, "n_inner", None), float(config.resid_pdrop or 0), float(config.embd_pdrop or 0))
 
 
 def activation_bytes(shape: Shape, seq: int, compiled: bool = True, fused_ce: bool = False,
@@ -192,8 +213,12 @@ def activation_bytes(shape: Shape, seq: int, compiled: bool = True, fused_ce: bo
     linear cross-entropy (no logits); `bf16_stream`: bf16 weights without autocast (bf16-true,
     DeepSpeed), so the residual stream between the layers is bf16, not fp32."""
     sd = seq * shape.n_embd
-    per_layer = (ACT_PER_LAYER_FUSED if compiled else ACT_PER_LAYER_EAGER) * sd
+    per_layer = ACT_ATTN_PART * sd + (ACT_MLP_FUSED if compiled else ACT_MLP_EAGER) * seq * shape.mlp_width
+    if shape.resid_pdrop > 0:  # the masks of the attention's and the MLP's output dropout
+        per_layer += 2 * DROPOUT_MASK_BYTES * sd
     head, kept = HEAD_BYTES * sd, CKPT_INPUT_BYTES * sd
+    if shape.embd_pdrop > 0:  # kept through the whole backward, like the head's tensors
+        head += DROPOUT_MASK_BYTES * sd
     if bf16_stream:  # an fp32 tensor of width d becomes bf16: 2 bytes less each
         per_layer -= BF16_STREAM_SAVING * sd
         head, kept = head - 2 * sd, kept // 2

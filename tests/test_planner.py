@@ -51,6 +51,50 @@ def test_activation_bytes_hand_computed():
     assert activation_bytes(HAND, 32, compiled=False, bf16_stream=True)[0] == 2 * 56 * 2_048 + 4 * 2_048 + 12 * 32 * 512
 
 
+def test_an_mlp_width_other_than_4d_is_planned_at_its_width():
+    """config.n_inner (any GPT2Config field can be set by model.config_overrides or a local folder) was
+    dropped: the planner counted a 4d-wide MLP. n_inner = 96 at d = 64 (f = 1.5d):
+    block = 4d^2 + 4d (attention) + 2df + f + d (MLP) + 4d (LayerNorms) = 16,384 + 256 + 12,288 + 96 + 64
+    + 256 = 29,344; N = 2 x 29,344 + 36,992 = 95,680 (4d wide: 136,960)."""
+    narrow = Shape(n_layer=2, n_embd=64, n_head=2, vocab=512, n_positions=64, n_inner=96)
+    assert narrow.params == 95_680 == GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=512, n_inner=96)).num_parameters()
+    config = build_config("gpt2", {"n_inner": 1536})
+    assert shape_from_config(config).params == GPT2LMHeadModel(config).num_parameters() == 96_109_824
+    # seq 32, s*d = 2,048, s*f = 3,072: per layer 20 x 2,048 + 4 x 3,072 (GELU input + MLP-out input, bf16)
+    # = 53,248 compiled; 20 x 2,048 + 10 x 3,072 = 71,680 eager (+ the tanh-GELU's three f-wide tensors).
+    assert activation_bytes(narrow, 32)[0] == 2 * 53_248 + 12_288 + 65_536
+    assert activation_bytes(narrow, 32, compiled=False)[0] == 2 * 71_680 + 12_288 + 12 * 32 * 512
+
+
+def test_dropout_masks_are_planned_when_the_model_drops_out():
+    """The hub's GPT-2 configs, which configs/gpt2-*.yaml train as they are, drop out at 0.1: each block
+    keeps its two residual dropouts' masks (1 byte per element on CUDA) and the embedding dropout one.
+    Seq 32, s*d = 2,048: + 2 x 2,048 per layer and + 2,048 once."""
+    full, ckpt = activation_bytes(HAND, 32)
+    dropping = Shape(n_layer=2, n_embd=64, n_head=2, vocab=512, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1)
+    assert activation_bytes(dropping, 32)[0] == full + 2 * (2 * 2_048) + 2_048 == full + 10_240
+    # checkpointed: the recomputed layer holds its masks (73,728 + 4,096 > logits 65,536), the input dropout's once
+    assert activation_bytes(dropping, 32)[1] == ckpt + 4_096 + 2_048
+    assert shape_from_config(build_config("gpt2-large")).resid_pdrop == 0.1
+    assert shape_from_config(build_config("gpt2-large", dropout=0.0)).resid_pdrop == 0.0
+    # GPT-2 Large, 8 x 80 GB, DDP (compiled, V 50,304): (73.6e9 - 18N) / per-sequence bytes, N = 774,090,240.
+    # Without masks 1,912,602,624 per sequence -> 31.2; with them + 2 x 36 x 1,048,576 + 1,048,576 = 2,008,285,184 -> 29.7.
+    args = ["--model", "gpt2-large", "--gpus", "8", "--gpu-mem-gb", "80", "--strategy", "DDP"]
+    assert plan_tool.main(args)["rows"][0]["max_micro_batch"] == 29
+    assert plan_tool.main([*args, "--dropout", "0"])["rows"][0]["max_micro_batch"] == 31
+
+
+def test_validate_plans_the_bench_runs_dropout(tmp_path):
+    """configs/perf/* set model.dropout 0: their bench JSON is planned without masks, as it ran."""
+    bench = {"device": "NVIDIA H100 80GB HBM3", "seq": 1024, "micro_batch": 16, "precision": "bf16-mixed",
+             "model": {"model_name_or_path": "gpt2-large", "pad_vocab_to_multiple_of": 128, "compile": True,
+                       "dropout": 0.0}, "rows": [{"run": "gpt2dist", "peak_alloc_gib": 40.0}]}
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    row = plan_tool.main(["--validate", str(tmp_path / "b.json")])["validation"][0]
+    shape = shape_from_config(build_config("gpt2-large", dropout=0.0), 128)
+    assert row["estimate_gb"] == pytest.approx(estimate("DDP", shape, 1, 1024).total(16, False) / GB)
+
+
 def probe(shape_kw: dict, modes: str, batches: str = "1,2") -> subprocess.Popen:
     """tests/memory_probe.py in a subprocess (started, not awaited: two can run side by side)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every tensor its own mmap (see the probe)
@@ -110,6 +154,21 @@ def test_activation_per_layer_matches_the_measured_growth_on_cpu():
     for mode in modes.split(","):
         got = (big[mode] - small[mode]) / 4
         est = estimate_for(mode, Shape(6, 256, 4, 256, 256), 256) - estimate_for(mode, Shape(5, 256, 4, 256, 256), 256)
+        assert abs(est - got) / got < 0.10, (mode, est / (256 * 256), got / (256 * 256))
+
+
+@LINUX_PROC
+def test_an_mlp_width_other_than_4d_matches_the_measured_growth_on_cpu():
+    """As above, with n_inner = 2d: planned 20 + 4 x 2 = 28 compiled and 20 + 10 x 2 - 4 = 36 eager bf16-true
+    per token x width per layer; measured 26.2 and 36.0 (a 4d-wide plan said 36 and 56)."""
+    modes = "compiled,eager-bf16true"
+    kw = {"n_embd": 256, "n_head": 4, "n_positions": 256, "vocab_size": 256, "n_inner": 512}
+    two, six = probe({**kw, "n_layer": 2}, modes, "1,4"), probe({**kw, "n_layer": 6}, modes, "1,4")
+    small, big = per_sequence(two), per_sequence(six)
+    for mode in modes.split(","):
+        got = (big[mode] - small[mode]) / 4
+        est = (estimate_for(mode, Shape(6, 256, 4, 256, 256, n_inner=512), 256)
+               - estimate_for(mode, Shape(5, 256, 4, 256, 256, n_inner=512), 256))
         assert abs(est - got) / got < 0.10, (mode, est / (256 * 256), got / (256 * 256))
 
 
@@ -248,7 +307,7 @@ def test_plan_tool_prints_every_strategy_and_recommends(capsys, tmp_path):
     assert [(r["compiled"], r["vocab_rows"]) for r in p["rows"]] == [
         (True, 50304), (True, 50304), (False, 50304), (False, 50304), (False, 50304), (False, 50257), (False, 50257)]
     assert "- ZeRO-2: eager: configs/strategy/deepspeed_zero2.yaml sets model.compile false" in out
-    assert "recommendation: DDP, micro-batch up to 31 (first of DDP > ZeRO-1 > ZeRO-2 > FSDP2 > ZeRO-3 > FSDP1 > " \
+    assert "recommendation: DDP, micro-batch up to 29 (first of DDP > ZeRO-1 > ZeRO-2 > FSDP2 > ZeRO-3 > FSDP1 > " \
            "ZeRO-3 offload that fits micro-batch 4 (--min-micro-batch)" in out
     assert json.loads((tmp_path / "p.json").read_text())["world"] == 8
     p2 = plan_tool.main(["--model", "gpt2-xl", "--gpus", "4", "--nodes", "2", "--gpu-mem-gb", "16"])
@@ -290,7 +349,7 @@ def test_a_recommendation_fits_as_the_overlay_runs_it():
     eager = estimate("ZeRO-1", shape, 8, 1024, compiled=False)
     assert eager.total(b, False) <= p["budget_gb"] * GB < eager.total(b + 1, False)
     assert plan_tool.main(["--model", "gpt2-xl", "--gpus", "8", "--gpu-mem-gb", "40", "--compile", "on"])[
-        "recommendation"] == ("ZeRO-1", False, 10)
+        "recommendation"] == ("ZeRO-1", False, 9)  # 10 before the dropout masks were planned
 
 
 @pytest.mark.parametrize("args, says", [

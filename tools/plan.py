@@ -44,12 +44,13 @@ PRESETS = {  # strategy: (overlay in configs/strategy, model.compile, model.pad_
 
 def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_batch: int, pad_vocab: int | None = None,
          compile: str = "presets", min_micro_batch: int = 4, strategies: list[str] | None = None,
-         precision: str = "bf16-mixed", accumulate: int = 1) -> dict:
+         precision: str = "bf16-mixed", accumulate: int = 1, dropout: float | None = None) -> dict:
     """`compile`: presets (each row as its configs/strategy overlay sets model.compile), on or off;
-    `pad_vocab`: None for each row's preset padding, else that multiple for every row."""
+    `pad_vocab`: None for each row's preset padding, else that multiple for every row; `dropout`:
+    model.dropout (None: the model config's own, as configs/gpt2-*.yaml leave it)."""
     from gpt2dist.model import build_config
 
-    config = build_config(model)
+    config = build_config(model, dropout=dropout)
     world = gpus * nodes
     budget = gpu_mem_gb * GB * USABLE_FRACTION
     rows, ests = [], []
@@ -74,7 +75,7 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     return {"model": model, "params": shape_from_config(config).params, "vocab": config.vocab_size,
             "vocab_rows": None if pad_vocab is None else shape_from_config(config, pad_vocab).vocab, "world": world, "gpus": gpus,
             "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GB, "seq": seq, "micro_batch": micro_batch,
-            "precision": precision, "accumulate": accumulate, "rows": rows, "recommendation": rec,
+            "precision": precision, "accumulate": accumulate, "dropout": config.resid_pdrop, "rows": rows, "recommendation": rec,
             "min_micro_batch": max(1, min_micro_batch)}
 
 
@@ -82,7 +83,8 @@ def print_plan(p: dict) -> None:
     rows = "as --pad-vocab sets them" if p["vocab_rows"] else "padded per row as the presets pad"
     print(f"{p['model']}: {p['params'] / 1e6:.1f}M params (vocabulary {p['vocab']}, logit rows {rows}), {p['gpus']} GPU(s) x "
           f"{p['nodes']} node(s) = {p['world']} ranks, {p['gpu_mem_gb']:g} GB/GPU (plan within {p['budget_gb']:.1f} GB), "
-          f"seq {p['seq']}, micro-batch {p['micro_batch']} x {p['accumulate']} accumulated, {p['precision']}; GB = 1e9 bytes")
+          f"seq {p['seq']}, micro-batch {p['micro_batch']} x {p['accumulate']} accumulated, {p['precision']}, "
+          f"dropout {p['dropout']:g}; GB = 1e9 bytes")
     print("| strategy | compile | vocab rows | params | grads | optim | other | states | act/seq | act/seq ckpt | "
           f"total b={p['micro_batch']} | total b={p['micro_batch']} ckpt | max b | max b ckpt | CPU/rank |")
     print("|---|---|" + "---:|" * 13)
@@ -129,7 +131,7 @@ def validate(bench_jsons: list[str]) -> list[dict]:
             continue
         try:
             m, seq, micro_batch, bench_rows = r["model"], int(r["seq"]), int(r["micro_batch"]), list(r["rows"])
-            config = build_config(m.get("model_name_or_path", "gpt2"), m.get("config_overrides"))
+            config = build_config(m.get("model_name_or_path", "gpt2"), m.get("config_overrides"), m.get("dropout"))
         except (KeyError, TypeError, AttributeError, ValueError, GPT2DistError) as e:
             rows.append({"bench": path, "error": f"not a tools/bench.py --out result ({type(e).__name__}: {e})"})
             continue
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eager", action="store_const", const="off", dest="compile", help="the same as --compile off")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed",
                     help="trainer.precision: bf16-true keeps bf16 weights (+ fp32 masters under DDP) and a bf16 residual stream")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="model.dropout of the run (default: the model config's, 0.1 for the hub's GPT-2s, as "
+                         "configs/gpt2-*.yaml train; configs/perf/* set 0): above 0, two dropout masks per block")
     ap.add_argument("--strategy", action="append", choices=["DDP", *[s for s in STRATEGIES if s != "DDP"]],
                     help="only these rows (repeatable)")
     ap.add_argument("--json", help="also write the plan as JSON here")
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("gpus", "nodes", "seq", "micro_batch", "accumulate", "min_micro_batch", "pad_vocab"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             sys.exit(f"plan: error: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        sys.exit(f"plan: error: --dropout={args.dropout} must be in [0, 1), as model.dropout")
     if not (math.isfinite(args.gpu_mem_gb) and args.gpu_mem_gb > 0):
         sys.exit(f"plan: error: --gpu-mem-gb={args.gpu_mem_gb} must be a positive number of GB (e.g. 80 for an H100)")
     from gpt2dist.model import build_config
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"plan: error: --seq {args.seq} exceeds {args.model}'s n_positions={n_positions}; "
                  f"plan --seq {n_positions} or less")
     p = plan(args.model, args.gpus, args.nodes, args.gpu_mem_gb, args.seq, args.micro_batch, args.pad_vocab,
-             args.compile, args.min_micro_batch, args.strategy, args.precision, args.accumulate)
+             args.compile, args.min_micro_batch, args.strategy, args.precision, args.accumulate, args.dropout)
     print_plan(p)
     write_json(args.json, p)
     return p
