@@ -523,7 +523,14 @@ class GPT2Module(pl.LightningModule):
                                "scaling (small gradients underflow); use bf16-true or 16-mixed")
             groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
-        total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches))
+        # The run's total optimizer steps: Lightning's min(max_steps, what max_epochs allows). max_steps alone
+        # decayed a `--trainer.max_epochs 1` run on top of a preset's max_steps 5000 over 5000 steps it never
+        # reached: a 6-step epoch kept the peak lr throughout.
+        total = hp.decay_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError("trainer.max_steps and trainer.max_epochs are both unbounded (-1), so the cosine decay has no "
+                              "length; set trainer.max_steps, trainer.max_epochs or model.decay_steps")
+        total = int(total)
         if hp.min_lr > hp.lr:  # at fit only: evaluating or loading a checkpoint of such a run stays possible
             raise ConfigError(f"model.min_lr={hp.min_lr} is above model.lr={hp.lr}: the cosine decay would raise the "
                               "learning rate; set model.min_lr below model.lr")
@@ -531,7 +538,8 @@ class GPT2Module(pl.LightningModule):
             # A short fine-tune with the default 100 warmup steps: its lr never reached model.lr nor decayed
             # (50 steps: 0.5 x lr at the end); a shorter decay_steps dropped it to min_lr in one step.
             rank_zero_warn(f"model.warmup_steps={hp.warmup_steps} is not below the {total} steps of the lr schedule "
-                           f"(model.decay_steps, else trainer.max_steps): there is no decay after the warmup; "
+                           f"(model.decay_steps, else the run's: trainer.max_steps or max_epochs): there is no decay "
+                           f"after the warmup; "
                            f"lower model.warmup_steps (e.g. {max(1, total // 20)}, 5%)")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)
         self._schedule = {"lr": hp.lr, "min_lr": hp.min_lr, "warmup_steps": hp.warmup_steps, "decay_steps": total}

@@ -80,6 +80,31 @@ def test_a_schedule_with_no_decay_after_warmup_is_flagged():
             m.configure_optimizers()
 
 
+def test_the_schedule_decays_over_the_steps_max_epochs_allows():
+    """`--trainer.max_epochs 1` on top of a preset's max_steps: the cosine ran over max_steps (1000), which
+    that run never reached, so a 6-step epoch kept the peak lr and no warmup warning fired. The decay is
+    Lightning's estimated_stepping_batches, min(max_steps, what max_epochs allows): 24 blocks / 4 = 6 steps."""
+    import lightning.pytorch as pl
+
+    class LRs(Callback):
+        lrs: list = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    ids = torch.randint(0, 300, (24, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
+    m = tiny_module(lr=1e-3, min_lr=1e-4, warmup_steps=1)
+    pl.Trainer(accelerator="cpu", max_epochs=1, max_steps=1000, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=[LRs()]).fit(m, loader)
+    assert m._schedule["decay_steps"] == 6
+    assert LRs.lrs == pytest.approx([m.lr_at(s, 6) for s in range(6)]) and LRs.lrs[-1] < 0.2e-3
+    m = tiny_module()
+    m.trainer = SimpleNamespace(max_steps=-1, estimated_stepping_batches=float("inf"), strategy=None)
+    with pytest.raises(ConfigError, match=r"trainer.max_steps and trainer.max_epochs are both unbounded"):
+        m.configure_optimizers()
+
+
 def test_compile_settings_without_compile_say_they_do_nothing():
     """model.compile_mode / compile_options without model.compile=true compiled nothing, silently."""
     with pytest.warns(UserWarning, match=r"model.compile_mode / compile_options are set \(max-autotune\) but "
