@@ -527,7 +527,7 @@ class GPT2Module(pl.LightningModule):
         # decayed a `--trainer.max_epochs 1` run on top of a preset's max_steps 5000 over 5000 steps it never
         # reached: a 6-step epoch kept the peak lr throughout.
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        if not math.isfinite(total) or total < 1:  # Lightning's -1: an iterable loader with no length, no max_steps
             raise ConfigError("trainer.max_steps and trainer.max_epochs are both unbounded (-1), so the cosine decay has no "
                               "length; set trainer.max_steps, trainer.max_epochs or model.decay_steps")
         total = int(total)

@@ -100,9 +100,10 @@ def test_the_schedule_decays_over_the_steps_max_epochs_allows():
     assert m._schedule["decay_steps"] == 6
     assert LRs.lrs == pytest.approx([m.lr_at(s, 6) for s in range(6)]) and LRs.lrs[-1] < 0.2e-3
     m = tiny_module()
-    m.trainer = SimpleNamespace(max_steps=-1, estimated_stepping_batches=float("inf"), strategy=None)
-    with pytest.raises(ConfigError, match=r"trainer.max_steps and trainer.max_epochs are both unbounded"):
-        m.configure_optimizers()
+    for unbounded in (float("inf"), -1):  # -1: Lightning's answer for a loader without a length
+        m.trainer = SimpleNamespace(max_steps=-1, estimated_stepping_batches=unbounded, strategy=None)
+        with pytest.raises(ConfigError, match=r"trainer.max_steps and trainer.max_epochs are both unbounded"):
+            m.configure_optimizers()
 
 
 def test_compile_settings_without_compile_say_they_do_nothing():
