@@ -186,6 +186,11 @@ def _record_texts(path: Path, numbered, field: str, knob: str, skip_null: bool) 
             continue
         if not isinstance(value, str):
             raise DataError(f"{path}:{n}: field {field!r} is {'null' if value is None else type(value).__name__}, not a string")
+        try:  # JSON's "\ud83d" (an emoji cut in half) parses to a lone surrogate, which no tokenizer encodes
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{path}:{n}: field {field!r} holds a lone surrogate (U+{ord(value[e.start]):04X} at character "
+                            f"{e.start}), not valid Unicode; repair or drop that record") from None
         yield value
 
 
@@ -1436,7 +1441,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         # Each prompt keeps its index: the writer puts rows back in prompt order. Shares are padded to equal
         # length (3 prompts, 2 ranks: rank 1 gets a "pad" item, not generated or written), so every rank runs
         # the same batches and per-batch collectives (a stop signal's agreement) pair up.
-        lengths = [len(self.tokenizer(p).input_ids) for p in prompts]
+        lengths = [len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
         n = len(order)
         items = [{"index": order[i % n], "prompt": prompts[order[i % n]], **({"pad": True} if i >= n else {})}

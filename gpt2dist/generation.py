@@ -50,9 +50,11 @@ GREEDY = Sampling()
 
 
 def prompt_ids(tokenizer, prompt: str, n_positions: int, what: str = "prompt") -> list[int]:
-    """The token ids generation starts from. An empty prompt starts from EOS, which precedes every packed
-    document (an empty input cannot be run); one that leaves no position to generate into is refused."""
-    ids = tokenizer(prompt).input_ids or [tokenizer.eos_token_id]
+    """The token ids generation starts from, encoded as packing encodes documents: without the tokenizer's
+    special tokens (a Llama-style tokenizer's <s>, which training never showed the model, conditioned every
+    prompt on it). An empty prompt starts from EOS, which precedes every packed document (an empty input
+    cannot be run); one that leaves no position to generate into is refused."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
     if len(ids) >= n_positions:
         shown = prompt[:40] + ("..." if len(prompt) > 40 else "")
         raise ConfigError(f"{what} {shown!r} is {len(ids)} tokens, which leaves none of the model's n_positions="
@@ -167,8 +169,17 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, sa
     """Each prompt as given + its continuation (generate_ids' new tokens, decoded without special tokens):
     a prompt's own special tokens (a literal <|endoftext|>) stay in the text."""
     n_positions = model.config.n_positions
-    return [prompt + tokenizer.decode(x[len(prompt_ids(tokenizer, prompt, n_positions)):], skip_special_tokens=True)
+    return [prompt + continuation(tokenizer, x, len(prompt_ids(tokenizer, prompt, n_positions)))
             for prompt, x in zip(prompts, generate_ids(model, tokenizer, prompts, max_new_tokens, sampling, seeds, real_vocab))]
+
+
+def continuation(tokenizer, ids: list[int], n_prompt: int) -> str:
+    """The text that ids[n_prompt:] add after the prompt's ids[:n_prompt]. Decoded on their own, a
+    SentencePiece-style (Metaspace) decoder drops the first new token's leading space ("x =" + "return", not
+    "x = return"); decoded after the prompt's tokens, minus the prompt's own decoding, they keep it."""
+    head = tokenizer.decode(ids[:n_prompt], skip_special_tokens=True)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(ids[n_prompt:], skip_special_tokens=True)
 
 
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.0,

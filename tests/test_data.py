@@ -935,10 +935,14 @@ def test_predict_file_glob_reads_every_match_in_name_order_and_errors_name_the_p
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"prompt": ["def ", None]}), tmp_path / "null.parquet")
+    # JSON's "\ud83d" (an emoji cut in half) parses to a lone surrogate: the tokenizer's TypeError, a traceback.
+    (tmp_path / "half.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "abc \\ud83d def"}\n')
     for name, says in [("bad.jsonl", f"{tmp_path / 'bad.jsonl'}:2: record has no field 'prompt'; set data.predict_text_field"),
                        ("bad.csv", f"{tmp_path / 'bad.csv'}: no column 'prompt' (has ['text']); set data.predict_text_field"),
                        ("null.jsonl", f"{tmp_path / 'null.jsonl'}:2: field 'prompt' is null, not a string"),
-                       ("null.parquet", f"{tmp_path / 'null.parquet'}: row 2 of column 'prompt' is null, not a string")]:
+                       ("null.parquet", f"{tmp_path / 'null.parquet'}: row 2 of column 'prompt' is null, not a string"),
+                       ("half.jsonl", f"{tmp_path / 'half.jsonl'}:2: field 'prompt' holds a lone surrogate (U+D83D at "
+                                      "character 4), not valid Unicode; repair or drop that record")]:
         dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")], predict_file=str(tmp_path / name))
         with pytest.raises(DataError) as e:
             dm.prompts_with_origin()

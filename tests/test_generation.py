@@ -151,6 +151,64 @@ def test_the_text_starts_with_the_prompt_as_given(model, tokenizer):
     assert texts[2] == tokenizer.decode(generate_ids(model, tokenizer, prompts[2:], 6)[0], skip_special_tokens=True)
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_style(tmp_path_factory):
+    """A Llama-2-style tokenizer (its tokenizer.json's structure: spaces as "▁", <s> added by the
+    post-processor, a decoder that drops the text's leading space), 600 tokens trained on the test corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import corpus_texts
+    from gpt2dist.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus_texts(), trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=special,
+                                                                        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    d = tmp_path_factory.mktemp("sp_tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    return load_tokenizer(str(d))
+
+
+def test_prompts_are_encoded_as_packing_encodes_documents(sentencepiece_style):
+    """A tokenizer whose post-processor adds <s> (Llama, Mistral) put it before every prompt, a token packing
+    never adds (add_special_tokens=False): the model was conditioned on an embedding it never trained, and an
+    empty prompt started from <s>, not EOS."""
+    import numpy as np
+
+    from gpt2dist.data import encode_documents
+    from gpt2dist.generation import prompt_ids
+
+    tok = sentencepiece_style
+    assert tok("def main(self):").input_ids[0] == tok.bos_token_id  # what the tokenizer alone adds
+    packed = encode_documents(["def main(self):"], tok, np.dtype(np.uint16)).tolist()
+    assert prompt_ids(tok, "def main(self):", 64) == packed[:-1] and packed[-1] == tok.eos_token_id
+    assert prompt_ids(tok, "", 64) == [tok.eos_token_id]
+
+
+def test_the_continuation_keeps_its_leading_space(sentencepiece_style):
+    """Decoded on their own, a Metaspace decoder drops the new tokens' leading space: "x =" + "return",
+    glued, text the model did not produce. The text is the whole sequence's decoding."""
+    from gpt2dist.generation import continuation, prompt_ids
+
+    tok = sentencepiece_style
+    ids = prompt_ids(tok, "x =", 64) + tok(" return self", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids[len(prompt_ids(tok, "x =", 64))])[0] == "▁"
+    assert continuation(tok, ids, len(prompt_ids(tok, "x =", 64))) == " return self"
+    torch.manual_seed(0)
+    eos = tok.eos_token_id
+    sp_model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), bos_token_id=eos, eos_token_id=eos,
+                                          initializer_range=0.3, **TINY)).eval()
+    prompts = ["x =", "def main(self):", "import os"]
+    texts = generate_texts(sp_model, tok, prompts, 8)
+    for prompt, text, full in zip(prompts, texts, generate_ids(sp_model, tok, prompts, 8)):
+        assert text == prompt + tok.decode(full, skip_special_tokens=True)[len(prompt):], (prompt, text)
+        assert text.startswith(prompt) and len(text) > len(prompt)
+
+
 def test_repetition_penalty_skips_the_left_padding():
     """Row 0 is padded with two EOS (id 0) before its tokens 5, 6; row 1 really holds an EOS. The penalty
     (divide a positive logit, multiply a negative one) falls on each row's own tokens only."""
