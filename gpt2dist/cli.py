@@ -114,7 +114,12 @@ class GPT2CLI(LightningCLI):
         check_strategy_precision(trainer.get("strategy"), trainer.get("precision"))
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
-            save_dir = (logger.get("init_args") or {}).get("save_dir") if hasattr(logger, "get") else None
+            init = logger.get("init_args") if hasattr(logger, "get") else None
+            save_dir = (init or {}).get("save_dir")
+            if isinstance(save_dir, str) and "{default_root_dir}" in save_dir:
+                # configs/quickstart.yaml's CSV folder follows --trainer.default_root_dir (a copied path stayed
+                # behind: the metrics of every run, array tasks' too, went to runs/quickstart/logs).
+                init["save_dir"] = save_dir = save_dir.replace("{default_root_dir}", str(trainer.get("default_root_dir") or "."))
             if save_dir:  # the loggers create it only once training has started
                 check_writable(str(save_dir), "trainer.logger.init_args.save_dir")
 

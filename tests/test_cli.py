@@ -397,6 +397,22 @@ def test_quickstart_config_is_valid():
     assert yaml.safe_load(r.stdout) == cfg
 
 
+def test_the_quickstart_logs_into_the_run_folder_it_is_given(tmp_path, corpus_dir, tokenizer_dir):
+    """configs/quickstart.yaml's CSV logger repeated runs/quickstart: with another --trainer.default_root_dir the
+    checkpoints went there and metrics.csv and config.yaml to ./runs/quickstart/logs (every SLURM array task
+    into one folder). Its save_dir is "{default_root_dir}"."""
+    root = tmp_path / "elsewhere"
+    r = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.default_root_dir", str(root),
+                "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                "--model.config_overrides", json.dumps(TINY), "--model.warmup_steps", "1",
+                "--data.train_files", json.dumps([str(corpus_dir / "*.txt")]), "--data.tokenizer", str(tokenizer_dir),
+                "--data.block_size", "32", "--data.batch_size", "2",
+                "--data.cache_dir", str(tmp_path / "cache"), "--export.enabled", "false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (root / "logs" / "version_0" / "metrics.csv").is_file() and (root / "logs" / "version_0" / "config.yaml").is_file()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "{default_root_dir}").exists()
+
+
 @pytest.fixture(scope="module")
 def composed(request):
     """Each model preset + the local-jsonl data file, `--print_config`, two at a time."""
