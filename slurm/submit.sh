@@ -2,7 +2,7 @@
 # Check a gpt2dist submission, then sbatch slurm/fit.sbatch. Fails before queueing on a missing
 # config or a world size the config contradicts, and prints the global-batch arithmetic.
 #
-#   slurm/submit.sh --nodes 2 --gpus-per-node 8 --config configs/gpt2-large.yaml [--section.key value ...]
+#   slurm/submit.sh --nodes 2 --gpus-per-node 8 --config configs/gpt2-large.yaml --trainer.num_nodes 2 [--section.key value ...]
 #   slurm/submit.sh --nodes 2 --gpus-per-node 0 --tasks-per-node 2 --config x.yaml --trainer.accelerator cpu
 #
 # Options: --nodes N (1), --gpus-per-node G (8), --tasks-per-node T (G; needed when G is 0),
