@@ -562,6 +562,17 @@ class GPT2Module(pl.LightningModule):
     def on_train_start(self) -> None:
         self._config_over_restored_optimizer()
 
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning builds the validation loader (forking data.num_workers processes, 0.1-0.2 s with 4)
+        before any callback's on_validation_start: the throughput clock stops here, or each validation's
+        loader start counted as training time (the first tokens/s after it read several times too low)."""
+        from gpt2dist.monitor import TrainMonitor
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, TrainMonitor) and callback.enabled:
+                callback.pause(self)
+        super().on_validation_model_zero_grad()
+
     def _config_over_restored_optimizer(self) -> None:
         """After a resume, the config's optimizer settings and schedule apply, not the checkpoint's.
 

@@ -80,6 +80,44 @@ def test_throughput_counts_every_micro_batch_and_excludes_validation(monkeypatch
     assert logged["throughput/tokens_per_sec_per_device"] == pytest.approx(768 / 21.0)
 
 
+def test_building_the_validation_loader_is_not_training_time(monkeypatch):
+    """A real fit: Lightning builds the validation loader (data.num_workers forks) before on_validation_start.
+    A clock that jumps 100 s while the loader starts: the first tokens/s logged after the validation equals the
+    one before it (the same steps, the same fake time), not 100 s worth lower."""
+    import lightning.pytorch as pl
+
+    clock = Clock()
+    monkeypatch.setattr(mon.time, "perf_counter", clock)
+
+    class SlowStart(torch.utils.data.DataLoader):
+        def __iter__(self):
+            clock.t += 100.0  # what the worker processes' start costs, exaggerated
+            return super().__iter__()
+
+    class Steps(pl.Callback):  # each training micro-batch takes 1 s of the fake clock
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.t += 1.0
+
+    ids = torch.randint(0, 512, (40, 16), generator=torch.Generator().manual_seed(0))
+    train = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
+    val = SlowStart([{"input_ids": x, "loss_weight": torch.tensor(1.0)} for x in ids[:8]], batch_size=4)
+    module, logged = tiny_module(), []
+    log = module.log
+
+    def spy(key, value, **kw):
+        if key == "throughput/tokens_per_sec":
+            logged.append((module.trainer.global_step, float(value)))
+        return log(key, value, **kw)
+
+    module.log = spy
+    pl.Trainer(accelerator="cpu", max_steps=8, val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0,
+               log_every_n_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[Steps(), mon.TrainMonitor()]).fit(module, train, val)
+    rates = dict(logged)
+    assert sorted(rates) == [2, 4, 6, 8], logged
+    assert rates[6] == pytest.approx(rates[4], rel=0.05) and rates[6] == pytest.approx(64.0, rel=0.05), logged
+
+
 def test_old_window_knob_is_accepted_and_ignored():
     """Saved configs from before the logging-step window name monitor.window: they still load, with a warning."""
     with pytest.warns(UserWarning, match="monitor.window=20 is ignored"):
