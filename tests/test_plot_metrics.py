@@ -56,6 +56,17 @@ def test_resumed_csv_versions_merge_in_version_order_not_mtime(tmp_path):
     assert plot_metrics.read_csv_runs(tmp_path)["train/loss"] == {0: 5.0, 1: 4.0, 2: 1.0, 3: 0.5}
 
 
+def test_a_rollback_drops_the_abandoned_branch(tmp_path):
+    """version_1 rolled back to step 3 of version_0 (which ran to step 7) and is at step 5: version_0's steps 6
+    and 7, the abandoned branch, were drawn after the new one."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+
+    _write_csv(tmp_path / "logs/version_0/metrics.csv", [(s, 9.0 - s) for s in range(8)])
+    _write_csv(tmp_path / "logs/version_1/metrics.csv", [(3, 0.3), (4, 0.4), (5, 0.5)])
+    assert plot_metrics.read_csv_runs(tmp_path)["train/loss"] == {0: 9.0, 1: 8.0, 2: 7.0, 3: 0.3, 4: 0.4, 5: 0.5}
+
+
 def test_an_evaluations_own_log_in_the_run_folder_is_not_part_of_the_training_curves(tmp_path, monkeypatch):
     """`gpt2dist validate` / `test` log their own CSV version (and W&B run) into the run folder, at step 0: the
     final model's val/loss was drawn as the training curve's first point."""

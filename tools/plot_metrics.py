@@ -39,6 +39,22 @@ def _merge(into: dict, step, row: dict) -> None:
             into.setdefault(key, {})[int(step)] = float(value)
 
 
+def _merge_log(into: dict, rows: list[dict], step_key: str) -> None:
+    """One training log (a CSV version, a W&B session) over the earlier ones: from its first step on, its
+    values replace theirs, and their later points go. A rollback (`--ckpt_path` of an earlier step, `best`)
+    abandons that branch: kept, its points past the new log's last step were drawn after the new branch."""
+    steps = [int(r[step_key]) for r in rows if step_key in r]
+    if not steps:
+        return
+    start = min(steps)
+    for points in into.values():
+        for step in [s for s in points if s >= start]:
+            del points[step]
+    for row in rows:
+        if step_key in row:
+            _merge(into, row[step_key], row)
+
+
 def _version(path: Path) -> tuple:
     """CSVLogger's logs/version_N/metrics.csv: N, not the mtime (a copy or a touch reorders mtimes,
     and then an older version's values would win on the steps a resumed run repeats)."""
@@ -72,8 +88,7 @@ def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
                         pass
                 rows.append(values)
         if _training_log(rows) or root.is_file():
-            for values in rows:
-                _merge(series, values["step"], values)
+            _merge_log(series, rows, "step")
     return series
 
 
@@ -98,9 +113,7 @@ def read_wandb_runs(root: Path) -> dict[str, dict[int, float]]:
             _error(f"could not read the W&B run file {path} (wandb leet inspect: {last}); check that wandb is installed")
         items = [rec["history"]["item"] for rec in map(json.loads, proc.stdout.splitlines()) if rec.get("type") == "history"]
         if _training_log(items):
-            for item in items:
-                if "trainer/global_step" in item:
-                    _merge(series, item["trainer/global_step"], item)
+            _merge_log(series, items, "trainer/global_step")
     return series
 
 
