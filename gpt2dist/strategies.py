@@ -17,6 +17,7 @@ The strategy is chosen by one overlay in `configs/strategy/` (DDP, FSDP2, FSDP1,
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -148,6 +149,14 @@ class FSDP1Strategy(FSDPStrategy):
         # clip_grad_norm_ sums the shards' squares over the right group (world, node or none), then scales.
         self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.model.clip_grad_norm_(clip_val)
 
+    @contextmanager
+    def block_backward_sync(self):
+        """No `no_sync` between accumulated micro-batches. Lightning enters it for any model with a no_sync
+        method, FSDP1's too, which then keeps every rank's unsharded gradients in the bf16 compute dtype
+        (+2 bytes x N per GPU, summed in bf16); under NO_SHARD (what FSDP1 runs on one GPU) the next
+        forward died assigning the tied head's bf16 gradient to its fp32 weight (every preset
+        accumulates). Reduce-scattered each micro-batch, they stay sharded and are summed in fp32."""
+        yield None
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if self._state_dict_type != "sharded" or storage_options is not None:

@@ -511,6 +511,21 @@ def test_bf16_mixed_exports_fp32_master_weights(ds_runs, corpus_dir, tokenizer_d
     assert off_grid > 0.9 * sum(v.numel() for v in exported.values())
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+def test_fsdp1_accumulates_bf16_mixed_gradients(ds_runs, corpus_dir, tokenizer_dir, devices):
+    """Every preset accumulates under bf16-mixed. Lightning ran FSDP1 under no_sync between micro-batches:
+    on one process (FSDP1's NO_SHARD) the second micro-batch died assigning the tied head's bf16 gradient to
+    its fp32 weight, and on two each rank kept the whole gradient in bf16. 2 micro-batches x 4 / devices
+    sequences: the losses of the single process's 4-sequence steps, within bf16 rounding."""
+    model = {"model_name_or_path": str(ds_runs / "pretrained"), "from_scratch": False}
+    name = f"fsdp1_accumulate_{devices}"
+    config = write_config(ds_runs, corpus_dir, tokenizer_dir, name, devices, model=model, precision="bf16-mixed",
+                          accumulate_grad_batches=2)
+    ds_fit(config, "fsdp1", "--data.batch_size", str(GLOBAL_BATCH // (2 * devices)))
+    losses, fp32 = train_losses(ds_runs / name), train_losses(ds_runs / "single")
+    assert sorted(losses) == sorted(fp32) and max(abs(losses[s] - fp32[s]) for s in fp32) < 2e-2, (losses, fp32)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
