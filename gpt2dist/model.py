@@ -7,6 +7,8 @@ packed block, identical to `GPT2LMHeadModel(input_ids, labels=input_ids).loss`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -31,6 +33,17 @@ GPT2_SIZES = {
 }
 # Config fields that must agree between a checkpoint and the model it is loaded into.
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+# Set inside GPT2Module.load_from_checkpoint: the model is built from the checkpoint's config, not configure_model's.
+_FROM_CHECKPOINT = contextvars.ContextVar("gpt2dist_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def _not_from_checkpoint():
+    token = _FROM_CHECKPOINT.set(False)
+    try:
+        yield
+    finally:
+        _FROM_CHECKPOINT.reset(token)
 
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -212,12 +225,24 @@ class GPT2Module(pl.LightningModule):
         hp = self.hparams
         _check_block_size(block_size, build_config(hp.model_name_or_path, hp.config_overrides).n_positions)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, building the model once, from the checkpoint's saved config, with the perf knobs
+        applied. Lightning calls configure_model before on_load_checkpoint: that built the configured model
+        (from_pretrained of model_name_or_path: a download, or a failure once that folder is gone), which
+        on_load_checkpoint then replaced by a bare model with no activation checkpointing or compile."""
+        token = _FROM_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _FROM_CHECKPOINT.reset(token)
+
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is not None or (_FROM_CHECKPOINT.get() and self._trainer is None):
+            return  # built; or load_from_checkpoint builds it in on_load_checkpoint
         from transformers import GPT2LMHeadModel
 
-        from gpt2dist.perf import apply_perf_options, pad_vocab
+        from gpt2dist.perf import pad_vocab
 
         mesh = self._device_mesh
         if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
@@ -260,13 +285,19 @@ class GPT2Module(pl.LightningModule):
         real_vocab = pad_vocab(self.model, self.hparams.pad_vocab_to_multiple_of)
         if self.model.config.vocab_size != real_vocab:
             self.model.config.unpadded_vocab_size = real_vocab  # read back by export (slices to it)
-        apply_perf_options(self)
-        # Shapes before any sharding, for the weight-decay groups (see configure_optimizers).
-        self._param_ndim = {_unwrapped_name(n): len(getattr(p, "ds_shape", p.shape)) for n, p in self.named_parameters()}
+        self._model_built()
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2 (see strategies.py)
             from gpt2dist.strategies import shard_fsdp2
 
             shard_fsdp2(self, self._device_mesh["data_parallel"], str(self._trainer.precision))
+
+    def _model_built(self) -> None:
+        """After `self.model` is built (configure_model, or load_from_checkpoint's saved config)."""
+        from gpt2dist.perf import apply_perf_options
+
+        apply_perf_options(self)
+        # Shapes before any sharding, for the weight-decay groups (see configure_optimizers).
+        self._param_ndim = {_unwrapped_name(n): len(getattr(p, "ds_shape", p.shape)) for n, p in self.named_parameters()}
 
     @property
     def vocab_size(self) -> int:
@@ -661,6 +692,9 @@ class GPT2Module(pl.LightningModule):
                 state["masters"] = checkpoint["state_dict"]
         saved = checkpoint.get("gpt2_config")
         if saved is None:
+            if self.model is None:  # a checkpoint from before gpt2_config was stored: the configured model
+                with _not_from_checkpoint():
+                    self.configure_model()
             return
         if self.model is None or self._trainer is None:
             # GPT2Module.load_from_checkpoint(...) outside a Trainer: the saved config is the truth
@@ -668,6 +702,7 @@ class GPT2Module(pl.LightningModule):
             from transformers import GPT2Config, GPT2LMHeadModel
 
             self.model = GPT2LMHeadModel(GPT2Config.from_dict(saved))
+            self._model_built()
             return
         ours = self.model.config.to_dict()
         diff = {k: (saved.get(k), ours.get(k)) for k in SHAPE_KEYS if saved.get(k) != ours.get(k)}

@@ -106,6 +106,36 @@ def test_the_schedule_decays_over_the_steps_max_epochs_allows():
             m.configure_optimizers()
 
 
+def test_load_from_checkpoint_builds_the_saved_model_with_its_perf_knobs(tmp_path):
+    """GPT2Module.load_from_checkpoint: Lightning's configure_model ran first (from_pretrained of
+    model_name_or_path: a download, or an error once that folder was gone), then on_load_checkpoint swapped
+    in a bare model: activation_checkpointing (and compile, bias_after_matmul) were silently off."""
+    import shutil
+
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=300)).save_pretrained(base)
+    m = GPT2Module(str(base), from_scratch=False, dropout=0.0, warmup_steps=1, activation_checkpointing=True,
+                   bias_after_matmul=True)
+    ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    shutil.rmtree(base)  # the checkpoint holds the config and every weight
+    loaded = GPT2Module.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert loaded.model.transformer.h[0].gradient_checkpointing is True
+    assert {type(b.attn.c_attn).__name__ for b in loaded.model.transformer.h} == {"BiasAfterMatmul"}
+    trained = {k: v for k, v in m.state_dict().items()}
+    assert loaded.state_dict().keys() == trained.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+    m.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:2]), m(ids[:2]))
+
+
 def test_compile_settings_without_compile_say_they_do_nothing():
     """model.compile_mode / compile_options without model.compile=true compiled nothing, silently."""
     with pytest.warns(UserWarning, match=r"model.compile_mode / compile_options are set \(max-autotune\) but "
