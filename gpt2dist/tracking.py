@@ -105,10 +105,13 @@ class RunConfig(SaveConfigCallback):
         # SaveConfigCallback.setup, except that a logger without a folder (WandbLogger with
         # save_dir=null) writes config.yaml to default_root_dir instead of failing.
         if not self.already_saved:
+            from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
             log_dir, name = trainer.log_dir, self.config_filename  # log_dir broadcasts: all ranks call it
-            if log_dir is None:
-                # Every subcommand shares that folder (a CSV logger gives each its version_N): `test` replaced
-                # fit's config.yaml, the one to rerun or resume, with its own, which `fit` refuses (verbose).
+            if log_dir is None or not (trainer.loggers and isinstance(trainer.loggers[0], (CSVLogger, TensorBoardLogger))):
+                # Only CSV/TensorBoard give each subcommand its own folder (version_N); W&B's save_dir, or no
+                # logger (default_root_dir), is shared: `test` replaced fit's config.yaml, the one to rerun or
+                # resume, with its own, which `fit` refuses (verbose); two runs sharing a W&B save_dir each other's.
                 log_dir = trainer.default_root_dir
                 stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn ("predict")
                 if stage != "fit":

@@ -246,6 +246,12 @@ def test_predict_writes_its_rows_as_a_wandb_table_too(wandb_run, tmp_path, corpu
     # goes beside the fit's, which it replaced (and which `fit --config` then refused: `verbose` is not fit's).
     assert (root / "config.yaml").read_bytes() == (wandb_run.root / "config.yaml").read_bytes()
     assert "  predict_prompts:\n  - 'def '\n  - import\n" in (root / "predict_config.yaml").read_text()
+    # A W&B save_dir given is no per-subcommand folder either: its config.yaml was predict's, replacing fit's.
+    p = run_cli("predict", *args, "--config", str(REPO / "configs/logging/wandb.yaml"), "--ckpt_path", "last",
+                "--trainer.logger.init_args.save_dir", str(root), '--data.predict_prompts=["for "]', env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (root / "config.yaml").read_bytes() == (wandb_run.root / "config.yaml").read_bytes()
+    assert "  predict_prompts:\n  - 'for '\n" in (root / "predict_config.yaml").read_text()
 
 
 def test_git_state_is_the_packages_own_checkout_or_unknown(tmp_path):
