@@ -231,6 +231,28 @@ def test_every_row_runs_in_the_precision_lightning_runs(monkeypatch, precision, 
     assert res["precision"] == "bf16-mixed"  # Lightning's name for it, in the header and the JSON
 
 
+def test_the_trainer_baselines_libraries_are_loaded_before_the_first_row():
+    """On CPU the memory column is process RSS: transformers.Trainer and accelerate, first imported inside the
+    Trainer row, put ~86 MiB into its peak alone (the tiny table read the Trainer as 18% larger, where from its
+    own start it used less). A fresh interpreter: what is loaded when the gpt2dist row starts."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'tools')!r})
+import bench
+seen = []
+def ours(*a, **k):
+    seen.append(sorted(m for m in ("transformers.trainer", "accelerate") if m in sys.modules))
+    raise RuntimeError("stop here")
+bench.run_ours = ours
+bench.run_hf_trainer = ours
+bench.main({[*MICRO, "--baseline", "hf-trainer"]!r})
+print("SEEN", seen[0])
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "SEEN ['accelerate', 'transformers.trainer']" in p.stdout, (p.stdout[-2000:], p.stderr[-2000:])
+
+
 def test_ratio_is_against_a_row_of_ours_never_a_baseline(monkeypatch, capsys):
     """A failed gpt2dist row made the first good row the reference: the baseline got ratio 1.000."""
     original = bench.run_ours
