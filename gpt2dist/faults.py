@@ -325,9 +325,9 @@ class FaultTolerance(Callback):
                             "run's (%s: an earlier run's, or the continuation this rollback abandons) to %s; nothing "
                             "was deleted", how, len(paths), ", ".join(p.name for p in paths), dest)
         if trainer.global_step > 0:
-            from gpt2dist.resume import forget_missing_best
+            from gpt2dist.resume import reconcile_best
 
-            forget_missing_best(trainer)
+            reconcile_best(trainer)
         if trainer.global_step > 0:
             redo = self._redo_validation_of_resumed_step(trainer)
             # Resumed at a step boundary: Lightning's ModelCheckpoint forgets it already saved this step

@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -716,36 +717,74 @@ class DeepSpeedFolderIO(TorchCheckpointIO):
         return load_deepspeed_folder(Path(path))
 
 
-def forget_missing_best(trainer) -> None:  # after set_aside_other_runs, at train start of a resumed fit (faults.py)
-    """A resumed best-by-validation ModelCheckpoint whose best files are gone: a rollback to an earlier step
-    file restores the best of that time, which save_top_k has since deleted (or the set-aside moved). The
-    run then never beat its score, saved no best, and export.source=best failed after training ("does not
-    exist"), leaving the abandoned run's hf_model in place. Those entries are dropped, so this run's
-    validations save their own best."""
-    import math
+def reconcile_best(trainer) -> None:  # after set_aside_other_runs, at train start of a resumed fit (faults.py)
+    """Make a resumed best-by-validation ModelCheckpoint track the best files this run has on disk.
 
+    - Gone: a rollback to an earlier step file restores the best of that time, which save_top_k has since
+      deleted (or the set-aside moved). The run then never beat its score, saved no best, and
+      export.source=best failed after training ("does not exist"). Those entries are dropped.
+    - Missing: at a validation the step callback saves (step<N>.ckpt, last.ckpt) before the best one does,
+      so those files hold the best state from before step N's validation. Resumed from them after step N
+      was a new best (a kill, or extending a finished run), best-step<N>.ckpt was forgotten, and the run
+      exported a worse later "best". Every best file of this callback at or before the resumed step is
+      read back with the score it was saved at (its own state lists it)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     for cb in trainer.checkpoint_callbacks:
-        if not isinstance(cb, ModelCheckpoint) or cb.monitor in (None, "step") or not cb.best_model_path:
+        if not isinstance(cb, ModelCheckpoint) or cb.monitor in (None, "step"):
             continue
-        # best_k_models, or only best_model_path (Lightning restores only that from another folder's checkpoint)
-        known = [p for p in {*cb.best_k_models, cb.best_model_path} if "://" not in str(p)]
-        gone = [p for p in known if not os.path.exists(p)] if trainer.is_global_zero else None
-        gone = trainer.strategy.broadcast(gone)
-        if not gone:
+        changes = _best_on_disk(cb, trainer.global_step) if trainer.is_global_zero else None
+        gone, found = trainer.strategy.broadcast(changes)
+        if not gone and not found:
             continue
         for path in gone:
             cb.best_k_models.pop(path, None)
+        cb.best_k_models.update({path: torch.tensor(score) for path, score in found.items()})
+        keep = sorted(cb.best_k_models, key=lambda p: float(cb.best_k_models[p]), reverse=cb.mode == "max")
+        if cb.save_top_k > 0:  # the k best files are tracked (none is deleted here)
+            cb.best_k_models = {p: cb.best_k_models[p] for p in keep[:cb.save_top_k]}
         if trainer.is_global_zero:
-            log.warning("resume: %s's best checkpoint(s) %s no longer exist (deleted by save_top_k, or set aside): "
-                        "this run saves its own best from its next validation", cb.monitor, ", ".join(map(str, gone)))
+            if found:  # routine: a resume from a validation step that set a new best (the old one deleted)
+                log.info("resume: %s's best checkpoint(s) %s, saved after the resumed checkpoint's state was taken, "
+                         "are tracked again%s", cb.monitor, ", ".join(f"{Path(p).name} ({v:.4f})" for p, v in found.items()),
+                         f" (in place of {', '.join(Path(p).name for p in gone)})" if gone else "")
+            elif gone:
+                log.warning("resume: %s's best checkpoint(s) %s no longer exist (deleted by save_top_k, or set aside)%s",
+                            cb.monitor, ", ".join(map(str, gone)), "" if cb.best_k_models else
+                            ": this run saves its own best from its next validation")
         if cb.best_k_models:
             pick = min if cb.mode == "min" else max
-            cb.best_model_path = pick(cb.best_k_models, key=cb.best_k_models.get)
+            cb.best_model_path = pick(cb.best_k_models, key=lambda p: float(cb.best_k_models[p]))
             cb.best_model_score = cb.best_k_models[cb.best_model_path]
-            cb.kth_best_model_path = (max if cb.mode == "min" else min)(cb.best_k_models, key=cb.best_k_models.get)
+            cb.kth_best_model_path = (max if cb.mode == "min" else min)(cb.best_k_models, key=lambda p: float(cb.best_k_models[p]))
             cb.kth_value = cb.best_k_models[cb.kth_best_model_path]
         else:
             cb.best_model_path, cb.best_model_score, cb.kth_best_model_path = "", None, ""
             cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
+
+
+def _best_on_disk(cb, step: int) -> tuple[list[str], dict[str, float]]:
+    """(tracked best files that are gone, untracked best files of `cb` at or before `step`: path -> score).
+    A file is this callback's if its own saved state lists it among the best (a step file's does not)."""
+    known = [p for p in {*cb.best_k_models, cb.best_model_path} if p and "://" not in str(p)]
+    gone = [p for p in known if not os.path.exists(p)]
+    found: dict[str, float] = {}
+    prefix = str(cb.filename or "").split("{", 1)[0]
+    folder = Path(cb.dirpath) if cb.dirpath else None
+    if folder is None or not folder.is_dir():
+        return gone, found
+    tracked = {os.path.realpath(p) for p in known}
+    for p in sorted(folder.glob(f"{prefix}*")):
+        if p.name.startswith(".") or os.path.realpath(p) in tracked:
+            continue
+        ckpt, _ = _meta(p)
+        if ckpt is None or int(ckpt["global_step"]) > step:
+            continue
+        for state in ckpt.get("callbacks", {}).values():
+            if not isinstance(state, dict) or state.get("monitor") != cb.monitor:
+                continue
+            own = {Path(k).name: v for k, v in (state.get("best_k_models") or {}).items()}
+            if p.name in own and own[p.name] is not None and math.isfinite(float(own[p.name])):
+                found[str(p)] = float(own[p.name])
+            break
+    return gone, found

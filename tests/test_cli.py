@@ -606,6 +606,26 @@ def test_a_gpu_preset_trains_as_shipped_but_for_its_hardware_size_and_data(tmp_p
     assert load_file(root / "hf_model" / "model.safetensors")["transformer.wte.weight"].shape[0] == 512  # unpadded
 
 
+def test_a_resume_from_last_keeps_the_best_its_validation_saved(tmp_path, corpus_dir, tokenizer_dir):
+    """At a validation the step callback writes last.ckpt before best_checkpoint saves: a finished run's last.ckpt
+    (step 30) holds the best state of before step 30's validation (best-step0000015.ckpt, deleted by
+    save_top_k 1). Extended from it with a far higher lr, the new best (step 30) was forgotten and the worse
+    step 45 exported as "best". The run folder's best files up to the resumed step are read back."""
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir)
+    run = tmp_path / "run"
+    r = run_cli("fit", "--config", str(cfg), "--trainer.logger", "false", "--export.sample_prompt", "null")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-step0000030.ckpt"]
+    r = run_cli("fit", "--config", str(cfg), "--trainer.logger", "false", "--export.sample_prompt", "null",
+                "--export.source", "best", "--model.lr", "0.3", "--trainer.max_steps", "45", "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = " ".join((r.stdout + r.stderr).split())
+    best = run / "checkpoints" / "best-step0000030.ckpt"
+    assert "resume: val/loss's best checkpoint(s) best-step0000030.ckpt (" in out, out[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("best-*")) == ["best-step0000030.ckpt"]  # 45 is worse
+    assert f"exported Hugging Face model to {run / 'hf_model'} from the best checkpoint {best} (step 30" in out, out[-2000:]
+
+
 def test_a_rollback_whose_best_checkpoint_is_gone_saves_and_exports_its_own_best(tmp_path, corpus_dir, tokenizer_dir):
     """Rolled back to step 16 (its best then: best-step0000015.ckpt, which save_top_k 1 deleted at step 30) with a
     far higher lr: the run never beat the restored score, saved no best, and export.source=best failed after
