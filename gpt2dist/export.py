@@ -184,6 +184,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "Weights only load failed" in str(e):  # read in full it may well load: not a truncation
+            from gpt2dist.resume import UNSAFE
+
+            raise CheckpointError(f"checkpoint {path}: {UNSAFE}, so it is not loaded; export a checkpoint gpt2dist "
+                                  "wrote") from None
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             "use an earlier checkpoint"

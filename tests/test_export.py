@@ -385,6 +385,15 @@ def test_corrupt_or_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nope.ckpt does not exist"):
         load_checkpoint_file(tmp_path / "nope.ckpt")
     assert "state_dict" in load_checkpoint_file(good)
+    # Whole, but with an object only a full unpickle reads: refused for that, not called truncated (the
+    # message also carried torch's ANSI-bold fragment).
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": tiny_model(0).state_dict(), "gpt2_config": {}, "extra": _RunsCode(str(marker))},
+               tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match=r"pickled.ckpt: it holds objects that only a full unpickle reads.*"
+                                              r"not loaded; export a checkpoint gpt2dist wrote$") as e:
+        load_checkpoint_file(tmp_path / "pickled.ckpt")
+    assert "\x1b" not in str(e.value) and not marker.exists()
 
 
 class _RunsCode:
