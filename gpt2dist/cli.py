@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 import warnings
 
@@ -23,13 +24,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from gpt2dist.callbacks import EarlyStop, HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
-from gpt2dist.errors import GPT2DistError
+from gpt2dist.errors import CheckpointError, GPT2DistError
+from gpt2dist.export import export_checkpoint
 from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator,
                              check_validation_on_step_boundary, check_writable, oom_message,
                              remove_stale_hpc_temporaries)
@@ -194,13 +196,39 @@ class GPT2CLI(LightningCLI):
             if isinstance(cb, FaultTolerance) and (ckpt_path is None or os.path.exists(ckpt_path)):
                 cb.fit_ckpt_path = ckpt_path  # Lightning's own `hpc`/`best` stay "unknown": nothing is set aside
         progress = checkpoint_progress(ckpt_path) if ckpt_path and os.path.exists(ckpt_path) else None
+        self._export_after_skipped_fit = None
         if progress and 0 < self.trainer.max_steps <= progress[0]:
             # Lightning would only print "max_steps reached" and exit 0: say why nothing trains.
+            export = next((cb for cb in self.trainer.callbacks if isinstance(cb, HFExport) and cb.enabled), None)
+            missing = export is not None and not (Path(self.trainer.default_root_dir) / export.dirname).exists()
+            # The fit loop does not run, nor HFExport (on_train_end): a run killed while exporting never got one.
+            self._export_after_skipped_fit = (ckpt_path, export) if missing else None
             rank_zero_warn(f"resume: {ckpt_path} is at step {progress[0]}, already at trainer.max_steps="
-                           f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to continue")
+                           f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to continue"
+                           + ("; its Hugging Face export is missing (killed while exporting?): it is written from the "
+                              "checkpoint" if missing else ""))
         prepare_wandb(self.trainer, ckpt_path)
         start_wandb_runs(self.trainer)  # W&B's refusals before data preparation, not after
 
+
+    def after_fit(self) -> None:
+        """The export a fit with nothing left to train skipped (see before_fit): from the checkpoint it resumed,
+        or under export.source=best from the best file, on rank 0."""
+        pending = getattr(self, "_export_after_skipped_fit", None)
+        if not pending or not self.trainer.is_global_zero:
+            return
+        ckpt_path, export = pending
+        source = ckpt_path
+        if export.source == "best":
+            cb = self.config_init[str(self.subcommand)]["best_checkpoint"]
+            try:
+                source = best_checkpoint(cb.dirpath, cb.filename, cb.monitor, cb.mode)
+            except CheckpointError as e:
+                rank_zero_warn(f"export.source=best: {e}; exporting {ckpt_path}")
+        out = Path(self.trainer.default_root_dir) / export.dirname
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        export_checkpoint(source, out, tokenizer=getattr(tokenizer, "name_or_path", None))
+        rank_zero_info(f"exported Hugging Face model to {out} from {source}")
 
     def _best_checkpoint_file(self) -> str:
         """`--ckpt_path best`: the file of the best_checkpoint callback with the best stored score."""

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -133,6 +134,29 @@ def _cap_model_max_length(folder: Path, n_positions: int) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # one name part: no "-"
+
+
+def remove_dead_exports(out_dir: Path) -> list[Path]:
+    """Delete the temporary folders of exports to `out_dir` whose process (on this host) is gone: a kill
+    mid-export (OOM in the XL gather, SLURM's SIGKILL) left a model-sized `.hf_model.tmp-*` behind for good.
+    Another host's, or a live process's, stay."""
+    removed = []
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-{_HOST}-*-*"):
+        pid = tmp.name[len(f".{out_dir.name}.tmp-{_HOST}-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): its export may be running
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        except PermissionError:
+            continue
+    return removed
+
+
 def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "choose an empty or new folder") -> Path:
     """Save `model` (a GPT2LMHeadModel) and `tokenizer` as a Hugging Face folder, atomically.
 
@@ -148,7 +172,8 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
         raise GPT2DistError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                             f"{model.config.vocab_size}: export it with the tokenizer it was trained with (tools/export_hf.py --tokenizer DIR)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_dead_exports(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_HOST}-{os.getpid()}-", dir=out_dir.parent))
     use_cache = model.config.use_cache
     try:
         # Checkpoints from before perf.apply_activation_checkpointing stopped clearing it carry

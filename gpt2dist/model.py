@@ -680,7 +680,10 @@ class GPT2Module(pl.LightningModule):
             checkpoint["batch_setup"] = batch
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         if tokenizer is not None:  # lets tools/export_hf.py find the tokenizer again
-            checkpoint["tokenizer_name_or_path"] = str(tokenizer.name_or_path)
+            # A local folder's absolute path: relative (data.cache_dir runs/cache), tools/export_hf.py found it
+            # only from the directory training ran in.
+            name = str(tokenizer.name_or_path)
+            checkpoint["tokenizer_name_or_path"] = os.path.abspath(name) if os.path.isdir(name) else name
             checkpoint["tokenizer_identity"] = self._tokenizer_identity(tokenizer)  # what the ids mean: checked on load
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import sys
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, STDLIB, TINY, corpus_texts, each_row_two_at_a_time, row_result, run_cli, two_at_a_time
+from conftest import REPO, STDLIB, TINY, corpus_texts, each_row_two_at_a_time, row_result, run_cli, run_group, two_at_a_time
 
 
 def write_config(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, **trainer) -> Path:
@@ -624,6 +627,44 @@ def test_a_resume_from_last_keeps_the_best_its_validation_saved(tmp_path, corpus
     assert "resume: val/loss's best checkpoint(s) best-step0000030.ckpt (" in out, out[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").glob("best-*")) == ["best-step0000030.ckpt"]  # 45 is worse
     assert f"exported Hugging Face model to {run / 'hf_model'} from the best checkpoint {best} (step 30" in out, out[-2000:]
+
+
+def test_a_fit_killed_while_exporting_gets_its_export_on_the_rerun(tmp_path, corpus_dir, tokenizer_dir):
+    """SIGKILL right after the export wrote its temporary folder (an OOM in the gather, SLURM's kill after the
+    grace period): last.ckpt is at max_steps, so the rerun's fit loop did not run, nor the export, and it exited
+    0 with no hf_model and a model-sized .hf_model.tmp-* left for good. The rerun exports from the checkpoint,
+    from another working directory (the recorded tokenizer path is absolute), and removes the dead temp."""
+    from safetensors.torch import load_file
+
+    from gpt2dist.export import load_checkpoint_file
+
+    cfg = write_config(tmp_path, corpus_dir, tokenizer_dir, max_steps=15)
+    run = tmp_path / "run"
+    killer = ("import os, signal, sys, transformers.modeling_utils as mu\n"
+              "o = mu.PreTrainedModel.save_pretrained\n"
+              "def s(self, d, *a, **k):\n    o(self, d, *a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
+              "mu.PreTrainedModel.save_pretrained = s\n"
+              "sys.argv = ['gpt2dist', *sys.argv[1:]]\nfrom gpt2dist.__main__ import run\nrun()\n")
+    args = ["fit", "--config", str(cfg), "--trainer.logger", "false", "--export.sample_prompt", "null",
+            "--data.tokenizer", os.path.relpath(tokenizer_dir, tmp_path)]  # relative to where fit runs
+    p = run_group([sys.executable, "-c", killer, *args], 600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not (run / "hf_model").exists() and len(list(run.glob(".hf_model.tmp-*"))) == 1
+    r = run_cli(*args, "--ckpt_path", "last", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "its Hugging Face export is missing (killed while exporting?)" in out
+    assert f"exported Hugging Face model to {run / 'hf_model'} from" in out
+    assert not list(run.glob(".hf_model.tmp-*"))
+    exported = load_file(run / "hf_model" / "model.safetensors")
+    trained = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(exported[k], trained[f"model.{k}"]) for k in exported)
+    assert (run / "hf_model" / "tokenizer.json").is_file()
+    # The recorded tokenizer is the folder's absolute path: tools/export_hf.py finds it from anywhere.
+    assert load_checkpoint_file(run / "checkpoints" / "last.ckpt")["tokenizer_name_or_path"] == str(tokenizer_dir)
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(run / "checkpoints" / "last.ckpt"),
+                        str(tmp_path / "again")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0 and (tmp_path / "again" / "tokenizer.json").is_file(), p.stderr[-2000:]
 
 
 def test_a_rollback_whose_best_checkpoint_is_gone_saves_and_exports_its_own_best(tmp_path, corpus_dir, tokenizer_dir):
