@@ -202,7 +202,7 @@ class GPT2CLI(LightningCLI):
             export = next((cb for cb in self.trainer.callbacks if isinstance(cb, HFExport) and cb.enabled), None)
             missing = export is not None and not (Path(self.trainer.default_root_dir) / export.dirname).exists()
             # The fit loop does not run, nor HFExport (on_train_end): a run killed while exporting never got one.
-            self._export_after_skipped_fit = (ckpt_path, export) if missing else None
+            self._export_after_skipped_fit = ((ckpt_path, progress[0]), export) if missing else None
             rank_zero_warn(f"resume: {ckpt_path} is at step {progress[0]}, already at trainer.max_steps="
                            f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to continue"
                            + ("; its Hugging Face export is missing (killed while exporting?): it is written from the "
@@ -217,12 +217,12 @@ class GPT2CLI(LightningCLI):
         pending = getattr(self, "_export_after_skipped_fit", None)
         if not pending or not self.trainer.is_global_zero:
             return
-        ckpt_path, export = pending
+        (ckpt_path, step), export = pending
         source = ckpt_path
         if export.source == "best":
             cb = self.config_init[str(self.subcommand)]["best_checkpoint"]
-            try:
-                source = best_checkpoint(cb.dirpath, cb.filename, cb.monitor, cb.mode)
+            try:  # up to the resumed step: after a rollback, later best files are the abandoned branch's
+                source = best_checkpoint(cb.dirpath, cb.filename, cb.monitor, cb.mode, max_step=step)
             except CheckpointError as e:
                 rank_zero_warn(f"export.source=best: {e}; exporting {ckpt_path}")
         out = Path(self.trainer.default_root_dir) / export.dirname

@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from gpt2dist.errors import CheckpointError, ConfigError
 from gpt2dist.generation import Sampling, generate_texts, prompt_ids, row_seed
@@ -225,7 +226,7 @@ class GPT2Module(pl.LightningModule):
         hp = self.hparams
         _check_block_size(block_size, build_config(hp.model_name_or_path, hp.config_overrides).n_positions)
 
-    @classmethod
+    @_restricted_classmethod  # as Lightning's: called on an instance it raises, it does not load in place
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's, building the model once, from the checkpoint's saved config, with the perf knobs
         applied. Lightning calls configure_model before on_load_checkpoint: that built the configured model
@@ -554,10 +555,10 @@ class GPT2Module(pl.LightningModule):
                                "scaling (small gradients underflow); use bf16-true or 16-mixed")
             groups = [{**g, "params": [p for _, p in g["params"]]} for g in named_groups]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
-        # The run's total optimizer steps: Lightning's min(max_steps, what max_epochs allows). max_steps alone
-        # decayed a `--trainer.max_epochs 1` run on top of a preset's max_steps 5000 over 5000 steps it never
-        # reached: a 6-step epoch kept the peak lr throughout.
-        total = hp.decay_steps or self.trainer.estimated_stepping_batches
+        # The run's total optimizer steps: min(max_steps, what max_epochs allows). max_steps alone decayed a
+        # `--trainer.max_epochs 1` run on top of a preset's max_steps 5000 over 5000 steps it never reached: a
+        # 6-step epoch kept the peak lr throughout.
+        total = hp.decay_steps or self._total_steps()
         if not math.isfinite(total) or total < 1:  # Lightning's -1: an iterable loader with no length, no max_steps
             raise ConfigError("trainer.max_steps and trainer.max_epochs are both unbounded (-1), so the cosine decay has no "
                               "length; set trainer.max_steps, trainer.max_epochs or model.decay_steps")
@@ -576,6 +577,27 @@ class GPT2Module(pl.LightningModule):
         self._schedule = {"lr": hp.lr, "min_lr": hp.min_lr, "warmup_steps": hp.warmup_steps, "decay_steps": total}
         self._group_settings = [{"betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": g["weight_decay"]} for g in named_groups]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> float:
+        """Lightning's estimated_stepping_batches, counted from the data module when max_epochs bounds the run.
+        Lightning's own count builds the fit loop's train loader here, before a resume restores the loader's
+        state, which then never reaches it: a resume mid-epoch replayed the epoch from its first block."""
+        t = self.trainer
+        max_epochs = getattr(t, "max_epochs", None)
+        if max_epochs is None or max_epochs == -1:  # bounded by max_steps only (or not at all)
+            return t.max_steps if t.max_steps != -1 else math.inf
+        dm = self._datamodule()
+        if getattr(dm, "train_set", None) is not None and hasattr(dm, "optimizer_steps_per_epoch"):
+            per_epoch = dm.optimizer_steps_per_epoch(t.world_size, t.accumulate_grad_batches)
+            limit = t.limit_train_batches
+            if limit is not None and (isinstance(limit, int) or limit != 1.0):  # Lightning's cap per epoch: a count or a fraction
+                micro = len(dm.train_set) // t.world_size // dm.batch_size
+                micro = min(micro, int(limit)) if isinstance(limit, int) else int(micro * limit)
+                per_epoch = math.ceil(micro / t.accumulate_grad_batches)
+            total = per_epoch * max(max_epochs, 1)
+            return min(total, t.max_steps) if t.max_steps != -1 else total
+        # Another loader (the Python API): max_steps where set, as before; else Lightning's count, which loads it.
+        return t.max_steps if t.max_steps > 0 else t.estimated_stepping_batches
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients are freed at once (as nanoGPT and llm.c do).

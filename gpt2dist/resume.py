@@ -526,10 +526,11 @@ def resolve_eval_ckpt_path(subcommand: str, ckpt_path: str | None, root_dir: str
     return ckpt_path
 
 
-def best_checkpoint(dirpath: str | Path | None, filename: str, monitor: str, mode: str) -> str:
+def best_checkpoint(dirpath: str | Path | None, filename: str, monitor: str, mode: str, max_step: int | None = None) -> str:
     """The best_checkpoint file whose stored score (`best_model_score` of the `monitor` callback) is
     best. Scores are read, not assumed from the file list: a resume can leave an older best file
-    that the callback's restored state no longer tracks."""
+    that the callback's restored state no longer tracks. `max_step`: only files saved at or before it
+    (a rollback's: a later one is the abandoned continuation's)."""
     prefix = str(filename).split("{", 1)[0]
     folder = Path(dirpath) if dirpath else None
     files = sorted(p for p in folder.glob(f"{prefix}*") if not p.name.startswith(".")) if folder and folder.is_dir() else []
@@ -539,6 +540,8 @@ def best_checkpoint(dirpath: str | Path | None, filename: str, monitor: str, mod
     scored = []
     for p in files:
         ckpt, _ = _meta(p)
+        if ckpt is not None and max_step is not None and int(ckpt["global_step"]) > max_step:
+            continue
         states = ckpt.get("callbacks", {}).values() if ckpt is not None else []
         score = next((st["best_model_score"] for st in states if isinstance(st, dict) and st.get("monitor") == monitor
                       and st.get("best_model_score") is not None), None)

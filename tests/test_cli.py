@@ -539,6 +539,14 @@ def test_export_source_best_exports_the_best_checkpoint(fitted, tmp_path):
     got, want, last = (load_file(tmp_path / d / "model.safetensors") for d in ("run/hf_model", "from_best", "from_last"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert not all(torch.equal(got[k], last[k]) for k in got)  # the final weights differ: the check can fail
+    # Up to a step: a rollback's export (after_fit, nothing left to train) skips a later branch's best files.
+    from gpt2dist.errors import CheckpointError
+    from gpt2dist.resume import best_checkpoint
+
+    ck = tmp_path / "run" / "checkpoints"
+    assert best_checkpoint(ck, "best-step{step:07d}", "val/loss", "max") == str(best)
+    with pytest.raises(CheckpointError, match="none of"):
+        best_checkpoint(ck, "best-step{step:07d}", "val/loss", "max", max_step=14)
 
 
 def test_predict_from_an_exported_model_needs_no_training_data(fitted, tmp_path):

@@ -273,21 +273,25 @@ def recorded_batches(path: Path) -> list[tuple[int, int, int, str]]:
     return [(int(s), int(e), int(i), d) for s, e, i, d in (line.split() for line in path.read_text().splitlines())]
 
 
-@pytest.mark.parametrize("devices, num_workers, steps_into_epoch1, reload", [
-    (1, 0, 2, 0), (1, 1, 2, 0), (2, 0, 2, 0), (1, 0, 1, 0), (1, 1, 2, 1)])
+@pytest.mark.parametrize("devices, num_workers, steps_into_epoch1, reload, max_epochs", [
+    (1, 0, 2, 0, None), (1, 1, 2, 0, None), (2, 0, 2, 0, None), (1, 0, 1, 0, None), (1, 1, 2, 1, None),
+    # max_epochs with max_steps: the lr schedule's length once came from Lightning's estimated_stepping_batches,
+    # which built the train loader before the resume restored its position (the epoch replayed from block 0).
+    (1, 0, 2, 0, 3)])
 def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenizer_dir, devices, num_workers,
-                                                       steps_into_epoch1, reload):
+                                                       steps_into_epoch1, reload, max_epochs):
     """Killed in epoch 1 (a few blocks per epoch), resumed with --ckpt_path last: the resumed run sees
     epoch 1's shuffle from where it stopped, not epoch 0's order (rank 0's batches under DDP), and
     ends bitwise equal. steps_into_epoch1=1: resumed from the checkpoint saved after the validation at
     epoch 0's end (val_check_interval 4 divides it), which starts epoch 1 at its first batch. reload=1:
     with trainer.reload_dataloaders_every_n_epochs=1 (a new loader each epoch, as Lightning builds it)."""
-    name = f"epoch1_d{devices}_w{num_workers}_s{steps_into_epoch1}_r{reload}"
+    name = f"epoch1_d{devices}_w{num_workers}_s{steps_into_epoch1}_r{reload}_e{max_epochs}"
     ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml")] if devices > 1 else []
     small = [*ddp, "--data.train_files", f"[{corpus_dir / 'keyword.txt'}, {corpus_dir / 'bisect.txt'}]",
              "--data.val_files", f"[{corpus_dir / 'colorsys.txt'}]", "--data.block_size", "64",
              "--trainer.max_steps", "12", "--trainer.val_check_interval", "4",
-             *(["--trainer.reload_dataloaders_every_n_epochs", str(reload)] if reload else [])]
+             *(["--trainer.reload_dataloaders_every_n_epochs", str(reload)] if reload else []),
+             *(["--trainer.max_epochs", str(max_epochs)] if max_epochs else [])]
 
     def recording(config: Path) -> tuple[Path, list[str]]:
         return run_dir(config) / "batches.txt", traced(config)

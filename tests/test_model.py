@@ -80,25 +80,35 @@ def test_a_schedule_with_no_decay_after_warmup_is_flagged():
             m.configure_optimizers()
 
 
-def test_the_schedule_decays_over_the_steps_max_epochs_allows():
-    """`--trainer.max_epochs 1` on top of a preset's max_steps: the cosine ran over max_steps (1000), which
-    that run never reached, so a 6-step epoch kept the peak lr and no warmup warning fired. The decay is
-    Lightning's estimated_stepping_batches, min(max_steps, what max_epochs allows): 24 blocks / 4 = 6 steps."""
+@pytest.mark.parametrize("limit", [1.0, 5])
+def test_the_schedule_decays_over_the_steps_max_epochs_allows(tmp_path, tokenizer_dir, corpus_dir, limit):
+    """`--trainer.max_epochs 1` on top of a preset's max_steps: the cosine ran over max_steps (1000), which that
+    run never reached, so the epoch kept the peak lr and no warmup warning fired. The decay is the run's steps,
+    min(max_steps, what max_epochs allows), counted from the data module (Lightning's own count builds the train
+    loader before a resume restores its position): equal to Lightning's estimated_stepping_batches."""
     import lightning.pytorch as pl
 
+    from gpt2dist.data import TokenBlockDataModule
+
     class LRs(Callback):
-        lrs: list = []
+        def __init__(self):
+            self.lrs = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.lrs.append(optimizer.param_groups[0]["lr"])
 
-    ids = torch.randint(0, 300, (24, 16), generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader([{"input_ids": x} for x in ids], batch_size=4)
-    m = tiny_module(lr=1e-3, min_lr=1e-4, warmup_steps=1)
-    pl.Trainer(accelerator="cpu", max_epochs=1, max_steps=1000, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, callbacks=[LRs()]).fit(m, loader)
-    assert m._schedule["decay_steps"] == 6
-    assert LRs.lrs == pytest.approx([m.lr_at(s, 6) for s in range(6)]) and LRs.lrs[-1] < 0.2e-3
+    dm = TokenBlockDataModule(train_files=[str(corpus_dir / "bisect.txt")], tokenizer=str(tokenizer_dir), block_size=16,
+                              batch_size=8, num_workers=0, val_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": 512}, dropout=0.0, lr=1e-3, min_lr=1e-4,
+                   warmup_steps=1)
+    lrs = LRs()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, max_steps=1000, limit_train_batches=limit, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[lrs])
+    trainer.fit(m, datamodule=dm)
+    steps = trainer.global_step
+    assert 3 <= steps < 100 and m._schedule["decay_steps"] == steps == trainer.estimated_stepping_batches
+    assert lrs.lrs == pytest.approx([m.lr_at(s, steps) for s in range(steps)]) and lrs.lrs[-1] < 0.3e-3
     m = tiny_module()
     for unbounded in (float("inf"), -1):  # -1: Lightning's answer for a loader without a length
         m.trainer = SimpleNamespace(max_steps=-1, estimated_stepping_batches=unbounded, strategy=None)
@@ -126,6 +136,8 @@ def test_load_from_checkpoint_builds_the_saved_model_with_its_perf_knobs(tmp_pat
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     shutil.rmtree(base)  # the checkpoint holds the config and every weight
     loaded = GPT2Module.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    with pytest.raises(TypeError, match="instance"):  # as Lightning's: not a load into this instance
+        loaded.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert loaded.model.transformer.h[0].gradient_checkpointing is True
     assert {type(b.attn.c_attn).__name__ for b in loaded.model.transformer.h} == {"BiasAfterMatmul"}
     trained = {k: v for k, v in m.state_dict().items()}
