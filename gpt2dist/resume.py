@@ -526,14 +526,22 @@ def resolve_eval_ckpt_path(subcommand: str, ckpt_path: str | None, root_dir: str
     return ckpt_path
 
 
+def _callback_files(dirpath: str | Path | None, filename: str | None) -> tuple[Path | None, str, list[Path]]:
+    """(folder, the filename template's fixed prefix, that folder's files starting with it, sorted).
+    Hidden names are skipped: they are temp files of an unfinished save."""
+    prefix = str(filename or "").split("{", 1)[0]
+    folder = Path(dirpath) if dirpath else None
+    if folder is None or not folder.is_dir():
+        return folder, prefix, []
+    return folder, prefix, sorted(p for p in folder.glob(f"{prefix}*") if not p.name.startswith("."))
+
+
 def best_checkpoint(dirpath: str | Path | None, filename: str, monitor: str, mode: str, max_step: int | None = None) -> str:
     """The best_checkpoint file whose stored score (`best_model_score` of the `monitor` callback) is
     best. Scores are read, not assumed from the file list: a resume can leave an older best file
     that the callback's restored state no longer tracks. `max_step`: only files saved at or before it
     (a rollback's: a later one is the abandoned continuation's)."""
-    prefix = str(filename).split("{", 1)[0]
-    folder = Path(dirpath) if dirpath else None
-    files = sorted(p for p in folder.glob(f"{prefix}*") if not p.name.startswith(".")) if folder and folder.is_dir() else []
+    folder, prefix, files = _callback_files(dirpath, filename)
     if not files:
         raise CheckpointError(f"--ckpt_path best: no {prefix}*.ckpt in {folder} (best_checkpoint saves one when "
                               f"{monitor} improves at a validation); pass --ckpt_path last or a checkpoint file")
@@ -772,13 +780,9 @@ def _best_on_disk(cb, step: int) -> tuple[list[str], dict[str, float]]:
     known = [p for p in {*cb.best_k_models, cb.best_model_path} if p and "://" not in str(p)]
     gone = [p for p in known if not os.path.exists(p)]
     found: dict[str, float] = {}
-    prefix = str(cb.filename or "").split("{", 1)[0]
-    folder = Path(cb.dirpath) if cb.dirpath else None
-    if folder is None or not folder.is_dir():
-        return gone, found
     tracked = {os.path.realpath(p) for p in known}
-    for p in sorted(folder.glob(f"{prefix}*")):
-        if p.name.startswith(".") or os.path.realpath(p) in tracked:
+    for p in _callback_files(cb.dirpath, cb.filename)[2]:
+        if os.path.realpath(p) in tracked:
             continue
         ckpt, _ = _meta(p)
         if ckpt is None or int(ckpt["global_step"]) > step:
