@@ -357,8 +357,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_documents(docs: list[str], tokenizer, dtype: np.dtype, literal_eos: str = "boundary") -> np.ndarray:
-    """Token ids of `docs` with EOS after each, as one flat array. `literal_eos`: what a literal
+def encode_documents(docs: list[str], tokenizer, dtype: np.dtype, literal_eos: str = "boundary",
+                     eos: bool = True) -> np.ndarray:
+    """Token ids of `docs` with EOS after each (`eos`; without: pieces of one running text), as one flat
+    array. `literal_eos`: what a literal
     "<|endoftext|>" (any special token's text) in a document is: "boundary", that token, as `run_clm.py`'s
     tokenizer call reads it (TinyStories' .txt joins stories with it); "text", its characters (code or
     text about GPT; nanoGPT's encode_ordinary), so the only EOS is the one after each document.
@@ -381,11 +383,11 @@ def encode_documents(docs: list[str], tokenizer, dtype: np.dtype, literal_eos: s
     finally:
         if as_text:
             backend.encode_special_tokens = False
-    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
+    sep = [np.array([tokenizer.eos_token_id], dtype=dtype)] if eos else []
     parts = []
     for enc in encodings:
         parts.append(np.asarray(enc.ids, dtype=dtype))
-        parts.append(eos)
+        parts.extend(sep)
     return np.concatenate(parts)
 
 
@@ -751,6 +753,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         test_split: str | None = None,
         text_field: str = "text",
         text_unit: Literal["file", "paragraph"] = "file",
+        dataset_rows: Literal["documents", "lines"] = "documents",
         literal_eos: Literal["boundary", "text"] = "boundary",
         val_fraction: float = 0.05,
         tokenizer: str = "gpt2",
@@ -781,6 +784,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
             test_split: The dataset split for `gpt2dist test` (e.g. `test`); if unset, it evaluates the validation split.
             text_field: The JSON key or table column holding each document's text.
             text_unit: For plain-text files: one document per `file`, or per blank-line separated `paragraph`.
+            dataset_rows: For data.dataset_name: each row is one of the `documents` (EOS after it), or `lines` of one running text, joined with no EOS (WikiText, whose rows are headings and paragraphs).
             literal_eos: A literal "<|endoftext|>" in a document: `boundary` (read as EOS, as run_clm.py does; TinyStories' .txt joins stories with it) or `text` (its characters: code or text about GPT).
             val_fraction: Fraction of documents held out for validation when no validation source is given.
             tokenizer: Hub id or local folder of a Hugging Face tokenizer (ignored when training one).
@@ -819,6 +823,9 @@ class TokenBlockDataModule(pl.LightningDataModule):
             how = "is also" if test_split.strip() == val_split.strip() else "shares rows with"
             raise DataError(f"data.test_split={test_split!r} {how} data.val_split{'' if how == 'is also' else f'={val_split!r}'}; "
                             "name another split for the test, or unset data.test_split")
+        if dataset_rows != "documents" and not dataset_name:
+            raise DataError(f"data.dataset_rows={dataset_rows!r} goes with data.dataset_name; set data.dataset_rows="
+                            "documents with data.train_files (data.text_unit picks what a document is)")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if block_size < 2:
@@ -838,6 +845,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.test_split = test_split
         self.dataset_revision = dataset_revision
         self.text_field, self.text_unit, self.val_fraction = text_field, text_unit, val_fraction
+        self.dataset_rows = dataset_rows
         self.literal_eos = literal_eos
         self.tokenizer_name, self.train_tokenizer_vocab_size = tokenizer, train_tokenizer_vocab_size
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
@@ -853,6 +861,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         self.stats: dict = {}
         self._skipped: set[str] = set()  # bad files already warned about
         self._distinct_texts: int | None = None  # of the documents val_fraction holds out from (_val_keys)
+        self._splits: dict | None = None  # data.dataset_name's splits, loaded once (_dataset_splits)
 
     # --- sources -------------------------------------------------------------
 
@@ -910,61 +919,131 @@ class TokenBlockDataModule(pl.LightningDataModule):
                     self._skipped.add(e.problem)
                     log.warning("skipping %s (data.on_bad_file=skip)", e.problem)
 
-    def _hf_documents(self, split: str) -> Iterator[tuple[str, str]]:
+    LINES_CHUNK = 65_536  # characters of joined rows per document under dataset_rows=lines (~16k GPT-2 tokens)
+
+    def _hf_documents(self, knob: str) -> Iterator[tuple[str, str]]:
+        """(key, text) of the rows `data.<knob>` (split, val_split or test_split) names, as `datasets` reads
+        the spec (`train[:1%]`, `train[1000:]`, `train+validation`), in order. Under dataset_rows=lines, runs
+        of rows joined into ~LINES_CHUNK-character documents (whole rows, each ending in a newline)."""
+        spec = getattr(self, knob)
+        ds = self._split_rows(knob)
+        key = f"{self.dataset_name}/{spec}#"
+        rows = (t for batch in ds.select_columns([self.text_field]).iter(batch_size=4096) for t in batch[self.text_field])
+        if self.dataset_rows == "documents":
+            for i, text in enumerate(rows):
+                if text and text.strip():
+                    yield f"{key}{i}", text
+            return
+        chunk, size, n = [], 0, 0
+        for text in rows:
+            text = text or ""
+            chunk.append(text if text.endswith("\n") else text + "\n")  # "" is a blank line of the text
+            size += len(chunk[-1])
+            if size >= self.LINES_CHUNK:
+                if "".join(chunk).strip():
+                    yield f"{key}{n}", "".join(chunk)
+                chunk, size, n = [], 0, n + 1
+        if "".join(chunk).strip():
+            yield f"{key}{n}", "".join(chunk)
+
+    def _dataset_splits(self) -> tuple[dict, bool]:
+        """({split name: Dataset} of data.dataset_name, whether it is a saved single Dataset, whose rows are
+        split `train`), loaded once. All splits: their sizes resolve the specs (_split_ranges)."""
+        if self._splits is not None:
+            return self._splits
         import datasets  # lazy: only users of hub data sets need it
 
         local = self._local_dataset_dir()
         if local is not None and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-            ds = self._saved_dataset(datasets, local, split)  # load_dataset refuses save_to_disk folders
-        else:
-            try:
-                # A local folder has no revisions; a hub id loads the pinned one (None: default branch).
-                revision = self.dataset_revision if local is None else None
-                ds = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split, revision=revision)
+            try:  # load_dataset refuses save_to_disk folders
+                ds = datasets.load_from_disk(str(local))
             except Exception as e:
-                raise DataError(
-                    f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}, split {split!r}"
-                    f"{f', revision {revision!r}' if revision else ''}): {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
-                    "check the name/revision/network or use data.train_files"
-                ) from None
+                raise DataError(f"cannot load the saved data set {str(local)!r} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160]}); save it again with save_to_disk") from None
+            single = not isinstance(ds, datasets.DatasetDict)
+            self._splits = ({"train": ds} if single else dict(ds)), single
+            return self._splits
+        # A local folder has no revisions; a hub id loads the pinned one (None: default branch).
+        revision = self.dataset_revision if local is None else None
+        try:
+            # The expanded path for a folder (`~/data`, `$DATA/wiki`): the raw name read as a hub id.
+            ds = datasets.load_dataset(str(local) if local is not None else self.dataset_name, self.dataset_config,
+                                       revision=revision)
+        except Exception as e:
+            raise DataError(
+                f"cannot load dataset {self.dataset_name!r} (config {self.dataset_config!r}"
+                f"{f', revision {revision!r}' if revision else ''}): {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+                "check the name/revision/network or use data.train_files"
+            ) from None
+        self._splits = dict(ds), False
+        return self._splits
+
+    def _split_ranges(self, knob: str) -> list[tuple[str, int, int]]:
+        """data.<knob>'s rows as (split, first row, end row) ranges, resolved against the splits' sizes as
+        `load_dataset(split=...)` does (percent rounding included)."""
+        import datasets
+
+        spec = getattr(self, knob)
+        splits, single = self._dataset_splits()
+        try:
+            instruction = datasets.ReadInstruction.from_spec(spec)
+        except (ValueError, AssertionError) as e:
+            raise DataError(f"data.{knob}={spec!r} is not a split spec ({str(e).splitlines()[0][:120]}); write e.g. "
+                            "'train', 'train[:1%]', 'train[1000:]' or 'train+validation'") from None
+        try:
+            return [(i.splitname, i.from_, i.to) for i in instruction.to_absolute({k: len(v) for k, v in splits.items()})]
+        except (ValueError, AssertionError, KeyError):
+            pass
+        folder = str(self._local_dataset_dir() or self.dataset_name)
+        if single:
+            fix = {"val_split": "set data.val_split=null (data.val_fraction holds out documents), slice its rows "
+                                "(e.g. data.split 'train[1%:]', data.val_split 'train[:1%]') or save a DatasetDict",
+                   "test_split": "set data.test_split=null, slice its rows (e.g. 'train[:1%]', with data.split "
+                                 "'train[1%:]') or save a DatasetDict"}.get(knob, "name its rows 'train' (e.g. 'train[:90%]')")
+            raise DataError(f"saved data set {folder!r} is a single Dataset with no splits, so data.{knob}={spec!r} "
+                            f"cannot be read from it (its rows are split 'train'); {fix}")
+        raise DataError(f"data set {folder!r} has no split {spec!r} (has {sorted(splits)}); set data.{knob} to one of "
+                        "them, or a slice of one (e.g. 'train[:1%]')")
+
+    def _split_rows(self, knob: str):
+        """The rows data.<knob> names, as one Dataset (a slice is a select: nothing is copied)."""
+        import datasets
+
+        splits, _ = self._dataset_splits()
+        parts = [splits[name].select(range(lo, hi)) for name, lo, hi in self._split_ranges(knob)]
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         if self.text_field not in ds.column_names:
             raise DataError(f"dataset {self.dataset_name!r} has no column {self.text_field!r} (has {ds.column_names}); set data.text_field")
         kind = getattr(ds.features[self.text_field], "dtype", type(ds.features[self.text_field]).__name__)
         if kind not in ("string", "large_string"):
             raise DataError(f"dataset {self.dataset_name!r} column {self.text_field!r} is {kind}, not text; "
                             "set data.text_field to the text column")
-        for i, text in enumerate(ds[self.text_field]):
-            if text and text.strip():
-                yield f"{self.dataset_name}/{split}#{i}", text
-
-    def _saved_dataset(self, datasets, folder: Path, split: str):
-        """The `split` of a data set written by `save_to_disk`: a DatasetDict's split, or a single Dataset
-        (which has no splits: it is the training data)."""
-        try:
-            ds = datasets.load_from_disk(str(folder))
-        except Exception as e:
-            raise DataError(f"cannot load the saved data set {str(folder)!r} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]}); save it again with save_to_disk") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"saved data set {str(folder)!r} has no split {split!r} (has {sorted(ds)}); "
-                                f"set data.split / data.val_split to one of them")
-            return ds[split]
-        if split == self.val_split:
-            raise DataError(f"saved data set {str(folder)!r} is a single Dataset with no splits, so data.val_split="
-                            f"{split!r} cannot be read from it; set data.val_split=null (data.val_fraction holds out "
-                            f"documents) or save a DatasetDict")
-        if split == self.test_split:
-            raise DataError(f"saved data set {str(folder)!r} is a single Dataset with no splits, so data.test_split="
-                            f"{split!r} cannot be read from it; set data.test_split=null or save a DatasetDict")
         return ds
+
+    def _check_splits_apart(self) -> None:
+        """No row of data.val_split / data.test_split is trained on, nor a test row validated on, with the
+        split sizes known (the __init__ check cannot read `train+validation`, percent against rows, or
+        negative indices: those let evaluation text be trained on)."""
+        knobs = [k for k in ("split", "val_split", "test_split") if getattr(self, k)]
+        ranges = {k: self._split_ranges(k) for k in knobs}
+        for i, a in enumerate(knobs):
+            for b in knobs[i + 1:]:
+                for name, lo, hi in ranges[a]:
+                    for other, lo2, hi2 in ranges[b]:
+                        start, end = max(lo, lo2), min(hi, hi2)
+                        if name == other and start < end:
+                            raise DataError(
+                                f"data.{b}={getattr(self, b)!r} shares rows {start}-{end - 1} of split {name!r} with "
+                                f"data.{a}={getattr(self, a)!r} ({'evaluating on trained text' if a == 'split' else 'the split that picked the checkpoint'}"
+                                f" reads better than it is); make them disjoint, e.g. split 'train[1%:]' and {b} 'train[:1%]'")
 
     def _split_streams(self) -> dict[str, Iterator[tuple[str, str]]]:
         """{'train': docs, 'val': docs}, holding out `val_fraction` of whole documents if needed."""
         if self.dataset_name:
-            train = self._hf_documents(self.split)
+            self._check_splits_apart()
+            train = self._hf_documents("split")
             if self.val_split:
-                return {"train": train, "val": self._hf_documents(self.val_split)}
+                return {"train": train, "val": self._hf_documents("val_split")}
         else:
             src = self._sources()
             train = self._documents(src["train"])
@@ -985,6 +1064,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
             local = self._local_dataset_dir()
             if local is None and self.dataset_revision:
                 fp["revision"] = self.dataset_revision  # only when set: unpinned caches keep their keys
+            if self.dataset_rows != "documents":
+                fp["rows"] = self.dataset_rows  # other documents, no EOS between rows (default: keys as they were)
             if local is not None:
                 # A local folder's content changes under the same name: key on its files, as for train_files
                 # (the name alone reused the blocks of the folder's old content).
@@ -1143,10 +1224,13 @@ class TokenBlockDataModule(pl.LightningDataModule):
             self.tokenizer = self._predict_tokenizer()
             return
         self.check_training_source()
-        self.load_tokenizer()
-        self._write_cache(self._blocks_dir(), self._pack_into)
-        if self._test_blocks_dir() is not None:
-            self._write_cache(self._test_blocks_dir(), self._pack_test)
+        try:
+            self.load_tokenizer()
+            self._write_cache(self._blocks_dir(), self._pack_into)
+            if self._test_blocks_dir() is not None:
+                self._write_cache(self._test_blocks_dir(), self._pack_test)
+        finally:
+            self._splits = None  # the loaded data set: not kept (nor pickled with the module) once packed
 
     def _write_cache(self, out: Path, pack) -> None:
         """`pack(tmp) -> meta` into a temporary folder, renamed to `out` once complete."""
@@ -1177,6 +1261,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
     def _feed(self, docs_iter, route, writers: dict) -> None:
         """Tokenize (key, text) documents in ~4 MB batches into writers[route(key)]."""
         batch_chars = 4_000_000  # big enough for the Rust tokenizer's parallelism
+        eos = not (self.dataset_name and self.dataset_rows == "lines")  # joined rows: one running text
         pending: dict[str, list[str]] = {s: [] for s in writers}
         size = 0
         for key, text in docs_iter:
@@ -1184,11 +1269,11 @@ class TokenBlockDataModule(pl.LightningDataModule):
             size += len(text)
             if size >= batch_chars:
                 for s, docs in pending.items():
-                    writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype, self.literal_eos), len(docs))
+                    writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype, self.literal_eos, eos), len(docs))
                     docs.clear()
                 size = 0
         for s, docs in pending.items():
-            writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype, self.literal_eos), len(docs))
+            writers[s].write(encode_documents(docs, self.tokenizer, writers[s].dtype, self.literal_eos, eos), len(docs))
 
     def _meta(self, splits: dict, dtype: np.dtype) -> dict:
         return {**splits, "block_size": self.block_size, "dtype": dtype.name, "eos_token_id": self.tokenizer.eos_token_id,
@@ -1212,7 +1297,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
         dtype = token_dtype(len(self.tokenizer))
         writer = _BlockWriter(tmp / "test.bin", dtype)
         if self.dataset_name:
-            docs, src = self._hf_documents(self.test_split), f"data.test_split={self.test_split!r}"
+            self._check_splits_apart()
+            docs, src = self._hf_documents("test_split"), f"data.test_split={self.test_split!r}"
         else:
             docs, src = self._documents(self._sources()["test"]), "data.test_files"
         self._feed(docs, lambda k: "test", {"test": writer})
@@ -1227,7 +1313,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
     def _check_sizes(self, meta: dict) -> None:
         src = self.dataset_name or ", ".join(self.train_files)
         if meta["train"]["documents"] == 0:
-            raise DataError(f"empty corpus: no non-empty documents in {src}; check data.train_files / data.text_field")
+            knobs = "data.dataset_name / data.split / data.text_field" if self.dataset_name else "data.train_files / data.text_field"
+            raise DataError(f"empty corpus: no non-empty documents in {src}; check {knobs}")
         if meta["train"]["blocks"] == 0:
             raise DataError(
                 f"corpus too small: {meta['train']['tokens']} training tokens < data.block_size={self.block_size}; "

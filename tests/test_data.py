@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -831,6 +832,92 @@ def test_dataset_saved_with_save_to_disk(tmp_path, tokenizer_dir, tokenizer):
         with pytest.raises(DataError) as err:
             prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / name), **{"text_field": "body", **kw}))
         assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _parquet_dataset(folder, **splits):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    for name, rows in splits.items():
+        pq.write_table(pa.table({"text": rows}), folder / "data" / f"{name}-00000-of-00001.parquet")
+    return str(folder)
+
+
+def test_split_specs_are_read_as_datasets_reads_them_and_evaluation_rows_are_never_trained_on(tmp_path, tokenizer_dir):
+    """Split specs (`train[:10%]`, `train[-10:]`, `a+b`) resolve against the splits' sizes, for a data files folder
+    and a save_to_disk folder alike; specs the __init__ check cannot read (`+`, percent against rows) that share
+    rows are refused at packing (they trained on 20 validation rows, or on 30 of 40)."""
+    import datasets
+
+    train = [f"training document {i}: " + "words " * (i % 7 + 5) for i in range(60)]
+    val = [f"held-out document {i}: " + "more words " * 6 for i in range(20)]
+    folder = _parquet_dataset(tmp_path / "pq", train=train, validation=val)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "validation": datasets.Dataset.from_dict({"text": val})}).save_to_disk(str(tmp_path / "dict"))
+    datasets.Dataset.from_dict({"text": train}).save_to_disk(str(tmp_path / "single"))
+    docs = lambda dm: (dm.stats["train"]["documents"], dm.stats["val"]["documents"])
+    for name in (folder, str(tmp_path / "dict"), str(tmp_path / "single")):
+        kw = dict(dataset_name=name, block_size=16, cache_dir=str(tmp_path / "c" / Path(name).name))
+        assert docs(prepared(make_dm(tmp_path, tokenizer_dir, split="train[:50%]", val_split="train[-10:]", **kw))) == (30, 10)
+        assert docs(prepared(make_dm(tmp_path, tokenizer_dir, split="train[10%:]", val_split="train[:10%]", **kw))) == (54, 6)
+        one = prepared(make_dm(tmp_path, tokenizer_dir, split="train[:10%]", val_fraction=0.0, **kw))
+        assert one.stats["train"]["documents"] == 6  # a single Dataset's slice too (it trained on all 60)
+    leaks = [dict(split="train+validation", val_split="validation"),
+             dict(split="train[:50%]", val_split="train[:40]"),
+             dict(split="train", val_split="validation", test_split="train[:10%]+validation")]
+    for kw, rows in zip(leaks, ["rows 0-19 of split 'validation'", "rows 0-29 of split 'train'", "rows 0-5 of split 'train'"]):
+        with pytest.raises(DataError) as err:
+            prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=folder, block_size=16, **kw))
+        assert rows in str(err.value) and "make them disjoint" in str(err.value) and "\n" not in str(err.value)
+    for kw, needle in [(dict(dataset_name=str(tmp_path / "single"), split="validation"),
+                        "single Dataset with no splits, so data.split='validation' cannot be read"),
+                       (dict(dataset_name=folder, split="train[:5"), "data.split='train[:5' is not a split spec")]:
+        with pytest.raises(DataError, match=re.escape(needle)):
+            prepared(make_dm(tmp_path, tokenizer_dir, block_size=16, **kw))
+
+
+def test_a_dataset_folder_under_home_or_a_variable_is_loaded_as_that_folder(tmp_path, tokenizer_dir, monkeypatch):
+    """`~/data` and `$DATA/...` name a local folder: load_dataset got the raw name and read it as a hub id."""
+    train = [f"training document {i}: " + "words " * 8 for i in range(30)]
+    _parquet_dataset(tmp_path / "home" / "ds", train=train)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MYDATA", str(tmp_path / "home"))
+    for name in ("~/ds", "$MYDATA/ds"):
+        dm = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=name, val_fraction=0.0, block_size=16,
+                              cache_dir=str(tmp_path / "c" / name[0])))
+        assert dm.stats["train"]["documents"] == 30
+
+
+def test_dataset_rows_as_lines_are_one_running_text_without_an_eos_per_row(tmp_path, tokenizer_dir, tokenizer, monkeypatch):
+    """dataset_rows=lines (WikiText: a row is a heading or a paragraph): rows joined into documents of whole rows,
+    with no EOS between them (one after each row taught the model to end every paragraph, and was scored in the
+    test perplexity); a row without a newline gets one, an empty row is a blank line."""
+    rows = [" = Title = \n", "", " First paragraph of the article .\n", " Second one", None, " = = Section = = \n"] * 40
+    folder = _parquet_dataset(tmp_path / "wiki", train=rows, validation=rows[:12], test=rows[:18])
+    monkeypatch.setattr(TokenBlockDataModule, "LINES_CHUNK", 500)  # several documents, cut at row ends
+    kw = dict(dataset_name=folder, val_split="validation", test_split="test", block_size=16)
+    lines = prepared(make_dm(tmp_path, tokenizer_dir, dataset_rows="lines", **kw))
+    joined = lambda rs: "".join((r or "") if (r or "").endswith("\n") else (r or "") + "\n" for r in rs)
+    ids = tokenizer(joined(rows), add_special_tokens=False).input_ids
+    assert lines.stats["train"]["documents"] > 5
+    # Every token of the running text (cut at row ends only: tokens never cross a newline here), and no EOS.
+    assert lines.stats["train"]["tokens"] == len(ids)
+    packed = np.fromfile(lines._blocks_dir() / "train.bin", dtype=np.uint16)
+    assert tokenizer.eos_token_id not in packed and packed.tolist() == ids[:len(packed)]
+    assert lines.stats["test"]["tokens"] == len(tokenizer(joined(rows[:18]), add_special_tokens=False).input_ids)
+    plain = prepared(make_dm(tmp_path, tokenizer_dir, **kw))  # rows as documents: the default, keyed as before
+    assert plain.stats["train"]["documents"] == 160 and plain._blocks_dir() != lines._blocks_dir()
+    assert "rows" not in plain._source_fingerprint()
+    with pytest.raises(DataError, match=r"data.dataset_rows='lines' goes with data.dataset_name"):
+        make_dm(tmp_path, tokenizer_dir, train_files=["x.txt"], dataset_rows="lines")
+
+
+def test_an_empty_dataset_names_the_dataset_settings(tmp_path, tokenizer_dir):
+    folder = _parquet_dataset(tmp_path / "empty", train=["", "  ", None])
+    with pytest.raises(DataError, match=r"empty corpus: no non-empty documents in .*; check data.dataset_name / "
+                                        r"data.split / data.text_field$"):
+        prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=folder, val_fraction=0.0))
 
 
 def test_paragraphs_split_on_blank_lines_with_spaces_or_crlf(tmp_path):
