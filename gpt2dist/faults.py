@@ -177,7 +177,8 @@ def save_distributed_atomically(strategy, save, checkpoint: dict, filepath) -> N
             old = temporary_name(path, ".old")
             if path.exists() or path.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old) if path.is_dir() else path.unlink()
+                # save_last=link's last.ckpt links to a folder: the link goes, not the folder
+                os.replace(path, old) if path.is_dir() and not path.is_symlink() else path.unlink()
             os.replace(tmp, path)
         except OSError as e:  # e.g. a network filesystem's quota, reported at fsync
             failed = str(_save_failed(path, e))
@@ -300,6 +301,9 @@ class FaultTolerance(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         from gpt2dist.data import start_the_epoch_a_resume_is_in
+        from gpt2dist.monitor import forget_step_grad_norm
+
+        forget_step_grad_norm(pl_module)  # a previous fit's (a NaN norm at the step a rollback resumes at)
 
         start_the_epoch_a_resume_is_in(trainer)  # a resume at an epoch's end: the next epoch's data
         check_validation_schedule(trainer)  # before anything moves: a refused run changes nothing
@@ -408,8 +412,13 @@ class FaultTolerance(Callback):
 
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        norm = step_grad_norm(trainer, pl_module)
         deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        if deepspeed and trainer.fit_loop._should_accumulate():
+            # DeepSpeed's engine accumulates, so Lightning "steps" it every micro-batch; the window's loss is
+            # known at its last one. Checked here, the last window's loss was counted again per micro-batch
+            # (one bad step, accumulate 8: "8 in a row", a stop blaming the next, healthy step).
+            return
+        norm = step_grad_norm(trainer, pl_module)
         if norm is None and not deepspeed:
             return
         step = trainer.global_step + 1
@@ -494,6 +503,8 @@ class FaultTolerance(Callback):
         for cb in trainer.checkpoint_callbacks:
             if (isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_checkpoint_saved
                     and cb._last_global_step_saved != trainer.global_step):
+                if cb.save_last == "link":  # a link to the last interval file, not this step: a file of its own
+                    cb._last_checkpoint_saved = ""
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
                 cb._last_global_step_saved = trainer.global_step
 

@@ -89,6 +89,13 @@ def step_grad_norm(trainer, pl_module) -> torch.Tensor | None:
     return cached[1]
 
 
+def forget_step_grad_norm(pl_module) -> None:
+    """Drop the cached norm at a fit's start: a rollback in the same process (the Python API) resumes at the
+    global_step of the cached NaN norm, and stopped again at once on the bad step's norm."""
+    if pl_module is not None:
+        vars(pl_module).pop("_step_grad_norm", None)
+
+
 def logs_this_step(trainer) -> bool:
     """Whether Lightning writes this training step's metrics to the loggers (every
     `log_every_n_steps` optimizer steps): values logged on other steps are dropped anyway."""
@@ -165,6 +172,7 @@ class TrainMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
+        forget_step_grad_norm(pl_module)
         self._last_step = trainer.global_step
         if trainer.global_step == 0:
             self.tokens_trained = 0  # a fresh fit (this callback may have run one before)
@@ -366,9 +374,13 @@ class SampleLogger(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
-        if trainer.is_global_zero and getattr(trainer, "ckpt_path", None) and self.path(trainer).exists():
+        if trainer.global_step == 0 and not getattr(trainer, "ckpt_path", None):
+            self.rows = []  # a fresh fit: none of an earlier fit of this callback (the Python API)
+        if trainer.is_global_zero and (getattr(trainer, "ckpt_path", None) or trainer.global_step == 0) and self.path(trainer).exists():
             # Resumed: the file holds the samples of steps after the checkpoint too, which this run trains
             # (and samples) again. The checkpoint's rows are every sample up to it: the file is those.
+            # A fresh fit (its rows: none) in a folder of an earlier run starts the file afresh, as its
+            # checkpoints are set aside: appended to, it read as one run sampling each step twice.
             path = self.path(trainer)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(_sample_entry(*row) for row in self.rows), encoding="utf-8")

@@ -223,6 +223,7 @@ class Preemption(Callback):
             # A signal at the last step: the run finishes (and exports) as usual. A requeued job would
             # resume at max_steps, where Lightning trains nothing and no export runs.
             _received.clear()
+            _sigterm.clear()  # consumed: a next fit in this process (the Python API) stopped at its first step
             return
         if not (usr1 or term):
             return
@@ -258,6 +259,7 @@ class Preemption(Callback):
                        and _is_max_limit_reached(trainer.current_epoch, loop.max_epochs))
         if _run_ends_at_this_step(trainer) or redone_last:
             _received.clear()  # the last step's validation: the run finishes as usual (see on_train_batch_end)
+            _sigterm.clear()
             return
         self._mid_validation = True
         try:
@@ -287,6 +289,11 @@ class Preemption(Callback):
                 # Stopping would make it save this same step again (train end): a second full write
                 # of a large model inside SLURM's 90 s warning, for nothing.
                 cb._last_global_step_saved = trainer.global_step
+                if not cb._last_checkpoint_saved:
+                    # Lightning's own train-end save writes last.ckpt when this callback saved nothing yet in
+                    # this process (a requeued segment before its first interval), whatever the step: after
+                    # `scontrol requeue`, while SLURM's SIGTERM and SIGKILL come.
+                    cb._last_checkpoint_saved = self.hpc_path or self.sigterm_path
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
         if not self._mid_validation:

@@ -527,17 +527,21 @@ def test_nan_stop_policy(tmp, corpus_dir, tokenizer_dir):
 def test_nan_policy_holds_under_deepspeed(tmp, corpus_dir, tokenizer_dir):
     """DeepSpeed keeps the gradients (no norm for the guard) and skips an overflowing step itself, silently:
     five inf-loss steps in a row went by with exit 0 and an export of a model trained 1 step of 6. The loss
-    is checked there: skipped steps are counted and warned, and max_consecutive_nan stops the run."""
+    is checked there: skipped steps are counted and warned, and max_consecutive_nan stops the run. Once per
+    optimizer step: DeepSpeed accumulates (here 2 micro-batches), Lightning steps its engine every micro-batch,
+    and the last window's loss was counted again on each (one bad step 2 stopped the run "at step 3")."""
     from cpu_strategies import cpu_overlay
 
     config = write_config(tmp, corpus_dir, tokenizer_dir, "nan_deepspeed", dropout=0.0)
-    inject = {"class_path": "fault_plugins.InjectNaN", "init_args": {"steps": [2, 3, 4], "target": "loss"}}
+    inject = {"class_path": "fault_plugins.InjectNaN", "init_args": {"steps": [2, 4, 5], "target": "loss"}}
     p = cli(config, "--config", str(cpu_overlay("deepspeed_zero2", tmp)), "--config",
             str(overlay(run_dir(config), inject)), "--faults.nan_policy", "skip", "--faults.max_consecutive_nan", "2")
     assert p.returncode == 2, p.stderr[-3000:]
     assert "step 2: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in p.stderr
+    assert "step 4: non-finite loss or gradient, update skipped (1 in a row, 2 in total)" in p.stderr
+    assert "step 3: non-finite" not in p.stderr
     line = [l for l in p.stderr.splitlines() if l.startswith("gpt2dist: error:")][0]
-    assert "non-finite loss or gradient norm at step 3" in line and "2 consecutive" in line, line
+    assert "non-finite loss or gradient norm at step 5" in line and "2 consecutive" in line, line
     assert not (run_dir(config) / "hf_model").exists()
 
 
@@ -623,6 +627,18 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_bitwise(tmp, corpu
     ref = tmp / "reference" / "trace.txt"
     assert_bitwise(exported, reference, f"{first_parting(root / 'trace-leg1.txt', ref)} (leg to the SIGTERM)"
                                         f"{first_parting(root / 'trace.txt', ref)} (resumed leg)")
+
+
+def test_save_last_link_ends_with_a_last_checkpoint_of_the_final_step(tmp, corpus_dir, tokenizer_dir):
+    """checkpoint.save_last=link (last.ckpt a link to the newest step file, to save disk): the end-of-fit save
+    re-linked last.ckpt to the step-4 file, and the steps to max_steps 6 were lost to a resume. It is a file of
+    the final step, written without touching the step file it linked to."""
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "save_last_link", dropout=0.0)
+    ck = run_dir(config) / "checkpoints"
+    ok(cli(config, "--checkpoint.every_n_train_steps", "4", "--checkpoint.save_last", "link"))
+    assert not (ck / "last.ckpt").is_symlink()
+    assert torch.load(ck / "last.ckpt", weights_only=False)["global_step"] == STEPS
+    assert torch.load(ck / "step0000004.ckpt", weights_only=False)["global_step"] == 4
 
 
 def test_ddp_sigterm_to_one_rank_stops_both_at_a_step_saves_and_resumes_bitwise(tmp, corpus_dir, tokenizer_dir):

@@ -345,3 +345,22 @@ def test_samples_txt_after_a_resume_holds_each_step_once(tmp_path, monkeypatch):
     assert re.findall(r"=== step (\d+) \| prompt 'The'\nThe at step (\d+)", text) == [("2", "2"), ("4", "4"), ("6", "6")]
     assert [r[0] for r in resumed.rows] == [2, 4, 6]
     assert not list(tmp_path.glob(".samples.txt*"))
+    # A fresh fit in the same folder (its old checkpoints are set aside), also of the same callback object
+    # (the Python API): the file and the table are its own, not appended to the earlier run's.
+    for cb in (mon.SampleLogger(sample_every_n_steps=2, prompts=["The"]), resumed):
+        train(cb, trainer(0), 2)
+        text = (tmp_path / "samples.txt").read_text()
+        assert re.findall(r"=== step (\d+) \| prompt 'The'\nThe at step (\d+)", text) == [("2", "2")]
+        assert [r[0] for r in cb.rows] == [2]
+
+
+def test_a_new_fit_does_not_reuse_the_last_fits_cached_grad_norm():
+    """The step's norm is cached on the module by (trainer, global_step): a rollback fit in the same process
+    (the Python API) resumes at the global_step of the NaN norm that stopped the last one, and read it again."""
+    module = tiny_module()
+    trainer = SimpleNamespace(global_step=2, strategy=None)
+    module.token_losses(torch.randint(0, 512, (2, 16))).mean().backward()
+    module._step_grad_norm = ((id(trainer), 2), torch.tensor(float("nan")))  # what the stopped fit left
+    mon.TrainMonitor(enabled=False).on_train_start(SimpleNamespace(global_step=2, strategy=None, world_size=1, datamodule=None,
+                                                                   accumulate_grad_batches=1), module)
+    assert torch.isfinite(mon.step_grad_norm(trainer, module))

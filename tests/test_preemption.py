@@ -41,9 +41,9 @@ def test_flags_are_agreed_across_ranks_on_a_gloo_group(tmp_path):
     assert results == [(0, [False, True], True), (1, [False, True], True)]
 
 
-def fit_with_a_signal(tmp_path, monkeypatch, signal_at: int, **trainer_args):
-    """A BoringModel fit under a (simulated) SLURM job whose requeue fails, sent SIGUSR1 during step
-    signal_at + 1. Returns the trainer and the Preemption callback."""
+def fit_with_a_signal(tmp_path, monkeypatch, signal_at: int, sigterm: bool = False, checkpoint=None, **trainer_args):
+    """A BoringModel fit under a (simulated) SLURM job whose requeue fails, sent SIGUSR1 (or SIGTERM) during
+    step signal_at + 1, with a ModelCheckpoint `checkpoint` or none. Returns the trainer and the Preemption callback."""
     import signal
 
     import lightning.pytorch as pl
@@ -52,7 +52,7 @@ def fit_with_a_signal(tmp_path, monkeypatch, signal_at: int, **trainer_args):
     from gpt2dist import preemption
 
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
@@ -63,7 +63,10 @@ def fit_with_a_signal(tmp_path, monkeypatch, signal_at: int, **trainer_args):
         def on_train_batch_start(self, trainer, *args):
             if trainer.global_step == signal_at and not sent:
                 sent.append(1)
-                preemption._received.append(signal.SIGUSR1)  # what the SIGUSR1 handler records
+                if sigterm:
+                    preemption._sigterm.append(signal.SIGTERM)  # what record_sigterm_without_collectives records
+                else:
+                    preemption._received.append(signal.SIGUSR1)  # what the SIGUSR1 handler records
 
     class UnderSlurm(preemption.Preemption):
         def on_train_start(self, trainer, pl_module):
@@ -71,8 +74,9 @@ def fit_with_a_signal(tmp_path, monkeypatch, signal_at: int, **trainer_args):
             self._active = True  # as SLURMEnvironment with auto_requeue turns it on
 
     callback = UnderSlurm()
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Signal(), callback], default_root_dir=tmp_path, limit_val_batches=0,
+    trainer = pl.Trainer(logger=False, enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Signal(), callback, *([checkpoint] if checkpoint else [])],
+                         default_root_dir=tmp_path, limit_val_batches=0,
                          accelerator="cpu", **trainer_args)
     trainer.fit(BoringModel())
     return trainer, callback
@@ -93,6 +97,29 @@ def test_a_preemption_signal_stops_before_trainer_min_steps(tmp_path, monkeypatc
     assert torch.load(callback.hpc_path, weights_only=True)["global_step"] == stopped_at
     message = callback.stopped_message(trainer.global_step)
     assert message.startswith(f"stopped by SLURM's preemption signal at step {stopped_at}") and "Invalid job id" in message
+
+
+def test_a_preemption_stop_writes_nothing_after_its_checkpoint(tmp_path, monkeypatch):
+    """After the hpc save and `scontrol requeue`, Lightning's train-end save wrote a second, full last.ckpt
+    when the callback had saved nothing yet in this process (a requeued segment before its first interval):
+    a model-sized write while SLURM's SIGTERM and SIGKILL come."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", filename="step{step}", every_n_train_steps=8, save_last=True)
+    trainer, callback = fit_with_a_signal(tmp_path, monkeypatch, 3, checkpoint=ck, max_steps=20)
+    assert trainer.global_step == 4 and torch.load(callback.hpc_path, weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").iterdir())
+
+
+def test_a_sigterm_at_the_last_step_is_consumed_not_left_for_the_next_fit(tmp_path, monkeypatch):
+    """A SIGTERM agreed on at the run's last step lets it finish; it stayed recorded, and the next fit in the
+    same process (the Python API, `cli.main` called again) saved and exited 143 at its first step."""
+    from gpt2dist import preemption
+
+    trainer, _ = fit_with_a_signal(tmp_path / "a", monkeypatch, 5, sigterm=True, max_steps=6)
+    assert trainer.global_step == 6 and not preemption._sigterm
+    trainer, callback = fit_with_a_signal(tmp_path / "b", monkeypatch, 10**6, max_steps=3)
+    assert trainer.global_step == 3 and callback.sigterm_path is None
 
 
 @pytest.mark.parametrize("signal_at, stopped_at", [(3, 4), (11, 12)])
