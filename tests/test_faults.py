@@ -821,6 +821,15 @@ def test_distributed_atomic_save_handles_nested_folders(tmp_path):
     assert [p.stat().st_mode & 0o777 for p in (target, target / "checkpoint", target / "latest")] == [
         0o777 & ~mask, 0o777 & ~mask, 0o666 & ~mask]  # plain new folders' and files' modes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # save_last=link: last.ckpt a link to a step folder. The link is replaced; the folder it named is kept
+    # whole (it was renamed to .last.ckpt.old, a link rmtree cannot remove, and left behind).
+    step = tmp_path / "step4.ckpt"
+    target.rename(step)
+    target.symlink_to(step.name)
+    save_distributed_atomically(one_rank, deepspeed_like, {"global_step": 6}, target)
+    assert not target.is_symlink() and torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 6
+    assert torch.load(step / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step4.ckpt"]
 
 
 def _nan_fit(tmp_path, policy: str, log_every: int, checkpoint_every: int | None = None, nan_steps=(2,)):
