@@ -106,6 +106,9 @@ def _check_block_size(block_size: int | None, n_positions: int) -> None:
         )
 
 
+KERNEL_KEYS = ("fused", "foreach", "capturable", "differentiable")  # torch AdamW's implementation choice
+
+
 class GPT2Module(pl.LightningModule):
     """Fine-tunes (or pre-trains) GPT-2 with AdamW and a warmup + cosine schedule."""
 
@@ -576,6 +579,8 @@ class GPT2Module(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step, total) / hp.lr)
         self._schedule = {"lr": hp.lr, "min_lr": hp.min_lr, "warmup_steps": hp.warmup_steps, "decay_steps": total}
         self._group_settings = [{"betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": g["weight_decay"]} for g in named_groups]
+        inner = getattr(optimizer, "inner", optimizer)  # MasterWeightAdamW steps through its inner AdamW
+        self._kernel_settings = [{k: g[k] for k in KERNEL_KEYS if k in g} for g in inner.param_groups]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> float:
@@ -613,7 +618,20 @@ class GPT2Module(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
 
     def on_train_start(self) -> None:
+        self._kernel_over_restored_optimizer()
         self._config_over_restored_optimizer()
+
+    def _kernel_over_restored_optimizer(self) -> None:
+        """AdamW's kernel is this run's pick, not the checkpoint's: load_state_dict takes the saved groups whole,
+        `fused` included. A checkpoint of a 16-mixed run (unfused: GradScaler) resumed under bf16 stepped unfused,
+        while the NaN guard, which asks the optimizer's construction, still handed it `found_inf`: the first step
+        died (AssertionError); the other way round, a fused kernel stepped under a GradScaler."""
+        settings = getattr(self, "_kernel_settings", None)
+        optimizer = self.trainer.optimizers[0] if settings and self.trainer.optimizers else None
+        inner = getattr(optimizer, "inner", optimizer)
+        if isinstance(inner, torch.optim.AdamW):  # not DeepSpeed's (its engine restores its own)
+            for group, kernel in zip(inner.param_groups, settings):
+                group.update(kernel)
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning builds the validation loader (forking data.num_workers processes, 0.1-0.2 s with 4)

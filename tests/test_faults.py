@@ -629,6 +629,24 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_bitwise(tmp, corpu
                                         f"{first_parting(root / 'trace.txt', ref)} (resumed leg)")
 
 
+def test_a_checkpoint_of_an_unfused_adamw_resumes_with_this_runs_kernel(tmp, corpus_dir, tokenizer_dir, reference):
+    """AdamW's load_state_dict took the saved groups whole, `fused` too: a checkpoint of a 16-mixed run (unfused,
+    for its GradScaler) resumed where the fused kernel runs stepped unfused, while the NaN guard still handed it
+    `found_inf` (it asks the optimizer's construction): AssertionError at the first step. The kernel is this run's."""
+    config = write_config(tmp, corpus_dir, tokenizer_dir, "unfused_ckpt")
+    root = run_dir(config)
+    kill(config, {"step": 4, "when": "mid_accumulation"})
+    for path in (root / "checkpoints").glob("*.ckpt"):  # whichever of step 3's files the resume takes
+        ckpt = torch.load(path, weights_only=False)
+        groups = ckpt["optimizer_states"][0]["param_groups"]
+        assert all(g["fused"] for g in groups)  # CPU, 32-true: the fused kernel
+        for g in groups:
+            g["fused"] = False  # as a 16-mixed run saves it
+        torch.save(ckpt, path)
+    resume(config)
+    assert_bitwise(weights(root), reference)
+
+
 def test_save_last_link_ends_with_a_last_checkpoint_of_the_final_step(tmp, corpus_dir, tokenizer_dir):
     """checkpoint.save_last=link (last.ckpt a link to the newest step file, to save disk): the end-of-fit save
     re-linked last.ckpt to the step-4 file, and the steps to max_steps 6 were lost to a resume. It is a file of
