@@ -732,7 +732,7 @@ class GPT2Module(pl.LightningModule):
             # Masters stored in the state_dict (see on_save_checkpoint); from a checkpoint saved
             # without them (bf16-mixed), its fp32 weights are the masters. Plain AdamW ignores the key.
             if isinstance(state, dict) and not isinstance(state.get("masters"), dict):
-                state["masters"] = checkpoint["state_dict"]
+                state["masters"] = checkpoint.get("state_dict")
         saved = checkpoint.get("gpt2_config")
         if saved is None:
             if self.model is None:  # a checkpoint from before gpt2_config was stored: the configured model

@@ -217,4 +217,5 @@ def skips_on_found_inf(optimizer) -> bool:
     `found_inf` attribute is a tensor holding 1: the fused AdamW kernel's contract with
     GradScaler (`_step_supports_amp_scaling`), also through MasterWeightAdamW's inner AdamW."""
     inner = optimizer.inner if isinstance(optimizer, MasterWeightAdamW) else optimizer
-    return bool(getattr(inner, "_step_supports_amp_scaling", False))
+    # The groups too: load_state_dict replaces them (GPT2Module puts this run's kernel back at train start).
+    return bool(getattr(inner, "_step_supports_amp_scaling", False)) and all(g.get("fused") for g in inner.param_groups)

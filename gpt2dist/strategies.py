@@ -68,9 +68,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Lightning moves the whole module to the GPU after configure_model has sharded it: that took the
         # offloaded shards off the CPU, and FSDP2 refuses them at its first forward ("should be materialized
         # on CPU"). Only the buffers go to the device; FSDP2 copies each parameter shard in for its all-gather.
+        from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
+
         for module in self.model.modules():
             for name, buf in module.named_buffers(recurse=False):
                 module._buffers[name] = buf.to(self.root_device)
+            if isinstance(module, _DeviceDtypeModuleMixin):
+                # What .to() would have recorded: the LightningModule's device is the GPU it computes on (its
+                # validation sums, NCCL reductions and the monitor's CUDA syncs follow it), not the CPU shards'.
+                module._device = self.root_device
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if not self._save_distributed_checkpoint or storage_options is not None:
@@ -99,14 +105,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         names = {id(p): n for n, p in self.model.named_parameters()}
         options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
         for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", [])):
-            by_name, groups = {}, []
-            for saved, live in zip(state["param_groups"], optimizer.param_groups):
-                fqns = [names[id(p)] for p in live["params"]]  # same groups, same order: configure_optimizers
-                by_name.update({fqn: state["state"][i] for i, fqn in zip(saved["params"], fqns) if i in state["state"]})
-                groups.append({**saved, "params": fqns})
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict={"state": by_name, "param_groups": groups},
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=_optimizer_state_by_name(state, optimizer, names),
                                      options=options)
         return checkpoint
+
+
+def _optimizer_state_by_name(state: dict, optimizer, names: dict[int, str]) -> dict:
+    """A single file's optimizer state (integer keys, one per parameter in each group's order) keyed by
+    parameter name (`names`: id(param) -> name), the full-state form FSDP loads. Lightning numbered a file's
+    parameters in model.parameters() order, but GPT2Module's AdamW lists its decay group first: moments
+    landed on parameters of other shapes."""
+    if not state["state"] or not isinstance(next(iter(state["state"])), int):
+        return state  # keyed by name already (FSDP1's own full state dict), or no moments yet
+    by_name, groups = {}, []
+    for saved, live in zip(state["param_groups"], optimizer.param_groups):
+        fqns = [names[id(p)] for p in live["params"]]  # same groups, same order: configure_optimizers
+        by_name.update({fqn: state["state"][i] for i, fqn in zip(saved["params"], fqns) if i in state["state"]})
+        groups.append({**saved, "params": fqns})
+    return {"state": by_name, "param_groups": groups}
 
 
 class FSDP1Strategy(FSDPStrategy):
@@ -157,6 +173,37 @@ class FSDP1Strategy(FSDPStrategy):
         forward died assigning the tied head's bf16 gradient to its fp32 weight (every preset
         accumulates). Reduce-scattered each micro-batch, they stay sharded and are summed in fp32."""
         yield None
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """A sharded folder as Lightning loads it; a single file (one process, DDP, or FSDP1 with
+        state_dict_type full) with its optimizer state matched to parameters by group, as for FSDP2:
+        Lightning's numbering put moments on parameters of other shapes (heap corruption in the fused step)."""
+        from pathlib import Path
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size,
+                               strict=self.lightning_module.strict_loading)
+        states = checkpoint.pop("optimizer_states", None)  # popped: Lightning's restore would load them again
+        if not states or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        # The names FSDP's full optimizer state uses: the module's, without the wrappers' prefixes.
+        names = {id(p): clean_tensor_name(n) for n, p in self.model.named_parameters()}
+        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
+            for optimizer, state in zip(self.optimizers, states):
+                state = FSDP.optim_state_dict_to_load(model=self.model, optim=optimizer,
+                                                      optim_state_dict=_optimizer_state_by_name(state, optimizer, names))
+                optimizer.load_state_dict(state)
+        return checkpoint
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if self._state_dict_type != "sharded" or storage_options is not None:

@@ -210,19 +210,26 @@ def test_sharded_folder_under_one_process_is_one_line(runs):
     assert "configs/strategy/fsdp.yaml" in line[0] and "tools/export_hf.py" in line[0]
 
 
-@pytest.mark.parametrize("source", ["single", "fsdp_file"])
-def test_fsdp2_resumes_a_single_file_checkpoint_exactly(source, tmp_path, corpus_dir, tokenizer_dir):
-    """FSDP2 x2 from one file: a one-process run's (switching strategy after an OOM), or its own with
+@pytest.mark.parametrize("source, target", [("single", "fsdp"), ("fsdp_file", "fsdp"), ("single", "fsdp1")])
+def test_fsdp_resumes_a_single_file_checkpoint_exactly(source, target, tmp_path, corpus_dir, tokenizer_dir):
+    """FSDP2 (or FSDP1) x2 from one file: a one-process run's (switching strategy after an OOM), or FSDP2's own with
     save_distributed_checkpoint false. AdamW's groups (decay first) are not model.parameters() order,
-    which is how Lightning matched a file's optimizer state to parameters (moments of other shapes)."""
+    which is how Lightning matched a file's optimizer state to parameters (moments of other shapes; FSDP1
+    first died on the state_dict it had popped, then corrupted the heap in the fused step)."""
+    from cpu_strategies import cpu_overlay
+
     fsdp = ["--config", str(REPO / "configs/strategy/fsdp.yaml"), "--trainer.strategy.init_args.save_distributed_checkpoint", "false"]
     first = fsdp if source == "fsdp_file" else []
     config = write_config(tmp_path, corpus_dir, tokenizer_dir, source, 2 if first else 1)
     fit(config, *first, "--checkpoint.every_n_train_steps", "5", "--checkpoint.save_top_k", "-1", "--export.enabled", "false")
     ckpt = tmp_path / source / "checkpoints" / "step0000005.ckpt"
     assert ckpt.is_file()
-    fit(config, *fsdp, "--trainer.devices", "2", "--data.batch_size", str(GLOBAL_BATCH // 2), "--trainer.logger.init_args.version",
-        "1", "--ckpt_path", str(ckpt), "--export.enabled", "false")
+    if target == "fsdp1":
+        fsdp = ["--config", str(cpu_overlay("fsdp1", tmp_path))]
+    p = run_cli("fit", "--config", str(config), *fsdp, "--trainer.devices", "2", "--data.batch_size", str(GLOBAL_BATCH // 2),
+                "--trainer.logger.init_args.version", "1", "--ckpt_path", str(ckpt), "--export.enabled", "false",
+                timeout=300, env={"PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"})  # the CPU FSDP1 class
+    assert p.returncode == 0, p.stderr[-3000:]
     full, resumed = train_losses(tmp_path / source), train_losses(tmp_path / source, version=1)
     assert sorted(resumed) == list(range(5, STEPS))
     for s in resumed:
@@ -672,3 +679,26 @@ def test_zero3_pretrained_weights_that_do_not_fit_are_one_line_and_extra_layers_
     full = GPT2LMHeadModel.from_pretrained(tmp_path / "full")
     for name, p in one_layer.state_dict().items():
         torch.testing.assert_close(p, full.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp2_cpu_offload_keeps_the_modules_device_the_accelerators():
+    """cpu_offload leaves the parameter shards on the CPU (only buffers move), and skipped the .to() that records
+    the LightningModule's device: pl_module.device read cpu on a GPU run (validation sums made on the CPU, CPU
+    tensors to NCCL). `meta` stands in for cuda:0 here."""
+    import lightning.pytorch as pl
+
+    from gpt2dist.strategies import FSDP2Strategy
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            self.register_buffer("scale", torch.ones(2))
+
+    strategy = FSDP2Strategy(cpu_offload=True)
+    strategy.parallel_devices, strategy._local_rank = [torch.device("meta")], 0
+    module = Tiny()
+    strategy.model = strategy._lightning_module = module
+    strategy.model_to_device()
+    assert module.device == torch.device("meta") and module.scale.device == torch.device("meta")
+    assert module.layer.weight.device == torch.device("cpu")  # the offloaded parameters stay where FSDP2 put them
