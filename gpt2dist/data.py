@@ -659,6 +659,7 @@ def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
     if restored is None:
         if sampler.epoch != trainer.current_epoch:
             sampler.set_epoch(trainer.current_epoch)
+            sampler.resume_at = None  # a stored position is the finished epoch's: not re-applied below
             iter(fit._data_fetcher)  # the epoch it resumes in, from its first block
         return
     epoch, pos = restored
@@ -701,6 +702,10 @@ def start_the_epoch_a_resume_is_in(trainer: pl.Trainer) -> None:
         loop.val_loop.batch_progress.total.reset()
     fit._last_train_dl_reload_epoch = epoch + 1  # reload_dataloaders_every_n_epochs: this loader is epoch + 1's
     sampler.set_epoch(epoch + 1)
+    # The finished position, still pending when the loader's worker count changed (stored for the next
+    # iterator, and cleared only once one takes a block: with 0 workers none had). The new iterator re-applied
+    # it: epoch E again at its end, so epoch E + 1 got no batches (skipped; under max_epochs, not trained).
+    sampler.resume_at = None
     iter(fit._data_fetcher)  # a new iterator: epoch + 1 from its first block
 
 

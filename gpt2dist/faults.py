@@ -509,6 +509,26 @@ class FaultTolerance(Callback):
                 cb._last_global_step_saved = trainer.global_step
 
 
+def save_deferred_interval_checkpoints(trainer: pl.Trainer) -> None:
+    """At an epoch's last batch Lightning defers a monitored interval save (our step checkpoint monitors `step`)
+    to the validation it expects there: any, when check_val_every_n_epoch is None. With val_check_interval in
+    steps there was none, and the save came at the next on_train_batch_end, one micro-batch into the next
+    epoch, mid-accumulation: a resume from that step file (a kill early in the next epoch, a rollback) lost
+    the micro-batch's gradient. Saved here instead, at the end of the epoch's last batch, as every other
+    interval save is (before a validation of that step, which a resume redoes). Called from
+    GPT2Module.on_train_batch_end: the one hook after ModelCheckpoint's (Lightning runs those last)."""
+    for cb in trainer.checkpoint_callbacks:
+        if not (isinstance(cb, ModelCheckpoint) and getattr(cb, "_defer_save_until_validation", False)):
+            continue
+        due = _saves_at(cb, trainer.global_step) or cb._train_time_interval is not None
+        candidates = cb._monitor_candidates(trainer)
+        # Not a metric only validation logs: that save waits for it, as Lightning means it to.
+        if due and cb.monitor in candidates and not cb._should_skip_saving_checkpoint(trainer):
+            cb._save_topk_checkpoint(trainer, candidates)
+            cb._save_last_checkpoint(trainer, candidates)
+            cb._defer_save_until_validation = False
+
+
 def _saves_at_validation_end(cb, trainer: pl.Trainer) -> bool:
     """Whether ModelCheckpoint `cb` saves when a validation ends (not at training batch or epoch ends)."""
     return (isinstance(cb, ModelCheckpoint) and not cb._every_n_train_steps and cb._train_time_interval is None

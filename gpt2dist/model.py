@@ -402,6 +402,9 @@ class GPT2Module(pl.LightningModule):
             opt.fold()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        from gpt2dist.faults import save_deferred_interval_checkpoints
+
+        save_deferred_interval_checkpoints(self.trainer)  # here: after every callback's hook, ModelCheckpoint's too
         shown = getattr(self, "_shown_loss", None)
         if shown is not None:  # a logging step: TrainMonitor has just synced, so this copy waits for nothing
             self._shown_loss = None

@@ -323,6 +323,8 @@ def test_resume_mid_second_epoch_sees_that_epochs_data(tmp, corpus_dir, tokenize
     ("extend_mid", 1, 0),  # ... ended one step before epoch 0's end: Lightning counted epoch 0 done
     ("epochs", 1, 0),  # max_epochs 2, no max_steps: Lightning restores no loader position at an epoch's end
     ("reload", 1, 1),  # a SIGTERM save, with trainer.reload_dataloaders_every_n_epochs=1 (a new loader per epoch)
+    ("workers", 1, 0),  # a SIGTERM save of a run with data.num_workers 1, resumed with 0 (epoch 1 was skipped)
+    ("kill", 1, 0),  # killed mid-accumulation in epoch 1's first step: the step file of epoch 0's end
 ])
 def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, tokenizer_dir, how, devices, num_workers):
     """A checkpoint at the last step of epoch 0, with no validation there (a SIGTERM or SLURM requeue save,
@@ -347,6 +349,7 @@ def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, to
     assert 3 <= end <= 8 and (2 * end) % 6, seen  # a few steps per epoch; no validation at its end
     config = write_config(tmp, corpus_dir, tokenizer_dir, f"{name}_cut", devices=devices, num_workers=num_workers)
     log = run_dir(config) / "batches.txt"
+    first_workers = ["--data.num_workers", "1"] if how == "workers" else []
     stop = end  # the step the first leg ends at; extend_mid: inside epoch 0, with no validation there
     if how == "extend_mid":  # (a validation at fit's last step leaves another state, which Lightning resumes well)
         stop = next(s for s in (end - 1, end - 2) if (2 * s) % 6)
@@ -354,9 +357,15 @@ def test_resume_at_an_epochs_last_step_trains_the_next_epoch(tmp, corpus_dir, to
         # extend_mid: no checkpoint every step, so last.ckpt is fit's end-of-epoch save, as in a default run
         every = ["--checkpoint.every_n_train_steps", "null"] if how == "extend_mid" else []
         ok(cli(config, *small, "--trainer.max_steps", str(stop), *every, *traced(config)))
+    elif how == "kill":
+        # The step callback saves every step; at epoch 0's last batch Lightning deferred its save to a validation
+        # that never ran there, and saved one micro-batch into epoch 1 instead, mid-accumulation.
+        killed = cli(config, *small, *length, "--config", str(overlay(
+            run_dir(config), {"class_path": "fault_plugins.KillAt", "init_args": {"step": end + 1}}, recorder(config))))
+        assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     else:
         term = {"class_path": "fault_plugins.TermAt", "init_args": {"step": end}}
-        p = cli(config, *small, *length, "--config", str(overlay(run_dir(config), term, recorder(config))))
+        p = cli(config, *small, *first_workers, *length, "--config", str(overlay(run_dir(config), term, recorder(config))))
         assert p.returncode == 143 and f"last.ckpt (step {end})" in p.stderr, (p.returncode, p.stderr[-3000:])
     first_leg = len(recorded_batches(log))
     resumed = ok(cli(config, *small, *length, *traced(config), "--ckpt_path", "last"))
