@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import warnings
 import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -30,7 +31,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from gpt2dist.callbacks import EarlyStop, HFExport, PredictionWriter, ValidationReport
 from gpt2dist.data import TokenBlockDataModule
-from gpt2dist.errors import CheckpointError, GPT2DistError
+from gpt2dist.errors import CheckpointError, ConfigError, GPT2DistError
 from gpt2dist.export import export_checkpoint
 from gpt2dist.faults import (AtomicCheckpointIO, FaultTolerance, check_strategy_accelerator,
                              check_validation_on_step_boundary, check_writable, oom_message,
@@ -44,7 +45,7 @@ from gpt2dist.resume import (DeepSpeedFolderIO, best_checkpoint, check_checkpoin
                              newest_checkpoint, no_hpc_autoload, recorded_start, record_start, release_run_folders,
                              resolve_ckpt_path, resolve_eval_ckpt_path)
 from gpt2dist.strategies import check_strategy_precision
-from gpt2dist.tracking import (RunConfig, prepare_wandb, scrub, start_wandb_runs, wandb_dir_in_run_folder,
+from gpt2dist.tracking import (RunConfig, check_wandb_init, prepare_wandb, scrub, start_wandb_runs, wandb_dir_in_run_folder,
                                wandb_error_message)
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,35 @@ def _checkpoint_dir(root: str | None) -> str:
 
 PREPARE_HELP = ("Tokenize and pack the data of `fit` with the same arguments into data.cache_dir, and "
                 "nothing else (no Trainer, GPU or process group): run it on a CPU node before a large job.")
+
+
+class GPT2ArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose refusal of a config key or value is one line naming it (and the nearest
+    option), not the subcommand's 170-line usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from jsonargparse._common import debug_mode_active  # noqa: PLC0415 (jsonargparse's own switch)
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)  # jsonargparse parsing internally: it catches this
+        parser = getattr(ex, "subcommand_parser", None) or self
+        self._logger.error(message)
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "invalid arguments"
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        hint = ""
+        key = re.search(r"option '([^']+)'|unrecognized arguments: --?([\w.]+)|key \"?([\w.]+)\"?", text)
+        if key:
+            import difflib
+
+            name = next(g for g in key.groups() if g)
+            options = [o.lstrip("-") for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            near = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+            if near and near[0] != name:
+                hint = f"; did you mean {near[0]}?"
+        words = parser.prog.replace(" [options]", "").split()
+        sub = f" {words[-1]}" if len(words) > 1 else ""
+        sys.stderr.write(f"gpt2dist: error: {text}{hint} (gpt2dist{sub} --help lists the options)\n")
+        self.exit(2)
 
 
 class GPT2CLI(LightningCLI):
@@ -108,6 +138,7 @@ class GPT2CLI(LightningCLI):
             check_explicit_checkpoint(ckpt_path)  # missing/corrupt: one line, before anything else
 
     def before_instantiate_classes(self) -> None:
+        self._templates: list[tuple[dict, str]] = []  # (logger init_args, its templated save_dir)
         if self.subcommand == "prepare":
             return  # writes nothing in the run folder
         config = self.config.get(str(self.subcommand), self.config)
@@ -120,7 +151,10 @@ class GPT2CLI(LightningCLI):
             save_dir = (init or {}).get("save_dir")
             if isinstance(save_dir, str) and "{default_root_dir}" in save_dir:
                 # configs/quickstart.yaml's CSV folder follows --trainer.default_root_dir (a copied path stayed
-                # behind: the metrics of every run, array tasks' too, went to runs/quickstart/logs).
+                # behind: the metrics of every run, array tasks' too, went to runs/quickstart/logs). Put back
+                # after instantiation: the saved config.yaml keeps the template, so rerun with another
+                # --trainer.default_root_dir it logs there, not into this run's folder.
+                self._templates.append((init, save_dir))
                 init["save_dir"] = save_dir = save_dir.replace("{default_root_dir}", str(trainer.get("default_root_dir") or "."))
             if save_dir:  # the loggers create it only once training has started
                 check_writable(str(save_dir), "trainer.logger.init_args.save_dir")
@@ -136,6 +170,8 @@ class GPT2CLI(LightningCLI):
             self.model.check_block_size(self.datamodule.block_size)
             return
         super().instantiate_classes()
+        for init, save_dir in self._templates:
+            init["save_dir"] = save_dir  # the loggers have theirs; config.yaml (RunConfig) gets the template
         predicting = self.subcommand == "predict"  # needs a model and a tokenizer: no training data, no blocks
         if not predicting:
             self.datamodule.check_training_source()
@@ -149,6 +185,21 @@ class GPT2CLI(LightningCLI):
         # whole corpus (minutes to hours on a large one) for a block size the model cannot take.
         if not predicting:
             self.model.check_block_size(getattr(self.datamodule, "block_size", None))
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError) as e:
+            # Lightning's refusal of a trainer value (`--trainer.strategy ddp_notreal`, `--trainer.devices abc`,
+            # `--trainer.accelerator cpuu`): a config error, one line, not a traceback with exit 1.
+            import traceback
+
+            frames = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(e.__traceback__)]
+            if "/lightning/" not in frames[-1] or not any("/lightning/pytorch/trainer/connectors/" in f for f in frames):
+                raise  # not Lightning checking the trainer's arguments: a bug, with its traceback
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ConfigError(f"the trainer section: {first}; fix it (gpt2dist {self.subcommand} --help lists the "
+                              "choices)") from None
 
     def before_fit(self) -> None:
         # Single-file checkpoints are written to a temporary name, fsynced and renamed (gpt2dist/faults.py).
@@ -254,6 +305,7 @@ class GPT2CLI(LightningCLI):
         _RUN.update(_run_info(self.trainer, self.datamodule, self.model), stage=sub,
                     predict_batch_size=getattr(self.datamodule, "predict_batch_size", None),
                     samples_per_prompt=hp.get("samples_per_prompt"), max_new_tokens=hp.get("max_new_tokens"))
+        check_wandb_init(self.trainer)
         wandb_dir_in_run_folder(self.trainer)  # not the working directory (README: <dir>/wandb/)
         if ckpt_path is None and getattr(self.model.hparams, "from_scratch", False):
             rank_zero_warn(f"gpt2dist {sub}: model.from_scratch is true and no --ckpt_path is given, so this "
@@ -359,6 +411,7 @@ def _run_cli(args: list[str] | None) -> None:
             trainer_defaults={"use_distributed_sampler": False},
             save_config_callback=RunConfig,  # also logs the resolved config to W&B / hparams.yaml
             save_config_kwargs={"overwrite": True},
+            parser_class=GPT2ArgumentParser,
             auto_configure_optimizers=False,  # GPT2Module owns its AdamW groups and schedule
             args=args,
         )

@@ -307,7 +307,7 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str | Path, checkpoint_di
     if ckpt_path is None and not (slurm and (restarts > 0 or list(Path(root_dir).glob("hpc_ckpt_*.ckpt")))):
         return None
     if ckpt_path not in (None, "auto", "last"):
-        check_explicit_checkpoint(ckpt_path)
+        check_explicit_checkpoint(ckpt_path, root_dir)
         if slurm and restarts > 0 and os.path.exists(ckpt_path):
             return _requeued_from(ckpt_path, root_dir, checkpoint_dir, restarts)
         return ckpt_path
@@ -522,7 +522,7 @@ def resolve_eval_ckpt_path(subcommand: str, ckpt_path: str | None, root_dir: str
         if not best:
             raise CheckpointError("--ckpt_path best: no best_checkpoint callback is configured; pass --ckpt_path last or a file")
         return best_checkpoint(**best)
-    check_explicit_checkpoint(ckpt_path)
+    check_explicit_checkpoint(ckpt_path, root_dir)
     return ckpt_path
 
 
@@ -563,9 +563,16 @@ def best_checkpoint(dirpath: str | Path | None, filename: str, monitor: str, mod
     return str(path)
 
 
-def check_explicit_checkpoint(ckpt_path: str) -> None:
-    """A local `--ckpt_path FILE|FOLDER` must exist and be complete: one line naming the file otherwise."""
-    if ckpt_path in ("hpc", "best", "registry") or "://" in ckpt_path:
+def check_explicit_checkpoint(ckpt_path: str, root_dir: str | Path | None = None) -> None:
+    """A local `--ckpt_path FILE|FOLDER` must exist and be complete: one line naming the file otherwise.
+    `hpc` (with the run folder `root_dir`): there must be an hpc_ckpt_*.ckpt (Lightning's ValueError otherwise)."""
+    if ckpt_path == "hpc" and root_dir is not None and lightning_hpc_checkpoint(root_dir) is None:
+        raise CheckpointError(f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {root_dir} (SLURM requeue saves write them); "
+                              f"pass --ckpt_path last (the newest checkpoint of any kind) or a checkpoint file")
+    import importlib.util
+
+    registry = ckpt_path == "registry" and importlib.util.find_spec("litmodels") is not None  # else a file name
+    if ckpt_path in ("hpc", "best") or registry or "://" in ckpt_path:
         return  # Lightning's own names and remote paths
     p = Path(ckpt_path)
     if not p.exists():

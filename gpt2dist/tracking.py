@@ -6,8 +6,8 @@
   It also stores the W&B run id in each checkpoint.
 - `prepare_wandb` (called before `fit`) picks the run id (under SLURM `slurm-<job id>-<hash of the
   run folder>`, plus `-r<n>` for a fresh fit where that id already ran) so that a resumed or requeued
-  job continues the same W&B run (Lightning's WandbLogger already passes resume="allow"; the step
-  axis `trainer/global_step` continues because it comes from the restored trainer).
+  job continues the same W&B run (resume="allow", put back by `check_wandb_init` where the CLI's parsing
+  unset it; the step axis `trainer/global_step` continues because it comes from the restored trainer).
 - `scrub` redacts secrets (API keys, tokens) from anything we log.
 """
 
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+
+from gpt2dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,14 @@ class RunConfig(SaveConfigCallback):
             logger.log_hyperparams(params)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            # Lightning logs the module's and data module's own hyperparameters too (CSV's hparams.yaml, the W&B
+            # config): through scrub, as ours are (a token pasted into a prompt reached hparams.yaml).
+            if not getattr(logger, "_scrubbed", False):
+                log_hyperparams = logger.log_hyperparams
+                logger.log_hyperparams = lambda params, *a, _log=log_hyperparams, **k: _log(
+                    scrub(dict(params) if isinstance(params, dict) else vars(params)), *a, **k)
+                logger._scrubbed = True
         # SaveConfigCallback.setup, except that a logger without a folder (WandbLogger with
         # save_dir=null) writes config.yaml to default_root_dir instead of failing.
         if not self.already_saved:
@@ -121,7 +131,11 @@ class RunConfig(SaveConfigCallback):
                 if os.path.isfile(path) and not self.overwrite:
                     raise RuntimeError(f"{path} exists; set save_config_kwargs overwrite=True or use another folder")
                 os.makedirs(log_dir, exist_ok=True)
-                self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+                dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                if scrub(dumped) != dumped:  # a key or token in the config: never into config.yaml either
+                    Path(path).write_text(yaml.safe_dump(scrub(dumped), sort_keys=False))
+                else:
+                    self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
                 self.save_config(trainer, pl_module, stage)
             self.already_saved = trainer.strategy.broadcast(True)
         run_id = None
@@ -254,6 +268,37 @@ def wandb_dir_in_run_folder(trainer) -> None:
         os.environ["WANDB_DIR"] = os.path.abspath(trainer.default_root_dir)
 
 
+def check_wandb_init(trainer) -> None:
+    """The W&B loggers' `wandb.init` arguments, before any run starts (fit, and validate/test/predict).
+
+    - resume: jsonargparse expands WandbLogger's **kwargs into every wandb.init parameter, unset ones as None,
+      over Lightning's resume="allow": a resumed or requeued fit reused the run id without resuming the run
+      (W&B: "when resume is unset, a new run"). Unset means "allow" again.
+    - A key wandb.init does not take (`entitty`) is one line, not wandb's TypeError traceback.
+    - `settings`: parsed into a whole wandb.Settings (mode online, root_dir the working directory) over
+      WANDB_MODE / WANDB_DIR; refused, the WANDB_* variables set the same things."""
+    import difflib
+    import inspect
+
+    for logger in wandb_loggers(trainer):
+        init = logger._wandb_init
+        if init.get("resume") is None:
+            init["resume"] = "allow"
+        if init.get("settings") is not None:
+            raise ConfigError("trainer.logger.dict_kwargs.settings is not supported (it is parsed into a full "
+                              "wandb.Settings that overrides WANDB_MODE and the run folder); unset it and use the "
+                              "WANDB_* environment variables (e.g. WANDB_INIT_TIMEOUT=120)")
+        import wandb
+
+        known = set(inspect.signature(wandb.init).parameters)
+        for key in init:
+            if key not in known:
+                near = difflib.get_close_matches(key, sorted(known), n=1)
+                raise ConfigError(f"trainer.logger.dict_kwargs.{key} is not a wandb.init argument"
+                                  f"{f'; did you mean {near[0]}?' if near else ''} (unset it; wandb.init takes "
+                                  f"{', '.join(sorted(known))})")
+
+
 def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     """Before `fit`: choose the W&B run id and folder through W&B's own environment variables
     (WANDB_RUN_ID, WANDB_DIR), which `wandb.init` reads; a logger given an explicit
@@ -261,6 +306,7 @@ def prepare_wandb(trainer, ckpt_path: str | None) -> None:
     loggers = wandb_loggers(trainer)
     if not loggers:
         return
+    check_wandb_init(trainer)
     logger = loggers[0]
     wandb_dir_in_run_folder(trainer)
     if logger.version:

@@ -71,9 +71,10 @@ def csv_run(tmp_path_factory, corpus_dir, tokenizer_dir):
     root = tmp_path_factory.mktemp("csv") / "run"
     blocker = tmp_path_factory.mktemp("nowandb")
     (blocker / "wandb.py").write_text("raise ImportError('wandb is not installed (blocked by the test)')\n")
+    # A token pasted into a config value (here a prompt): redacted in config.yaml as in what is logged.
     proc = run_cli(*fit_args(root, corpus_dir, tokenizer_dir), "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-                   f"--trainer.logger.save_dir={root}", "--trainer.logger.name=logs",
-                   env={"PYTHONPATH": f"{blocker}:{REPO}"}, timeout=300)
+                   f"--trainer.logger.save_dir={root}", "--trainer.logger.name=logs", f'--data.predict_prompts=["{SECRET}"]',
+                   env={"PYTHONPATH": f"{blocker}:{REPO}", "HF_TOKEN": SECRET}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SimpleRun(root, proc, None)
 

@@ -87,7 +87,13 @@ CASES = {
     "data_unreadable_file": (lambda c, g: ["--data.train_files", f"[{unreadable(c)}]"], "secret.txt' is not readable", 2),
     # --- config
     "config_unknown_key": (lambda c, g: ["--model.no_such_key", "1"], "no_such_key", 2),
+    # One line, with the nearest option (it was jsonargparse's 170-line usage, then the error).
+    "config_misspelled_key": (lambda c, g: ["--model.lrr", "0.1"], "model.lrr 0.1; did you mean model.lr?", 2),
     "config_wrong_type": (lambda c, g: ["--data.batch_size", "two"], "data.batch_size", 2),
+    # Lightning's own refusals of trainer values: tracebacks with exit 1 before.
+    "config_strategy_name": (lambda c, g: ["--trainer.strategy", "ddp_notreal"], "invalid strategy name", 2),
+    "config_accelerator_name": (lambda c, g: ["--trainer.accelerator", "cpuu"], "invalid accelerator name", 2),
+    "config_devices_not_a_number": (lambda c, g: ["--trainer.devices", "abc"], "`devices` selected with `CPUAccelerator`", 2),
     "config_block_size_above_n_positions": (lambda c, g: ["--data.block_size", "128"],
                                             "data.block_size=128 exceeds the model's n_positions=64", 2),
     "config_batch_size_zero": (lambda c, g: ["--data.batch_size", "0"], "data.batch_size=0 must be at least 1", 2),
@@ -146,6 +152,7 @@ CASES = {
                                  "the checkpoint pads the vocabulary of 512 to 512 rows (model.pad_vocab_to_multiple_of=1), "
                                  "this config to 600 (model.pad_vocab_to_multiple_of=100); set model.pad_vocab_to_multiple_of=1", 2),
     "ckpt_last_but_none": (lambda c, g: ["--ckpt_path", "last", *no_checkpoints(c)], "--ckpt_path last: no checkpoint", 2),
+    "ckpt_hpc_but_none": (lambda c, g: ["--ckpt_path", "hpc", *no_checkpoints(c)], "--ckpt_path hpc: no hpc_ckpt_*.ckpt", 2),
     "ckpt_last_newest_corrupt_falls_back": (lambda c, g: ["--ckpt_path", "last", *corrupt_newest(c, g)],
                                             "is incomplete or corrupt", 0),
     # --- environment
@@ -233,8 +240,9 @@ def test_bad_input(outcomes, case_id, request):
     assert needle in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     if expected_rc:
-        line = [l for l in r.stderr.splitlines() if l.startswith("gpt2dist: error:") or "error:" in l]
-        assert line and any(needle in l for l in r.stderr.splitlines()), r.stderr[-2000:]
+        # One line: "gpt2dist: error: ..." naming the culprit, no usage dump.
+        assert any(l.startswith("gpt2dist: error:") and needle in l for l in r.stderr.splitlines()), r.stderr[-2000:]
+        assert "usage:" not in out, out[-3000:]
         assert digest(root) == before  # nothing replaced, nothing half-written added
         if case_id == "config_block_size_above_n_positions":  # refused before the corpus was tokenized and packed
             assert not [p for p in (root.parent / "cache").rglob("*") if p.is_file()]

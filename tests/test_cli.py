@@ -414,6 +414,10 @@ def test_the_quickstart_logs_into_the_run_folder_it_is_given(tmp_path, corpus_di
     assert r.returncode == 0, r.stderr[-3000:]
     assert (root / "logs" / "version_0" / "metrics.csv").is_file() and (root / "logs" / "version_0" / "config.yaml").is_file()
     assert not (tmp_path / "runs").exists() and not (tmp_path / "{default_root_dir}").exists()
+    # The saved config keeps the template (it held this run's folder: rerun with another default_root_dir, it
+    # logged into this one), as --print_config shows it.
+    saved = yaml.safe_load((root / "logs" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == "{default_root_dir}"
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,12 @@ def test_no_secret_in_any_file_or_log(wandb_run, wandb_resumed):
 
 def test_without_wandb_the_same_metric_names_reach_csv(csv_run):
     assert "wandb is not installed" not in csv_run.proc.stderr  # nothing tried to import it
+    # The secret in a config value (a prompt) reached config.yaml, which the parser wrote unscrubbed, and
+    # hparams.yaml through Lightning's own logging of the data module's hyperparameters. (Checkpoints keep the
+    # values they run with: their hyperparameters rebuild the run.)
+    config = (csv_run.root / "logs" / "version_0" / "config.yaml").read_text()
+    assert REDACTED in config and not [p for p in csv_run.root.rglob("*") if p.is_file() and p.suffix != ".ckpt"
+                                       and SECRET.encode() in p.read_bytes()]
     rows = list(csv.DictReader(open(next(csv_run.root.glob("logs/version_*/metrics.csv")))))
     names = {k for r in rows for k, v in r.items() if v not in ("", None)}
     assert set(METRICS) <= names
@@ -294,6 +300,34 @@ def test_a_setting_wandb_refuses_is_named_not_the_login(monkeypatch):
     assert wandb_error_message(refused.value) == (
         "W&B refused a setting (mode: Input should be 'online', 'offline', 'shared', 'disabled', 'dryrun' or 'run'); "
         "fix it in the W&B logger section (trainer.logger) or the environment (WANDB_MODE)")
+
+
+def test_the_cli_wandb_logger_resumes_its_run_and_refuses_what_wandb_init_does_not_take():
+    """jsonargparse expands WandbLogger's **kwargs into every wandb.init parameter, unset ones None, over
+    Lightning's resume="allow": a resumed or requeued fit reused the run id without resuming the W&B run. A key
+    wandb.init does not take was its TypeError traceback; `settings` became a whole wandb.Settings (online, the
+    working directory) over WANDB_MODE."""
+    from types import SimpleNamespace
+
+    import yaml
+    from lightning.pytorch.loggers import WandbLogger
+
+    from gpt2dist.errors import ConfigError
+    from gpt2dist.tracking import check_wandb_init
+
+    r = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config",
+                str(REPO / "configs" / "logging" / "wandb.yaml"), "--print_config")
+    assert r.returncode == 0, r.stderr[-2000:]
+    kwargs = yaml.safe_load(r.stdout)["trainer"]["logger"]["init_args"]
+    assert "resume" in kwargs and kwargs["resume"] is None  # what the CLI hands the logger
+    logger = WandbLogger(**{**kwargs, "offline": False})  # (offline: Lightning sets WANDB_MODE for the process)
+    check_wandb_init(SimpleNamespace(loggers=[logger]))
+    assert logger._wandb_init["resume"] == "allow"
+    with pytest.raises(ConfigError, match=r"^trainer.logger.dict_kwargs.entitty is not a wandb.init argument; did you mean "
+                                          r"entity\?"):
+        check_wandb_init(SimpleNamespace(loggers=[WandbLogger(project="gpt2dist", entitty="me")]))
+    with pytest.raises(ConfigError, match=r"^trainer.logger.dict_kwargs.settings is not supported .* WANDB_\* environment"):
+        check_wandb_init(SimpleNamespace(loggers=[WandbLogger(project="gpt2dist", settings={"init_timeout": 120})]))
 
 
 def test_two_fits_in_one_process_log_to_their_own_wandb_runs_and_folders(tmp_path, corpus_dir, tokenizer_dir):
