@@ -604,6 +604,7 @@ def test_a_gpu_preset_trains_as_shipped_but_for_its_hardware_size_and_data(tmp_p
                 "--trainer.logger.name=logs", "--trainer.enable_progress_bar=false",
                 "--model.from_scratch=true", f"--model.config_overrides={json.dumps(TINY)}", "--model.warmup_steps=1",
                 "--data.dataset_name=null", "--data.dataset_config=null", "--data.val_split=null", "--data.test_split=null",
+                "--data.dataset_rows=documents",
                 f"--data.train_files=[{corpus_dir}/*.txt]", f"--data.tokenizer={tokenizer_dir}", "--data.val_fraction=0.2",
                 "--data.block_size=64", "--data.batch_size=2", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'cache'}",
                 "--export.sample_prompt=null", timeout=600)
