@@ -8,6 +8,7 @@ Used at the end of `fit` (callbacks.HFExport) and by `tools/export_hf.py` for sa
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -121,16 +122,23 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _cap_model_max_length(folder: Path, n_positions: int) -> None:
+def _cap_model_max_length(folder: Path, n_positions: int, split_special_tokens: bool = False) -> None:
     """A tokenizer without a known limit says model_max_length=1e30, so `pipeline` and truncation
     would pass the model prompts longer than its position table (an IndexError in the embedding).
-    The saved limit becomes n_positions; a smaller one the user set is kept."""
+    The saved limit becomes n_positions; a smaller one the user set is kept. `split_special_tokens`
+    (data.literal_eos=text: a quoted "<|endoftext|>" is its characters, as the model was trained): written
+    too, which save_pretrained leaves out; loaded without it, the folder read such text as the boundary."""
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return
     config = json.loads(path.read_text(encoding="utf-8"))
+    changed = split_special_tokens and not config.get("split_special_tokens")
+    if split_special_tokens:
+        config["split_special_tokens"] = True
     if not isinstance(config.get("model_max_length"), int) or config["model_max_length"] > n_positions:
         config["model_max_length"] = n_positions
+        changed = True
+    if changed:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -142,7 +150,7 @@ def remove_dead_exports(out_dir: Path) -> list[Path]:
     mid-export (OOM in the XL gather, SLURM's SIGKILL) left a model-sized `.hf_model.tmp-*` behind for good.
     Another host's, or a live process's, stay."""
     removed = []
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-{_HOST}-*-*"):
+    for tmp in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-{_HOST}-*-*"):  # `[v2]` is no character class
         pid = tmp.name[len(f".{out_dir.name}.tmp-{_HOST}-"):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -185,7 +193,7 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike, fix: str = "cho
             model.config.use_cache = use_cache  # the caller's model is left as it was
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)  # the caller's tokenizer is left as it is: only the saved copy is capped
-            _cap_model_max_length(tmp, model.config.n_positions)
+            _cap_model_max_length(tmp, model.config.n_positions, getattr(tokenizer, "split_special_tokens", False))
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / EXPORT_MARKER).write_text(json.dumps({"files": files}) + "\n")
         # mkdtemp makes the folder 0700 and safetensors writes its files 0600: give the export the
@@ -207,7 +215,13 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (checkpoints are in <run folder>/checkpoints/)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # Mapped, not read: AdamW's moments (2 of the file's 3-4 parts) are never touched by an export.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as e:
         if "Weights only load failed" in str(e):  # read in full it may well load: not a truncation
             from gpt2dist.resume import UNSAFE
@@ -288,7 +302,9 @@ def load_distcp_folder(path: Path) -> dict:
     read_distcp_metadata(path)  # refused with its own line, before the loader wraps the error
     checkpoint: dict = {}
     try:
-        _load_state_dict(checkpoint, storage_reader=WeightsOnlyReader(path), planner=WeightsOnlyPlanner(), no_dist=True)
+        # The weights only: the optimizer's moments (2 x the fp32 weights: XL, 12.5 GB) are not read.
+        _load_state_dict(checkpoint, storage_reader=WeightsOnlyReader(path), planner=WeightsOnlyPlanner(keys={"state_dict"}),
+                         no_dist=True)
         meta = Path(path) / "meta.pt"  # Lightning's trainer state, beside the shards
         if meta.is_file():
             checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
@@ -373,6 +389,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
         raise CheckpointError(f"{ckpt_path} records no tokenizer (it was trained without gpt2dist's data module); "
                               f"pass --tokenizer DIR, the tokenizer it was trained with (or --no-tokenizer: the model alone)")
     tok = load_tokenizer(tok_name, fix)
+    # As the data module set it for training (data.literal_eos=text): the export writes it into its tokenizer.
+    tok.split_special_tokens = (checkpoint.get("datamodule_hyper_parameters") or {}).get("literal_eos") == "text"
     from gpt2dist.tokenizer import tokenizer_identity
 
     recorded = checkpoint.get("tokenizer_identity")

@@ -74,7 +74,12 @@ def deepspeed_classes(folder: str | Path, files: list[Path]) -> list[type]:
 
     allowed = []
     for f in files:
-        for name in torch.serialization.get_unsafe_globals_in_checkpoint(f):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except Exception as e:  # cut short (a full disk, an interrupted copy), or not torch's zip format
+            raise CheckpointError(f"DeepSpeed checkpoint {folder}: {f.name} is truncated or corrupt ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120]}); use an earlier checkpoint") from None
+        for name in names:
             module, _, attr = name.rpartition(".")
             obj = None
             if module.startswith("deepspeed."):

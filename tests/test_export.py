@@ -473,3 +473,67 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_not_exported(tmp_path, tokeni
                                             r"with the tokenizer it was trained with \(tools/export_hf.py --tokenizer DIR\)$"):
         export_checkpoint(tmp_path / "small.ckpt", tmp_path / "hf", tokenizer=str(tokenizer_dir))
     assert not (tmp_path / "hf").exists()
+
+
+def test_leftovers_of_dead_exports_are_removed_whatever_the_folder_name(tmp_path):
+    """The folder's name went into the glob unescaped: `hf[v2]` read as a character class, and a killed export's
+    model-sized temporary folder beside it stayed for good. A live process's temporary stays."""
+    from gpt2dist.export import _HOST, remove_dead_exports
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    for name in ("hf_model", "hf[v2]", "out*?"):
+        gone = tmp_path / f".{name}.tmp-{_HOST}-{dead}-abcd1234"
+        alive = tmp_path / f".{name}.tmp-{_HOST}-{os.getpid()}-efgh5678"
+        gone.mkdir()
+        alive.mkdir()
+        assert remove_dead_exports(tmp_path / name) == [gone], name
+        assert not gone.exists() and alive.exists()
+
+
+def test_a_deepspeed_folder_cut_short_is_one_line_not_a_traceback(tmp_path):
+    """A truncated model-states file (a full disk, an interrupted copy): torch's zip reader raised out of the
+    globals check, before the export's own error handling (exit 1, a 26-line traceback)."""
+    folder = tmp_path / "ds"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    whole = tmp_path / "whole.pt"
+    torch.save({"global_step": 3, "module": {"w": torch.zeros(1000)}}, whole)
+    (folder / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(folder), str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        f"export_hf: error: DeepSpeed checkpoint {folder}: mp_rank_00_model_states.pt is truncated or corrupt"), p.stderr
+
+
+def test_exporting_a_sharded_folder_reads_the_weights_not_the_optimizer_state(tmp_path, monkeypatch):
+    """The distributed-checkpoint load read every tensor, AdamW's moments too (3x the weights' memory: XL 12.5 GB
+    more on a login node). Only the state_dict is read."""
+    import torch.distributed.checkpoint as dcp
+
+    from gpt2dist.export import load_distcp_folder
+
+    state = {"state_dict": {"model.x": torch.ones(4)}, "optimizer_0": {"state": {"model.x": {"exp_avg": torch.ones(4)}}},
+             "global_step": 3}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    loaded = load_distcp_folder(tmp_path / "ckpt")
+    assert torch.equal(loaded["state_dict"]["model.x"], torch.ones(4)) and "optimizer_0" not in loaded
+
+
+def test_a_literal_eos_text_run_exports_a_tokenizer_that_reads_it_as_text(tmp_path, tokenizer_dir, tokenizer):
+    """data.literal_eos=text trains on a quoted "<|endoftext|>" as its characters (the tokenizer's
+    split_special_tokens). save_pretrained leaves that out, and export_checkpoint never set it: the exported
+    folder read such text as the document boundary, which this model never saw there."""
+    from transformers import AutoTokenizer
+
+    text = "print('<|endoftext|>')"
+    as_trained = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert tokenizer.eos_token_id not in as_trained  # the premise: as characters
+    _tiny_checkpoint(tmp_path / "x.ckpt", tokenizer_dir)
+    ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    for mode, expected in (("text", as_trained), ("boundary", tokenizer(text, add_special_tokens=False).input_ids)):
+        ckpt["datamodule_hyper_parameters"] = {"literal_eos": mode}
+        torch.save(ckpt, tmp_path / f"{mode}.ckpt")
+        out = export_checkpoint(tmp_path / f"{mode}.ckpt", tmp_path / f"hf_{mode}")
+        assert AutoTokenizer.from_pretrained(str(out))(text, add_special_tokens=False).input_ids == expected, mode
