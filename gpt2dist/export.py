@@ -303,7 +303,7 @@ def load_distcp_folder(path: Path) -> dict:
     checkpoint: dict = {}
     try:
         # The weights only: the optimizer's moments (2 x the fp32 weights: XL, 12.5 GB) are not read.
-        _load_state_dict(checkpoint, storage_reader=WeightsOnlyReader(path), planner=WeightsOnlyPlanner(keys={"state_dict"}),
+        _load_state_dict(checkpoint, storage_reader=WeightsOnlyReader(path), planner=WeightsOnlyPlanner(keys={"state_dict", "model"}),
                          no_dist=True)
         meta = Path(path) / "meta.pt"  # Lightning's trainer state, beside the shards
         if meta.is_file():

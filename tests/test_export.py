@@ -412,7 +412,7 @@ def test_a_sharded_folder_with_a_pickled_object_is_refused_without_running_it(tm
     import torch.distributed.checkpoint as dcp
 
     marker = tmp_path / "ran"
-    state = {"state_dict": {"model.x": torch.zeros(2)}, "gpt2_config": _RunsCode(str(marker))}
+    state = {"state_dict": {"model.x": torch.zeros(2), "model.y": _RunsCode(str(marker))}}  # among the weights, which are read
     with pytest.warns(UserWarning, match="single process"):
         dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     with pytest.raises(CheckpointError, match=r"holds objects that only a full unpickle reads.*not loaded$"):
