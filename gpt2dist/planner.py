@@ -21,8 +21,10 @@ Lightning:
                                                                            Lightning reduces in bf16)
     ZeRO-1           2N (bf16)     2N (bf16)    12N/G (m, v, fp32 master)  reduce + all-gather buckets
     ZeRO-2           2N            2N/G         12N/G                      buckets
-    ZeRO-3           2N/G          2N/G         12N/G                      gathered bf16 blocks in flight
-    ZeRO-3 offload   0 (CPU)       0 (CPU)      0 (CPU: 20N/G)             gathered blocks + buckets
+    ZeRO-3           2N/G          2N/G         12N/G                      gathered bf16 params: up to
+                                                                           min(N, 1e9) (DeepSpeed's max live
+                                                                           params) + buckets
+    ZeRO-3 offload   0 (CPU)       0 (CPU)      0 (CPU: 20N/G)             the same gathered params + buckets
     (CPU per rank: fp32 master, m, v and fp32 grad 16N/G, + the bf16 parameter partitions 2N/G
     (offload_parameters) + DeepSpeed's bf16 gradient partition buffer 2N/G, which stage3.py puts on
     the optimizer's device: GPT-2 XL on 8 GPUs, 3.9 GB per rank, 31 GB per node.)
@@ -107,6 +109,11 @@ FUSED_CE_BYTES = 2  # per (token x hidden): Liger's bf16 grad of the hidden stat
 CKPT_INPUT_BYTES = 4  # per (token x hidden) per layer kept under checkpointing: fp32 block input (bf16 stream: 2)
 USABLE_FRACTION = 0.92  # of the card: CUDA context, cuBLAS workspaces, allocator fragmentation
 DEEPSPEED_BUCKET_ELEMS = 2e8  # Lightning's DeepSpeedStrategy default reduce/allgather bucket size
+# DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance (both 1e9 elements; neither Lightning nor
+# configs/strategy sets them): a gathered parameter reused within that distance stays gathered. GPT-2 Large's
+# block i comes back in backward 2 x (35 - i) x 19.7M elements after its forward, so most blocks stay: the
+# bound, min(N, 1e9) bf16 elements, is planned (Large: 1.55 GB, not the 0.21 of two blocks). Unmeasured.
+DEEPSPEED_MAX_LIVE_ELEMS = 1e9
 
 PRECISIONS = ("bf16-mixed", "bf16-true")
 STRATEGIES = ["DDP", "FSDP2", "FSDP1", "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3 offload"]
@@ -266,9 +273,11 @@ def estimate(strategy: str, shape: Shape, world: int, seq: int, compiled: bool =
     elif strategy == "ZeRO-2":
         e = Estimate(strategy, 2 * N, 2 * N / G, 12 * N / G, buckets, act, act_ckpt)
     elif strategy == "ZeRO-3":
-        e = Estimate(strategy, 2 * N / G, 2 * N / G, 12 * N / G, gathered + buckets, act, act_ckpt)
+        e = Estimate(strategy, 2 * N / G, 2 * N / G, 12 * N / G, 2 * min(N, DEEPSPEED_MAX_LIVE_ELEMS) + buckets, act,
+                     act_ckpt)
     elif strategy == "ZeRO-3 offload":
-        e = Estimate(strategy, 0.0, 0.0, 0.0, gathered + buckets, act, act_ckpt, cpu=20 * N / G)
+        e = Estimate(strategy, 0.0, 0.0, 0.0, 2 * min(N, DEEPSPEED_MAX_LIVE_ELEMS) + buckets, act, act_ckpt,
+                     cpu=20 * N / G)
         e.notes.append("optimizer step on CPU: expect several x slower steps")
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")

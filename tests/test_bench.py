@@ -150,6 +150,18 @@ def test_gpu_check_perf_script_cpu_smoke(tmp_path):
     assert "| gpt2 | 8 x 128 | bf16-true | True | False |" in sections["memory planner vs measured (tools/plan.py --validate)"]
 
 
+@pytest.mark.parametrize("env, says", [({"DEADLINE": "560s"}, "DEADLINE=560s must be whole seconds"),
+                                       ({"DATA": "yes"}, "DATA=yes must be 0 or 1"),
+                                       ({"BF16TRUE": "true"}, "BF16TRUE=true must be 0 or 1")])
+def test_gpu_check_perf_script_refuses_knobs_it_would_misread(tmp_path, env, says):
+    """DEADLINE=560s failed the script's integer test and the call ran with no deadline; DATA=yes turned a
+    default row off. Both silently: now refused before anything runs."""
+    p = subprocess.run(["bash", str(REPO / "tools/gpu_check_perf.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "OUT": str(tmp_path / "out"), **env})
+    assert p.returncode == 2 and p.stderr.strip() == f"gpu_check_perf: {says}" + (" (e.g. 540)" if "DEADLINE" in says else "")
+    assert not (tmp_path / "out").exists()
+
+
 def test_gpu_check_perf_script_fails_when_a_row_fails(tmp_path):
     """Its exit status was tee's (0) even when every row timed out: a device run read it as a success."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "T_LARGE": "1", "T_SMALL": "1",
@@ -286,6 +298,9 @@ def test_ratio_is_against_a_row_of_ours_never_a_baseline(monkeypatch, capsys):
     ("compile=false", "-o 'compile=false': 'compile' is not a section; sections: trainer, model, data, seed_everything"),
     ("model=3", "-o 'model=3': give a key of the model section, e.g. -o model."),
     ("model.config_overrides.n_head=3", "n_embd=32 is not divisible by n_head=3"),  # was a traceback
+    ("data.batch_size=abc", "data.batch_size='abc' must be a whole number >= 1"),  # a ValueError traceback
+    ("data.block_size=null", "data.block_size=None must be a whole number >= 1"),  # a TypeError traceback
+    ("data.batch_size=0", "data.batch_size=0 must be a whole number >= 1"),  # every row failed, after running
 ])
 def test_bench_refuses_unknown_or_malformed_overrides(override, message):
     with pytest.raises(SystemExit) as e:
@@ -298,6 +313,13 @@ def test_overrides_reach_nested_and_init_args_configs(tmp_path):
     cfg.write_text("model:\n  class_path: gpt2dist.model.GPT2Module\n  init_args: {lr: 0.1, config_overrides: null}\n")
     c = bench.load_config([str(cfg)], ["model.lr=0.5", "model.config_overrides.n_layer=1", "trainer.precision=bf16"])
     assert c["model"] == {"lr": 0.5, "config_overrides": {"n_layer": 1}} and c["trainer"] == {"precision": "bf16"}
+
+
+@pytest.mark.parametrize("value, shown", [("-5", "-5.0"), ("0", "0.0"), ("nan", "nan")])
+def test_bench_refuses_a_peak_it_cannot_divide_by(value, shown):
+    # -5 printed an MFU of -0.5% (exit 0); 0 fell back to the table lookup, silently
+    with pytest.raises(SystemExit, match=rf"^bench: error: --peak-tflops {shown} must be a positive number"):
+        bench.main([*MICRO, "--peak-tflops", value])
 
 
 @pytest.mark.parametrize("flag,value,least", [("--steps", 0, 1), ("--repeats", 0, 1), ("--warmup", -1, 0)])

@@ -397,3 +397,20 @@ def test_validate_against_bench_json(tmp_path, capsys):
     row = plan_tool.main(["--validate", str(tmp_path / "odd.json")])["validation"][0]
     assert row["measured_gb"] is None and row["estimate_gb"] == pytest.approx(
         estimate("DDP", shape_from_config(build_config("gpt2-large"), 1), 1, 1024).total(16, False) / GB)
+
+
+def test_zero3_plans_the_parameters_deepspeed_keeps_gathered_and_no_vocab_padding():
+    """DeepSpeed keeps a gathered parameter while its reuse distance is under stage3_max_reuse_distance, up to
+    stage3_max_live_parameters (both 1e9; neither Lightning nor the overlays set them): for GPT-2 Large most
+    blocks stay gathered between forward and backward, where two blocks were planned (0.21 GB, not 1.55).
+    And ZeRO-3 refuses a padded vocabulary: --pad-vocab planned rows it cannot run."""
+    large = shape_from_config(build_config("gpt2-large"))
+    buckets = 2 * DEEPSPEED_BUCKET_ELEMS * 2
+    for name in ("ZeRO-3", "ZeRO-3 offload"):
+        assert estimate(name, large, 8, 1024).other == 2 * large.params + buckets  # 774M < 1e9: all of it
+    xl = shape_from_config(build_config("gpt2-xl"))
+    assert estimate("ZeRO-3", xl, 8, 1024).other == 2 * 1e9 + buckets  # capped at max_live_parameters
+    out = plan_tool.plan("gpt2-large", 8, 1, 80, 1024, 4, pad_vocab=128)
+    rows = {r["strategy"]: r for r in out["rows"]}
+    assert rows["DDP"]["vocab_rows"] == 50304 and rows["ZeRO-3"]["vocab_rows"] == rows["ZeRO-3 offload"]["vocab_rows"] == 50257
+    assert "vocabulary unpadded (50257 rows): ZeRO-3 refuses --pad-vocab 128" in rows["ZeRO-3"]["notes"]

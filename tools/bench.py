@@ -543,14 +543,17 @@ def run_torch(cfg: dict, args, device: torch.device) -> Meter:
     if precision in WEIGHTS:
         module.to(WEIGHTS[precision])
     module.train()
-    module.trainer = SimpleNamespace(max_steps=steps, estimated_stepping_batches=steps, strategy=None)
+    # fp16 AMP scales the loss, as Lightning's MixedPrecision("16-mixed") and HF's fp16 do.
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+    # Under a scaler configure_optimizers picks the unfused AdamW, as it does for our Lightning row: without the
+    # plugin the loop stepped the fused kernel, and the overhead line compared two kernels.
+    module.trainer = SimpleNamespace(max_steps=steps, estimated_stepping_batches=steps, strategy=None,
+                                     precision_plugin=SimpleNamespace(scaler=scaler))
     opt_cfg = module.configure_optimizers()
     module.trainer = None
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     clip = cfg["trainer"].get("gradient_clip_val")
     loader = synthetic_loader(steps, args.batch, args.block, model_config(cfg).vocab_size, device)
-    # fp16 AMP scales the loss, as Lightning's MixedPrecision("16-mixed") and HF's fp16 do.
-    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     meter = Meter(device, args.warmup, args.steps)
     meter.begin()
     for batch in loader:
@@ -587,6 +590,7 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
     precision = t["precision"]  # resolve_precision's
     config = model_config(cfg)
     config._attn_implementation = m.get("attn_implementation", "sdpa")
+    config.use_cache = False  # as ours trains: the default built a KV cache in every training forward
     torch.manual_seed(cfg.get("seed_everything", 1234))
     with torch.device(device):
         model = GPT2LMHeadModel(config)
@@ -616,7 +620,8 @@ def run_hf_trainer(cfg: dict, args, device: torch.device) -> Meter:
         tf32=bool(m.get("tf32", True)) if cuda else None,
         # Fused where ours is (model.py: CUDA and CPU): a for-loop AdamW is ~9x slower on CPU
         # (model.py's measurement) and would flatter our ratio.
-        optim="adamw_torch_fused" if device.type in ("cuda", "cpu") else "adamw_torch",
+        # Not under 16-mixed: ours steps the unfused AdamW there (Lightning clips no fused step under a GradScaler).
+        optim="adamw_torch_fused" if device.type in ("cuda", "cpu") and precision != "16-mixed" else "adamw_torch",
         # Only with compile: a mode alone turns Trainer's torch_compile on (TrainingArguments.__post_init__).
         torch_compile=bool(m.get("compile", False)), torch_compile_mode=m.get("compile_mode") if m.get("compile") else None,
         **{ckpt: bool(m.get("activation_checkpointing", False))},
@@ -708,8 +713,15 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["trainer"]["accelerator"] = "cpu"
     # The DataModule's own defaults when the config leaves them out: what `gpt2dist fit` would train.
     data_defaults = inspect.signature(TokenBlockDataModule.__init__).parameters
-    args.batch = int(cfg["data"].get("batch_size", data_defaults["batch_size"].default))
-    args.block = int(cfg["data"].get("block_size", data_defaults["block_size"].default))
+    for knob in ("batch_size", "block_size"):
+        value = cfg["data"].get(knob, data_defaults[knob].default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # a traceback (abc, null), or 0 rows
+            sys.exit(f"bench: error: data.{knob}={value!r} must be a whole number >= 1 (the config or -o data.{knob}=N)")
+    args.batch, args.block = int(cfg["data"].get("batch_size", data_defaults["batch_size"].default)), \
+        int(cfg["data"].get("block_size", data_defaults["block_size"].default))
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        sys.exit(f"bench: error: --peak-tflops {args.peak_tflops} must be a positive number (the card's dense bf16 "
+                 "TFLOP/s), or left out to look the card up")
     try:  # on CUDA an overlong block is a device-side assert that breaks every later row
         config = model_config(cfg)  # a bad config_overrides (n_head 3 of n_embd 64): one line, not a traceback
         _check_block_size(args.block, config.n_positions)
@@ -717,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"bench: error: {e}")
     args.cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
     found = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    peak = args.peak_tflops or (found[1] / 1e12 if found else None)  # TFLOP/s
+    peak = args.peak_tflops if args.peak_tflops is not None else (found[1] / 1e12 if found else None)  # TFLOP/s
     fpt = gpt2_flops_per_token(config, args.block)  # the config is not padded yet: its vocab is the real one
     tokens_per_step = args.batch * args.block
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -28,6 +28,16 @@
 #                                           # priority order: large, small, B32, TRY, TUNE, bf16-true, data, liger, ckpt)
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail, and
 # the script then exits 1, naming them (a row skipped for lack of DEADLINE time is not a failure).
+START=$(date +%s)  # DEADLINE counts from here: the wheel install and the CUDA checks are part of the call
+# The knobs: DEADLINE in whole seconds, the switches 0 or 1. DEADLINE=560s made the test below fail, and the
+# run went on with no deadline; DATA=yes turned a default row off. Refused before anything runs.
+if ! [[ "${DEADLINE:-0}" =~ ^[0-9]+$ ]]; then echo "gpu_check_perf: DEADLINE=$DEADLINE must be whole seconds (e.g. 540)" >&2; exit 2; fi
+for knob in BASE B32 TRY TUNE BF16TRUE DATA LIGER EXTRA; do
+  value=${!knob:-}
+  if [ -n "$value" ] && [ "$value" != 0 ] && [ "$value" != 1 ]; then
+    echo "gpu_check_perf: $knob=$value must be 0 or 1" >&2; exit 2
+  fi
+done
 # Only where they are missing (the GPU machine); a full environment keeps its own.
 if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -60,8 +70,8 @@ $PY -c "import accelerate; print('accelerate', accelerate.__version__)" 2>/dev/n
 DEADLINE=${DEADLINE:-0}  # 0: no overall limit
 row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log + JSON in $OUT
   local name=$1 secs=$2; shift 2
-  if [ "$DEADLINE" -gt 0 ]; then  # keep 15 s for the summary and the planner
-    local left=$(( DEADLINE - ($(date +%s) - START) - 15 ))
+  if [ "$DEADLINE" -gt 0 ]; then  # keep 25 s: a row may run 10 s past its timeout (-k 10), then the summary and the planner
+    local left=$(( DEADLINE - ($(date +%s) - START) - 25 ))
     if [ $left -lt 45 ]; then echo "=== $name: skipped, ${left}s left of DEADLINE=$DEADLINE ===" | tee "$OUT/$name.log"; return; fi
     [ $left -lt "$secs" ] && secs=$left
   fi
@@ -75,7 +85,6 @@ row() {  # row NAME SECONDS ARGS...: one bench.py run under its own timeout, log
   [ $rc = 0 ] || { echo "row $name: exit $rc$why"; FAILED+=("$name"); }
 }
 
-START=$(date +%s)
 VALIDATE=() FAILED=()
 if [ "${BASE:-1}" = 1 ]; then
   row large "$T_LARGE" "${LARGE[@]}" --baseline hf-trainer

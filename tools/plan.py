@@ -57,12 +57,16 @@ def plan(model: str, gpus: int, nodes: int, gpu_mem_gb: float, seq: int, micro_b
     for s in strategies or STRATEGIES:
         overlay, preset_compile, preset_pad = PRESETS[s]
         compiled = preset_compile if compile == "presets" else compile == "on"
-        shape = shape_from_config(config, pad_vocab or preset_pad)
+        zero3 = s.startswith("ZeRO-3")
+        # ZeRO-3 partitions the embedding as it is built: GPT2Module refuses padding there (model.py).
+        shape = shape_from_config(config, preset_pad if zero3 else pad_vocab or preset_pad)
         e = estimate(s, shape, world, seq, compiled=compiled, precision=precision, accumulate=accumulate)
         if compile == "presets" and not compiled:
             e.notes.append(f"eager: configs/strategy/{overlay} sets model.compile false (--compile on plans it compiled)")
         if s == "FSDP1":
             e.notes.append("configs/strategy/fsdp1.yaml checkpoints activations by default: read the ckpt columns")
+        if zero3 and (pad_vocab or 1) > 1:
+            e.notes.append(f"vocabulary unpadded ({shape.vocab} rows): ZeRO-3 refuses --pad-vocab {pad_vocab}")
         ests.append(e)
         rows.append({"strategy": e.strategy, "compiled": compiled, "vocab_rows": shape.vocab,
                      "params_gb": e.params / GB, "grads_gb": e.grads / GB, "optimizer_gb": e.optimizer / GB, "other_gb": e.other / GB, "states_gb": e.states / GB,
