@@ -990,6 +990,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
 
         spec = getattr(self, knob)
         splits, single = self._dataset_splits()
+        if spec in splits:  # a split's own name, whatever it looks like (a saved DatasetDict's "my-split")
+            return [(spec, 0, len(splits[spec]))]
         try:
             instruction = datasets.ReadInstruction.from_spec(spec)
         except (ValueError, AssertionError) as e:

@@ -520,9 +520,12 @@ def save_deferred_interval_checkpoints(trainer: pl.Trainer) -> None:
     for cb in trainer.checkpoint_callbacks:
         if not (isinstance(cb, ModelCheckpoint) and getattr(cb, "_defer_save_until_validation", False)):
             continue
+        # Only for a monitor that is fresh at every step (the step checkpoint's `step`, or a training metric): a
+        # validation metric could be stale here, and that save waits for the validation, as Lightning means it to.
+        if not (cb.monitor in ("step", "epoch") or str(cb.monitor).startswith("train/")):
+            continue
         due = _saves_at(cb, trainer.global_step) or cb._train_time_interval is not None
         candidates = cb._monitor_candidates(trainer)
-        # Not a metric only validation logs: that save waits for it, as Lightning means it to.
         if due and cb.monitor in candidates and not cb._should_skip_saving_checkpoint(trainer):
             cb._save_topk_checkpoint(trainer, candidates)
             cb._save_last_checkpoint(trainer, candidates)

@@ -634,7 +634,16 @@ class GPT2Module(pl.LightningModule):
         inner = getattr(optimizer, "inner", optimizer)
         if isinstance(inner, torch.optim.AdamW):  # not DeepSpeed's (its engine restores its own)
             for group, kernel in zip(inner.param_groups, settings):
+                if all(group.get(k) == v for k, v in kernel.items()):
+                    continue
                 group.update(kernel)
+                # load_state_dict put each `step` where the saved kernel wants it: the fused (and capturable)
+                # kernels take it on the parameter's device, the others on the CPU (a CUDA fused step refused it).
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                for p in group["params"]:
+                    state = inner.state.get(p, {})
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning builds the validation loader (forking data.num_workers processes, 0.1-0.2 s with 4)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -91,6 +92,13 @@ def wandb_loggers(trainer) -> list:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
+def _log_scrubbed(log_hyperparams, params=None, *args, **kwargs):
+    """A logger's log_hyperparams, given the scrubbed params (a dict, AttributeDict or Namespace)."""
+    if params is not None:
+        params = scrub(dict(params) if isinstance(params, dict) else vars(params))
+    return log_hyperparams(params, *args, **kwargs)
+
+
 class RunConfig(SaveConfigCallback):
     """Writes config.yaml, logs the resolved CLI config + run facts to every logger, and stores
     the W&B run id in checkpoints."""
@@ -108,9 +116,7 @@ class RunConfig(SaveConfigCallback):
             # Lightning logs the module's and data module's own hyperparameters too (CSV's hparams.yaml, the W&B
             # config): through scrub, as ours are (a token pasted into a prompt reached hparams.yaml).
             if not getattr(logger, "_scrubbed", False):
-                log_hyperparams = logger.log_hyperparams
-                logger.log_hyperparams = lambda params, *a, _log=log_hyperparams, **k: _log(
-                    scrub(dict(params) if isinstance(params, dict) else vars(params)), *a, **k)
+                logger.log_hyperparams = functools.partial(_log_scrubbed, logger.log_hyperparams)
                 logger._scrubbed = True
         # SaveConfigCallback.setup, except that a logger without a folder (WandbLogger with
         # save_dir=null) writes config.yaml to default_root_dir instead of failing.
@@ -282,7 +288,7 @@ def check_wandb_init(trainer) -> None:
 
     for logger in wandb_loggers(trainer):
         init = logger._wandb_init
-        if init.get("resume") is None:
+        if all(init.get(k) is None for k in ("resume", "resume_from", "fork_from")):  # W&B: mutually exclusive
             init["resume"] = "allow"
         if init.get("settings") is not None:
             raise ConfigError("trainer.logger.dict_kwargs.settings is not supported (it is parsed into a full "

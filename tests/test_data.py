@@ -824,6 +824,14 @@ def test_dataset_saved_with_save_to_disk(tmp_path, tokenizer_dir, tokenizer):
     one = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "single"), text_field="body",
                            val_fraction=0.0, block_size=16))
     assert one.stats["train"]["documents"] == 60 and one.stats["train"]["tokens"] == count(train)
+    # A split's own name, which is no split spec (`my-split`, `train 2`), or looks like one (`train[:5]`): read as named.
+    names = {"my-split": train[:20], "train 2": train[20:40], "train[:5]": train[40:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"body": v}) for k, v in names.items()}).save_to_disk(
+        str(tmp_path / "named"))
+    for name, rows in names.items():
+        got = prepared(make_dm(tmp_path, tokenizer_dir, dataset_name=str(tmp_path / "named"), split=name, text_field="body",
+                               val_fraction=0.0, block_size=16, cache_dir=str(tmp_path / "c" / str(len(name)))))
+        assert got.stats["train"]["documents"] == len(rows), name
     for kw, needle in [({"val_split": "validation"}, "single Dataset with no splits, so data.val_split"),
                        ({"test_split": "test"}, "single Dataset with no splits, so data.test_split"),
                        ({"split": "valid"}, "has no split 'valid' (has ['test', 'train', 'validation'])"),

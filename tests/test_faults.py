@@ -1511,3 +1511,24 @@ def test_a_second_fit_in_a_running_fits_folder_stops_with_one_line_and_touches_n
     ok(first["p"])
     assert (root / "hf_model").is_dir() and torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
     ok(cli(config, "--ckpt_path", "last"))  # the folder is free again: nothing left to train, and it says so
+
+
+def test_a_deferred_save_of_a_validation_metric_waits_for_the_validation():
+    """Lightning defers an interval save at an epoch's last batch. gpt2dist saves the step checkpoint's (`step`)
+    there itself; a callback monitoring a validation metric waited for that validation before, and waits still:
+    saved here, it ranked the previous validation's value and lost the fresh one."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpt2dist.faults import save_deferred_interval_checkpoints
+
+    cb = ModelCheckpoint(monitor="val/loss", every_n_train_steps=4)
+    cb._defer_save_until_validation = True
+
+    class Untouchable(SimpleNamespace):  # any look at the trainer's state would be a save being considered
+        def __getattr__(self, name):
+            raise AssertionError(f"trainer.{name} read for a val/loss callback")
+
+    save_deferred_interval_checkpoints(Untouchable(checkpoint_callbacks=[cb]))
+    assert cb._defer_save_until_validation

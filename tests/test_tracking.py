@@ -302,6 +302,26 @@ def test_a_setting_wandb_refuses_is_named_not_the_login(monkeypatch):
         "fix it in the W&B logger section (trainer.logger) or the environment (WANDB_MODE)")
 
 
+def test_scrubbed_hyperparameters_reach_the_logger_and_it_still_pickles(tmp_path):
+    """RunConfig routes every logger's log_hyperparams through scrub: a dict, an AttributeDict, a Namespace or
+    nothing (CSVLogger allows a bare call), and the logger stays picklable (ddp_spawn sends it to workers)."""
+    import argparse
+    import functools
+    import pickle
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gpt2dist.tracking import _log_scrubbed
+
+    seen = []
+    for params in ({"api_key": "k", "lr": 1}, argparse.Namespace(api_key="k", lr=1), None):
+        _log_scrubbed(lambda p, *a, **k: seen.append(p), params)
+    assert seen == [{"api_key": REDACTED, "lr": 1}, {"api_key": REDACTED, "lr": 1}, None]
+    logger = CSVLogger(str(tmp_path))
+    logger.log_hyperparams = functools.partial(_log_scrubbed, logger.log_hyperparams)
+    pickle.loads(pickle.dumps(logger)).log_hyperparams({"token": "t"})
+
+
 def test_the_cli_wandb_logger_resumes_its_run_and_refuses_what_wandb_init_does_not_take():
     """jsonargparse expands WandbLogger's **kwargs into every wandb.init parameter, unset ones None, over
     Lightning's resume="allow": a resumed or requeued fit reused the run id without resuming the W&B run. A key
@@ -323,6 +343,11 @@ def test_the_cli_wandb_logger_resumes_its_run_and_refuses_what_wandb_init_does_n
     logger = WandbLogger(**{**kwargs, "offline": False})  # (offline: Lightning sets WANDB_MODE for the process)
     check_wandb_init(SimpleNamespace(loggers=[logger]))
     assert logger._wandb_init["resume"] == "allow"
+    # A fork or rewind of a W&B run: resume stays unset (W&B refuses it beside fork_from / resume_from).
+    for key in ("fork_from", "resume_from"):
+        forked = WandbLogger(**{**kwargs, "offline": False, key: "abc123?_step=5"})
+        check_wandb_init(SimpleNamespace(loggers=[forked]))
+        assert forked._wandb_init["resume"] is None, key
     with pytest.raises(ConfigError, match=r"^trainer.logger.dict_kwargs.entitty is not a wandb.init argument; did you mean "
                                           r"entity\?"):
         check_wandb_init(SimpleNamespace(loggers=[WandbLogger(project="gpt2dist", entitty="me")]))

@@ -29,14 +29,17 @@
 # Each row runs under its own `timeout`; the full table is printed at the end even if rows fail, and
 # the script then exits 1, naming them (a row skipped for lack of DEADLINE time is not a failure).
 START=$(date +%s)  # DEADLINE counts from here: the wheel install and the CUDA checks are part of the call
-# The knobs: DEADLINE in whole seconds, the switches 0 or 1. DEADLINE=560s made the test below fail, and the
-# run went on with no deadline; DATA=yes turned a default row off. Refused before anything runs.
+# The knobs: DEADLINE in whole seconds (DEADLINE=560s failed the test below, and the run went on with no
+# deadline: refused), the switches 0 or 1 (yes/true/on and no/false/off read as such: DATA=yes turned a
+# default row off). Any other value, e.g. an HPC site's DATA=/scratch/..., is not ours: the default, said so.
 if ! [[ "${DEADLINE:-0}" =~ ^[0-9]+$ ]]; then echo "gpu_check_perf: DEADLINE=$DEADLINE must be whole seconds (e.g. 540)" >&2; exit 2; fi
 for knob in BASE B32 TRY TUNE BF16TRUE DATA LIGER EXTRA; do
-  value=${!knob:-}
-  if [ -n "$value" ] && [ "$value" != 0 ] && [ "$value" != 1 ]; then
-    echo "gpu_check_perf: $knob=$value must be 0 or 1" >&2; exit 2
-  fi
+  case "${!knob:-}" in
+    ""|0|1) ;;
+    [Yy]es|[Tt]rue|[Oo]n) printf -v "$knob" 1 ;;
+    [Nn]o|[Ff]alse|[Oo]ff) printf -v "$knob" 0 ;;
+    *) echo "gpu_check_perf: $knob=${!knob} is not 0 or 1: ignored, its row keeps its default" >&2; unset "$knob" ;;
+  esac
 done
 # Only where they are missing (the GPU machine); a full environment keeps its own.
 if ls .whl/*.whl >/dev/null 2>&1 && ! ${PYTHON:-python3} -c "import deepspeed, jsonargparse, torchdata" 2>/dev/null; then
