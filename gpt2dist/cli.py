@@ -65,16 +65,23 @@ class GPT2ArgumentParser(LightningArgumentParser):
     option), not the subcommand's 170-line usage."""
 
     def error(self, message: str, ex: Exception | None = None):
-        from jsonargparse._common import debug_mode_active  # noqa: PLC0415 (jsonargparse's own switch)
+        try:  # jsonargparse's own switch (JSONARGPARSE_DEBUG): a private module, so not every version has it here
+            from jsonargparse._common import debug_mode_active
+        except ImportError:
+            def debug_mode_active() -> bool:
+                return bool(os.environ.get("JSONARGPARSE_DEBUG"))
 
         if not self.exit_on_error or debug_mode_active():
             return super().error(message, ex)  # jsonargparse parsing internally: it catches this
         parser = getattr(ex, "subcommand_parser", None) or self
-        self._logger.error(message)
+        if getattr(self, "_logger", None) is not None:
+            self._logger.error(message)
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "invalid arguments"
         text = text if len(text) <= 400 else text[:400] + " ..."
         hint = ""
-        key = re.search(r"option '([^']+)'|unrecognized arguments: --?([\w.]+)|key \"?([\w.]+)\"?", text)
+        # The option named inside a longer message first (a subclass's "Option 'entitty' is not accepted").
+        key = (re.search(r"[Oo]ption '([^']+)'", text)
+               or re.search(r"unrecognized arguments: --?([\w.]+)|key \"?([\w.]+)\"?", text))
         if key:
             import difflib
 
