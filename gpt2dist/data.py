@@ -940,16 +940,16 @@ class TokenBlockDataModule(pl.LightningDataModule):
                     yield f"{key}{i}", text
             return
         chunk, size, n = [], 0, 0
-        for text in rows:
+        for i, text in enumerate(rows):
             text = text or ""
             chunk.append(text if text.endswith("\n") else text + "\n")  # "" is a blank line of the text
             size += len(chunk[-1])
-            if size >= self.LINES_CHUNK:
-                if "".join(chunk).strip():
-                    yield f"{key}{n}", "".join(chunk)
+            last = i == len(ds) - 1
+            if size >= self.LINES_CHUNK or last:
+                joined = "".join(chunk)
+                if joined.strip():
+                    yield f"{key}{n}", joined
                 chunk, size, n = [], 0, n + 1
-        if "".join(chunk).strip():
-            yield f"{key}{n}", "".join(chunk)
 
     def _dataset_splits(self) -> tuple[dict, bool]:
         """({split name: Dataset} of data.dataset_name, whether it is a saved single Dataset, whose rows are
