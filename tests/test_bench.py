@@ -362,6 +362,62 @@ def test_bench_read_reads_every_document_each_way(tmp_path):
         "bench_read: error: --ways 'pandas' is not one of gpt2dist,whole,datasets", bad.stderr
 
 
+def test_bench_read_reports_a_killed_child_and_leaves_no_temp_folder(tmp_path):
+    """A child the OOM killer ends writes no stderr: its row says how it ended (the tool died of an
+    IndexError, every measured row lost). No child leaves its datasets cache behind (3.4 GB had piled
+    up in /tmp here). An --out that cannot be written is refused before the corpus is made."""
+    kill = tmp_path / "kill"
+    kill.mkdir()
+    (kill / "sitecustomize.py").write_text(
+        "import os, signal, sys\nif '--child' in sys.argv and 'whole' in sys.argv:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(kill), TMPDIR=str(tmp))
+    out = tmp_path / "read.json"
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench_read.py"), "--mb", "0.2", "--formats", "jsonl",
+                        "--ways", "gpt2dist,whole,datasets", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert rows[1] == {"format": "jsonl", "way": "whole", "error": "killed by signal 9"}, rows
+    assert rows[0]["docs"] == rows[2]["docs"] > 50 and "jsonl    whole     failed: killed by signal 9" in p.stdout
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("bench-read")] == []  # torch's own caches may stay
+
+    (tmp_path / "a-file").write_text("")
+    for bad, why in ((tmp_path, "is a folder; give a file path"), (tmp_path / "a-file" / "r.json", "is a file, not a folder")):
+        p = subprocess.run([sys.executable, str(REPO / "tools/bench_read.py"), "--out", str(bad)], capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert p.returncode == 1 and p.stderr.strip().startswith(f"bench_read: error: --out {bad}") and why in p.stderr
+        assert "Traceback" not in p.stderr and p.stdout == "", p.stderr
+
+
+def test_bench_and_bench_data_refuse_an_unwritable_out_before_running(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    bad = tmp_path / "a-file" / "b.json"
+    with pytest.raises(SystemExit, match=r"^bench: error: --out .*a-file/b.json: .*a-file is a file, not a folder"):
+        bench.main([*MICRO, "--out", str(bad)])
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("")
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench_data.py"), "--tokenizer", str(tok), "--out", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("bench_data: error: --out ") and "corpus:" not in p.stdout
+
+
+def test_bench_data_names_a_failed_run_in_one_line(tmp_path):
+    """A tokenizer.json cut short failed the child: its traceback, then the parent's CalledProcessError
+    with the whole command line. Now one line names the way, its error and the tokenizer."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    p = subprocess.run([sys.executable, str(REPO / "tools/bench_data.py"), "--tokenizer", str(tok), "--mb", "1",
+                        "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert err[0].startswith("bench_data: error: the ref run failed: ") and err[0].endswith(f"(tokenizer {tok})"), err
+
+
 def _hf_trainer_args(monkeypatch, overrides: list[str]) -> dict:
     """Build the hf-trainer row as bench does, but stop at Trainer.train: its arguments, and the
     Inductor config in force while it would train."""

@@ -361,7 +361,9 @@ def test_a_recommendation_fits_as_the_overlay_runs_it():
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot load the config"),
     # A folder without config.json (a run folder, not its hf_model) was planned as GPT-2 small, 124M.
     (["--model", str(REPO / "configs")], f"model.model_name_or_path='{REPO / 'configs'}' is a folder without config.json"),
-    (["--json", "/nonexistent/dir/p.json"], "--json /nonexistent/dir/p.json: No such file or directory"),
+    # Refused before the plan (was after it, a one-line OSError); a missing folder on the way is made.
+    (["--json", str(REPO / "README.md" / "p.json")], f"--json {REPO}/README.md/p.json: {REPO}/README.md is a file, not a folder"),
+    (["--json", str(REPO)], f"--json {REPO} is a folder; give a file path"),
 ])
 def test_bad_plan_input_is_one_line(args, says):
     with pytest.raises(SystemExit) as err:
@@ -414,3 +416,17 @@ def test_zero3_plans_the_parameters_deepspeed_keeps_gathered_and_no_vocab_paddin
     rows = {r["strategy"]: r for r in out["rows"]}
     assert rows["DDP"]["vocab_rows"] == 50304 and rows["ZeRO-3"]["vocab_rows"] == rows["ZeRO-3 offload"]["vocab_rows"] == 50257
     assert "vocabulary unpadded (50257 rows): ZeRO-3 refuses --pad-vocab 128" in rows["ZeRO-3"]["notes"]
+
+
+def test_a_cards_label_is_planned_as_given_and_the_plan_says_what_the_card_holds(capsys, tmp_path):
+    """--gpu-mem-gb counts 1e9 bytes (as total_memory / 1e9 and the OOM message's plan command): an H100
+    "80GB" holds 85.0e9. Its label plans ~6% short; the plan says so, and the default is the card's 85."""
+    args = ["--model", "gpt2-large", "--gpus", "8", "--strategy", "DDP", "--json", str(tmp_path / "new" / "p.json")]
+    default = plan_tool.main(args)
+    assert default["gpu_mem_gb"] == 85.0 and "note: --gpu-mem-gb" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "new" / "p.json").read_text())["gpu_mem_gb"] == 85.0
+    label = plan_tool.main([*args, "--gpu-mem-gb", "80"])
+    assert (label["recommendation"][2], default["recommendation"][2]) == (29, 32)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "note: --gpu-mem-gb 80 is 80e9 bytes; a card sold as 80GB holds about 85e9 (total_memory / 1e9): "
+        "pass --gpu-mem-gb 85 to plan its whole memory")

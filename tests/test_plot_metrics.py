@@ -157,3 +157,35 @@ def test_requeued_wandb_runs_merge_in_start_order_not_mtime(tmp_path, monkeypatc
         plot_metrics.read_wandb_runs(tmp_path)
     err = capsys.readouterr().err
     assert err.startswith("plot_metrics: error: could not read the W&B run file ") and "ValueError: not a W&B file" in err
+
+
+def test_plot_out_may_be_a_folder_and_an_unwritable_out_is_refused_before_the_run_is_read(tmp_path):
+    """`--out figs/` wrote figs.png beside the folder (Path drops the slash); an --out under a file was a
+    traceback after the whole run had been read (W&B: a wandb call per file)."""
+    _write_csv(tmp_path / "run/logs/version_0/metrics.csv", [(0, 2.0), (1, 1.0)])
+    for given in (f"{tmp_path / 'figs'}/", tmp_path / "figs"):  # new with its slash, then an existing folder
+        proc = _run(tmp_path / "run", "--out", given)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"wrote {tmp_path / 'figs' / 'metrics.png'}"
+    assert not (tmp_path / "figs.png").exists() and [p.name for p in (tmp_path / "figs").iterdir()] == ["metrics.png"]
+
+    (tmp_path / "a-file").write_text("")
+    proc = _run(tmp_path / "nowhere", "--out", tmp_path / "a-file" / "p.png")  # refused before the run is read
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"plot_metrics: error: --out {tmp_path / 'a-file' / 'p.png'}: {tmp_path / 'a-file'} "
+                                   "is a file, not a folder; give a path in a folder")
+
+
+def test_a_folder_of_several_runs_is_refused_not_merged(tmp_path):
+    """runs/a and runs/b each have a version_0: the one later by path replaced the other from step 0 on,
+    a curve of neither run. One run's versions (a requeue's) still merge."""
+    _write_csv(tmp_path / "runs/a/logs/version_0/metrics.csv", [(0, 5.0), (1, 4.0)])
+    _write_csv(tmp_path / "runs/a/logs/version_1/metrics.csv", [(1, 3.0)])
+    _write_csv(tmp_path / "runs/b/logs/version_0/metrics.csv", [(0, 9.0)])
+    proc = _run(tmp_path / "runs")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"plot_metrics: error: {tmp_path / 'runs'} holds the logs of 2 runs (a/logs, b/logs); give one run's folder")
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+
+    assert plot_metrics.read_run(tmp_path / "runs/a")["train/loss"] == {0: 5.0, 1: 3.0}

@@ -34,6 +34,7 @@ Memory: CUDA peak allocated / reserved per row; on CPU, the process's peak RSS s
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -43,6 +44,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,6 +57,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/outfile.py, also under runpy or an import
+from outfile import check_out, write_out  # noqa: E402
 
 GiB = 2**30
 
@@ -727,7 +731,9 @@ def main(argv: list[str] | None = None) -> dict:
         _check_block_size(args.block, config.n_positions)
     except ConfigError as e:
         sys.exit(f"bench: error: {e}")
-    args.cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
+    check_out(args.out, "bench")  # before minutes of rows, not a traceback after them
+    args.cache_dir = tempfile.mkdtemp(prefix="bench-cache-")  # the real-data row's packed blocks
+    atexit.register(shutil.rmtree, args.cache_dir, ignore_errors=True)
     found = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak = args.peak_tflops if args.peak_tflops is not None else (found[1] / 1e12 if found else None)  # TFLOP/s
     fpt = gpt2_flops_per_token(config, args.block)  # the config is not padded yet: its vocab is the real one
@@ -833,8 +839,7 @@ def main(argv: list[str] | None = None) -> dict:
               "precision": precision, "micro_batch": args.batch, "seq": args.block, "tokens_per_step": tokens_per_step,
               "flops_per_token": fpt, "peak_tflops": peak, "attention": attention, "model": cfg["model"], **extra, "rows": rows, "notes": notes}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        write_out(args.out, json.dumps(result, indent=1, default=str), "bench")
     return result
 
 

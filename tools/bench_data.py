@@ -26,6 +26,9 @@ import time
 from itertools import chain
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/outfile.py, also under runpy or an import
+from outfile import check_out, write_out  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -112,9 +115,12 @@ def measure(way: str, args, corpus: Path, scratch: Path) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, __file__, "--_way", way, "--_corpus", str(corpus), "--_scratch", str(scratch),
            "--tokenizer", args.tokenizer, "--block-size", str(args.block_size), "--num-proc", str(args.num_proc)]
-    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    return json.loads(out.splitlines()[-1])
+    if out.returncode:  # one line naming the way and its error, not its traceback and then ours
+        said = out.stderr.strip().splitlines() or [f"exit {out.returncode}"]
+        sys.exit(f"bench_data: error: the {way} run failed: {said[-1][:300]} (tokenizer {args.tokenizer})")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def child(args) -> None:
@@ -153,6 +159,7 @@ def main() -> None:
         sys.exit(f"bench_data: no tokenizer at {args.tokenizer} (needs tokenizer.json); pass --tokenizer DIR")
     if args._way:
         return child(args)
+    check_out(args.out, "bench_data")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_data-"))
     try:
@@ -190,9 +197,9 @@ def main() -> None:
           f"- {ours['tokens'] % args.block_size} remainder, dropped {ours['dropped']} < {args.block_size}: OK")
     print(f"reference dropped {ref['dropped']:,} tokens ({ref['dropped_pct']:.3f}%): one remainder per 1000-row map batch")
     if args.out:
-        Path(args.out).write_text(json.dumps({"corpus_files": len(files), "corpus_mib": mb, "block_size": args.block_size,
-                                              "num_proc": args.num_proc, "gpt2dist": ours, "reference": ref,
-                                              "runs": runs, "ratio": ratio}, indent=1))
+        write_out(args.out, json.dumps({"corpus_files": len(files), "corpus_mib": mb, "block_size": args.block_size,
+                                        "num_proc": args.num_proc, "gpt2dist": ours, "reference": ref,
+                                        "runs": runs, "ratio": ratio}, indent=1), "bench_data")
 
 
 if __name__ == "__main__":

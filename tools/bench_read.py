@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/outfile.py, also under runpy or an import
+from outfile import check_out, write_out  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FORMATS, WAYS = ("jsonl", "csv", "parquet", "txt"), ("gpt2dist", "whole", "datasets")
 WORDS = ("the of and to in is that for it as with was on be by this are or from at an which café naïve "
@@ -105,9 +108,14 @@ def _status_bytes(key: str) -> int:
 
 
 def child(way: str, path: Path) -> None:
+    # The datasets way's Arrow copy goes beside the corpus, in the parent's folder, removed with it.
+    with tempfile.TemporaryDirectory(prefix="bench-read-ds-", dir=path.parent) as cache:
+        _child(way, path, cache)
+
+
+def _child(way: str, path: Path, cache: str) -> None:
     from gpt2dist.data import read_documents
 
-    cache = tempfile.mkdtemp(prefix="bench-read-ds-")
     import datasets  # noqa: F401  (imported by every way: its RSS is in every start)
     import pyarrow.csv  # noqa: F401
     import pyarrow.parquet  # noqa: F401
@@ -140,6 +148,7 @@ def main() -> None:
         bad = [x for x in given.split(",") if x not in known]
         if bad:
             sys.exit(f"bench_read: error: {flag} {bad[0]!r} is not one of {','.join(known)}")
+    check_out(args.out, "bench_read")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
         for fmt in args.formats.split(","):
@@ -150,7 +159,10 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, "--child", way, str(path)], capture_output=True,
                                      text=True, cwd=REPO)
                 if out.returncode:
-                    rows.append({"format": fmt, "way": way, "error": out.stderr.strip().splitlines()[-1][:120]})
+                    # A child the OOM killer ends (the whole way at --mb 1000) says nothing on stderr.
+                    said = out.stderr.strip().splitlines() or [
+                        f"killed by signal {-out.returncode}" if out.returncode < 0 else f"exit {out.returncode}"]
+                    rows.append({"format": fmt, "way": way, "error": said[-1][:120]})
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 assert r["docs"] == n_docs, (way, fmt, r["docs"], n_docs)
@@ -166,7 +178,7 @@ def main() -> None:
         print(f"{r['format']:<8} {r['way']:<9} {r['file_mb']:9.0f} {r['docs']:9d} {r['file_mb'] / r['seconds']:7.0f} "
               f"{r['peak'] / 2**20:13.0f} {r['over'] / 2**20:15.0f} {ratio}")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        write_out(args.out, json.dumps(rows, indent=1), "bench_read")
 
 
 if __name__ == "__main__":

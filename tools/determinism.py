@@ -5,9 +5,9 @@
     python tools/determinism.py --processes 20 --threads 2,1     # alternate: does the thread count matter?
 
 No Lightning and no gpt2dist: each process trains Hugging Face's GPT-2 (the tests' tiny shape:
-2 layers, 64 wide, dropout 0.1) with torch's fused AdamW, as `GPT2LitModule` configures it on CPU,
-for `--steps` steps of 2 micro-batches from the same seed and data, and prints a digest of the
-weights after each step. The most common sequence of digests is the reference; the table lists
+2 layers, 64 wide, dropout 0.1) with torch's fused AdamW, the kernel `GPT2Module` steps on CPU (one
+group, no clipping: which tensors decay changes the numbers, not whether they repeat), for `--steps`
+steps of 2 micro-batches from the same seed and data, and prints a digest of the weights after each step. The most common sequence of digests is the reference; the table lists
 each other outcome, the step where it parted, and how far its final weights are off. This is the
 tool behind README.md's "What is exact": a resume test that is not bitwise can be this, not resume.
 """

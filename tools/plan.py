@@ -1,11 +1,15 @@
 """Memory planner: per-GPU memory of GPT-2 training for DDP, FSDP2, FSDP1, ZeRO-1/2/3, ZeRO-3 offload.
 
-    python tools/plan.py --model gpt2-large --gpus 8 --gpu-mem-gb 80 --seq 1024
-    python tools/plan.py --model gpt2-xl --gpus 4 --nodes 2 --gpu-mem-gb 40 --micro-batch 4 --json plan.json
-    python tools/plan.py --model gpt2 --gpus 1 --gpu-mem-gb 80 --seq 1024 --micro-batch 32   # single GPU
+    python tools/plan.py --model gpt2-large --gpus 8 --gpu-mem-gb 85 --seq 1024          # H100 80GB
+    python tools/plan.py --model gpt2-xl --gpus 4 --nodes 2 --gpu-mem-gb 42.4 --micro-batch 4 --json plan.json
+    python tools/plan.py --model gpt2 --gpus 1 --gpu-mem-gb 85 --seq 1024 --micro-batch 32   # single GPU
     python tools/plan.py --model gpt2-large --gpus 1 --precision bf16-true     # bf16 weights, fp32 masters
     python tools/plan.py --model gpt2-large --gpus 8 --accumulate 2            # as configs/gpt2-large.yaml
-    python tools/plan.py --model gpt2-xl --gpus 8 --gpu-mem-gb 40 --compile on # every row compiled
+    python tools/plan.py --model gpt2-xl --gpus 8 --gpu-mem-gb 42.4 --compile on # every row compiled
+
+--gpu-mem-gb counts GB of 1e9 bytes, as torch.cuda.get_device_properties(0).total_memory / 1e9 gives
+(and the OOM message's plan command passes): a card sold as "80GB" holds 85.0 of them (an H100), one
+sold as "40GB" 42.4 (an A100). Its label read as GB plans about 6% short; the plan says so.
 
 The formulas are in gpt2dist/planner.py (module docstring and `estimate`). Each row shows the
 model states per GPU, activations for one sequence, the total at --micro-batch with and without
@@ -23,6 +27,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/outfile.py, also under runpy or an import
+from outfile import check_out, write_out  # noqa: E402
 
 from gpt2dist.errors import GPT2DistError  # noqa: E402
 from gpt2dist.planner import GB, PRECISIONS, PREFERENCE, STRATEGIES, USABLE_FRACTION, estimate, recommend, shape_from_config  # noqa: E402
@@ -167,12 +174,18 @@ def validate(bench_jsons: list[str]) -> list[dict]:
     return rows
 
 
+# Data-centre cards' labels in GB -> about their total_memory / 1e9: A100 40GB, A100/H100 80GB, H200 141GB.
+CARD_LABELS = {40: 42.4, 80: 85.0, 141: 150.0}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt2-large", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local folder")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--gpu-mem-gb", type=float, default=85.0,
+                    help="memory per GPU in GB of 1e9 bytes (total_memory / 1e9): 85 for an H100 80GB, 42.4 for "
+                         "an A100 40GB, 150 for an H200 141GB")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=8, help="micro-batch for the total columns")
     ap.add_argument("--accumulate", type=int, default=1,
@@ -196,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--validate", nargs="+", metavar="BENCH_JSON",
                     help="instead: compare the estimate with peak memory measured by tools/bench.py --out")
     args = ap.parse_args(argv)
+    check_out(args.json, "plan", "--json")
     if args.validate:
         rows = validate(args.validate)
         write_json(args.json, rows)
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dropout is not None and not 0 <= args.dropout < 1:
         sys.exit(f"plan: error: --dropout={args.dropout} must be in [0, 1), as model.dropout")
     if not (math.isfinite(args.gpu_mem_gb) and args.gpu_mem_gb > 0):
-        sys.exit(f"plan: error: --gpu-mem-gb={args.gpu_mem_gb} must be a positive number of GB (e.g. 80 for an H100)")
+        sys.exit(f"plan: error: --gpu-mem-gb={args.gpu_mem_gb} must be a positive number of GB (e.g. 85 for an H100 80GB)")
     from gpt2dist.model import build_config
 
     try:
@@ -219,17 +233,18 @@ def main(argv: list[str] | None = None) -> dict:
     p = plan(args.model, args.gpus, args.nodes, args.gpu_mem_gb, args.seq, args.micro_batch, args.pad_vocab,
              args.compile, args.min_micro_batch, args.strategy, args.precision, args.accumulate, args.dropout)
     print_plan(p)
+    if args.gpu_mem_gb in CARD_LABELS:
+        # A card's label is GiB-ish (an H100 "80GB" holds 85.0e9 bytes): read as 1e9 bytes it plans short.
+        print(f"note: --gpu-mem-gb {args.gpu_mem_gb:g} is {args.gpu_mem_gb:g}e9 bytes; a card sold as "
+              f"{args.gpu_mem_gb:g}GB holds about {CARD_LABELS[args.gpu_mem_gb]:g}e9 (total_memory / 1e9): pass "
+              f"--gpu-mem-gb {CARD_LABELS[args.gpu_mem_gb]:g} to plan its whole memory")
     write_json(args.json, p)
     return p
 
 
 def write_json(path: str | None, obj) -> None:
-    if not path:
-        return
-    try:
-        Path(path).write_text(json.dumps(obj, indent=1))
-    except OSError as e:
-        sys.exit(f"plan: error: --json {path}: {e.strerror or type(e).__name__}; give a path in a folder you can write to")
+    if path:
+        write_out(path, json.dumps(obj, indent=1), "plan", "--json")
 
 
 if __name__ == "__main__":

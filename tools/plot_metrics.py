@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/outfile.py, also under runpy or an import
+from outfile import check_out, write_out  # noqa: E402
 
 SERIES = {  # panel -> metric names (the names gpt2dist logs whatever the logger)
     "loss": ["train/loss", "val/loss"],
@@ -71,9 +75,21 @@ def _training_log(rows: list[dict]) -> bool:
     return any(k in row for row in rows for k in TRAINING)
 
 
+def _one_run(paths: list[Path], folder_of, root: Path) -> list[Path]:
+    """The logs of one run, or a one-line refusal: a folder of several runs (runs/a, runs/b) merged each
+    one's version_0 over the others' from step 0, a curve of no run."""
+    folders = sorted({folder_of(p) for p in paths})
+    if len(folders) > 1:
+        names = ", ".join(str(f.relative_to(root)) for f in folders[:4]) + (", ..." if len(folders) > 4 else "")
+        _error(f"{root} holds the logs of {len(folders)} runs ({names}); give one run's folder")
+    return paths
+
+
 def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
     series: dict = {}
-    paths = [root] if root.is_file() else root.rglob("metrics.csv")
+    # CSVLogger writes <save_dir>/<name>/version_N/metrics.csv: one run's versions share the folder above them.
+    paths = [root] if root.is_file() else _one_run(
+        list(root.rglob("metrics.csv")), lambda p: p.parent.parent if _version(p)[0] >= 0 else p.parent, root)
     for path in sorted(paths, key=_version):
         rows = []
         with open(path, newline="") as f:
@@ -105,7 +121,9 @@ def read_wandb_runs(root: Path) -> dict[str, dict[int, float]]:
         stamp = re.search(r"\d{8}_\d{6}", p.parent.name)
         return (stamp.group(0) if stamp else "", p.stat().st_mtime)
 
-    for path in sorted(root.rglob("*.wandb"), key=started):
+    # <save_dir>/wandb/offline-run-<time>-<id>/run-<id>.wandb: a requeue adds a folder to the same wandb/.
+    paths = _one_run(list(root.rglob("*.wandb")), lambda p: p.parent.parent, root)
+    for path in sorted(paths, key=started):
         proc = subprocess.run([_wandb_exe(), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
@@ -144,11 +162,15 @@ def _pyplot():
     return plt
 
 
-def out_path(out: Path) -> Path:
-    """The file savefig writes: without an extension it adds .png, so say that name; an unknown one is refused
-    before the run is read."""
+def out_path(given: str | Path) -> Path:
+    """The file savefig writes: without an extension it adds .png, so say that name; a folder gets
+    metrics.png in it; an unknown type or a place that cannot be written is refused before the run is read."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    out = Path(given)
+    if out.is_dir() or str(given).endswith(("/", os.sep)):  # Path("figs/") drops the slash: figs.png beside it
+        out = out / "metrics.png"
+    check_out(out, "plot_metrics")
     if not out.suffix:
         return out.with_name(out.name + ".png")
     kinds = FigureCanvasBase.get_supported_filetypes()
@@ -177,8 +199,7 @@ def plot(series: dict, out: Path, title: str) -> Path:
     axes[0].set_title(title)
     axes[-1].set_xlabel("step (optimizer steps)")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, format=out.suffix[1:].lower() or "png")
+    write_out(out, lambda tmp: fig.savefig(tmp, dpi=100, format=out.suffix[1:].lower() or "png"), "plot_metrics")
     plt.close(fig)
     return out
 
@@ -186,7 +207,8 @@ def plot(series: dict, out: Path, title: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, help="CSVLogger folder (or its metrics.csv) or W&B offline run/wandb folder")
-    ap.add_argument("--out", type=Path, help="image path, PNG unless it ends in another type (default: RUN_DIR/metrics.png)")
+    ap.add_argument("--out", help="image path, PNG unless it ends in another type, or a folder for metrics.png in it "
+                                  "(default: RUN_DIR/metrics.png)")
     args = ap.parse_args(argv)
     _pyplot()  # before reading the run: W&B runs take a while to read
     folder = args.run_dir.parent if args.run_dir.is_file() else args.run_dir
