@@ -104,7 +104,8 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
                  seeds: list[int] | None = None, real_vocab: int | None = None) -> list[list[int]]:
     """Each prompt's token ids followed by its new ones (up to and with EOS), by a GPT2LMHeadModel on its
     own device, in one `generate` per group of rows with the same token budget. Vocabulary rows from
-    `real_vocab` (default: the config's unpadded_vocab_size) up, padding, are never produced. `seeds` (one per prompt) are needed when sampling."""
+    `real_vocab` (default: the config's unpadded_vocab_size) or the tokenizer's size up, padding, are never
+    produced. `seeds` (one per prompt) are needed when sampling."""
     if sampling.do_sample and (seeds is None or len(seeds) != len(prompts)):
         raise ValueError("sampling needs one seed per prompt")
     device = next(model.parameters()).device
@@ -116,6 +117,9 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, samp
     # A padded model (pad_vocab_to_multiple_of) says its real vocabulary in its config: rows past it
     # are zero, and a zero logit can beat every real one.
     real_vocab = real_vocab or getattr(model.config, "unpadded_vocab_size", None) or model.config.vocab_size
+    # A model wider than its tokenizer (config_overrides.vocab_size 50304, a folder saved padded): ids past
+    # the tokenizer decode to '' and were generated, each a step of the budget lost from the text.
+    real_vocab = min(real_vocab, len(tokenizer))
     result: list[list[int]] = [[] for _ in prompts]
     for limit in sorted(set(budget)):
         rows = [i for i, b in enumerate(budget) if b == limit]

@@ -478,13 +478,22 @@ class GPT2Module(pl.LightningModule):
         for where, prompt in dm.prompts_with_origin() if hasattr(dm, "prompts_with_origin") else []:
             prompt_ids(dm.tokenizer, prompt, self.model.config.n_positions, where)
 
-    def predict_step(self, batch: list[dict] | dict | str, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: list[dict] | dict, batch_idx: int) -> list[dict]:
         """One row {"index", "sample", "prompt", "text"} per continuation of each prompt in the batch: a list of
-        the DataModule's {"index": i, "prompt": p} items (or one item, or a bare string)."""
+        the DataModule's {"index": i, "prompt": p} items (or one item)."""
         from gpt2dist.monitor import generate_samples
 
         items = batch if isinstance(batch, list) else [batch]
-        items = [x if isinstance(x, dict) else {"index": batch_idx, "prompt": x} for x in items]
+        # A bare string has no index: its seed and place in the output were batch_idx, the same for every
+        # string of a batch (equal samples, rows out of order), and another rank's too under DDP.
+        if not all(isinstance(x, dict) and {"index", "prompt"} <= x.keys() for x in items):
+            raise ConfigError("predict batches must be {'index': i, 'prompt': text} items, as gpt2dist's "
+                              "TokenBlockDataModule makes them from data.predict_file; got "
+                              f"{type(items[0] if items else batch).__name__} items")
+        tokenizer = getattr(self._datamodule(), "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError("predict needs the run's tokenizer: run it with gpt2dist's TokenBlockDataModule "
+                              "(`gpt2dist predict --config ...`), not a dataloader alone")
         hp = self.hparams
         # Pad items even out the ranks' shares (DDP): not generated, not written.
         rows = [{"index": x["index"], "sample": j, "prompt": x["prompt"]}
@@ -494,7 +503,7 @@ class GPT2Module(pl.LightningModule):
         seeds = [row_seed(hp.generation_seed, r["index"], r["sample"]) for r in rows]
         # Through generate_samples: under FSDP2 `generate` calls self.model, not the root's forward, so the
         # root's parameters (embeddings, ln_f, tied head) must be unsharded there.
-        texts = generate_samples(self, self._datamodule().tokenizer, [r["prompt"] for r in rows], hp.max_new_tokens,
+        texts = generate_samples(self, tokenizer, [r["prompt"] for r in rows], hp.max_new_tokens,
                                  seed=hp.generation_seed, sampling=self.sampling(), seeds=seeds)
         return [{**r, "text": t} for r, t in zip(rows, texts)]
 

@@ -89,9 +89,16 @@ def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
     out = generate_ids(model, tokenizer, ["def "] * 32, 16, Sampling(do_sample=True, temperature=5.0),
                        [row_seed(0, i) for i in range(32)], real_vocab=real)
     assert max(max(o) for o in out) < real
-    unpadded = generate_ids(model, tokenizer, ["def "] * 32, 16, Sampling(do_sample=True, temperature=5.0),
-                            [row_seed(0, i) for i in range(32)])
-    assert max(max(o) for o in unpadded) >= real  # without real_vocab they are drawn: the check can fail
+    # A model wider than its tokenizer, saying nothing of padding (config_overrides.vocab_size 50304, a folder
+    # saved padded): ids past the tokenizer decode to '' and were drawn, each a lost step of the budget.
+    wider = generate_ids(model, tokenizer, ["def "] * 32, 16, Sampling(do_sample=True, temperature=5.0),
+                         [row_seed(0, i) for i in range(32)])
+    assert max(max(o) for o in wider) < real
+    greedy = generate_ids(model, tokenizer, ["def ", "x"], 8)
+    assert max(max(o) for o in greedy) < real
+    with torch.no_grad():  # the check can fail: the rows past the tokenizer win unmasked
+        logits = model(torch.tensor([tokenizer.encode("def ")])).logits[0, -1]
+    assert logits.argmax() >= real
 
 
 def test_a_long_prompt_does_not_shorten_its_batch(model, tokenizer):

@@ -442,3 +442,20 @@ def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(**TINY, vocab_size=300)).config.save_pretrained(tmp_path)
     with pytest.raises(DataError, match="encodes text to no tokens: the folder holds no tokenizer files"):
         load_tokenizer(str(tmp_path))
+
+
+def test_predict_needs_indexed_items_and_a_tokenizer(tokenizer):
+    """A list of bare strings got index=batch_idx for every string: one seed (equal samples) and one place in
+    the output for all; with no datamodule, an AttributeError on None. Indexed items are generated."""
+    import lightning.pytorch as pl
+
+    m = GPT2Module(from_scratch=True, config_overrides={**TINY, "vocab_size": len(tokenizer)}, dropout=0.0, do_sample=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match=r"^predict batches must be \{'index': i, 'prompt': text\} items.*got str items$"):
+        trainer.predict(m, torch.utils.data.DataLoader(["def ", "import ", "x"], batch_size=3))
+    with pytest.raises(ConfigError, match="^predict needs the run's tokenizer"):
+        trainer.predict(m, torch.utils.data.DataLoader([{"index": 0, "prompt": "def "}], batch_size=None))
+    m.configure_model()
+    m._datamodule = lambda: SimpleNamespace(tokenizer=tokenizer)
+    rows = m.predict_step([{"index": i, "prompt": "def "} for i in range(3)], 0)
+    assert [r["index"] for r in rows] == [0, 1, 2] and len({r["text"] for r in rows}) == 3  # a seed per row
