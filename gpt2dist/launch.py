@@ -194,13 +194,25 @@ def check_array(nodes: int, tasks_per_node: int, fit_args: list[str], spec: str)
     ids = array_task_ids(spec)
     if not any("%a" in a for a in fit_args):
         raise ConfigError(f"job array {spec!r}: every task would get the same arguments, so the same run folder; put %a "
-                          f"(the task id) in --trainer.default_root_dir (e.g. runs/sweep-%a) or in --config (sweep/%a.yaml)")
-    lines = {}
+                          f"(the task id) in --trainer.default_root_dir (e.g. runs/sweep-%a), or in --config "
+                          f"(sweep/%a.yaml) with each file setting trainer.default_root_dir")
+    lines, folders = {}, {}
     for i in ids:
+        args = [a.replace("%a", str(i)) for a in fit_args]
         try:
-            lines.setdefault(check_submission(nodes, tasks_per_node, [a.replace("%a", str(i)) for a in fit_args]), []).append(i)
+            lines.setdefault(check_submission(nodes, tasks_per_node, args), []).append(i)
         except ConfigError as e:
             raise ConfigError(f"array task {i}: {e}") from None
+        # %a in a learning rate or a seed only: every task in one folder, where tasks at once fail on its
+        # lock and tasks one after another (%1) resume each other's checkpoints (--ckpt_path auto).
+        root = os.path.normpath(str(_get(read_fit_args(args)[0], "trainer.default_root_dir") or "."))
+        folders.setdefault(root, []).append(i)
+    shared = next(((root, t) for root, t in folders.items() if len(t) > 1), None)
+    if shared:
+        root, t = shared
+        raise ConfigError(f"job array {spec!r}: tasks {','.join(map(str, t[:8]))}{',...' if len(t) > 8 else ''} all train "
+                          f"in the run folder {root} (trainer.default_root_dir); put %a in it "
+                          f"(--trainer.default_root_dir {root}-%a), or set it in each task's --config file")
     return "\n".join(f"array task(s) {','.join(map(str, t)) if len(t) <= 8 else f'{t[0]}..{t[-1]} ({len(t)})'}: {line}"
                      for line, t in lines.items())
 

@@ -50,6 +50,7 @@ CHECK=() QUEUE=()
 [[ -n $ARRAY_SPEC ]] && CHECK=(--array "$ARRAY_SPEC") QUEUE=(--array="$ARRAY_SPEC")
 "$PYTHON" -m gpt2dist.launch --nodes "$NODES" --tasks-per-node "$TASKS" ${CHECK[@]+"${CHECK[@]}"} -- ${ARGS[@]+"${ARGS[@]}"} >&2
 
-# The array is passed, not left to the environment: what was checked is what is queued.
-exec sbatch --parsable --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" \
+# The array is passed, not left to the environment: what was checked is what is queued. Submitted from
+# inside a job (a pipeline's next stage), that job's array ids and restart count are not this one's.
+exec env -u SLURM_ARRAY_JOB_ID -u SLURM_ARRAY_TASK_ID -u SLURM_RESTART_COUNT sbatch --parsable --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" \
     --cpus-per-task="$CPUS" --time="$TIME" ${QUEUE[@]+"${QUEUE[@]}"} "$HERE/fit.sbatch" ${ARGS[@]+"${ARGS[@]}"}

@@ -150,7 +150,9 @@ def test_a_job_array_is_checked_task_by_task_as_fit_sbatch_runs_it(tmp_path):
     with pytest.raises(ConfigError, match="job array '0-x': '0-x' is not an id or range"):
         array_task_ids("0-x")
     for i, batch in enumerate((4, 8, 4)):
-        (tmp_path / f"sweep-{i}.yaml").write_text(yaml.safe_dump({"data": {"batch_size": batch}}))
+        (tmp_path / f"sweep-{i}.yaml").write_text(yaml.safe_dump({"data": {"batch_size": batch},
+                                                                  "trainer": {"default_root_dir": f"runs/sweep-{i}"}}))
+        (tmp_path / f"lr-{i}.yaml").write_text(yaml.safe_dump({"model": {"lr": 1e-4 * (i + 1)}}))
     (tmp_path / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/queued"\necho 123\n')
     (tmp_path / "sbatch").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable}
@@ -177,7 +179,14 @@ def test_a_job_array_is_checked_task_by_task_as_fit_sbatch_runs_it(tmp_path):
     assert r.returncode == 0 and str(REPO / "slurm/fit.sbatch") in (tmp_path / "queued").read_text().split(), r.stderr
     (tmp_path / "queued").unlink()
     for array, args, says in (("0-3", ["--config", str(tmp_path / "sweep-%a.yaml")], "array task 3: config file "),
-                              ("0-3", [], "job array '0-3': every task would get the same arguments, so the same run folder")):
+                              ("0-3", [], "job array '0-3': every task would get the same arguments, so the same run folder"),
+                              # %a in a learning rate or a seed only: one run folder, tasks resuming each other
+                              ("0-2", ["--config", str(tmp_path / "lr-%a.yaml")], "job array '0-2': tasks 0,1,2 all train in "
+                               "the run folder runs/gpt2-large (trainer.default_root_dir); put %a in it (--trainer.default_root_dir "
+                               "runs/gpt2-large-%a), or set it in each task's --config file"),
+                              ("0-1", ["--seed_everything", "%a"], "tasks 0,1 all train in the run folder runs/gpt2-large"),
+                              ("0-1", ["--config", str(tmp_path / "sweep-%a.yaml"), "--trainer.default_root_dir", "runs/s"],
+                               "tasks 0,1 all train in the run folder runs/s (")):
         r = submit(array, *args)
         assert r.returncode == 2 and says in r.stderr and not (tmp_path / "queued").exists(), r.stderr
 
@@ -265,7 +274,7 @@ def test_sbatch_scripts_keep_the_hugging_face_caches_where_the_libraries_look(tm
 
     (tmp_path / "srun").write_text('#!/bin/sh\necho "$HF_HOME $HF_DATASETS_CACHE" >> "$(dirname "$0")/seen"\n')
     (tmp_path / "srun").chmod(0o755)
-    slurm = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "7",
+    slurm = {"SLURM_JOB_NUM_NODES": "1", "SLURM_TASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "7",
              "SLURM_JOB_NODELIST": "n1", "PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path / "home")}
     args = ["--config", "x.yaml"] if script == "fit.sbatch" else ["test", "--config", "x.yaml"]
     for extra, expected in (({"XDG_CACHE_HOME": "/scratch/u/cache"}, "/scratch/u/cache/huggingface"),
@@ -276,3 +285,52 @@ def test_sbatch_scripts_keep_the_hugging_face_caches_where_the_libraries_look(tm
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert set((tmp_path / "seen").read_text().splitlines()) == {f"{expected} {expected}/datasets"}, extra
+
+
+def test_fit_sbatch_takes_the_tasks_slurm_gave_the_job_and_its_own_ids_and_a_free_port(tmp_path):
+    """Stub srun and scontrol record what the job's steps get. (1) A --ntasks 2 job keeps --ntasks-per-node=8 in
+    SLURM_NTASKS_PER_NODE: the fit ran --trainer.devices 8 over 2 processes; now SLURM_TASKS_PER_NODE's 2, and an
+    uneven layout (2,1) is one line. (2) Array ids and a restart count inherited from the submitting job (sbatch
+    copies its environment) made the job refuse itself as an array task, or requeue its parent; SLURM's record
+    (scontrol show job) wins. (3) Lightning's port, 15000 + the id's last 4 digits, taken by another job on the
+    node: the next free one."""
+    import os
+    import socket
+    import subprocess
+
+    (tmp_path / "srun").write_text('#!/bin/bash\necho "array=${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID:-} '
+                                   'restarts=${SLURM_RESTART_COUNT:-} port=${MASTER_PORT:-} ${*: -4}" >> "$(dirname "$0")/seen"\n')
+    (tmp_path / "scontrol").write_text('#!/bin/bash\ncase "$1 $2" in\n  "show hostnames") echo n1; echo n2 ;;\n'
+                                       '  "show job") cat "$(dirname "$0")/record" ;;\nesac\n')
+    for stub in ("srun", "scontrol"):
+        (tmp_path / stub).chmod(0o755)
+    slurm = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "20007",
+             "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_NODELIST": "n[1-2]", "SLURMD_NODENAME": "n1",
+             "PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    inherited = {"SLURM_ARRAY_JOB_ID": "99", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "2"}
+
+    def job(record, env, *args):
+        (tmp_path / "seen").unlink(missing_ok=True)
+        (tmp_path / "record").write_text(record)
+        r = subprocess.run(["bash", str(REPO / "slurm/fit.sbatch"), "--config", "x.yaml", *args], env={**slurm, **env},
+                           capture_output=True, text=True, timeout=60)
+        return r, (tmp_path / "seen").read_text().splitlines() if (tmp_path / "seen").exists() else []
+
+    with socket.socket() as taken:  # another job's rendezvous on Lightning's port for this id
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 15007))
+        taken.listen()
+        r, seen = job("JobId=20007 JobName=gpt2dist UserId=u(0) Restarts=0 BatchFlag=1\n", inherited)
+    assert r.returncode == 0, r.stderr
+    assert seen == ["array=_ restarts=0 port=15008 --trainer.num_nodes 1 --trainer.devices 2"] * 2  # prepare, fit
+
+    # A real array task keeps its ids (and its %a), and a requeue its count; the port is Lightning's when free.
+    r, seen = job("JobId=20007 ArrayJobId=20005 ArrayTaskId=2 JobName=gpt2dist Restarts=1 BatchFlag=1\n", inherited,
+                  "--trainer.default_root_dir", "runs/s-%a")
+    assert r.returncode == 0, r.stderr
+    assert seen[-1] == "array=20005_2 restarts=1 port=15007 --trainer.num_nodes 1 --trainer.devices 2", seen
+
+    r, seen = job("", {"SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "2,1"})
+    assert r.returncode == 2 and seen == [] and r.stderr.strip() == (
+        "fit.sbatch: error: SLURM started 2,1 task(s) per node (uneven, from --ntasks?); every node needs the same "
+        "number: submit with --ntasks-per-node=G (one per GPU) instead of --ntasks")

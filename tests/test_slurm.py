@@ -355,6 +355,31 @@ def test_job_array_tasks_get_their_own_run_folders(slurm, tmp_path, corpus_dir, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_job_submitted_from_inside_another_is_its_own_job(slurm, tmp_path):
+    """sbatch copies the submitting shell's environment: a job submitted from an array task or a requeued job
+    (a pipeline's next stage) kept SLURM_ARRAY_JOB_ID/TASK_ID and SLURM_RESTART_COUNT, which SLURM sets only
+    where they apply. fit.sbatch refused it as an array task, its preemption requeued the parent, a first start
+    read as a requeue. fit.sbatch now asks scontrol, whose record this reads as real SLURM writes it. A stub
+    `gpt2dist` records what the steps get."""
+    stub = tmp_path / "stub.sh"
+    stub.write_text('#!/bin/bash\necho "$1 array=${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID:-} '
+                    'restarts=${SLURM_RESTART_COUNT:-}" >> "$(dirname "$0")/seen-$SLURM_JOB_ID"\n')
+    stub.chmod(0o755)
+    env = {"GPT2DIST_CMD": str(stub), "SLURM_ARRAY_JOB_ID": "99", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "2"}
+    layout = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+    plain = slurm.run("sbatch", "--parsable", *layout, str(REPO / "slurm/fit.sbatch"), "--config", "x.yaml", env=env,
+                      cwd=tmp_path).stdout.strip()
+    array = slurm.run("sbatch", "--parsable", "--array=1", *layout, str(REPO / "slurm/fit.sbatch"), "--config", "x-%a.yaml",
+                      env=env, cwd=tmp_path).stdout.strip()
+    j = slurm.wait_job(plain, timeout=120)
+    assert j["JobState"] == "COMPLETED", job_log(tmp_path, plain)[0].read_text()[-2000:]
+    assert (tmp_path / f"seen-{plain}").read_text().splitlines() == ["prepare array=_ restarts=0", "fit array=_ restarts=0"]
+    j = slurm.wait_job(f"{array}_1", timeout=120)
+    assert j["JobState"] == "COMPLETED", job_log(tmp_path, j["JobId"])[0].read_text()[-2000:]
+    assert (tmp_path / f"seen-{j['JobId']}").read_text().splitlines() == [
+        f"prepare array={array}_1 restarts=0", f"fit array={array}_1 restarts=0"]
+
+
 def test_bad_data_fails_the_job_once_before_training_starts(slurm, tmp_path, corpus_dir, tokenizer_dir):
     """An empty corpus on 2 nodes: the job's prepare step stops it with one error line, not one per rank,
     and no training process starts."""
