@@ -334,3 +334,22 @@ def test_fit_sbatch_takes_the_tasks_slurm_gave_the_job_and_its_own_ids_and_a_fre
     assert r.returncode == 2 and seen == [] and r.stderr.strip() == (
         "fit.sbatch: error: SLURM started 2,1 task(s) per node (uneven, from --ntasks?); every node needs the same "
         "number: submit with --ntasks-per-node=G (one per GPU) instead of --ntasks")
+
+
+def test_submit_sh_does_not_pass_on_the_submitting_jobs_array_ids(tmp_path):
+    """Run from inside an array task or a requeued job, sbatch copied SLURM_ARRAY_* and SLURM_RESTART_COUNT
+    into the new job (SLURM sets them only where they apply). A stub sbatch records what it was given."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sbatch").write_text('#!/bin/sh\necho "${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID:-}_'
+                                     '${SLURM_RESTART_COUNT:-} $SLURM_JOB_ID" > "$(dirname "$0")/queued"\necho 123\n')
+    (tmp_path / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "SLURM_ARRAY_JOB_ID": "99", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "2", "SLURM_JOB_ID": "101"}
+    r = subprocess.run(["bash", str(REPO / "slurm/submit.sh"), "--config", str(REPO / "configs/gpt2-large.yaml")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "123", r.stderr
+    assert (tmp_path / "queued").read_text().strip() == "__ 101"
