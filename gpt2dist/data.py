@@ -60,10 +60,13 @@ def resolve_files(patterns: list[str], key: str) -> list[Path]:
     files: list[Path] = []
     for pat in patterns:
         expanded = expand_pattern(pat)
-        if glob.has_magic(expanded):
-            hits = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        # A name that exists is that file, brackets and all: `notes[1].txt` read as a glob matched
+        # notes1.txt (another file, silently) or nothing.
+        if glob.has_magic(expanded) and not os.path.exists(expanded):
+            hits = sorted(p for p in glob.glob(_existing_prefix_escaped(expanded), recursive=True) if os.path.isfile(p))
             if not hits:
-                raise DataError(f"{key}: glob {pat!r} matches no file; check the path (from {os.getcwd()})")
+                raise DataError(f"{key}: glob {pat!r} matches no file; check the path (from {os.getcwd()}); "
+                                f"[, ] and ? in a name are glob characters: write [[] for [ (glob.escape)")
         else:
             if not os.path.exists(expanded):
                 raise DataError(f"{key}: file {pat!r} does not exist; check the path (from {os.getcwd()})")
@@ -79,11 +82,28 @@ def resolve_files(patterns: list[str], key: str) -> list[Path]:
                 raise DataError(f"{key}: {h!r} is not readable; fix its permissions or drop it from {key}")
         files.extend(Path(h) for h in hits)
     # The same file matched twice would silently double its weight, also when named two ways
-    # (relative and absolute, via `..` or a symlink): the first name given is kept.
-    first: dict[str, Path] = {}
+    # (relative and absolute, via `..`, a symlink or a hard link): the first name given is kept.
+    first: dict[tuple[int, int], Path] = {}
     for f in files:
-        first.setdefault(os.path.realpath(f), f)
+        first.setdefault(file_identity(f), f)
     return list(first.values())
+
+
+def _existing_prefix_escaped(pattern: str) -> str:
+    """`set[a]/*.txt` with a folder named `set[a]`: that folder, escaped, then the glob below it (it matched
+    a folder `seta`, or nothing)."""
+    parts = Path(pattern).parts
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = os.path.join(*parts[:i])
+        if os.path.exists(prefix):
+            return os.path.join(glob.escape(prefix), *parts[i:]) if glob.has_magic(prefix) else pattern
+    return pattern
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int]:
+    """One file whatever its name: device and inode (a hard link has no realpath of its own)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 class BadFileError(DataError):
@@ -298,6 +318,11 @@ def _table_texts(path: Path, field: str, knob: str = "data.text_field", skip_nul
         column = batch.column(0)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             column = column.cast(pa.large_string())
+        try:  # Parquet writers that skip UTF-8 checks (Spark's binary-as-string): a bad file, like a .txt's bytes
+            column.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise BadFileError(path, f"column {field!r} near row {n + 1} is not UTF-8 text ({str(e).splitlines()[0][:80]})",
+                               "re-encode the column as UTF-8") from None
         for value in column.to_pylist():
             n += 1
             if value is not None:
@@ -373,16 +398,20 @@ def encode_documents(docs: list[str], tokenizer, dtype: np.dtype, literal_eos: s
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     as_text = literal_eos == "text"
-    if as_text:
-        if not hasattr(backend, "encode_special_tokens"):
-            raise DataError("data.literal_eos=text needs tokenizers >= 0.15 (encode_special_tokens); "
-                            "upgrade tokenizers or use data.literal_eos=boundary")
-        backend.encode_special_tokens = True  # on the shared backend: set back below
+    if as_text and not hasattr(backend, "encode_special_tokens"):
+        raise DataError("data.literal_eos=text needs tokenizers >= 0.15 (encode_special_tokens); "
+                        "upgrade tokenizers or use data.literal_eos=boundary")
+    # Set either way, on the shared backend, and put back: transformers leaves it as the tokenizer's
+    # last __call__ had it (a tokenizer_config.json with split_special_tokens: true), and a boundary
+    # run packed every literal "<|endoftext|>" as text.
+    before = getattr(backend, "encode_special_tokens", None)
+    if before is not None:
+        backend.encode_special_tokens = as_text
     try:
         encodings = encode(docs, add_special_tokens=False)
     finally:
-        if as_text:
-            backend.encode_special_tokens = False
+        if before is not None:
+            backend.encode_special_tokens = before
     sep = [np.array([tokenizer.eos_token_id], dtype=dtype)] if eos else []
     parts = []
     for enc in encodings:
@@ -891,8 +920,8 @@ class TokenBlockDataModule(pl.LightningDataModule):
                     log.warning("data.%s_files: leaving out %d file(s) in data.cache_dir (e.g. %s): the cache is not corpus",
                                 split, len(ours), ours[0])
                 out[split] = [p for p in files if p not in ours]
-        # By real path: `c/d0.txt` and `/abs/c/d0.txt` are one file.
-        real = {split: {os.path.realpath(p): p for p in files} for split, files in out.items()}
+        # By identity: `c/d0.txt`, `/abs/c/d0.txt` and a hard link to it (`cp -al`, DVC's cache) are one file.
+        real = {split: {file_identity(p): p for p in files} for split, files in out.items()}
         for split, other, fix in (("val", "train", "take them out of data.train_files (its globs match them)"),
                                   ("test", "train", "take them out of data.train_files (its globs match them)"),
                                   ("test", "val", "a test split scored on the text that picked the best checkpoint "

@@ -197,6 +197,33 @@ def test_one_file_named_two_ways_is_read_once(tmp_path, corpus_dir, tokenizer_di
     assert dm.stats["train"]["documents"] == n
 
 
+def test_a_hard_link_is_the_same_file_and_a_bracketed_name_is_that_file(tmp_path, corpus_dir, tokenizer_dir):
+    """A hard link (`cp -al`, DVC's cache) has its own realpath: inside the training glob it doubled that text's
+    weight, as a validation file it was trained on and scored. `notes[1].txt` was read as a glob: it matched
+    notes1.txt (another file, silently) or nothing; `set[a]/*.txt` matched a folder `seta`."""
+    train = tmp_path / "train"
+    train.mkdir()
+    for name in ("abc.txt", "keyword.txt", "textwrap.txt"):
+        (train / name).write_text((corpus_dir / name).read_text())
+    (train / "abc_copy.txt").hardlink_to(train / "abc.txt")
+    assert [p.name for p in data_mod.resolve_files([str(train / "*.txt")], "data.train_files")] == [
+        "abc.txt", "keyword.txt", "textwrap.txt"]
+    (tmp_path / "val.txt").hardlink_to(train / "keyword.txt")
+    with pytest.raises(DataError, match=r"^data.val_files and data.train_files share 1 file\(s\), e.g. .*val.txt; "):
+        prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(train / "*.txt")], val_files=[str(tmp_path / "val.txt")]))
+
+    (tmp_path / "notes[1].txt").write_text("the real file\n")
+    (tmp_path / "notes1.txt").write_text("another file\n")
+    assert data_mod.resolve_files([str(tmp_path / "notes[1].txt")], "k") == [tmp_path / "notes[1].txt"]
+    (tmp_path / "set[a]").mkdir()
+    (tmp_path / "seta").mkdir()
+    (tmp_path / "set[a]" / "x.txt").write_text("x\n")
+    (tmp_path / "seta" / "y.txt").write_text("y\n")
+    assert data_mod.resolve_files([str(tmp_path / "set[a]" / "*.txt")], "k") == [tmp_path / "set[a]" / "x.txt"]
+    with pytest.raises(DataError, match=r"matches no file; .*\[, \] and \? in a name are glob characters"):
+        data_mod.resolve_files([str(tmp_path / "note[2].txt")], "k")
+
+
 def test_second_prepare_uses_cache_without_tokenizing(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
     dm = make_dm(tmp_path, tokenizer_dir, train_files=[str(corpus_dir / "*.txt")])
     dm.prepare_data()
@@ -603,6 +630,41 @@ def test_on_bad_file_skip_leaves_out_a_csv_that_is_not_utf8(tmp_path, corpus_dir
     assert any("bad.csv: not UTF-8 (byte 8)" in r.getMessage() for r in caplog.records)
     with pytest.raises(DataError, match=r"bad.csv: not UTF-8 \(byte 8\); convert it .*, or set data.on_bad_file=skip$"):
         prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.csv")], val_fraction=0.0))
+
+
+def test_a_parquet_column_that_is_not_utf8_is_a_bad_file(tmp_path, corpus_dir, tokenizer_dir, caplog):
+    """Written by a writer that skips UTF-8 checks (Spark's binary-as-string): a bare UnicodeDecodeError with no
+    file named, which on_bad_file=skip did not skip. Now a bad file, as a .txt's or a .csv's bytes are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [(corpus_dir / "textwrap.txt").read_text()]}), tmp_path / "good.parquet")
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"caf\xe9"], type=pa.binary()).view(pa.string())}),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: column 'text' near row 1 is not UTF-8 text .*; re-encode the "
+                                        r"column as UTF-8, or set data.on_bad_file=skip$"):
+        prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.parquet")], val_fraction=0.0))
+    dm = prepared(make_dm(tmp_path, tokenizer_dir, train_files=[str(tmp_path / "*.parquet")], val_fraction=0.0,
+                          on_bad_file="skip"))
+    assert dm.stats["train"]["documents"] == 1
+
+
+def test_a_tokenizer_saved_with_split_special_tokens_still_packs_boundaries(tmp_path, tokenizer_dir):
+    """literal_eos=boundary used whatever the shared Rust backend was left with: a tokenizer_config.json with
+    split_special_tokens: true (its load's check call sets it) packed every literal <|endoftext|> as text,
+    under the boundary cache key, while prompts read it as EOS."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**cfg, "split_special_tokens": True}))
+    (tmp_path / "stories.txt").write_text("Once upon a time.<|endoftext|>The end. " * 50)
+    dm = prepared(make_dm(tmp_path, tok, train_files=[str(tmp_path / "stories.txt")], val_fraction=0.0, block_size=16,
+                          literal_eos="boundary"))
+    eos = dm.tokenizer.eos_token_id
+    # One document (a .txt file): 49 literal boundaries, and its own EOS unless the dropped remainder holds it.
+    assert dm.stats["train"]["documents"] == 1 and int((np.asarray(dm.train_set.blocks) == eos).sum()) >= 49
 
 
 def test_a_cache_dir_inside_the_corpus_is_not_read_as_corpus(tmp_path, tokenizer_dir, tokenizer, caplog):
