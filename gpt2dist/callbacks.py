@@ -287,11 +287,19 @@ class EarlyStop(EarlyStopping):
                               f"{' or '.join(VALIDATION_METRICS)}")
         # Without validation the check never runs: the run would silently train to max_steps.
         val_set = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule is not None else None
-        why = ("trainer.limit_val_batches=0 turns validation off" if trainer.limit_val_batches == 0 else
-               "the data has no validation split" if val_set is not None and not len(val_set) else None)
+        # With check_val_every_n_epoch: null, validation comes only every val_check_interval micro-batches.
+        interval, steps = trainer.val_check_interval, trainer.max_steps
+        never = (trainer.check_val_every_n_epoch is None and isinstance(interval, int) and steps is not None
+                 and 0 < steps and steps * trainer.accumulate_grad_batches < interval)
+        data_fix = "set data.val_files (or data.val_fraction > 0) and trainer.limit_val_batches > 0"
+        why, fix = (("trainer.limit_val_batches=0 turns validation off", data_fix) if trainer.limit_val_batches == 0 else
+                    ("the data has no validation split", data_fix) if val_set is not None and not len(val_set) else
+                    (f"trainer.val_check_interval={interval} micro-batches come after the run's last (max_steps={steps} x "
+                     f"accumulate_grad_batches={trainer.accumulate_grad_batches})",
+                     f"set trainer.val_check_interval to at most {steps * trainer.accumulate_grad_batches}") if never else
+                    (None, None))
         if why:
-            raise ConfigError(f"early_stopping needs validation during fit, and {why}; set data.val_files (or "
-                              f"data.val_fraction > 0) and trainer.limit_val_batches > 0, or set "
+            raise ConfigError(f"early_stopping needs validation during fit, and {why}; {fix}, or set "
                               f"early_stopping.patience=null")
 
     def state_dict(self) -> dict:

@@ -453,12 +453,22 @@ def _run_cli(args: list[str] | None) -> None:
         sys.exit(143)
     except Exception as e:
         # W&B's own refusals (not logged in, no network: CommError after its init timeout) are the
-        # environment's, not a bug: one line with the ways out, not wandb's traceback.
-        msg = wandb_error_message(e)
+        # environment's, not a bug: one line with the ways out, not wandb's traceback. So is Lightning's
+        # refusal of a validation interval longer than the epoch, found once the data is loaded.
+        msg = wandb_error_message(e) or _val_interval_error(e)
         if msg is None:
             raise
         print(f"gpt2dist: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _val_interval_error(e: Exception) -> str | None:
+    m = re.search(r"`val_check_interval` \((\d+)\) must be less than or equal to the number of the training "
+                  r"batches \((\d+)\)", str(e)) if isinstance(e, ValueError) else None
+    if m is None:
+        return None
+    return (f"trainer.val_check_interval={m[1]} micro-batches is more than an epoch's {m[2]} (per process); lower it, "
+            f"or set trainer.check_val_every_n_epoch=null to count it across epochs (max_steps runs)")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -362,6 +362,8 @@ class SampleLogger(Callback):
     def path(self, trainer) -> Path:
         ckpt = trainer.checkpoint_callback
         folder = getattr(ckpt, "dirpath", None) or trainer.default_root_dir
+        if "://" in str(folder):  # s3://b/ckpt: Path() made it a local folder named "s3:" under the working directory
+            folder = trainer.default_root_dir if "://" not in str(trainer.default_root_dir) else "."
         return Path(folder) / self.filename
 
     def on_fit_start(self, trainer, pl_module) -> None:

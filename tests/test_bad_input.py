@@ -118,6 +118,16 @@ CASES = {
                                        "early_stopping.patience=0 must be >= 1", 2),
     "config_early_stopping_without_validation": (lambda c, g: ["--early_stopping.patience", "2", "--trainer.limit_val_batches", "0"],
                                                  "early_stopping needs validation during fit, and trainer.limit_val_batches=0", 2),
+    # Validation every 1000 micro-batches of a 6-step run: none, and the early stop never looked.
+    # Lightning's ValueError (a traceback, exit 1) once the data is loaded.
+    "config_val_interval_past_the_epoch": (lambda c, g: ["--trainer.val_check_interval", "100000"],
+                                           "trainer.val_check_interval=100000 micro-batches is more than an epoch's ", 2),
+    "config_early_stopping_after_the_last_step": (lambda c, g: ["--early_stopping.patience", "2", "--trainer.max_steps", "6",
+                                                                "--trainer.check_val_every_n_epoch", "null",
+                                                                "--trainer.val_check_interval", "1000"],
+                                                  "early_stopping needs validation during fit, and trainer.val_check_interval=1000 "
+                                                  "micro-batches come after the run's last (max_steps=6 x accumulate_grad_batches=1); "
+                                                  "set trainer.val_check_interval to at most 6, or set early_stopping.patience=null", 2),
     # Lightning finds a misspelt monitor at the first validation, after training, in a traceback.
     "config_early_stopping_monitor_typo": (lambda c, g: ["--early_stopping.patience", "2", "--early_stopping.monitor", "val/los"],
                                            "early_stopping.monitor='val/los' is not logged at validation; use val/loss or val/ppl", 2),

@@ -364,3 +364,13 @@ def test_a_new_fit_does_not_reuse_the_last_fits_cached_grad_norm():
     mon.TrainMonitor(enabled=False).on_train_start(SimpleNamespace(global_step=2, strategy=None, world_size=1, datamodule=None,
                                                                    accumulate_grad_batches=1), module)
     assert torch.isfinite(mon.step_grad_norm(trainer, module))
+
+
+def test_samples_go_to_the_run_folder_when_the_checkpoints_go_to_an_object_store(tmp_path):
+    """checkpoint.dirpath s3://b/ckpt: Path() made it `s3:/b/ckpt`, a local folder named "s3:" under the working
+    directory, where samples.txt was written (and, on resume, rewritten) instead of anywhere the run keeps."""
+    logger = mon.SampleLogger()
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath="s3://b/ckpt"), default_root_dir=str(tmp_path))
+    assert logger.path(trainer) == tmp_path / "samples.txt"
+    trainer.checkpoint_callback.dirpath = str(tmp_path / "ckpt")
+    assert logger.path(trainer) == tmp_path / "ckpt" / "samples.txt"
