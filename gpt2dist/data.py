@@ -1125,12 +1125,24 @@ class TokenBlockDataModule(pl.LightningDataModule):
         held_out = not (self.val_files or self.val_split) and self.val_fraction > 0
         return [self.val_fraction, self.seed] if held_out else None
 
+    def _reader_keys(self, splits: tuple[str, ...] = ("train", "val")) -> dict:
+        """text_unit and text_field as far as they change what is read: the unit only for plain-text files, the
+        field only for records (.jsonl/.json/.csv/.parquet) and data sets. A knob no file reads keys as its
+        default (a .txt corpus re-tokenized when text_field changed), and caches keep their keys."""
+        if self.dataset_name:
+            return {"unit": "file", "field": self.text_field}
+        suffixes = {p.suffix.lower() for name, files in self._sources().items() if name in splits for p in files}
+        return {"unit": self.text_unit if suffixes & TEXT_SUFFIXES else "file",
+                "field": self.text_field if suffixes - TEXT_SUFFIXES else "text"}
+
     def _key(self, payload: dict) -> str:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def _tokenizer_dir(self) -> Path:
         # The held-out documents (val_fraction, seed) are not trained on: another hold-out, another tokenizer.
-        payload = {"src": self._source_fingerprint(), "unit": self.text_unit, "field": self.text_field,
+        # Trained on the training documents only: a changed data.val_files retrained the same tokenizer.
+        src = {k: v for k, v in self._source_fingerprint().items() if k != "val"}
+        payload = {"src": src, **self._reader_keys(("train",)),
                    "vocab": self.train_tokenizer_vocab_size, "val": self._hold_out_key(), "v": CACHE_VERSION}
         return self.cache_dir / "tokenizers" / self._key(payload)
 
@@ -1183,7 +1195,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         payload = {"src": self._source_fingerprint(), "tok": tokenizer_fingerprint(self.tokenizer),
                    # tokenizer_config.json's pick: not in tokenizer.json's hash
                    "eos": self.tokenizer.eos_token_id, "literal_eos": self.literal_eos,
-                   "block": self.block_size, "unit": self.text_unit, "field": self.text_field,
+                   "block": self.block_size, **self._reader_keys(),
                    "val": self._hold_out_key(), "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
 
@@ -1199,7 +1211,7 @@ class TokenBlockDataModule(pl.LightningDataModule):
         payload = {"test_src": src, "tok": tokenizer_fingerprint(self.tokenizer), "eos": self.tokenizer.eos_token_id,
                    "literal_eos": self.literal_eos,
                    "block": self.block_size,
-                   "unit": self.text_unit, "field": self.text_field, "v": CACHE_VERSION, **self._bad_file_key()}
+                   **self._reader_keys(("test",)), "v": CACHE_VERSION, **self._bad_file_key()}
         return self.cache_dir / "blocks" / self._key(payload)
 
     @property

@@ -239,6 +239,29 @@ def test_second_prepare_uses_cache_without_tokenizing(tmp_path, corpus_dir, toke
     assert dm3._blocks_dir() != dm2._blocks_dir()
 
 
+def test_a_knob_no_file_reads_keeps_the_cache(tmp_path, corpus_dir, tokenizer_dir, tokenizer):
+    """text_field keyed a .txt corpus's blocks and text_unit a .jsonl's, neither read there: changing one
+    re-tokenized the corpus. A changed data.val_files retrained the corpus's tokenizer (trained on training
+    documents only). What the readers do read still keys them."""
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "a record", "body": "another"}) + "\n")
+    (tmp_path / "v.txt").write_text("held out\n")
+    (tmp_path / "v2.txt").write_text("held out too\n")
+    txt, rec = [str(corpus_dir / "*.txt")], [str(tmp_path / "r.jsonl")]
+
+    def keys(**kw):
+        dm = make_dm(tmp_path, tokenizer_dir, **kw)
+        dm.tokenizer = tokenizer
+        return dm._blocks_dir(), dm._tokenizer_dir()
+
+    assert keys(train_files=txt, text_field="body") == keys(train_files=txt)
+    assert keys(train_files=rec, text_unit="paragraph") == keys(train_files=rec)
+    assert keys(train_files=txt, text_unit="paragraph")[0] != keys(train_files=txt)[0]
+    assert keys(train_files=rec, text_field="body")[0] != keys(train_files=rec)[0]
+    assert keys(train_files=txt + rec, text_field="body")[0] != keys(train_files=txt + rec)[0]
+    a, b = keys(train_files=txt, val_files=[str(tmp_path / "v.txt")]), keys(train_files=txt, val_files=[str(tmp_path / "v2.txt")])
+    assert a[1] == b[1] and a[0] != b[0]  # the same trained tokenizer; other validation blocks
+
+
 def test_trained_tokenizer_is_cached_and_encodes_losslessly(tmp_path, corpus_dir):
     dm = TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], train_tokenizer_vocab_size=300,
                               block_size=32, cache_dir=str(tmp_path / "cache"), num_workers=0)
