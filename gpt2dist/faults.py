@@ -15,7 +15,8 @@
   and name the last good checkpoint).
 - `check_validation_on_step_boundary` (before fit) and `check_validation_schedule` (train start):
   validation, and the checkpoints saved after it, must end an optimizer step, or no resume from
-  them is exact (Lightning counts val_check_interval in micro-batches).
+  them is exact (Lightning counts val_check_interval in micro-batches). `trim_epochs_to_whole_steps`
+  (setup) keeps the presets' data-sized epochs from drifting there: a whole number of steps each.
 - `oom_message`: what `cli.main` prints on a CUDA out-of-memory error.
 """
 
@@ -285,6 +286,7 @@ class FaultTolerance(Callback):
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         self._trainer = trainer  # state_dict() takes no trainer, and must settle pending flags
         if stage == "fit":
+            trim_epochs_to_whole_steps(trainer)
             # A second fit with this callback (Python API) starts clean; a checkpoint's state is loaded after this.
             self.skipped = self.consecutive = self._logged_skipped = 0
             self._pending, self._pending_rng, self._train_rng = [], None, None
@@ -596,22 +598,10 @@ def check_validation_on_step_boundary(trainer: pl.Trainer) -> None:
                             f"{every * accum} validates every {every} optimizer steps, {near * accum} every {near}")
 
 
-def check_validation_schedule(trainer: pl.Trainer) -> None:
-    """At train start, with the epoch's length known (trainer.num_training_batches, per process): what
-    `check_validation_on_step_boundary` cannot see from the config. Lightning steps every `accumulate`
-    micro-batches counted from each epoch's start, and at the epoch's end, but with
-    check_val_every_n_epoch=null (the presets) it validates every val_check_batch micro-batches counted
-    across epochs: when an epoch's micro-batches are not a multiple of `accumulate`, validation can drift
-    into optimizer steps from the second epoch on. A fraction of an epoch (a float interval) can too."""
-    accum, batches, every = trainer.accumulate_grad_batches, trainer.num_training_batches, trainer.val_check_batch
-    if accum <= 1 or not trainer.enable_validation or not every or math.isinf(every) or math.isinf(batches):
-        return
-    val_set = getattr(trainer.datamodule, "val_set", None)
-    if val_set is not None and not len(val_set):  # no validation split (data.val_fraction 0): nothing is saved mid-step
-        return
-    every, batches = int(every), int(batches)
-    per_epoch = trainer.check_val_every_n_epoch is not None
-    if per_epoch:  # counted within each epoch: the same micro-batches every epoch
+def _validation_mid_step(trainer: pl.Trainer, accum: int, batches: int, every: int) -> tuple[int, int] | None:
+    """(epoch, micro-batch) of the first validation inside an optimizer step, with `batches` micro-batches per
+    epoch and validation every `every`; None when each falls on a step boundary or an epoch's end."""
+    if trainer.check_val_every_n_epoch is not None:  # counted within each epoch: the same micro-batches every epoch
         counts = range(every, batches + 1, every)
     else:  # counted across epochs; the epoch positions repeat after batches / gcd(batches, every) validations
         steps_per_epoch = math.ceil(batches / accum)
@@ -626,19 +616,69 @@ def check_validation_schedule(trainer: pl.Trainer) -> None:
     for t in counts:
         epoch, at = divmod(t - 1, batches)
         if (at + 1) % accum and at + 1 != batches:  # neither a step boundary nor the epoch's last micro-batch
-            if every % accum:
-                fix = f"give a number of micro-batches, a multiple of {accum}"
-            elif batches < accum:  # limit_train_batches would be 0: no training at all
-                fix = (f"an epoch is less than one optimizer step, so validate at epoch ends: set "
-                       f"trainer.val_check_interval={math.ceil(every / batches) * batches} (a multiple of {batches}), "
-                       f"or lower trainer.accumulate_grad_batches to at most {batches}")
-            else:
-                fix = (f"set trainer.limit_train_batches={batches - batches % accum} (each epoch then leaves out its "
-                       f"last {batches % accum} micro-batch(es) of {batches})")
-            raise GPT2DistError(f"validation every {every} micro-batches (trainer.val_check_interval="
-                                f"{trainer.val_check_interval}) with trainer.accumulate_grad_batches={accum} and "
-                                f"{batches} micro-batches per epoch per process reaches micro-batch {at + 1} of epoch "
-                                f"{epoch}: {_MID_STEP}; {fix}")
+            return epoch, at
+    return None
+
+
+def trim_epochs_to_whole_steps(trainer: pl.Trainer) -> None:
+    """In setup, before Lightning sizes the epoch: with check_val_every_n_epoch=null (the presets) an epoch
+    of micro-batches that is not a multiple of accumulate_grad_batches lets validation drift into optimizer
+    steps from the second epoch on, which `check_validation_schedule` refuses. The presets' epoch length is
+    the data's (WikiText-103 on 8 GPUs: a coin toss for accumulate 2, 7 in 8 for 8), so rather than refuse,
+    each epoch leaves out its last few micro-batches (trainer.limit_train_batches, as the refusal's fix
+    says; the next epoch reshuffles them in). Every optimizer step then has all its micro-batches."""
+    accum, every = trainer.accumulate_grad_batches, trainer.val_check_interval
+    dm = trainer.datamodule
+    train_set, batch_size = getattr(dm, "train_set", None), getattr(dm, "batch_size", None)
+    if (accum <= 1 or trainer.check_val_every_n_epoch is not None or trainer.limit_val_batches == 0
+            or not isinstance(every, int) or isinstance(every, bool) or every % accum
+            or train_set is None or not isinstance(batch_size, int)):
+        return  # not this case, or check_validation_on_step_boundary's refusal (every not a multiple)
+    val_set = getattr(dm, "val_set", None)
+    if val_set is not None and not len(val_set):
+        return
+    micro = len(train_set) // trainer.world_size // batch_size  # per process, as the loader drops a partial batch
+    limit = trainer.limit_train_batches
+    batches = min(micro, int(limit)) if isinstance(limit, int) else int(micro * limit)
+    if batches < accum or not batches % accum or _validation_mid_step(trainer, accum, batches, every) is None:
+        return
+    trainer.limit_train_batches = batches - batches % accum
+    log.info("trainer.limit_train_batches=%d: each epoch leaves out its last %d of %d micro-batch(es) per process, so "
+             "that validation every %d stays on optimizer-step boundaries across epochs (accumulate_grad_batches=%d)",
+             trainer.limit_train_batches, batches % accum, batches, every, accum)
+
+
+def check_validation_schedule(trainer: pl.Trainer) -> None:
+    """At train start, with the epoch's length known (trainer.num_training_batches, per process): what
+    `check_validation_on_step_boundary` cannot see from the config. Lightning steps every `accumulate`
+    micro-batches counted from each epoch's start, and at the epoch's end, but with
+    check_val_every_n_epoch=null (the presets) it validates every val_check_batch micro-batches counted
+    across epochs: when an epoch's micro-batches are not a multiple of `accumulate`, validation can drift
+    into optimizer steps from the second epoch on. A fraction of an epoch (a float interval) can too."""
+    accum, batches, every = trainer.accumulate_grad_batches, trainer.num_training_batches, trainer.val_check_batch
+    if accum <= 1 or not trainer.enable_validation or not every or math.isinf(every) or math.isinf(batches):
+        return
+    val_set = getattr(trainer.datamodule, "val_set", None)
+    if val_set is not None and not len(val_set):  # no validation split (data.val_fraction 0): nothing is saved mid-step
+        return
+    every, batches = int(every), int(batches)
+    mid_step = _validation_mid_step(trainer, accum, batches, every)
+    if mid_step is None:
+        return
+    epoch, at = mid_step
+    if every % accum:
+        fix = f"give a number of micro-batches, a multiple of {accum}"
+    elif batches < accum:  # limit_train_batches would be 0: no training at all
+        fix = (f"an epoch is less than one optimizer step, so validate at epoch ends: set "
+               f"trainer.val_check_interval={math.ceil(every / batches) * batches} (a multiple of {batches}), "
+               f"or lower trainer.accumulate_grad_batches to at most {batches}")
+    else:  # with gpt2dist's DataModule, trim_epochs_to_whole_steps did this already
+        fix = (f"set trainer.limit_train_batches={batches - batches % accum} (each epoch then leaves out its "
+               f"last {batches % accum} micro-batch(es) of {batches})")
+    raise GPT2DistError(f"validation every {every} micro-batches (trainer.val_check_interval="
+                        f"{trainer.val_check_interval}) with trainer.accumulate_grad_batches={accum} and "
+                        f"{batches} micro-batches per epoch per process reaches micro-batch {at + 1} of epoch "
+                        f"{epoch}: {_MID_STEP}; {fix}")
 
 
 def check_strategy_accelerator(trainer: pl.Trainer) -> None:

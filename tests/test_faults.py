@@ -1349,6 +1349,36 @@ def test_validation_drifting_into_a_step_across_epochs_is_refused_at_train_start
     assert _schedule_fit(tmp_path / "f", 3, val_check_interval=6, **short) == 4  # the fix trains
 
 
+def test_an_epoch_of_a_data_sized_length_is_trimmed_to_whole_steps_not_refused(tmp_path, corpus_dir, tokenizer_dir):
+    """The presets validate every 500 steps counted across epochs, and an epoch is as long as the data makes it:
+    WikiText-103 on 8 GPUs was refused at train start about half the time (accumulate 2) or 7 in 8 (XL, 8).
+    With gpt2dist's DataModule each epoch now leaves out its last micro-batches (limit_train_batches), and the
+    run trains with every step whole: here 5 micro-batches an epoch, 2 accumulated, become 4."""
+    import lightning.pytorch as pl
+
+    from gpt2dist.data import TokenBlockDataModule
+    from gpt2dist.faults import FaultTolerance
+    from gpt2dist.model import GPT2Module
+
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            steps.append((trainer.current_epoch, trainer.global_step))
+
+    dm = TokenBlockDataModule(train_files=[str(corpus_dir / "*.txt")], tokenizer=str(tokenizer_dir), block_size=16,
+                              batch_size=2, num_workers=0, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    module = GPT2Module(from_scratch=True, config_overrides={**TINY}, dropout=0.0, warmup_steps=1)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, max_steps=6,
+                         accumulate_grad_batches=2, val_check_interval=4, check_val_every_n_epoch=None,
+                         limit_val_batches=1, limit_train_batches=5, callbacks=[FaultTolerance(), Steps()])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.limit_train_batches == 4 and trainer.global_step == 6
+    # 4 micro-batches an epoch: two whole steps each (the fifth made a one-micro-batch step at every epoch's end).
+    assert [s for e, s in steps] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6] and [e for e, s in steps][::4] == [0, 1, 2]
+
+
 def _best_fit(root: Path, max_steps: int, ckpt_path: str | None = None):
     """An in-process fit, as the CLI checkpoints: a step file every step (written at the batch's end,
     like a SIGTERM or requeue save) and a best-by-val/loss file (written at validation's end). Validation
