@@ -359,12 +359,40 @@ class SampleLogger(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = [list(r) for r in state_dict.get("rows", [])]
 
-    def path(self, trainer) -> Path:
+    def path(self, trainer) -> Path | str:
+        """Beside the checkpoints; an object store's folder (s3://b/ckpt) as its URL, written through fsspec
+        (Path() made it a local folder named "s3:" under the working directory)."""
         ckpt = trainer.checkpoint_callback
-        folder = getattr(ckpt, "dirpath", None) or trainer.default_root_dir
-        if "://" in str(folder):  # s3://b/ckpt: Path() made it a local folder named "s3:" under the working directory
-            folder = trainer.default_root_dir if "://" not in str(trainer.default_root_dir) else "."
-        return Path(folder) / self.filename
+        folder = str(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
+        return f"{folder.rstrip('/')}/{self.filename}" if "://" in folder else Path(folder) / self.filename
+
+    def _write(self, path: Path | str, rows: list, append: bool) -> None:
+        """`rows` at the file's end (`append`) or as the whole file, which is replaced atomically. An object
+        store cannot append: there the file is always rewritten whole, from every row so far."""
+        text = "".join(_sample_entry(*row) for row in rows)
+        if isinstance(path, str):
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(path)
+            fs.makedirs(fs._parent(p), exist_ok=True)
+            fs.pipe_file(p, "".join(_sample_entry(*row) for row in self.rows).encode() if append else text.encode())
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if append:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _exists(self, path: Path | str) -> bool:
+        if isinstance(path, str):
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(path)
+            return fs.exists(p)
+        return path.exists()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Every prompt before training, on every rank (same tokenizer, same prompts: all raise together),
@@ -378,15 +406,13 @@ class SampleLogger(Callback):
         self._last_step = trainer.global_step
         if trainer.global_step == 0 and not getattr(trainer, "ckpt_path", None):
             self.rows = []  # a fresh fit: none of an earlier fit of this callback (the Python API)
-        if trainer.is_global_zero and (getattr(trainer, "ckpt_path", None) or trainer.global_step == 0) and self.path(trainer).exists():
+        if trainer.is_global_zero and (getattr(trainer, "ckpt_path", None) or trainer.global_step == 0) and \
+                self._exists(self.path(trainer)):
             # Resumed: the file holds the samples of steps after the checkpoint too, which this run trains
             # (and samples) again. The checkpoint's rows are every sample up to it: the file is those.
             # A fresh fit (its rows: none) in a folder of an earlier run starts the file afresh, as its
             # checkpoints are set aside: appended to, it read as one run sampling each step twice.
-            path = self.path(trainer)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(_sample_entry(*row) for row in self.rows), encoding="utf-8")
-            os.replace(tmp, path)
+            self._write(self.path(trainer), self.rows, append=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -410,10 +436,7 @@ class SampleLogger(Callback):
             return
         new = [[step, p, t] for p, t in zip(self.prompts, texts)]
         self.rows.extend(new)
-        path = self.path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(_sample_entry(*row) for row in new))
+        self._write(self.path(trainer), new, append=True)
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:

@@ -52,5 +52,6 @@ CHECK=() QUEUE=()
 
 # The array is passed, not left to the environment: what was checked is what is queued. Submitted from
 # inside a job (a pipeline's next stage), that job's array ids and restart count are not this one's.
+[[ -z ${GPT2DIST_PORT_JOB:-} ]] || unset MASTER_PORT GPT2DIST_PORT_JOB  # that job's rendezvous port (fit.sbatch)
 exec env -u SLURM_ARRAY_JOB_ID -u SLURM_ARRAY_TASK_ID -u SLURM_RESTART_COUNT sbatch --parsable --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS" \
     --cpus-per-task="$CPUS" --time="$TIME" ${QUEUE[@]+"${QUEUE[@]}"} "$HERE/fit.sbatch" ${ARGS[@]+"${ARGS[@]}"}

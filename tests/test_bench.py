@@ -525,3 +525,24 @@ def test_sync_counting_covers_every_timed_step_without_warmup(monkeypatch):
     meter.step_end()
     meter.step_end()
     assert modes == ["warn", "default"] and len(meter.syncs) == 1
+
+
+def test_tool_outputs_keep_symlinks_modes_and_pipes(tmp_path):
+    """tools/outfile.py (every tool's --out/--json) renamed a temporary over the name given: a symlink became a
+    file (its target kept the old result), a 0600 file 0644, and /dev/stdout or >(...) failed or was replaced."""
+    import outfile
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "target.json").write_text("old")
+    (tmp_path / "latest.json").symlink_to(tmp_path / "shared" / "target.json")
+    outfile.write_out(tmp_path / "latest.json", "new", "t")
+    assert (tmp_path / "latest.json").is_symlink() and (tmp_path / "shared" / "target.json").read_text() == "new"
+    (tmp_path / "private.json").write_text("old")
+    (tmp_path / "private.json").chmod(0o600)
+    outfile.write_out(tmp_path / "private.json", "new", "t")
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "private.json", "shared"]  # no temporary left
+    p = subprocess.run(["bash", "-c", f"{sys.executable} {REPO / 'tools/plan.py'} --model gpt2 --gpus 1 --json /dev/stdout "
+                        "| tail -n 3; ls -l /dev/stdout | cut -c1"], capture_output=True, text=True, timeout=120)
+    # The JSON reached the pipe (it ends without a newline, so ls's "l", /dev/stdout still a link, follows it).
+    assert p.returncode == 0 and p.stdout.splitlines()[-2:] == [' "min_micro_batch": 4', "}l"], p.stdout + p.stderr

@@ -330,6 +330,12 @@ def test_fit_sbatch_takes_the_tasks_slurm_gave_the_job_and_its_own_ids_and_a_fre
     assert r.returncode == 0, r.stderr
     assert seen[-1] == "array=20005_2 restarts=1 port=15007 --trainer.num_nodes 1 --trainer.devices 2", seen
 
+    # Submitted from inside another fit job, whose port this script chose: that job's, still in use; a port the
+    # user exported is kept.
+    for env, port in (({"MASTER_PORT": "15003", "GPT2DIST_PORT_JOB": "20003"}, "15007"), ({"MASTER_PORT": "29500"}, "29500")):
+        r, seen = job("JobId=20007 JobName=gpt2dist Restarts=0\n", env)
+        assert r.returncode == 0 and seen[-1].split()[2] == f"port={port}", (env, seen, r.stderr)
+
     r, seen = job("", {"SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "2,1"})
     assert r.returncode == 2 and seen == [] and r.stderr.strip() == (
         "fit.sbatch: error: SLURM started 2,1 task(s) per node (uneven, from --ntasks?); every node needs the same "
@@ -345,11 +351,13 @@ def test_submit_sh_does_not_pass_on_the_submitting_jobs_array_ids(tmp_path):
     from pathlib import Path
 
     (tmp_path / "sbatch").write_text('#!/bin/sh\necho "${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID:-}_'
-                                     '${SLURM_RESTART_COUNT:-} $SLURM_JOB_ID" > "$(dirname "$0")/queued"\necho 123\n')
+                                     '${SLURM_RESTART_COUNT:-}_${MASTER_PORT:-} $SLURM_JOB_ID" > "$(dirname "$0")/queued"\n'
+                                     'echo 123\n')
     (tmp_path / "sbatch").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "SLURM_ARRAY_JOB_ID": "99", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "2", "SLURM_JOB_ID": "101"}
+           "SLURM_ARRAY_JOB_ID": "99", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "2", "SLURM_JOB_ID": "101",
+           "MASTER_PORT": "15101", "GPT2DIST_PORT_JOB": "101"}  # fit.sbatch's port for job 101
     r = subprocess.run(["bash", str(REPO / "slurm/submit.sh"), "--config", str(REPO / "configs/gpt2-large.yaml")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "123", r.stderr
-    assert (tmp_path / "queued").read_text().strip() == "__ 101"
+    assert (tmp_path / "queued").read_text().strip() == "___ 101"

@@ -366,11 +366,23 @@ def test_a_new_fit_does_not_reuse_the_last_fits_cached_grad_norm():
     assert torch.isfinite(mon.step_grad_norm(trainer, module))
 
 
-def test_samples_go_to_the_run_folder_when_the_checkpoints_go_to_an_object_store(tmp_path):
+def test_samples_go_beside_the_checkpoints_in_an_object_store(tmp_path, monkeypatch):
     """checkpoint.dirpath s3://b/ckpt: Path() made it `s3:/b/ckpt`, a local folder named "s3:" under the working
     directory, where samples.txt was written (and, on resume, rewritten) instead of anywhere the run keeps."""
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # where the "memory:" folder was made
     logger = mon.SampleLogger()
-    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath="s3://b/ckpt"), default_root_dir=str(tmp_path))
-    assert logger.path(trainer) == tmp_path / "samples.txt"
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath="memory://b/run-1/ckpt"),
+                              default_root_dir="memory://b/run-1")
+    path = logger.path(trainer)
+    assert path == "memory://b/run-1/ckpt/samples.txt"
+    logger.rows = [[2, "def ", "x = 1"]]
+    logger._write(path, logger.rows, append=True)
+    logger.rows.append([4, "def ", "y = 2"])
+    logger._write(path, logger.rows[-1:], append=True)  # an object store cannot append: rewritten from every row
+    with fsspec.open(path, "r") as f:
+        assert f.read() == "".join(mon._sample_entry(*r) for r in logger.rows)
+    assert logger._exists(path) and not list(tmp_path.rglob("samples.txt"))
     trainer.checkpoint_callback.dirpath = str(tmp_path / "ckpt")
     assert logger.path(trainer) == tmp_path / "ckpt" / "samples.txt"

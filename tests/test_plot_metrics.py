@@ -189,3 +189,14 @@ def test_a_folder_of_several_runs_is_refused_not_merged(tmp_path):
     import plot_metrics
 
     assert plot_metrics.read_run(tmp_path / "runs/a")["train/loss"] == {0: 5.0, 1: 3.0}
+
+
+def test_named_csv_versions_of_one_run_merge(tmp_path):
+    """CSVLogger(version=<job id>) writes logs/job-101, logs/job-202 for one run's resubmissions: they are that
+    run's versions (the folder above them is one), not two runs to refuse."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+
+    _write_csv(tmp_path / "run/logs/job-101/metrics.csv", [(0, 5.0), (1, 4.0)])
+    _write_csv(tmp_path / "run/logs/job-202/metrics.csv", [(1, 3.0), (2, 2.0)])
+    assert plot_metrics.read_run(tmp_path / "run")["train/loss"] == {0: 5.0, 1: 3.0, 2: 2.0}

@@ -87,9 +87,10 @@ def _one_run(paths: list[Path], folder_of, root: Path) -> list[Path]:
 
 def read_csv_runs(root: Path) -> dict[str, dict[int, float]]:
     series: dict = {}
-    # CSVLogger writes <save_dir>/<name>/version_N/metrics.csv: one run's versions share the folder above them.
+    # CSVLogger writes <save_dir>/<name>/<version>/metrics.csv (version_N, or a name such as a job id): one
+    # run's versions share the folder above them; a metrics.csv right under the folder given is its own.
     paths = [root] if root.is_file() else _one_run(
-        list(root.rglob("metrics.csv")), lambda p: p.parent.parent if _version(p)[0] >= 0 else p.parent, root)
+        list(root.rglob("metrics.csv")), lambda p: p.parent.parent if p.parent != root else p.parent, root)
     for path in sorted(paths, key=_version):
         rows = []
         with open(path, newline="") as f:
