@@ -627,8 +627,8 @@ def trim_epochs_to_whole_steps(trainer: pl.Trainer) -> None:
     the data's (WikiText-103 on 8 GPUs: a coin toss for accumulate 2, 7 in 8 for 8), so rather than refuse,
     each epoch leaves out its last few micro-batches (trainer.limit_train_batches, as the refusal's fix
     says; the next epoch reshuffles them in). Every optimizer step then has all its micro-batches."""
-    accum, every = trainer.accumulate_grad_batches, trainer.val_check_interval
-    dm = trainer.datamodule
+    accum, every = getattr(trainer, "accumulate_grad_batches", 1), getattr(trainer, "val_check_interval", None)
+    dm = getattr(trainer, "datamodule", None)
     train_set, batch_size = getattr(dm, "train_set", None), getattr(dm, "batch_size", None)
     if (accum <= 1 or trainer.check_val_every_n_epoch is not None or trainer.limit_val_batches == 0
             or not isinstance(every, int) or isinstance(every, bool) or every % accum
